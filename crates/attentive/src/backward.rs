@@ -1,0 +1,388 @@
+//! The fused backward kernel (FlashAttention-2's algorithm), deterministic.
+//!
+//! From the forward's log-sum-exp the weights are recomputed tile by tile, never stored:
+//!
+//! ```text
+//! D_i  = Σ_c dO[i,c]·O[i,c]                 // (B, Hq, Nq)      once, before the tiles
+//! per key tile (BC keys), per query tile (BR queries) that sees it:
+//!   S    = Q·Kᵀ                              // (BR, BC)         forward: S = Q·Kᵀ
+//!   P    = exp(logits(S) − LSE)              // (BR, BC)         forward: P = softmax(X)
+//!   dV  += (P∘Z)ᵀ·dO                         // (BC, Dv)         forward: O = (P∘Z)·V
+//!   dP   = (dO·Vᵀ)∘Z                         // (BR, BC)
+//!   dS   = P∘(dP − D)·∂X/∂S                  // (BR, BC)         softmax, softcap, score rule
+//!   dK  += dSᵀ·Q                             // (BC, D)          forward: S = scale·Q·Kᵀ
+//!   dQ  += dS·K                              // (BR, D)
+//! ```
+//! where Z is the dropout factor (0 or 1/(1−p)) regenerated from the seed, and `scale` is folded
+//! into dS.
+//!
+//! Parallelism is over (batch, key/value head, split of the key tiles): each task owns the dK and
+//! dV rows of its key tiles and sums the gradients of every query head of its group, so no two
+//! threads write the same element. dQ is accumulated per split in a buffer of its own and the
+//! splits are added in a fixed order, so the result has the same bits whatever the thread count.
+
+use crate::error::Result;
+use crate::forward::{gather_rows, score_tile, TileBufs, BC, BR};
+use crate::options::Options;
+use crate::problem::{Problem, Span};
+use crate::simd::Gemm;
+use crate::view::{RawOut, RawSlice, View, ViewMut};
+use rayon::prelude::*;
+
+/// Fewest tasks the backward aims for: enough to balance two to eight threads. When
+/// `B·Hkv` is smaller, the key tiles of each head are split to reach it.
+const MIN_TASKS: usize = 8;
+/// Most splits of one head's key tiles: each split needs its own dQ buffer (the size of dQ),
+/// so this bounds the extra memory at 4× dQ.
+const MAX_SPLITS: usize = 4;
+
+struct Scratch {
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    k: Vec<f32>,
+    q: Vec<f32>,
+    d_o: Vec<f32>,
+    s: Vec<f32>,
+    pd: Vec<f32>,
+    dp: Vec<f32>,
+    chain: Vec<f32>,
+    z: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    spans: Vec<Span>,
+    kbuf: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(p: &Problem) -> Self {
+        Self {
+            kt: vec![0.0; p.d * BC],
+            vt: vec![0.0; p.dv * BC],
+            k: vec![0.0; BC * p.d],
+            q: vec![0.0; BR * p.d],
+            d_o: vec![0.0; BR * p.dv],
+            s: vec![0.0; BR * BC],
+            pd: vec![0.0; BR * BC],
+            dp: vec![0.0; BR * BC],
+            chain: vec![1.0; BR * BC],
+            z: vec![1.0; BR * BC],
+            dk: vec![0.0; BC * p.d],
+            dv: vec![0.0; BC * p.dv],
+            spans: vec![Span::EMPTY; BR],
+            kbuf: Vec::new(),
+        }
+    }
+}
+
+/// Writes `view[b, h, j0..j0+w, :]` transposed into `dst` as `[width][BC]`.
+fn pack_transposed(view: &View, (b, h): (usize, usize), j0: usize, w: usize, dst: &mut [f32]) {
+    let (data, st, width) = (view.data(), view.strides(), view.shape()[3]);
+    for c in 0..w {
+        let o = view.offset(b, h, j0 + c, 0);
+        for e in 0..width {
+            dst[e * BC + c] = data[o + e * st[3]];
+        }
+    }
+}
+
+/// Gradients of attention: given the forward's inputs, its output `o` and log-sum-exp `lse`
+/// (`B·Hq·Nq`), and the gradient `d_o` of the loss with respect to `o`, writes dQ, dK and dV.
+///
+/// The options must be the ones the forward ran with (same masks, rules and dropout seed).
+/// Rows that saw no key get zero gradients. For grouped-query attention dK and dV sum over the
+/// query heads of each group. Extra memory: `D` (B·Hq·Nq floats) and, when `B·Hkv < 8`, up to
+/// four dQ-sized buffers.
+///
+/// ```
+/// use attentive::{backward, forward, Options, View, ViewMut};
+/// let shape = [1, 1, 3, 2];
+/// let q = [0.1f32, 0.2, 0.3, -0.1, 0.5, 0.0];
+/// let qv = View::contiguous(&q, &shape).unwrap();
+/// let (mut o, mut lse) = (vec![0.0; 6], vec![0.0; 3]);
+/// let opts = Options::new();
+/// forward(qv, qv, qv, &opts, &mut ViewMut::contiguous(&mut o, shape).unwrap(), Some(&mut lse)).unwrap();
+/// let d_o = [1.0f32; 6];
+/// let (mut dq, mut dk, mut dv) = (vec![0.0; 6], vec![0.0; 6], vec![0.0; 6]);
+/// backward(qv, qv, qv, View::contiguous(&o, &shape).unwrap(), &lse,
+///     View::contiguous(&d_o, &shape).unwrap(), &opts,
+///     &mut ViewMut::contiguous(&mut dq, shape).unwrap(),
+///     &mut ViewMut::contiguous(&mut dk, shape).unwrap(),
+///     &mut ViewMut::contiguous(&mut dv, shape).unwrap()).unwrap();
+/// // Each value row receives the total weight put on it; the weights of each query sum to 1.
+/// assert!((dv.iter().sum::<f32>() - 6.0).abs() < 1e-5);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: View,
+    k: View,
+    v: View,
+    o: View,
+    lse: &[f32],
+    d_o: View,
+    opts: &Options,
+    dq: &mut ViewMut,
+    dk: &mut ViewMut,
+    dv: &mut ViewMut,
+) -> Result<()> {
+    let p = Problem::new(q, k, v, opts)?;
+    let (b, hq, hkv, nq, nk, d, dvd) = (p.b, p.hq, p.hkv, p.nq, p.nk, p.d, p.dv);
+    crate::problem::expect_shape("o", o.shape(), [b, hq, nq, dvd])?;
+    crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
+    p.check_len("lse", lse.len(), b * hq * nq)?;
+    p.check_out("dq", dq, [b, hq, nq, d])?;
+    p.check_out("dk", dk, [b, hkv, nk, d])?;
+    p.check_out("dv", dv, [b, hkv, nk, dvd])?;
+
+    // D_i = Σ_c dO[i,c]·O[i,c]                                       // (B, Hq, Nq)
+    let mut delta = vec![0.0f32; b * hq * nq];
+    delta
+        .par_chunks_mut(nq)
+        .enumerate()
+        .for_each_init(
+            || (vec![0.0f32; dvd], vec![0.0f32; dvd]),
+            |(ro, rd), (bh, dst)| {
+                let (bi, h) = (bh / hq, bh % hq);
+                for (i, x) in dst.iter_mut().enumerate() {
+                    gather_rows(&o, (bi, h), i, 1, ro);
+                    gather_rows(&d_o, (bi, h), i, 1, rd);
+                    // SAFETY: both rows hold dvd floats.
+                    *x = unsafe { (p.kern.dot)(ro.as_ptr(), rd.as_ptr(), dvd) };
+                }
+            },
+        );
+
+    let tiles = nk.div_ceil(BC);
+    let splits = MIN_TASKS
+        .div_ceil(b * hkv)
+        .clamp(1, MAX_SPLITS)
+        .min(tiles);
+    let group_len = p.group * nq * d;
+    let mut dq_parts = vec![0.0f32; splits * b * hq * nq * d];
+    let parts = RawSlice::new(&mut dq_parts);
+    let (dk_out, dv_out) = (dk.raw(), dv.raw());
+    (0..b * hkv * splits).into_par_iter().for_each_init(
+        || Scratch::new(&p),
+        |scr, task| {
+            let (bk, split) = (task / splits, task % splits);
+            let start = (split * b * hkv + bk) * group_len;
+            // SAFETY: task (bk, split) alone owns the dQ rows of its query-head group in its split.
+            let dq_acc = unsafe { parts.slice_mut(start, group_len) };
+            for t in (split..tiles).step_by(splits) {
+                key_tile(
+                    &p,
+                    (bk / hkv, bk % hkv),
+                    t * BC,
+                    (&d_o, lse, &delta),
+                    dq_acc,
+                    scr,
+                    (dk_out, dv_out),
+                );
+            }
+        },
+    );
+
+    // dQ = Σ_split dQ_split, in split order.                         // (B, Hq, Nq, D)
+    let dq_out = dq.raw();
+    let part_len = b * hq * nq * d;
+    (0..b * hq).into_par_iter().for_each_init(
+        || vec![0.0f32; d],
+        |row, bh| {
+            let (bi, h) = (bh / hq, bh % hq);
+            for i in 0..nq {
+                let at = (bh * nq + i) * d;
+                row.copy_from_slice(&dq_parts[at..at + d]);
+                for s in 1..splits {
+                    let part = &dq_parts[s * part_len + at..s * part_len + at + d];
+                    row.iter_mut().zip(part).for_each(|(x, y)| *x += y);
+                }
+                // SAFETY: row (bi, h, i) is written by this iteration alone.
+                unsafe { dq_out.write_row(bi, h, i, row) };
+            }
+        },
+    );
+    Ok(())
+}
+
+/// Gradient contributions of one key tile `[j0, j0 + BC)` of key/value head `kvh`: writes its dK
+/// and dV rows and adds to `dq_acc` (`group × Nq × D`, the query heads of this group).
+fn key_tile(
+    p: &Problem,
+    (b, kvh): (usize, usize),
+    j0: usize,
+    (d_o, lse, delta): (&View, &[f32], &[f32]),
+    dq_acc: &mut [f32],
+    scr: &mut Scratch,
+    (dk_out, dv_out): (RawOut, RawOut),
+) {
+    let (d, dv, nq, kern) = (p.d, p.dv, p.nq, p.kern);
+    let w = BC.min(p.nk - j0);
+    pack_transposed(&p.k, (b, kvh), j0, w, &mut scr.kt);
+    pack_transposed(&p.v, (b, kvh), j0, w, &mut scr.vt);
+    gather_rows(&p.k, (b, kvh), j0, w, &mut scr.k);
+    scr.dk[..w * d].fill(0.0);
+    scr.dv[..w * dv].fill(0.0);
+    let (ilo, ihi) = p.rows_seeing(j0, j0 + w);
+    let mods = p.has_mods();
+    let chain = p.has_chain();
+    for hl in 0..p.group {
+        let h = kvh * p.group + hl;
+        let bh = b * p.hq + h;
+        let mut i0 = ilo;
+        while i0 < ihi {
+            let rows = BR.min(ihi - i0);
+            gather_rows(&p.q, (b, h), i0, rows, &mut scr.q);
+            let bufs = TileBufs {
+                q: &scr.q,
+                s: &mut scr.s,
+                spans: &mut scr.spans,
+                kbuf: &mut scr.kbuf,
+            };
+            // S = Q·Kᵀ                                              // (rows, w)
+            if !score_tile(
+                p,
+                Some(scr.kt.as_ptr()),
+                (b, h),
+                i0,
+                rows,
+                j0,
+                (0, p.nk),
+                bufs,
+            ) {
+                i0 += rows;
+                continue;
+            }
+            gather_rows(d_o, (b, h), i0, rows, &mut scr.d_o);
+            // P = exp(X − LSE); PD = P∘Z                             // (rows, w)
+            for r in 0..rows {
+                let i = i0 + r;
+                let span = scr.spans[r];
+                let l = lse[bh * nq + i];
+                let srow = &mut scr.s[r * BC..r * BC + w];
+                if span.is_empty() || l == f32::NEG_INFINITY {
+                    scr.spans[r] = Span::EMPTY;
+                    srow.fill(0.0);
+                    scr.pd[r * BC..r * BC + w].fill(0.0);
+                    continue;
+                }
+                let (a, e) = (span.a, span.b);
+                let scale = if mods || !span.exact {
+                    let g = chain.then(|| &mut scr.chain[r * BC..r * BC + w]);
+                    p.logits((b, h, i), j0, srow, span, g);
+                    1.0
+                } else {
+                    p.scale
+                };
+                srow[..a].fill(0.0);
+                srow[e..].fill(0.0);
+                // SAFETY: a..e lies inside srow.
+                unsafe { (kern.exp_sum)(srow[a..].as_mut_ptr(), e - a, scale, l) };
+                let pd = &mut scr.pd[r * BC..r * BC + w];
+                pd.copy_from_slice(srow);
+                if p.dropout.is_some() {
+                    let z = &mut scr.z[r * BC..r * BC + w];
+                    z.fill(1.0);
+                    p.apply_dropout((b, h, i), j0, z);
+                    pd.iter_mut().zip(z.iter()).for_each(|(x, y)| *x *= y);
+                }
+            }
+            // SAFETY (the four GEMMs): every operand is a scratch buffer sized for BR×BC,
+            // BC×D, BC×Dv or BR×D(v), or dq_acc, which holds group×Nq×D.
+            unsafe {
+                // dV += PDᵀ·dO                                      // (w, Dv)
+                (kern.gemm)(&Gemm {
+                    m: w,
+                    n: dv,
+                    k: rows,
+                    a: scr.pd.as_ptr(),
+                    a_rs: 1,
+                    a_ks: BC,
+                    b: scr.d_o.as_ptr(),
+                    ldb: dv,
+                    c: scr.dv.as_mut_ptr(),
+                    ldc: dv,
+                    accumulate: true,
+                });
+                // dP = dO·Vᵀ                                        // (rows, w)
+                (kern.gemm)(&Gemm {
+                    m: rows,
+                    n: w,
+                    k: dv,
+                    a: scr.d_o.as_ptr(),
+                    a_rs: dv,
+                    a_ks: 1,
+                    b: scr.vt.as_ptr(),
+                    ldb: BC,
+                    c: scr.dp.as_mut_ptr(),
+                    ldc: BC,
+                    accumulate: false,
+                });
+            }
+            // dS = P∘(dP∘Z − D)·chain·scale, in place of dP           // (rows, w)
+            for r in 0..rows {
+                let span = scr.spans[r];
+                let ds = &mut scr.dp[r * BC..r * BC + w];
+                if span.is_empty() {
+                    ds.fill(0.0);
+                    continue;
+                }
+                let di = delta[bh * nq + i0 + r];
+                let pr = &scr.s[r * BC..r * BC + w];
+                let sc = p.scale;
+                if p.dropout.is_some() {
+                    let z = &scr.z[r * BC..r * BC + w];
+                    for c in 0..w {
+                        ds[c] = pr[c] * (ds[c] * z[c] - di) * sc;
+                    }
+                } else {
+                    for c in 0..w {
+                        ds[c] = pr[c] * (ds[c] - di) * sc;
+                    }
+                }
+                if chain {
+                    let g = &scr.chain[r * BC..r * BC + w];
+                    for c in span.a..span.b {
+                        ds[c] *= g[c];
+                    }
+                }
+            }
+            unsafe {
+                // dK += dSᵀ·Q                                       // (w, D)
+                (kern.gemm)(&Gemm {
+                    m: w,
+                    n: d,
+                    k: rows,
+                    a: scr.dp.as_ptr(),
+                    a_rs: 1,
+                    a_ks: BC,
+                    b: scr.q.as_ptr(),
+                    ldb: d,
+                    c: scr.dk.as_mut_ptr(),
+                    ldc: d,
+                    accumulate: true,
+                });
+                // dQ += dS·K                                        // (rows, D)
+                (kern.gemm)(&Gemm {
+                    m: rows,
+                    n: d,
+                    k: w,
+                    a: scr.dp.as_ptr(),
+                    a_rs: BC,
+                    a_ks: 1,
+                    b: scr.k.as_ptr(),
+                    ldb: d,
+                    c: dq_acc[(hl * nq + i0) * d..].as_mut_ptr(),
+                    ldc: d,
+                    accumulate: true,
+                });
+            }
+            i0 += rows;
+        }
+    }
+    for c in 0..w {
+        // SAFETY: key tile j0 of (b, kvh) belongs to this task alone.
+        unsafe {
+            dk_out.write_row(b, kvh, j0 + c, &scr.dk[c * d..(c + 1) * d]);
+            dv_out.write_row(b, kvh, j0 + c, &scr.dv[c * dv..(c + 1) * dv]);
+        }
+    }
+}

@@ -1,0 +1,562 @@
+//! The fused forward kernel: tiled online softmax, O(N) memory.
+//!
+//! For each (batch, head, tile of `BR` queries) the kernel walks the key tiles of `BC` keys that
+//! its rows can see, and for each tile:
+//!
+//! ```text
+//! S   = Q_tile · K_tileᵀ                  // (BR, BC)   one GEMM, K pre-packed as Kᵀ tiles
+//! X   = logits(S)                         // scale, softcap, biases, rules, masks (partial tiles)
+//! m'  = max(m, rowmax X)                  // (BR,)
+//! P   = exp(X − m')                       // (BR, BC)
+//! ℓ   = ℓ·e^{m−m'} + rowsum P             // (BR,)
+//! O   = O·e^{m−m'} + dropout(P) · V_tile  // (BR, Dv)   one GEMM
+//! ```
+//!
+//! and finally `O /= ℓ`, `LSE = m + ln ℓ`. Tiles every row of which is outside the causal or
+//! window band are never visited; rows whose span covers the whole tile skip the per-element rules.
+//!
+//! With few queries (decoding against a KV cache), the keys are instead split into chunks of
+//! `DECODE_CHUNK` processed in parallel, each giving a partial (O, LSE), and the partials are
+//! combined with [`merge`], the same function sequence-parallel and ring attention need.
+
+use crate::error::{AttnError, Result};
+use crate::options::Options;
+use crate::problem::{Problem, Span};
+use crate::simd::Gemm;
+use crate::view::{RawOut, RawSlice, View, ViewMut};
+use rayon::prelude::*;
+
+/// Queries per tile. With `BC` keys per tile the score tile is 64×64 f32 = 16 KiB; with the Kᵀ
+/// tile (16 KiB at D = 64) and the V tile (16 KiB) the working set of one step fits the 48 KiB L1
+/// of the target cores, and 64 rows amortise each K/V tile load over many queries.
+pub(crate) const BR: usize = 64;
+/// Keys per tile (see [`BR`]); a multiple of every vector width (16 lanes).
+pub(crate) const BC: usize = 64;
+/// At most this many queries take the decode path (no Kᵀ packing, keys split across threads):
+/// below it, packing K would cost more memory traffic than the attention itself.
+pub(crate) const DECODE_MAX_Q: usize = 16;
+/// Keys per decode chunk: 1024 keys of K and V at D = 128 are 1 MiB, half the 2 MiB L2, and a
+/// 32k-key cache gives 32 chunks per head, enough to keep every thread busy.
+pub(crate) const DECODE_CHUNK: usize = 1024;
+
+/// Per-thread buffers of the tile loop, allocated once per thread and reused for every task.
+pub(crate) struct Scratch {
+    pub q: Vec<f32>,
+    pub s: Vec<f32>,
+    pub o: Vec<f32>,
+    pub m: Vec<f32>,
+    pub l: Vec<f32>,
+    pub kt: Vec<f32>,
+    pub vt: Vec<f32>,
+    pub spans: Vec<Span>,
+}
+
+impl Scratch {
+    pub fn new(p: &Problem) -> Self {
+        Self {
+            q: vec![0.0; BR * p.d],
+            s: vec![0.0; BR * BC],
+            o: vec![0.0; BR * p.dv],
+            m: vec![0.0; BR],
+            l: vec![0.0; BR],
+            kt: vec![0.0; BC * p.d],
+            vt: vec![0.0; BC * p.dv],
+            spans: vec![Span::EMPTY; BR],
+        }
+    }
+}
+
+/// Pointer to rows `n0..n0 + rows` of `view[b, h]` as a row-major block with unit column stride:
+/// the view's own memory when its last stride is 1, otherwise a copy in `buf`.
+pub(crate) fn rows_ptr(
+    view: &View,
+    (b, h): (usize, usize),
+    n0: usize,
+    rows: usize,
+    buf: &mut [f32],
+) -> (*const f32, usize) {
+    let st = view.strides();
+    let width = view.shape()[3];
+    if st[3] == 1 {
+        // In bounds: the view was validated to lie inside its slice.
+        (view.data()[view.offset(b, h, n0, 0)..].as_ptr(), st[2])
+    } else {
+        gather_rows(view, (b, h), n0, rows, buf);
+        (buf.as_ptr(), width)
+    }
+}
+
+/// Copies rows `n0..n0 + rows` of `view[b, h]` into `buf` (row-major, `width` columns).
+pub(crate) fn gather_rows(
+    view: &View,
+    (b, h): (usize, usize),
+    n0: usize,
+    rows: usize,
+    buf: &mut [f32],
+) {
+    let width = view.shape()[3];
+    let data = view.data();
+    let st = view.strides()[3];
+    for r in 0..rows {
+        let o = view.offset(b, h, n0 + r, 0);
+        let dst = &mut buf[r * width..(r + 1) * width];
+        if st == 1 {
+            dst.copy_from_slice(&data[o..o + width]);
+        } else {
+            for (c, x) in dst.iter_mut().enumerate() {
+                *x = data[o + c * st];
+            }
+        }
+    }
+}
+
+/// Kᵀ in tiles: `[B·Hkv][ceil(Nk/BC)][D][BC]`, zero-padded past `Nk`, so the score GEMM streams
+/// contiguous `BC`-wide rows whatever the strides of K.
+pub(crate) struct PackedK {
+    data: Vec<f32>,
+    tiles: usize,
+    d: usize,
+}
+
+impl PackedK {
+    pub fn new(p: &Problem) -> Self {
+        let tiles = p.nk.div_ceil(BC);
+        let tile = p.d * BC;
+        let mut data = vec![0.0f32; p.b * p.hkv * tiles * tile];
+        data.par_chunks_mut(tile)
+            .enumerate()
+            .for_each(|(idx, dst)| {
+                let (bh, t) = (idx / tiles, idx % tiles);
+                let (b, h) = (bh / p.hkv, bh % p.hkv);
+                let j0 = t * BC;
+                let k = &p.k;
+                let (data, st) = (k.data(), k.strides());
+                for c in 0..BC.min(p.nk - j0) {
+                    let o = k.offset(b, h, j0 + c, 0);
+                    for d in 0..p.d {
+                        dst[d * BC + c] = data[o + d * st[3]];
+                    }
+                }
+            });
+        Self {
+            data,
+            tiles,
+            d: p.d,
+        }
+    }
+
+    pub fn tile(&self, b: usize, hkv: usize, hkvs: usize, j0: usize) -> *const f32 {
+        let idx = (b * hkvs + hkv) * self.tiles + j0 / BC;
+        self.data[idx * self.d * BC..].as_ptr()
+    }
+}
+
+/// Buffers [`score_tile`] reads and writes.
+pub(crate) struct TileBufs<'s> {
+    /// Query rows, `rows × D`, row-major.
+    pub q: &'s [f32],
+    /// Raw scores out, `rows × BC`.
+    pub s: &'s mut [f32],
+    pub spans: &'s mut [Span],
+    /// Room for a gathered K tile (`BC × D`) when K's rows are not contiguous.
+    pub kbuf: &'s mut [f32],
+}
+
+/// Computes raw scores `S[r][c] = q_{i0+r}·k_{j0+c}` of one tile (row stride `BC`) and each row's
+/// span. Returns false, computing nothing, when every row's span is empty. `kt` is the tile of
+/// packed Kᵀ (`D × BC`) when there is one; otherwise K's rows are read directly.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn score_tile(
+    p: &Problem,
+    kt: Option<*const f32>,
+    (b, h): (usize, usize),
+    i0: usize,
+    rows: usize,
+    j0: usize,
+    keys: (usize, usize),
+    t: TileBufs,
+) -> bool {
+    let w = BC.min(p.nk - j0);
+    let td = p.tile_docs(b, j0, w);
+    let mut any = false;
+    for r in 0..rows {
+        let span = p.span(b, i0 + r, j0, w, keys, td.as_ref());
+        any |= !span.is_empty();
+        t.spans[r] = span;
+    }
+    if !any {
+        return false;
+    }
+    match kt {
+        // SAFETY: the Kᵀ tile holds D rows of BC floats; t.q holds rows×D and t.s rows×BC.
+        Some(kt) => unsafe {
+            (p.kern.gemm)(&Gemm {
+                m: rows,
+                n: w,
+                k: p.d,
+                a: t.q.as_ptr(),
+                a_rs: p.d,
+                a_ks: 1,
+                b: kt,
+                ldb: BC,
+                c: t.s.as_mut_ptr(),
+                ldc: BC,
+                accumulate: false,
+            })
+        },
+        None => {
+            let (kp, ldk) = rows_ptr(&p.k, (b, h / p.group), j0, w, t.kbuf);
+            // SAFETY: kp addresses w rows of D floats at stride ldk (validated view or kbuf).
+            unsafe {
+                (p.kern.dots)(rows, w, p.d, t.q.as_ptr(), p.d, kp, ldk, t.s.as_mut_ptr(), BC)
+            }
+        }
+    }
+    true
+}
+
+impl Scratch {
+    fn tile_bufs(&mut self) -> TileBufs<'_> {
+        TileBufs {
+            q: &self.q,
+            s: &mut self.s,
+            spans: &mut self.spans,
+            kbuf: &mut self.kt,
+        }
+    }
+}
+
+/// Attention of queries `i0..i0 + rows` of `(b, h)` over keys `keys.0..keys.1`: leaves the
+/// normalised output in `scr.o` (`rows × Dv`) and the log-sum-exp in `scr.m`.
+pub(crate) fn attend_rows(
+    p: &Problem,
+    packed: Option<&PackedK>,
+    (b, h): (usize, usize),
+    i0: usize,
+    rows: usize,
+    keys: (usize, usize),
+    scr: &mut Scratch,
+) {
+    let (dv, kern) = (p.dv, p.kern);
+    let kvh = h / p.group;
+    gather_rows(&p.q, (b, h), i0, rows, &mut scr.q);
+    scr.o[..rows * dv].fill(0.0);
+    scr.m[..rows].fill(f32::NEG_INFINITY);
+    scr.l[..rows].fill(0.0);
+    // Key tiles any row can see: rows' spans are intervals, so their union's hull bounds the walk.
+    let (mut lo, mut hi) = (keys.1, keys.0);
+    for i in i0..i0 + rows {
+        let (a, e) = p.row_span(i);
+        let (a, e) = (a.max(keys.0), e.min(keys.1));
+        if a < e {
+            lo = lo.min(a);
+            hi = hi.max(e);
+        }
+    }
+    let mods = p.has_mods();
+    let mut j0 = lo / BC * BC;
+    while j0 < hi {
+        let w = BC.min(p.nk - j0);
+        let kt = packed.map(|pk| pk.tile(b, kvh, p.hkv, j0));
+        if !score_tile(p, kt, (b, h), i0, rows, j0, keys, scr.tile_bufs()) {
+            j0 += BC;
+            continue;
+        }
+        for r in 0..rows {
+            let span = scr.spans[r];
+            let srow = &mut scr.s[r * BC..r * BC + w];
+            if span.is_empty() {
+                srow.fill(0.0);
+                continue;
+            }
+            let i = i0 + r;
+            let (a, e) = (span.a, span.b);
+            // SAFETY (kernel calls below): every pointer/length pair lies inside srow or the
+            // output row r of scr.o.
+            let (scale, tile_max) = if mods || !span.exact {
+                p.logits((b, h, i), j0, srow, span, None);
+                (1.0, unsafe { (kern.max)(srow[a..].as_ptr(), e - a) })
+            } else {
+                let mx = unsafe { (kern.max)(srow[a..].as_ptr(), e - a) };
+                (p.scale, p.scale * mx)
+            };
+            let m_old = scr.m[r];
+            let m_new = m_old.max(tile_max);
+            if m_new == f32::NEG_INFINITY {
+                srow.fill(0.0);
+                continue;
+            }
+            srow[..a].fill(0.0);
+            srow[e..].fill(0.0);
+            let sum = unsafe { (kern.exp_sum)(srow[a..].as_mut_ptr(), e - a, scale, m_new) };
+            if m_old != m_new && m_old != f32::NEG_INFINITY {
+                let alpha = (m_old - m_new).exp();
+                scr.l[r] *= alpha;
+                unsafe { (kern.scale)(scr.o[r * dv..].as_mut_ptr(), dv, alpha) };
+            }
+            scr.l[r] += sum;
+            scr.m[r] = m_new;
+            p.apply_dropout((b, h, i), j0 + a, &mut srow[a..e]);
+        }
+        let (vp, ldv) = rows_ptr(&p.v, (b, kvh), j0, w, &mut scr.vt);
+        // SAFETY: P is rows×w at stride BC in scr.s, V is w rows of Dv at stride ldv, O is
+        // rows×Dv in scr.o.
+        unsafe {
+            (kern.gemm)(&Gemm {
+                m: rows,
+                n: dv,
+                k: w,
+                a: scr.s.as_ptr(),
+                a_rs: BC,
+                a_ks: 1,
+                b: vp,
+                ldb: ldv,
+                c: scr.o.as_mut_ptr(),
+                ldc: dv,
+                accumulate: true,
+            })
+        };
+        j0 += BC;
+    }
+    for r in 0..rows {
+        let l = scr.l[r];
+        let orow = &mut scr.o[r * dv..(r + 1) * dv];
+        if l > 0.0 {
+            // SAFETY: orow has dv elements.
+            unsafe { (kern.scale)(orow.as_mut_ptr(), dv, 1.0 / l) };
+            scr.m[r] += l.ln();
+        } else {
+            orow.fill(0.0);
+            scr.m[r] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// Exact attention: writes $O = \mathrm{softmax}(\text{scale}\cdot QK^\top + \dots)V$ into `out`
+/// (`[B, Hq, Nq, Dv]`) and, if given, the natural-log log-sum-exp of each row into `lse`
+/// (`B·Hq·Nq`, row-major), which [`backward`](crate::backward) needs.
+///
+/// `q` is `[B, Hq, Nq, D]`, `k` is `[B, Hkv, Nk, D]`, `v` is `[B, Hkv, Nk, Dv]`, any strides; query
+/// head `h` reads key/value head `h / (Hq / Hkv)`. Memory beyond the outputs is O(Nk·D) for a packed
+/// copy of K plus O(threads) scratch.
+///
+/// ```
+/// use attentive::{forward, Causal, Options, View, ViewMut};
+/// let (b, h, n, d) = (1, 2, 5, 4);
+/// let q: Vec<f32> = (0..b * h * n * d).map(|x| (x as f32 * 0.37).sin()).collect();
+/// let mut o = vec![0.0; b * h * n * d];
+/// let mut lse = vec![0.0; b * h * n];
+/// let qv = View::contiguous(&q, &[b, h, n, d]).unwrap();
+/// let opts = Options::new().causal(Causal::TopLeft);
+/// forward(qv, qv, qv, &opts, &mut ViewMut::contiguous(&mut o, [b, h, n, d]).unwrap(), Some(&mut lse))
+///     .unwrap();
+/// // The first query sees only the first key, so its output is that key's value.
+/// assert_eq!(&o[..d], &q[..d]);
+/// let s00 = q[..d].iter().map(|x| x * x).sum::<f32>() / 2.0;
+/// assert!((lse[0] - s00).abs() < 1e-6);
+/// ```
+pub fn forward(
+    q: View,
+    k: View,
+    v: View,
+    opts: &Options,
+    out: &mut ViewMut,
+    lse: Option<&mut [f32]>,
+) -> Result<()> {
+    let p = Problem::new(q, k, v, opts)?;
+    p.check_out("out", out, [p.b, p.hq, p.nq, p.dv])?;
+    if let Some(l) = lse.as_deref() {
+        p.check_len("lse", l.len(), p.b * p.hq * p.nq)?;
+    }
+    let raw_out = out.raw();
+    let mut none: [f32; 0] = [];
+    let has_lse = lse.is_some();
+    let raw_lse = RawSlice::new(lse.unwrap_or(&mut none));
+    if p.nq <= DECODE_MAX_Q {
+        decode(&p, raw_out, has_lse.then_some(raw_lse));
+    } else {
+        tiled(&p, raw_out, has_lse.then_some(raw_lse));
+    }
+    Ok(())
+}
+
+fn tiled(p: &Problem, out: RawOut, lse: Option<RawSlice>) {
+    let packed = PackedK::new(p);
+    let qt = p.nq.div_ceil(BR);
+    (0..p.b * p.hq * qt)
+        .into_par_iter()
+        .for_each_init(
+            || Scratch::new(p),
+            |scr, task| {
+                let (bh, t) = (task / qt, task % qt);
+                let (b, h) = (bh / p.hq, bh % p.hq);
+                let i0 = t * BR;
+                let rows = BR.min(p.nq - i0);
+                attend_rows(p, Some(&packed), (b, h), i0, rows, (0, p.nk), scr);
+                for r in 0..rows {
+                    // SAFETY: task (b, h, t) alone writes rows i0..i0+rows of (b, h).
+                    unsafe { out.write_row(b, h, i0 + r, &scr.o[r * p.dv..(r + 1) * p.dv]) };
+                }
+                if let Some(l) = lse {
+                    // SAFETY: as above, for the LSE entries of those rows.
+                    unsafe { l.write(bh * p.nq + i0, &scr.m[..rows]) };
+                }
+            },
+        );
+}
+
+fn decode(p: &Problem, out: RawOut, lse: Option<RawSlice>) {
+    let chunks = p.nk.div_ceil(DECODE_CHUNK);
+    let (nq, dv) = (p.nq, p.dv);
+    let mut parts_o = vec![0.0f32; p.b * p.hq * chunks * nq * dv];
+    let mut parts_l = vec![0.0f32; p.b * p.hq * chunks * nq];
+    parts_o
+        .par_chunks_mut(nq * dv)
+        .zip(parts_l.par_chunks_mut(nq))
+        .enumerate()
+        .for_each_init(
+            || Scratch::new(p),
+            |scr, (task, (po, pl))| {
+                let (bh, c) = (task / chunks, task % chunks);
+                let (b, h) = (bh / p.hq, bh % p.hq);
+                let keys = (c * DECODE_CHUNK, ((c + 1) * DECODE_CHUNK).min(p.nk));
+                attend_rows(p, None, (b, h), 0, nq, keys, scr);
+                po.copy_from_slice(&scr.o[..nq * dv]);
+                pl.copy_from_slice(&scr.m[..nq]);
+            },
+        );
+    parts_o
+        .par_chunks_mut(chunks * nq * dv)
+        .zip(parts_l.par_chunks_mut(chunks * nq))
+        .enumerate()
+        .for_each(|(bh, (po, pl))| {
+            let (b, h) = (bh / p.hq, bh % p.hq);
+            let (acc_o, rest_o) = po.split_at_mut(nq * dv);
+            let (acc_l, rest_l) = pl.split_at_mut(nq);
+            for (o, l) in rest_o.chunks(nq * dv).zip(rest_l.chunks(nq)) {
+                merge(acc_o, acc_l, o, l).expect("partials share one shape");
+            }
+            for r in 0..nq {
+                // SAFETY: this (b, h) is merged and written by this iteration alone.
+                unsafe { out.write_row(b, h, r, &acc_o[r * dv..(r + 1) * dv]) };
+            }
+            if let Some(l) = lse {
+                // SAFETY: as above.
+                unsafe { l.write(bh * nq, acc_l) };
+            }
+        });
+}
+
+/// Merges attention computed over another, disjoint set of keys into an accumulator.
+///
+/// `acc_o`/`acc_lse` and `o`/`lse` each hold rows of normalised output (`rows × Dv`) and their
+/// log-sum-exp (`rows`). Attention over the union of both key sets is
+/// $$L = \log(e^{L_a} + e^{L_b}),\qquad O = e^{L_a - L}\,O_a + e^{L_b - L}\,O_b,$$
+/// written into the accumulator. A part with $L = -\infty$ (no visible key) contributes nothing.
+/// This is how the decode path combines its key chunks, and what sequence-parallel and ring
+/// attention need to combine shards.
+///
+/// ```
+/// # use attentive::merge;
+/// // Two halves of the keys, each seen with equal total weight: the result is their average.
+/// let (mut o, mut l) = (vec![1.0, 2.0], vec![0.5f32]);
+/// merge(&mut o, &mut l, &[3.0, 4.0], &[0.5]).unwrap();
+/// assert_eq!(o, vec![2.0, 3.0]);
+/// assert!((l[0] - (0.5 + 2f32.ln())).abs() < 1e-6);
+/// ```
+pub fn merge(acc_o: &mut [f32], acc_lse: &mut [f32], o: &[f32], lse: &[f32]) -> Result<()> {
+    let rows = acc_lse.len();
+    if lse.len() != rows {
+        return Err(AttnError::LengthMismatch {
+            tensor: "lse",
+            expected: rows,
+            got: lse.len(),
+        });
+    }
+    if rows == 0 || acc_o.len() % rows != 0 || o.len() != acc_o.len() {
+        return Err(AttnError::LengthMismatch {
+            tensor: "o",
+            expected: acc_o.len(),
+            got: o.len(),
+        });
+    }
+    let dv = acc_o.len() / rows;
+    for r in 0..rows {
+        let (la, lb) = (acc_lse[r], lse[r]);
+        if lb == f32::NEG_INFINITY {
+            continue;
+        }
+        let row = &mut acc_o[r * dv..(r + 1) * dv];
+        let orow = &o[r * dv..(r + 1) * dv];
+        if la == f32::NEG_INFINITY {
+            row.copy_from_slice(orow);
+            acc_lse[r] = lb;
+            continue;
+        }
+        let mx = la.max(lb);
+        let (wa, wb) = ((la - mx).exp(), (lb - mx).exp());
+        let total = wa + wb;
+        let (wa, wb) = (wa / total, wb / total);
+        for (x, &y) in row.iter_mut().zip(orow) {
+            *x = wa * *x + wb * y;
+        }
+        acc_lse[r] = mx + total.ln();
+    }
+    Ok(())
+}
+
+/// The attention weights $P$ (`[B, Hq, Nq, Nk]`, row-major) after every score rule and mask and
+/// before dropout. They take O(N²) memory: ask for them only to look at them.
+pub fn probabilities(q: View, k: View, opts: &Options) -> Result<Vec<f32>> {
+    Problem::new(q, k, k, opts)?;
+    let [b, hkv, nk, _] = k.shape();
+    // Value dimension 1: the forward pass then costs little more than the log-sum-exp we need.
+    let ones = vec![1.0f32; b * hkv * nk];
+    let v = View::contiguous(&ones, &[b, hkv, nk, 1])?;
+    let p = Problem::new(q, k, v, opts)?;
+    let mut lse = vec![0.0f32; p.b * p.hq * p.nq];
+    let mut o = vec![0.0f32; p.b * p.hq * p.nq];
+    forward(
+        q,
+        k,
+        v,
+        opts,
+        &mut ViewMut::contiguous(&mut o, [p.b, p.hq, p.nq, 1])?,
+        Some(&mut lse),
+    )?;
+    let mut probs = vec![0.0f32; p.b * p.hq * p.nq * p.nk];
+    let qt = p.nq.div_ceil(BR);
+    probs
+        .par_chunks_mut(BR * p.nk)
+        .enumerate()
+        .for_each_init(
+            || Scratch::new(&p),
+            |scr, (task, dst)| {
+                let (bh, t) = (task / qt, task % qt);
+                let (b, h) = (bh / p.hq, bh % p.hq);
+                let i0 = t * BR;
+                let rows = BR.min(p.nq - i0);
+                gather_rows(&p.q, (b, h), i0, rows, &mut scr.q);
+                for j0 in (0..p.nk).step_by(BC) {
+                    let w = BC.min(p.nk - j0);
+                    if !score_tile(&p, None, (b, h), i0, rows, j0, (0, p.nk), scr.tile_bufs()) {
+                        continue;
+                    }
+                    for r in 0..rows {
+                        let span = scr.spans[r];
+                        let l = lse[bh * p.nq + i0 + r];
+                        if span.is_empty() || l == f32::NEG_INFINITY {
+                            continue;
+                        }
+                        let srow = &mut scr.s[r * BC..r * BC + w];
+                        p.logits((b, h, i0 + r), j0, srow, span, None);
+                        let out = &mut dst[r * p.nk + j0..r * p.nk + j0 + w];
+                        for (x, &s) in out.iter_mut().zip(srow.iter()) {
+                            *x = (s - l).exp();
+                        }
+                    }
+                }
+            },
+        );
+    Ok(probs)
+}

@@ -1,0 +1,50 @@
+//! # attentive: exact attention on the CPU
+//!
+//! Attention lets each query weigh every key by relevance:
+//! $$O = \mathrm{softmax}\!\left(\text{scale}\cdot QK^\top + \text{bias}\right) V,$$
+//! with scale $1/\sqrt{D}$ by default. This crate computes it exactly, fused and tiled so memory
+//! stays O(N) (the N×N weights are never stored), forward and backward, for multi-head, grouped-
+//! query and multi-query layouts, with causal and sliding-window masks, document masks for packed
+//! sequences, dense boolean masks and additive biases, ALiBi, soft-capping, user-defined mask and
+//! score rules, and reproducible dropout.
+//!
+//! * [`forward`] — output and log-sum-exp; [`backward`] — dQ, dK, dV from them;
+//!   [`probabilities`] — the weights themselves, when you want to look.
+//! * [`merge`] — combine attention computed over disjoint key sets (decode splits, ring attention).
+//! * [`reference`] — the naive oracle of every option, in f64 or f32, to test against.
+//!
+//! Tensors enter as [`View`]s: a slice, a shape `[B, H, N, D]` and any strides, so `[B, N, H, D]`
+//! storage needs no copy. Every call validates its inputs first and returns an [`AttnError`]
+//! rather than panicking.
+//!
+//! ```
+//! use attentive::{forward, reference, Options, View, ViewMut};
+//! let (b, h, n, d) = (2, 4, 100, 32);
+//! let x: Vec<f32> = (0..b * h * n * d).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+//! let q = View::contiguous(&x, &[b, h, n, d]).unwrap();
+//! let mut o = vec![0.0; x.len()];
+//! forward(q, q, q, &Options::new(), &mut ViewMut::contiguous(&mut o, [b, h, n, d]).unwrap(), None)
+//!     .unwrap();
+//! let oracle = reference::forward::<f64>(q, q, q, &Options::new()).unwrap();
+//! let err = o.iter().zip(&oracle.o).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+//! assert!(err < 1e-5);
+//! ```
+
+mod backward;
+mod dropout;
+mod error;
+mod forward;
+mod options;
+pub mod positional;
+mod problem;
+pub mod reference;
+mod simd;
+mod view;
+
+pub use backward::backward;
+pub use dropout::Dropout;
+pub use error::{AttnError, Result};
+pub use forward::{forward, merge, probabilities};
+pub use options::{Causal, DocIds, MaskRule, Options, Pos, ScoreRule, Window};
+pub use simd::Isa;
+pub use view::{contiguous_strides, View, ViewMut};

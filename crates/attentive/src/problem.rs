@@ -1,0 +1,433 @@
+//! One validated attention problem: shapes, options, and the per-row rules the kernels apply.
+//!
+//! Everything a kernel needs to know about masks and score modifiers is answered here, so the
+//! forward, backward and decode kernels share one implementation of each rule.
+
+use crate::dropout::Dropout;
+use crate::error::{AttnError, Result};
+use crate::options::{Causal, DocIds, MaskRule, Options, Pos, ScoreRule, Window};
+use crate::simd::{Isa, Kernels};
+use crate::view::{View, ViewMut};
+
+/// The part of a key tile one query row may see: columns `[a, b)` after causal, window and range
+/// limits. `exact` is false when a per-element rule (documents, dense mask, user rule) must still
+/// be evaluated inside the span.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Span {
+    pub a: usize,
+    pub b: usize,
+    pub exact: bool,
+}
+
+impl Span {
+    pub const EMPTY: Span = Span {
+        a: 0,
+        b: 0,
+        exact: true,
+    };
+    pub fn is_empty(&self) -> bool {
+        self.a >= self.b
+    }
+}
+
+/// Document ids of the keys in one tile, summarised so a row can be classified in O(1).
+pub(crate) struct TileDocs {
+    min: u32,
+    max: u32,
+    uniform: bool,
+}
+
+pub(crate) struct Problem<'a> {
+    pub b: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    /// Query heads per key/value head.
+    pub group: usize,
+    pub nq: usize,
+    pub nk: usize,
+    pub d: usize,
+    pub dv: usize,
+    /// `Nk − Nq`: the bottom-right alignment offset.
+    pub off: i64,
+    pub scale: f32,
+    pub q: View<'a>,
+    pub k: View<'a>,
+    pub v: View<'a>,
+    causal: Option<Causal>,
+    window: Option<Window>,
+    softcap: Option<f32>,
+    alibi: Option<&'a [f32]>,
+    mask: Option<View<'a, bool>>,
+    bias: Option<View<'a>>,
+    docs: Option<DocIds<'a>>,
+    mask_rule: Option<&'a dyn MaskRule>,
+    score_rule: Option<&'a dyn ScoreRule>,
+    pub dropout: Option<Dropout>,
+    pub kern: &'static Kernels,
+}
+
+fn nonempty(tensor: &'static str, shape: [usize; 4]) -> Result<()> {
+    match shape.iter().position(|&n| n == 0) {
+        Some(dim) => Err(AttnError::EmptyDimension {
+            tensor,
+            dim,
+            shape: shape.to_vec(),
+        }),
+        None => Ok(()),
+    }
+}
+
+pub(crate) fn expect_shape(tensor: &'static str, got: [usize; 4], expected: [usize; 4]) -> Result<()> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(AttnError::ShapeMismatch {
+            tensor,
+            expected: expected.to_vec(),
+            got: got.to_vec(),
+        })
+    }
+}
+
+fn positive_finite(option: &'static str, x: f32) -> Result<()> {
+    if x.is_finite() && x > 0.0 {
+        Ok(())
+    } else {
+        Err(AttnError::InvalidOption {
+            option,
+            value: x as f64,
+            reason: "must be finite and positive",
+        })
+    }
+}
+
+impl<'a> Problem<'a> {
+    pub fn new(q: View<'a>, k: View<'a>, v: View<'a>, opts: &Options<'a>) -> Result<Self> {
+        nonempty("q", q.shape())?;
+        nonempty("k", k.shape())?;
+        nonempty("v", v.shape())?;
+        let [b, hq, nq, d] = q.shape();
+        let [_, hkv, nk, _] = k.shape();
+        let dv = v.shape()[3];
+        expect_shape("k", k.shape(), [b, hkv, nk, d])?;
+        expect_shape("v", v.shape(), [b, hkv, nk, dv])?;
+        if hq % hkv != 0 {
+            return Err(AttnError::HeadsNotDivisible {
+                q_heads: hq,
+                kv_heads: hkv,
+            });
+        }
+        let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt());
+        positive_finite("scale", scale)?;
+        if let Some(c) = opts.softcap {
+            positive_finite("softcap", c)?;
+        }
+        if let Some(s) = opts.alibi_slopes {
+            if s.len() != hq {
+                return Err(AttnError::LengthMismatch {
+                    tensor: "alibi_slopes",
+                    expected: hq,
+                    got: s.len(),
+                });
+            }
+            if let Some(&x) = s.iter().find(|x| !x.is_finite()) {
+                return Err(AttnError::InvalidOption {
+                    option: "alibi_slopes",
+                    value: x as f64,
+                    reason: "slopes must be finite",
+                });
+            }
+        }
+        let target = [b, hq, nq, nk];
+        let mask = opts
+            .mask
+            .map(|m| m.broadcast_to("mask", target))
+            .transpose()?;
+        let bias = opts
+            .bias
+            .map(|m| m.broadcast_to("bias", target))
+            .transpose()?;
+        if let Some(docs) = opts.docs {
+            for (tensor, len, n) in [("docs.q", docs.q.len(), nq), ("docs.k", docs.k.len(), nk)] {
+                if len != n && len != b * n {
+                    return Err(AttnError::LengthMismatch {
+                        tensor,
+                        expected: b * n,
+                        got: len,
+                    });
+                }
+            }
+        }
+        if let Some(dr) = opts.dropout {
+            if !(dr.p.is_finite() && (0.0..1.0).contains(&dr.p)) {
+                return Err(AttnError::InvalidOption {
+                    option: "dropout",
+                    value: dr.p as f64,
+                    reason: "must be in [0, 1)",
+                });
+            }
+        }
+        let kern = opts.isa.unwrap_or_else(Isa::best).kernels()?;
+        Ok(Self {
+            b,
+            hq,
+            hkv,
+            group: hq / hkv,
+            nq,
+            nk,
+            d,
+            dv,
+            off: nk as i64 - nq as i64,
+            scale,
+            q,
+            k,
+            v,
+            causal: opts.causal,
+            window: opts.window,
+            softcap: opts.softcap,
+            alibi: opts.alibi_slopes,
+            mask,
+            bias,
+            docs: opts.docs,
+            mask_rule: opts.mask_rule,
+            score_rule: opts.score_rule,
+            dropout: opts.dropout.filter(|d| d.p > 0.0),
+            kern,
+        })
+    }
+
+    /// Checks that an output view has exactly `shape`.
+    pub fn check_out(&self, tensor: &'static str, out: &ViewMut, shape: [usize; 4]) -> Result<()> {
+        expect_shape(tensor, out.shape(), shape)
+    }
+
+    pub fn check_len(&self, tensor: &'static str, len: usize, expected: usize) -> Result<()> {
+        if len == expected {
+            Ok(())
+        } else {
+            Err(AttnError::LengthMismatch {
+                tensor,
+                expected,
+                got: len,
+            })
+        }
+    }
+
+    /// Keys `[lo, hi)` that query `i` may see under the causal and window rules.
+    pub fn row_span(&self, i: usize) -> (usize, usize) {
+        let i = i as i64;
+        let (mut lo, mut hi) = (0i64, self.nk as i64);
+        match self.causal {
+            Some(Causal::TopLeft) => hi = hi.min(i + 1),
+            Some(Causal::BottomRight) => hi = hi.min(i + self.off + 1),
+            None => {}
+        }
+        if let Some(w) = self.window {
+            if w.left != usize::MAX {
+                lo = lo.max(i + self.off - w.left.min(i64::MAX as usize / 2) as i64);
+            }
+            if w.right != usize::MAX {
+                hi = hi.min(i + self.off + w.right.min(i64::MAX as usize / 2) as i64 + 1);
+            }
+        }
+        let lo = lo.clamp(0, self.nk as i64) as usize;
+        let hi = hi.clamp(0, self.nk as i64) as usize;
+        (lo, hi.max(lo))
+    }
+
+    /// Queries `[lo, hi)` outside of which no query sees a key of `[j0, j1)` under the causal
+    /// and window rules (both ends of a row's span grow with the row, so this is a binary search).
+    pub fn rows_seeing(&self, j0: usize, j1: usize) -> (usize, usize) {
+        let first = |pred: &dyn Fn(usize) -> bool| {
+            let (mut lo, mut hi) = (0, self.nq);
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                if pred(mid) {
+                    hi = mid;
+                } else {
+                    lo = mid + 1;
+                }
+            }
+            lo
+        };
+        let lo = first(&|i| self.row_span(i).1 > j0);
+        let hi = first(&|i| self.row_span(i).0 >= j1);
+        (lo, hi.max(lo))
+    }
+
+    /// Whether any score modifier (softcap, ALiBi, bias, score rule) is set.
+    pub fn has_mods(&self) -> bool {
+        self.softcap.is_some()
+            || self.alibi.is_some()
+            || self.bias.is_some()
+            || self.score_rule.is_some()
+    }
+
+    /// Whether a score rule or softcap makes the logit's derivative differ from 1.
+    pub fn has_chain(&self) -> bool {
+        self.softcap.is_some() || self.score_rule.is_some()
+    }
+
+    fn q_doc(&self, docs: &DocIds, b: usize, i: usize) -> u32 {
+        docs.q[if docs.q.len() == self.nq { i } else { b * self.nq + i }]
+    }
+
+    fn k_doc(&self, docs: &DocIds, b: usize, j: usize) -> u32 {
+        docs.k[if docs.k.len() == self.nk { j } else { b * self.nk + j }]
+    }
+
+    /// Summary of the document ids of keys `[j0, j0 + w)` (None without documents).
+    pub fn tile_docs(&self, b: usize, j0: usize, w: usize) -> Option<TileDocs> {
+        let docs = self.docs.as_ref()?;
+        let (mut min, mut max) = (u32::MAX, 0);
+        for j in j0..j0 + w {
+            let d = self.k_doc(docs, b, j);
+            min = min.min(d);
+            max = max.max(d);
+        }
+        Some(TileDocs {
+            min,
+            max,
+            uniform: min == max,
+        })
+    }
+
+    /// What query `i` of batch `b` sees of the key tile `[j0, j0 + w)`, restricted to keys
+    /// `[key_lo, key_hi)`.
+    pub fn span(
+        &self,
+        b: usize,
+        i: usize,
+        j0: usize,
+        w: usize,
+        (key_lo, key_hi): (usize, usize),
+        tile_docs: Option<&TileDocs>,
+    ) -> Span {
+        let (lo, hi) = self.row_span(i);
+        let lo = lo.max(key_lo).max(j0);
+        let hi = hi.min(key_hi).min(j0 + w);
+        if lo >= hi {
+            return Span::EMPTY;
+        }
+        let mut exact = self.mask.is_none() && self.mask_rule.is_none();
+        if let (Some(docs), Some(td)) = (self.docs.as_ref(), tile_docs) {
+            let qd = self.q_doc(docs, b, i);
+            if qd < td.min || qd > td.max {
+                return Span::EMPTY;
+            }
+            exact &= td.uniform;
+        }
+        Span {
+            a: lo - j0,
+            b: hi - j0,
+            exact,
+        }
+    }
+
+    /// Whether the per-element rules (documents, dense mask, user rule) let `(b, h, i, j)` attend.
+    #[inline]
+    fn visible(&self, b: usize, h: usize, i: usize, j: usize) -> bool {
+        if let Some(docs) = self.docs.as_ref() {
+            if self.q_doc(docs, b, i) != self.k_doc(docs, b, j) {
+                return false;
+            }
+        }
+        if let Some(m) = self.mask.as_ref() {
+            if !m.data()[m.offset(b, h, i, j)] {
+                return false;
+            }
+        }
+        if let Some(r) = self.mask_rule {
+            if !r.visible(Pos { b, h, i, j }) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Turns raw dot products `row[c] = q_i·k_{j0+c}` into logits in place: scale, softcap,
+    /// biases, score rule, then masks (−∞ outside the span and where a per-element rule says no).
+    /// With `chain`, also writes $\partial x_c / \partial(\text{scale}\cdot s_c)$.
+    pub fn logits(
+        &self,
+        (b, h, i): (usize, usize, usize),
+        j0: usize,
+        row: &mut [f32],
+        span: Span,
+        chain: Option<&mut [f32]>,
+    ) {
+        let (a, e) = (span.a, span.b);
+        row[..a].fill(f32::NEG_INFINITY);
+        row[e..].fill(f32::NEG_INFINITY);
+        let x = &mut row[a..e];
+        let scale = self.scale;
+        x.iter_mut().for_each(|s| *s *= scale);
+        let mut chain = chain.map(|g| {
+            let g = &mut g[a..e];
+            g.fill(1.0);
+            g
+        });
+        if let Some(cap) = self.softcap {
+            let inv = 1.0 / cap;
+            for (c, s) in x.iter_mut().enumerate() {
+                let t = (*s * inv).tanh();
+                *s = cap * t;
+                if let Some(g) = chain.as_deref_mut() {
+                    g[c] = 1.0 - t * t;
+                }
+            }
+        }
+        if let Some(slopes) = self.alibi {
+            let m = slopes[h];
+            let base = i as i64 + self.off - (j0 + a) as i64;
+            for (c, s) in x.iter_mut().enumerate() {
+                *s -= m * (base - c as i64).unsigned_abs() as f32;
+            }
+        }
+        if let Some(bias) = self.bias.as_ref() {
+            let data = bias.data();
+            let o = bias.offset(b, h, i, j0 + a);
+            let st = bias.strides()[3];
+            for (c, s) in x.iter_mut().enumerate() {
+                *s += data[o + c * st];
+            }
+        }
+        if let Some(rule) = self.score_rule {
+            for (c, s) in x.iter_mut().enumerate() {
+                let at = Pos {
+                    b,
+                    h,
+                    i,
+                    j: j0 + a + c,
+                };
+                if let Some(g) = chain.as_deref_mut() {
+                    g[c] *= rule.grad(*s, at);
+                }
+                *s = rule.score(*s, at);
+            }
+        }
+        if !span.exact {
+            for (c, s) in x.iter_mut().enumerate() {
+                if !self.visible(b, h, i, j0 + a + c) {
+                    *s = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+
+    /// Multiplies the weights `row[c]` (keys `j0 + c`) by the dropout factor of row `(b, h, i)`.
+    pub fn apply_dropout(&self, (b, h, i): (usize, usize, usize), j0: usize, row: &mut [f32]) {
+        if let Some(d) = self.dropout {
+            let key = d.row_key(b, h, i);
+            let t = d.threshold();
+            let inv = d.keep_scale();
+            for (c, x) in row.iter_mut().enumerate() {
+                *x *= if Dropout::keep_bits(key, j0 + c, t) {
+                    inv
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}

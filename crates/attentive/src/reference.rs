@@ -1,0 +1,347 @@
+//! The oracle: every semantic the kernels offer, computed naively, one (b, h, i, j) at a time.
+//!
+//! Nothing here is tiled, fused or clever. Each function materialises the full score matrix of a
+//! row and follows the definitions of [`options`](crate::options) literally, so it can serve as
+//! the ground truth for the engine's tests and for anyone's own attention code. It is generic over
+//! the float type: `f64` is the oracle, and `f32` is "the same naive math in the kernel's own
+//! precision", the baseline of the accuracy rule (an fp32 kernel's error must stay within twice
+//! that of naive fp32 forward, three times for gradients).
+//!
+//! ```
+//! use attentive::{reference, Options, View};
+//! let x = [0.0f32, 1.0, 1.0, 0.0];
+//! let v = View::contiguous(&x, &[1, 1, 2, 2]).unwrap();
+//! let out = reference::forward::<f64>(v, v, v, &Options::new().scale(1.0)).unwrap();
+//! // Each query weighs the key equal to itself by e / (1 + e).
+//! let w = std::f64::consts::E / (1.0 + std::f64::consts::E);
+//! assert!((out.o[1] - w).abs() < 1e-12);
+//! ```
+
+use crate::error::Result;
+use crate::options::{Causal, Options, Pos, ScoreRule};
+use crate::problem::Problem;
+use crate::view::View;
+use std::ops::{Add, Mul, Neg, Sub};
+
+/// The float types the oracle computes in.
+pub trait Real:
+    Copy
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Neg<Output = Self>
+    + Send
+    + Sync
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INF: Self;
+    fn from_f32(x: f32) -> Self;
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn tanh(self) -> Self;
+    fn recip(self) -> Self;
+    fn rule_score(rule: &dyn ScoreRule, s: Self, at: Pos) -> Self;
+    fn rule_grad(rule: &dyn ScoreRule, s: Self, at: Pos) -> Self;
+}
+
+macro_rules! real {
+    ($t:ty, $score:ident, $grad:ident) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const NEG_INF: Self = <$t>::NEG_INFINITY;
+            fn from_f32(x: f32) -> Self {
+                x as $t
+            }
+            fn from_f64(x: f64) -> Self {
+                x as $t
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
+            }
+            fn recip(self) -> Self {
+                1.0 / self
+            }
+            fn rule_score(rule: &dyn ScoreRule, s: Self, at: Pos) -> Self {
+                rule.$score(s, at)
+            }
+            fn rule_grad(rule: &dyn ScoreRule, s: Self, at: Pos) -> Self {
+                rule.$grad(s, at)
+            }
+        }
+    };
+}
+real!(f32, score, grad);
+real!(f64, score_f64, grad_f64);
+
+/// Output of [`forward`]: `o` is `[B, Hq, Nq, Dv]` and `lse` is `[B, Hq, Nq]`, row-major.
+#[derive(Clone, Debug)]
+pub struct Forward<T> {
+    pub o: Vec<T>,
+    pub lse: Vec<T>,
+}
+
+/// Output of [`backward`]: `dq` `[B, Hq, Nq, D]`, `dk` `[B, Hkv, Nk, D]`, `dv` `[B, Hkv, Nk, Dv]`.
+#[derive(Clone, Debug)]
+pub struct Grads<T> {
+    pub dq: Vec<T>,
+    pub dk: Vec<T>,
+    pub dv: Vec<T>,
+}
+
+/// Index into a view broadcast to the full shape: size-1 dimensions are read at 0.
+fn bcast<E: Copy>(v: &View<E>, idx: [usize; 4]) -> E {
+    let s = v.shape();
+    let f = |k: usize| if s[k] == 1 { 0 } else { idx[k] };
+    v.at(f(0), f(1), f(2), f(3))
+}
+
+struct Oracle<'o, 'a> {
+    opts: &'o Options<'a>,
+    q: View<'a>,
+    k: View<'a>,
+    dims: [usize; 8], // b, hq, hkv, nq, nk, d, dv, group
+    scale: f64,
+}
+
+/// One score with what its derivative needs: the logit after every rule, and
+/// $\partial x / \partial(\text{scale}\cdot q\cdot k)$.
+struct Logit<T> {
+    x: T,
+    chain: T,
+}
+
+impl<'a> Oracle<'_, 'a> {
+    fn new<'o>(
+        q: View<'a>,
+        k: View<'a>,
+        v: View<'a>,
+        opts: &'o Options<'a>,
+    ) -> Result<Oracle<'o, 'a>> {
+        let p = Problem::new(q, k, v, opts)?;
+        Ok(Oracle {
+            opts,
+            q,
+            k,
+            dims: [p.b, p.hq, p.hkv, p.nq, p.nk, p.d, p.dv, p.group],
+            scale: p.scale as f64,
+        })
+    }
+
+    fn visible(&self, b: usize, h: usize, i: usize, j: usize) -> bool {
+        let [_, _, _, nq, nk, ..] = self.dims;
+        let (ii, jj) = (i as i64, j as i64);
+        let diag = ii + nk as i64 - nq as i64;
+        let causal_ok = match self.opts.causal {
+            None => true,
+            Some(Causal::TopLeft) => jj <= ii,
+            Some(Causal::BottomRight) => jj <= diag,
+        };
+        let window_ok = self.opts.window.is_none_or(|w| {
+            (w.left == usize::MAX || jj >= diag - w.left as i64)
+                && (w.right == usize::MAX || jj <= diag + w.right as i64)
+        });
+        let docs_ok = self.opts.docs.is_none_or(|d| {
+            let qd = if d.q.len() == nq {
+                d.q[i]
+            } else {
+                d.q[b * nq + i]
+            };
+            let kd = if d.k.len() == nk {
+                d.k[j]
+            } else {
+                d.k[b * nk + j]
+            };
+            qd == kd
+        });
+        let mask_ok = self.opts.mask.is_none_or(|m| bcast(&m, [b, h, i, j]));
+        let rule_ok = self
+            .opts
+            .mask_rule
+            .is_none_or(|r| r.visible(Pos { b, h, i, j }));
+        causal_ok && window_ok && docs_ok && mask_ok && rule_ok
+    }
+
+    fn logit<T: Real>(&self, b: usize, h: usize, i: usize, j: usize) -> Logit<T> {
+        let [_, _, _, nq, nk, d, _, group] = self.dims;
+        if !self.visible(b, h, i, j) {
+            return Logit {
+                x: T::NEG_INF,
+                chain: T::ZERO,
+            };
+        }
+        let kh = h / group;
+        let mut dot = T::ZERO;
+        for c in 0..d {
+            dot = dot + T::from_f32(self.q.at(b, h, i, c)) * T::from_f32(self.k.at(b, kh, j, c));
+        }
+        let mut x = dot * T::from_f64(self.scale);
+        let mut chain = T::ONE;
+        if let Some(c) = self.opts.softcap {
+            let c = T::from_f32(c);
+            let t = (x * c.recip()).tanh();
+            x = c * t;
+            chain = T::ONE - t * t;
+        }
+        if let Some(slopes) = self.opts.alibi_slopes {
+            let dist = (i as i64 + nk as i64 - nq as i64 - j as i64).unsigned_abs();
+            x = x - T::from_f32(slopes[h]) * T::from_f64(dist as f64);
+        }
+        if let Some(bias) = self.opts.bias {
+            x = x + T::from_f32(bcast(&bias, [b, h, i, j]));
+        }
+        if let Some(rule) = self.opts.score_rule {
+            let at = Pos { b, h, i, j };
+            chain = chain * T::rule_grad(rule, x, at);
+            x = T::rule_score(rule, x, at);
+        }
+        Logit { x, chain }
+    }
+
+    /// The weights of row (b, h, i) after softmax (before dropout), its logits' chain factors and
+    /// its log-sum-exp. A row with no visible key has zero weights and LSE −∞.
+    fn row<T: Real>(&self, b: usize, h: usize, i: usize) -> (Vec<T>, Vec<T>, T) {
+        let nk = self.dims[4];
+        let logits: Vec<Logit<T>> = (0..nk).map(|j| self.logit(b, h, i, j)).collect();
+        let mut m = T::NEG_INF;
+        for l in &logits {
+            if l.x > m {
+                m = l.x;
+            }
+        }
+        if m == T::NEG_INF {
+            return (vec![T::ZERO; nk], vec![T::ZERO; nk], T::NEG_INF);
+        }
+        let e: Vec<T> = logits.iter().map(|l| (l.x - m).exp()).collect();
+        let mut sum = T::ZERO;
+        for &x in &e {
+            sum = sum + x;
+        }
+        let inv = sum.recip();
+        let p = e.into_iter().map(|x| x * inv).collect();
+        (p, logits.iter().map(|l| l.chain).collect(), m + sum.ln())
+    }
+
+    /// Dropout factor Z of (b, h, i, j): 0 or 1/(1−p) (1 without dropout).
+    fn z<T: Real>(&self, b: usize, h: usize, i: usize, j: usize) -> T {
+        match self.opts.dropout.filter(|d| d.p > 0.0) {
+            None => T::ONE,
+            Some(d) if d.keep(b, h, i, j) => T::from_f64(1.0 / (1.0 - d.p as f64)),
+            Some(_) => T::ZERO,
+        }
+    }
+}
+
+/// Attention, naively: for each row the full score vector, softmax, dropout, weighted sum.
+pub fn forward<T: Real>(q: View, k: View, v: View, opts: &Options) -> Result<Forward<T>> {
+    let or = Oracle::new(q, k, v, opts)?;
+    let [b, hq, _, nq, nk, _, dv, group] = or.dims;
+    let mut o = vec![T::ZERO; b * hq * nq * dv];
+    let mut lse = vec![T::ZERO; b * hq * nq];
+    for bi in 0..b {
+        for h in 0..hq {
+            for i in 0..nq {
+                let (p, _, l) = or.row::<T>(bi, h, i);
+                let row = ((bi * hq + h) * nq + i) * dv;
+                lse[(bi * hq + h) * nq + i] = l;
+                for (j, &pj) in p.iter().enumerate().take(nk) {
+                    let w = pj * or.z::<T>(bi, h, i, j);
+                    for c in 0..dv {
+                        o[row + c] = o[row + c] + w * T::from_f32(v.at(bi, h / group, j, c));
+                    }
+                }
+            }
+        }
+    }
+    Ok(Forward { o, lse })
+}
+
+/// The attention weights `[B, Hq, Nq, Nk]` after every rule and mask, before dropout.
+pub fn probabilities<T: Real>(q: View, k: View, opts: &Options) -> Result<Vec<T>> {
+    let or = Oracle::new(q, k, k, opts)?;
+    let [b, hq, _, nq, ..] = or.dims;
+    let mut out = Vec::new();
+    for bi in 0..b {
+        for h in 0..hq {
+            for i in 0..nq {
+                out.extend(or.row::<T>(bi, h, i).0);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Gradients of $\sum O \circ dO$ with respect to q, k and v, naively:
+/// $dP_{ij} = Z_{ij}\, dO_i\cdot v_j$, $dX_{ij} = P_{ij}(dP_{ij} - \sum_l P_{il} dP_{il})$,
+/// then through the score rule and softcap to $ds_{ij}$, and
+/// $dq_i = \text{scale}\sum_j ds_{ij} k_j$, $dk_j = \text{scale}\sum_i ds_{ij} q_i$,
+/// $dv_j = \sum_i P_{ij} Z_{ij}\, dO_i$; key/value gradients sum over each query group.
+pub fn backward<T: Real>(
+    q: View,
+    k: View,
+    v: View,
+    d_o: View,
+    opts: &Options,
+) -> Result<Grads<T>> {
+    let or = Oracle::new(q, k, v, opts)?;
+    let [b, hq, hkv, nq, nk, d, dv, group] = or.dims;
+    crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dv])?;
+    let scale = T::from_f64(or.scale);
+    let mut dq = vec![T::ZERO; b * hq * nq * d];
+    let mut dk = vec![T::ZERO; b * hkv * nk * d];
+    let mut dvv = vec![T::ZERO; b * hkv * nk * dv];
+    let f = T::from_f32;
+    for bi in 0..b {
+        for h in 0..hq {
+            let kh = h / group;
+            for i in 0..nq {
+                let (p, chain, _) = or.row::<T>(bi, h, i);
+                let dp: Vec<T> = (0..nk)
+                    .map(|j| {
+                        let mut s = T::ZERO;
+                        for c in 0..dv {
+                            s = s + f(d_o.at(bi, h, i, c)) * f(v.at(bi, kh, j, c));
+                        }
+                        s * or.z::<T>(bi, h, i, j)
+                    })
+                    .collect();
+                let mut di = T::ZERO;
+                for j in 0..nk {
+                    di = di + p[j] * dp[j];
+                }
+                for j in 0..nk {
+                    if p[j] == T::ZERO {
+                        continue;
+                    }
+                    let ds = p[j] * (dp[j] - di) * chain[j] * scale;
+                    let wz = p[j] * or.z::<T>(bi, h, i, j);
+                    for c in 0..d {
+                        let qi = ((bi * hq + h) * nq + i) * d + c;
+                        let kj = ((bi * hkv + kh) * nk + j) * d + c;
+                        dq[qi] = dq[qi] + ds * f(k.at(bi, kh, j, c));
+                        dk[kj] = dk[kj] + ds * f(q.at(bi, h, i, c));
+                    }
+                    for c in 0..dv {
+                        let vj = ((bi * hkv + kh) * nk + j) * dv + c;
+                        dvv[vj] = dvv[vj] + wz * f(d_o.at(bi, h, i, c));
+                    }
+                }
+            }
+        }
+    }
+    Ok(Grads { dq, dk, dv: dvv })
+}

@@ -1,0 +1,730 @@
+//! SIMD micro-kernels, chosen at run time: AVX-512, AVX2+FMA, and a scalar path that is always
+//! built and tested.
+//!
+//! Each instruction set implements the small [`Simd`] trait; the kernels (`gemm`, `dots`, the
+//! row reductions and the exponential) are written once, generically, marked `#[inline(always)]`,
+//! and instantiated inside a `#[target_feature]` wrapper per instruction set, so the intrinsics
+//! are inlined into code compiled for that set. A [`Kernels`] table of those wrappers is picked once
+//! per call from what the CPU reports.
+
+use crate::error::{AttnError, Result};
+
+/// An instruction set the kernels can run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// 512-bit vectors, 32 registers.
+    Avx512,
+    /// 256-bit vectors with fused multiply-add, 16 registers.
+    Avx2,
+    /// Plain Rust, one lane: the portable path every other path is tested against.
+    Scalar,
+}
+
+impl Isa {
+    /// Whether this CPU can run the instruction set.
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The fastest instruction set this CPU runs.
+    pub fn best() -> Isa {
+        [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .find(|isa| isa.available())
+            .unwrap_or(Isa::Scalar)
+    }
+
+    /// Every instruction set this CPU runs, fastest first.
+    pub fn all_available() -> Vec<Isa> {
+        [Isa::Avx512, Isa::Avx2, Isa::Scalar]
+            .into_iter()
+            .filter(|isa| isa.available())
+            .collect()
+    }
+
+    pub(crate) fn kernels(self) -> Result<&'static Kernels> {
+        if !self.available() {
+            return Err(AttnError::IsaUnavailable { isa: self });
+        }
+        Ok(match self {
+            Isa::Scalar => &SCALAR,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => &x86::AVX512,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => &x86::AVX2,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("checked by available()"),
+        })
+    }
+}
+
+/// One vector register's worth of f32 lanes and the operations the kernels need.
+pub(crate) trait Simd: Copy {
+    const LANES: usize;
+    /// Vectors of output columns per register block; rows per block are [`MR`].
+    const NV: usize;
+    type V: Copy;
+    unsafe fn splat(x: f32) -> Self::V;
+    unsafe fn load(p: *const f32) -> Self::V;
+    /// Loads the first `n < LANES` lanes, zero-filling the rest, without touching memory past them.
+    unsafe fn load_part(p: *const f32, n: usize) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    unsafe fn store_part(p: *mut f32, v: Self::V, n: usize);
+    /// `a · b + c`, fused.
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn reduce_add(v: Self::V) -> f32;
+    unsafe fn reduce_max(v: Self::V) -> f32;
+    /// $e^x$ lane-wise; exactly 0 for $x < -87.3$ (and for $-\infty$).
+    unsafe fn exp(v: Self::V) -> Self::V;
+}
+
+/// Rows of the output held in registers by the matrix micro-kernel: 6 rows × `NV` vectors of
+/// accumulators (24 of AVX-512's 32 registers, 12 of AVX2's 16), leaving room for the `NV` loaded
+/// vectors of B and one broadcast of A.
+pub(crate) const MR: usize = 6;
+
+/// `C (m×n) = [C +] A·B`, where A is read element by element through two strides (so A or Aᵀ
+/// of any layout works) and B and C are row-major with unit column stride.
+#[derive(Clone, Copy)]
+pub(crate) struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: *const f32,
+    /// Stride of A between output rows.
+    pub a_rs: usize,
+    /// Stride of A along the reduction.
+    pub a_ks: usize,
+    pub b: *const f32,
+    pub ldb: usize,
+    pub c: *mut f32,
+    pub ldc: usize,
+    /// Add to C instead of overwriting it.
+    pub accumulate: bool,
+}
+
+/// The kernels of one instruction set.
+pub(crate) struct Kernels {
+    /// See [`Gemm`].
+    pub gemm: unsafe fn(&Gemm),
+    /// `C[i][j] = Σ_p A[i][p]·B[j][p]` for `i < m`, `j < n`, `p < k` (rows of A and B contiguous).
+    pub dots: unsafe fn(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+    ),
+    /// `max_c x[c]` over `n` elements (−∞ for none).
+    pub max: unsafe fn(x: *const f32, n: usize) -> f32,
+    /// `x[c] ← exp(scale·x[c] − m)` and returns `Σ_c x[c]`.
+    pub exp_sum: unsafe fn(x: *mut f32, n: usize, scale: f32, m: f32) -> f32,
+    /// `x[c] ← a·x[c]`.
+    pub scale: unsafe fn(x: *mut f32, n: usize, a: f32),
+    /// `Σ_c x[c]·y[c]`.
+    pub dot: unsafe fn(x: *const f32, y: *const f32, n: usize) -> f32,
+}
+
+#[inline(always)]
+unsafe fn micro<S: Simd, const R: usize, const V: usize, const TAIL: bool>(
+    g: &Gemm,
+    i0: usize,
+    j0: usize,
+    tail: usize,
+) {
+    let l = S::LANES;
+    let mut acc = [[S::splat(0.0); V]; R];
+    if g.accumulate {
+        for (r, row) in acc.iter_mut().enumerate() {
+            let p = g.c.add((i0 + r) * g.ldc + j0);
+            for (v, x) in row.iter_mut().enumerate() {
+                *x = if TAIL && v == V - 1 {
+                    S::load_part(p.add(v * l), tail)
+                } else {
+                    S::load(p.add(v * l))
+                };
+            }
+        }
+    }
+    let mut a = g.a.add(i0 * g.a_rs);
+    let mut b = g.b.add(j0);
+    for _ in 0..g.k {
+        let mut bv = [S::splat(0.0); V];
+        for (v, x) in bv.iter_mut().enumerate() {
+            *x = if TAIL && v == V - 1 {
+                S::load_part(b.add(v * l), tail)
+            } else {
+                S::load(b.add(v * l))
+            };
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            let av = S::splat(*a.add(r * g.a_rs));
+            for (x, &bx) in row.iter_mut().zip(bv.iter()) {
+                *x = S::fma(av, bx, *x);
+            }
+        }
+        a = a.add(g.a_ks);
+        b = b.add(g.ldb);
+    }
+    for (r, row) in acc.iter().enumerate() {
+        let p = g.c.add((i0 + r) * g.ldc + j0);
+        for (v, &x) in row.iter().enumerate() {
+            if TAIL && v == V - 1 {
+                S::store_part(p.add(v * l), x, tail)
+            } else {
+                S::store(p.add(v * l), x)
+            }
+        }
+    }
+}
+
+macro_rules! dispatch_micro {
+    ($S:ty, $g:expr, $i0:expr, $j0:expr, $r:expr, $v:expr, $tail:expr, [$($R:literal),*], $Vs:tt) => {
+        match $r {
+            $( $R => dispatch_micro!(@v $S, $g, $i0, $j0, $R, $v, $tail, $Vs), )*
+            _ => unreachable!(),
+        }
+    };
+    (@v $S:ty, $g:expr, $i0:expr, $j0:expr, $R:literal, $v:expr, $tail:expr, [$($V:literal),*]) => {
+        match ($v, $tail) {
+            $( ($V, 0) => micro::<$S, $R, $V, false>($g, $i0, $j0, 0),
+               ($V, t) => micro::<$S, $R, $V, true>($g, $i0, $j0, t), )*
+            _ => unreachable!(),
+        }
+    };
+}
+
+#[inline(always)]
+unsafe fn gemm_generic<S: Simd>(g: &Gemm) {
+    if g.m == 0 || g.n == 0 {
+        return;
+    }
+    if g.k == 0 {
+        if !g.accumulate {
+            for i in 0..g.m {
+                std::ptr::write_bytes(g.c.add(i * g.ldc), 0, g.n);
+            }
+        }
+        return;
+    }
+    let l = S::LANES;
+    let block = S::NV * l;
+    let mut j0 = 0;
+    while j0 < g.n {
+        let cols = block.min(g.n - j0);
+        let v = cols.div_ceil(l);
+        let tail = cols % l;
+        let mut i0 = 0;
+        while i0 < g.m {
+            let r = MR.min(g.m - i0);
+            dispatch_micro!(S, g, i0, j0, r, v, tail, [1, 2, 3, 4, 5, 6], [1, 2, 3, 4]);
+            i0 += r;
+        }
+        j0 += cols;
+    }
+}
+
+#[inline(always)]
+unsafe fn dot_generic<S: Simd>(x: *const f32, y: *const f32, n: usize) -> f32 {
+    let l = S::LANES;
+    let mut acc0 = S::splat(0.0);
+    let mut acc1 = S::splat(0.0);
+    let mut c = 0;
+    while c + 2 * l <= n {
+        acc0 = S::fma(S::load(x.add(c)), S::load(y.add(c)), acc0);
+        acc1 = S::fma(S::load(x.add(c + l)), S::load(y.add(c + l)), acc1);
+        c += 2 * l;
+    }
+    if c + l <= n {
+        acc0 = S::fma(S::load(x.add(c)), S::load(y.add(c)), acc0);
+        c += l;
+    }
+    if c < n {
+        let t = n - c;
+        acc1 = S::fma(S::load_part(x.add(c), t), S::load_part(y.add(c), t), acc1);
+    }
+    S::reduce_add(S::add(acc0, acc1))
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn dots_generic<S: Simd>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    for j in 0..n {
+        let bj = b.add(j * ldb);
+        for i in 0..m {
+            *c.add(i * ldc + j) = dot_generic::<S>(a.add(i * lda), bj, k);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn max_generic<S: Simd>(x: *const f32, n: usize) -> f32 {
+    let l = S::LANES;
+    let mut acc = S::splat(f32::NEG_INFINITY);
+    let mut c = 0;
+    while c + l <= n {
+        acc = S::max(acc, S::load(x.add(c)));
+        c += l;
+    }
+    let mut m = S::reduce_max(acc);
+    while c < n {
+        m = m.max(*x.add(c));
+        c += 1;
+    }
+    m
+}
+
+#[inline(always)]
+unsafe fn exp_sum_generic<S: Simd>(x: *mut f32, n: usize, scale: f32, m: f32) -> f32 {
+    let l = S::LANES;
+    let (sv, mv) = (S::splat(scale), S::splat(-m));
+    let mut sum = S::splat(0.0);
+    let mut c = 0;
+    while c + l <= n {
+        let e = S::exp(S::fma(S::load(x.add(c)), sv, mv));
+        S::store(x.add(c), e);
+        sum = S::add(sum, e);
+        c += l;
+    }
+    if c < n {
+        let t = n - c;
+        // Lanes past the row are loaded as 0 and would give exp(−m): keep them out of the sum.
+        let e = S::exp(S::fma(S::load_part(x.add(c), t), sv, mv));
+        S::store_part(x.add(c), e, t);
+        let mut s = S::reduce_add(sum);
+        for q in 0..t {
+            s += *x.add(c + q);
+        }
+        return s;
+    }
+    S::reduce_add(sum)
+}
+
+#[inline(always)]
+unsafe fn scale_generic<S: Simd>(x: *mut f32, n: usize, a: f32) {
+    let l = S::LANES;
+    let av = S::splat(a);
+    let mut c = 0;
+    while c + l <= n {
+        S::store(x.add(c), S::mul(S::load(x.add(c)), av));
+        c += l;
+    }
+    if c < n {
+        S::store_part(x.add(c), S::mul(S::load_part(x.add(c), n - c), av), n - c);
+    }
+}
+
+/// Instantiates every generic kernel for one instruction set inside `#[target_feature]` wrappers.
+macro_rules! kernel_table {
+    ($name:ident, $S:ty, $($feat:literal),*) => {
+        #[allow(clippy::too_many_arguments)]
+        mod wrappers {
+            use super::*;
+            $(#[target_feature(enable = $feat)])*
+            pub(super) unsafe fn gemm(g: &Gemm) { gemm_generic::<$S>(g) }
+            $(#[target_feature(enable = $feat)])*
+            pub(super) unsafe fn dots(m: usize, n: usize, k: usize, a: *const f32, lda: usize,
+                b: *const f32, ldb: usize, c: *mut f32, ldc: usize) {
+                dots_generic::<$S>(m, n, k, a, lda, b, ldb, c, ldc)
+            }
+            $(#[target_feature(enable = $feat)])*
+            pub(super) unsafe fn max(x: *const f32, n: usize) -> f32 { max_generic::<$S>(x, n) }
+            $(#[target_feature(enable = $feat)])*
+            pub(super) unsafe fn exp_sum(x: *mut f32, n: usize, s: f32, m: f32) -> f32 {
+                exp_sum_generic::<$S>(x, n, s, m)
+            }
+            $(#[target_feature(enable = $feat)])*
+            pub(super) unsafe fn scale(x: *mut f32, n: usize, a: f32) { scale_generic::<$S>(x, n, a) }
+            $(#[target_feature(enable = $feat)])*
+            pub(super) unsafe fn dot(x: *const f32, y: *const f32, n: usize) -> f32 {
+                dot_generic::<$S>(x, y, n)
+            }
+        }
+        pub(crate) static $name: Kernels = Kernels {
+            gemm: wrappers::gemm,
+            dots: wrappers::dots,
+            max: wrappers::max,
+            exp_sum: wrappers::exp_sum,
+            scale: wrappers::scale,
+            dot: wrappers::dot,
+        };
+    };
+}
+
+/// The one-lane path: plain Rust arithmetic, `f32::exp` from the standard library.
+#[derive(Clone, Copy)]
+pub(crate) struct Scalar;
+
+impl Simd for Scalar {
+    const LANES: usize = 1;
+    const NV: usize = 4;
+    type V = f32;
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> f32 {
+        x
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> f32 {
+        *p
+    }
+    #[inline(always)]
+    unsafe fn load_part(_: *const f32, _: usize) -> f32 {
+        0.0
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: f32) {
+        *p = v
+    }
+    #[inline(always)]
+    unsafe fn store_part(_: *mut f32, _: f32, _: usize) {}
+    #[inline(always)]
+    unsafe fn fma(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+    #[inline(always)]
+    unsafe fn add(a: f32, b: f32) -> f32 {
+        a + b
+    }
+    #[inline(always)]
+    unsafe fn mul(a: f32, b: f32) -> f32 {
+        a * b
+    }
+    #[inline(always)]
+    unsafe fn max(a: f32, b: f32) -> f32 {
+        a.max(b)
+    }
+    #[inline(always)]
+    unsafe fn reduce_add(v: f32) -> f32 {
+        v
+    }
+    #[inline(always)]
+    unsafe fn reduce_max(v: f32) -> f32 {
+        v
+    }
+    #[inline(always)]
+    unsafe fn exp(v: f32) -> f32 {
+        if v < expc::LO {
+            0.0
+        } else {
+            v.exp()
+        }
+    }
+}
+
+mod scalar_table {
+    use super::*;
+    kernel_table!(SCALAR, Scalar,);
+}
+pub(crate) use scalar_table::SCALAR;
+
+/// Constants of the vector exponential (Cephes `expf`): $e^x = 2^n e^r$ with $n = \mathrm{round}(x
+/// \log_2 e)$ and $r = x - n \ln 2$ split in two parts for exactness, $e^r$ by a degree-7
+/// polynomial on $|r| \le \ln 2 / 2$ (about 1 ulp).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+mod expc {
+    pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+    pub const LN2_HI: f32 = 0.693_359_4;
+    pub const LN2_LO: f32 = -2.121_944_4e-4;
+    pub const P: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ];
+    /// Below this, $e^x$ underflows f32's normal range: the result is flushed to exactly 0.
+    pub const LO: f32 = -87.336_55;
+    /// Above this, $e^x$ overflows; inputs are clamped (softmax arguments are ≤ 0 anyway).
+    pub const HI: f32 = 88.376_26;
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::expc::*;
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx512;
+
+    impl Simd for Avx512 {
+        const LANES: usize = 16;
+        const NV: usize = 4;
+        type V = __m512;
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m512 {
+            _mm512_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_part(p: *const f32, n: usize) -> __m512 {
+            _mm512_maskz_loadu_ps(((1u32 << n) - 1) as u16, p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            _mm512_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn store_part(p: *mut f32, v: __m512, n: usize) {
+            _mm512_mask_storeu_ps(p, ((1u32 << n) - 1) as u16, v)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            _mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            _mm512_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m512, b: __m512) -> __m512 {
+            _mm512_max_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn reduce_add(v: __m512) -> f32 {
+            _mm512_reduce_add_ps(v)
+        }
+        #[inline(always)]
+        unsafe fn reduce_max(v: __m512) -> f32 {
+            _mm512_reduce_max_ps(v)
+        }
+        #[inline(always)]
+        unsafe fn exp(x: __m512) -> __m512 {
+            let under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(LO), _CMP_LT_OQ);
+            let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(LO)), _mm512_set1_ps(HI));
+            let n = _mm512_roundscale_ps(
+                _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+            let mut y = _mm512_set1_ps(P[0]);
+            for &c in &P[1..] {
+                y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+            }
+            let r2 = _mm512_mul_ps(r, r);
+            y = _mm512_fmadd_ps(y, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+            _mm512_maskz_mov_ps(!under, _mm512_scalef_ps(y, n))
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx2;
+
+    /// Eight lanes of all-ones followed by eight of zeros: a window of 8 starting at `8 − n` is the
+    /// mask of the first `n` lanes.
+    static TAIL_MASK: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    #[inline(always)]
+    unsafe fn tail_mask(n: usize) -> __m256i {
+        _mm256_loadu_si256(TAIL_MASK.as_ptr().add(8 - n) as *const __m256i)
+    }
+
+    impl Simd for Avx2 {
+        const LANES: usize = 8;
+        const NV: usize = 2;
+        type V = __m256;
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m256 {
+            _mm256_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_part(p: *const f32, n: usize) -> __m256 {
+            _mm256_maskload_ps(p, tail_mask(n))
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            _mm256_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn store_part(p: *mut f32, v: __m256, n: usize) {
+            _mm256_maskstore_ps(p, tail_mask(n), v)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            _mm256_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            _mm256_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m256, b: __m256) -> __m256 {
+            _mm256_max_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn reduce_add(v: __m256) -> f32 {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            _mm_cvtss_f32(s)
+        }
+        #[inline(always)]
+        unsafe fn reduce_max(v: __m256) -> f32 {
+            let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+            _mm_cvtss_f32(s)
+        }
+        #[inline(always)]
+        unsafe fn exp(x: __m256) -> __m256 {
+            let under = _mm256_cmp_ps(x, _mm256_set1_ps(LO), _CMP_LT_OQ);
+            let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(LO)), _mm256_set1_ps(HI));
+            let n = _mm256_round_ps(
+                _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+            let mut y = _mm256_set1_ps(P[0]);
+            for &c in &P[1..] {
+                y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+            }
+            let r2 = _mm256_mul_ps(r, r);
+            y = _mm256_fmadd_ps(y, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+            // 2^n for n in [−126, 127] (guaranteed by the clamp): build the exponent bits.
+            let e = _mm256_slli_epi32(
+                _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+                23,
+            );
+            let y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+            _mm256_andnot_ps(under, y)
+        }
+    }
+
+    mod avx512_table {
+        use super::*;
+        kernel_table!(AVX512, Avx512, "avx512f");
+    }
+    mod avx2_table {
+        use super::*;
+        kernel_table!(AVX2, Avx2, "avx2", "fma");
+    }
+    pub(crate) use avx2_table::AVX2;
+    pub(crate) use avx512_table::AVX512;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(isa: Isa) -> &'static Kernels {
+        isa.kernels().unwrap()
+    }
+
+    #[test]
+    fn exp_matches_std_within_two_ulp() {
+        for isa in Isa::all_available() {
+            let k = table(isa);
+            let xs: Vec<f32> = (-2000..=800).map(|t| t as f32 * 0.1 + 0.013).collect();
+            let mut y = xs.clone();
+            unsafe { (k.exp_sum)(y.as_mut_ptr(), y.len(), 1.0, 0.0) };
+            for (&x, &e) in xs.iter().zip(&y) {
+                let want = (x as f64).exp();
+                if x < -87.34 {
+                    assert_eq!(e, 0.0, "{isa:?} exp({x})");
+                } else if want > 1.2e-38 {
+                    let rel = ((e as f64 - want) / want).abs();
+                    assert!(rel < 2.5e-7, "{isa:?} exp({x}) = {e}, want {want}");
+                }
+            }
+            let mut inf = [f32::NEG_INFINITY; 19];
+            let s = unsafe { (k.exp_sum)(inf.as_mut_ptr(), 19, 1.0, 0.0) };
+            assert_eq!(s, 0.0);
+            assert!(inf.iter().all(|&x| x == 0.0));
+        }
+    }
+
+    #[test]
+    fn gemm_matches_naive_on_awkward_sizes() {
+        let mut seed = 1u64;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        for isa in Isa::all_available() {
+            let k = table(isa);
+            for &(m, n, kk) in &[(1, 1, 1), (7, 33, 5), (13, 64, 64), (6, 17, 3), (64, 80, 40)] {
+                for &(trans, acc) in &[(false, false), (true, true)] {
+                    let a: Vec<f32> = (0..m * kk).map(|_| rnd()).collect();
+                    let b: Vec<f32> = (0..kk * (n + 3)).map(|_| rnd()).collect();
+                    let c0: Vec<f32> = (0..m * (n + 1)).map(|_| rnd()).collect();
+                    let mut c = c0.clone();
+                    let (a_rs, a_ks) = if trans { (1, m) } else { (kk, 1) };
+                    let g = Gemm {
+                        m,
+                        n,
+                        k: kk,
+                        a: a.as_ptr(),
+                        a_rs,
+                        a_ks,
+                        b: b.as_ptr(),
+                        ldb: n + 3,
+                        c: c.as_mut_ptr(),
+                        ldc: n + 1,
+                        accumulate: acc,
+                    };
+                    unsafe { (k.gemm)(&g) };
+                    for i in 0..m {
+                        for j in 0..n + 1 {
+                            let got = c[i * (n + 1) + j];
+                            if j == n {
+                                assert_eq!(got, c0[i * (n + 1) + j], "column past n was written");
+                                continue;
+                            }
+                            let mut want = if acc { c0[i * (n + 1) + j] as f64 } else { 0.0 };
+                            for p in 0..kk {
+                                want += a[i * a_rs + p * a_ks] as f64 * b[p * (n + 3) + j] as f64;
+                            }
+                            assert!((got as f64 - want).abs() < 1e-5, "{isa:?} {m}x{n}x{kk}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
