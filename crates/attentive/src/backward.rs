@@ -50,7 +50,6 @@ struct Scratch {
     dk: Vec<f32>,
     dv: Vec<f32>,
     spans: Vec<Span>,
-    kbuf: Vec<f32>,
 }
 
 impl Scratch {
@@ -69,7 +68,6 @@ impl Scratch {
             dk: vec![0.0; BC * p.d],
             dv: vec![0.0; BC * p.dv],
             spans: vec![Span::EMPTY; BR],
-            kbuf: Vec::new(),
         }
     }
 }
@@ -128,7 +126,7 @@ pub fn backward(
     let (b, hq, hkv, nq, nk, d, dvd) = (p.b, p.hq, p.hkv, p.nq, p.nk, p.d, p.dv);
     crate::problem::expect_shape("o", o.shape(), [b, hq, nq, dvd])?;
     crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
-    p.check_len("lse", lse.len(), b * hq * nq)?;
+    crate::problem::expect_len("lse", lse.len(), b * hq * nq)?;
     p.check_out("dq", dq, [b, hq, nq, d])?;
     p.check_out("dk", dk, [b, hkv, nk, d])?;
     p.check_out("dv", dv, [b, hkv, nk, dvd])?;
@@ -145,8 +143,10 @@ pub fn backward(
                 for (i, x) in dst.iter_mut().enumerate() {
                     gather_rows(&o, (bi, h), i, 1, ro);
                     gather_rows(&d_o, (bi, h), i, 1, rd);
-                    // SAFETY: both rows hold dvd floats.
-                    *x = unsafe { (p.kern.dot)(ro.as_ptr(), rd.as_ptr(), dvd) };
+                    // One fused multiply-add chain in column order: the arithmetic the dP GEMM
+                    // does per element, so a row whose output equals one value row (a single
+                    // visible key) gets dP − D = 0 exactly, as the math says.
+                    *x = rd.iter().zip(ro.iter()).fold(0.0, |acc, (&a, &b)| a.mul_add(b, acc));
                 }
             },
         );
@@ -235,7 +235,9 @@ fn key_tile(
                 q: &scr.q,
                 s: &mut scr.s,
                 spans: &mut scr.spans,
-                kbuf: &mut scr.kbuf,
+                qt: &[],
+                kbuf: &mut [],
+                st: &mut [],
             };
             // S = Q·Kᵀ                                              // (rows, w)
             if !score_tile(

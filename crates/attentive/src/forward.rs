@@ -48,6 +48,8 @@ pub(crate) struct Scratch {
     pub l: Vec<f32>,
     pub kt: Vec<f32>,
     pub vt: Vec<f32>,
+    pub qt: Vec<f32>,
+    pub st: Vec<f32>,
     pub spans: Vec<Span>,
 }
 
@@ -61,6 +63,8 @@ impl Scratch {
             l: vec![0.0; BR],
             kt: vec![0.0; BC * p.d],
             vt: vec![0.0; BC * p.dv],
+            qt: vec![0.0; p.d * BR],
+            st: vec![0.0; BC * BR],
             spans: vec![Span::EMPTY; BR],
         }
     }
@@ -158,8 +162,11 @@ pub(crate) struct TileBufs<'s> {
     /// Raw scores out, `rows × BC`.
     pub s: &'s mut [f32],
     pub spans: &'s mut [Span],
-    /// Room for a gathered K tile (`BC × D`) when K's rows are not contiguous.
+    /// Without packed Kᵀ: the query rows transposed (`D × rows`), room for a gathered K tile
+    /// (`BC × D`) when K's rows are not contiguous, and for Sᵀ (`BC × rows`).
+    pub qt: &'s [f32],
     pub kbuf: &'s mut [f32],
+    pub st: &'s mut [f32],
 }
 
 /// Computes raw scores `S[r][c] = q_{i0+r}·k_{j0+c}` of one tile (row stride `BC`) and each row's
@@ -205,10 +212,31 @@ pub(crate) fn score_tile(
             })
         },
         None => {
+            // Sᵀ = K·Qᵀ, reading K's rows where they lie. Each score is the same chain of fused
+            // multiply-adds over d as with packed Kᵀ, so both paths (and the backward, which
+            // recomputes S) agree to the bit.
             let (kp, ldk) = rows_ptr(&p.k, (b, h / p.group), j0, w, t.kbuf);
-            // SAFETY: kp addresses w rows of D floats at stride ldk (validated view or kbuf).
+            // SAFETY: kp addresses w rows of D floats at stride ldk (validated view or kbuf);
+            // qt holds D×rows and st BC×rows.
             unsafe {
-                (p.kern.dots)(rows, w, p.d, t.q.as_ptr(), p.d, kp, ldk, t.s.as_mut_ptr(), BC)
+                (p.kern.gemm)(&Gemm {
+                    m: w,
+                    n: rows,
+                    k: p.d,
+                    a: kp,
+                    a_rs: ldk,
+                    a_ks: 1,
+                    b: t.qt.as_ptr(),
+                    ldb: rows,
+                    c: t.st.as_mut_ptr(),
+                    ldc: rows,
+                    accumulate: false,
+                })
+            }
+            for c in 0..w {
+                for r in 0..rows {
+                    t.s[r * BC + c] = t.st[c * rows + r];
+                }
             }
         }
     }
@@ -216,12 +244,26 @@ pub(crate) fn score_tile(
 }
 
 impl Scratch {
+    /// Gathers query rows `i0..i0 + rows` of `(b, h)`, and their transpose when `transposed`.
+    fn load_queries(&mut self, p: &Problem, bh: (usize, usize), i0: usize, rows: usize, transposed: bool) {
+        gather_rows(&p.q, bh, i0, rows, &mut self.q);
+        if transposed {
+            for r in 0..rows {
+                for c in 0..p.d {
+                    self.qt[c * rows + r] = self.q[r * p.d + c];
+                }
+            }
+        }
+    }
+
     fn tile_bufs(&mut self) -> TileBufs<'_> {
         TileBufs {
             q: &self.q,
             s: &mut self.s,
             spans: &mut self.spans,
+            qt: &self.qt,
             kbuf: &mut self.kt,
+            st: &mut self.st,
         }
     }
 }
@@ -239,7 +281,7 @@ pub(crate) fn attend_rows(
 ) {
     let (dv, kern) = (p.dv, p.kern);
     let kvh = h / p.group;
-    gather_rows(&p.q, (b, h), i0, rows, &mut scr.q);
+    scr.load_queries(p, (b, h), i0, rows, packed.is_none());
     scr.o[..rows * dv].fill(0.0);
     scr.m[..rows].fill(f32::NEG_INFINITY);
     scr.l[..rows].fill(0.0);
@@ -366,7 +408,7 @@ pub fn forward(
     let p = Problem::new(q, k, v, opts)?;
     p.check_out("out", out, [p.b, p.hq, p.nq, p.dv])?;
     if let Some(l) = lse.as_deref() {
-        p.check_len("lse", l.len(), p.b * p.hq * p.nq)?;
+        crate::problem::expect_len("lse", l.len(), p.b * p.hq * p.nq)?;
     }
     let raw_out = out.raw();
     let mut none: [f32; 0] = [];
@@ -536,7 +578,7 @@ pub fn probabilities(q: View, k: View, opts: &Options) -> Result<Vec<f32>> {
                 let (b, h) = (bh / p.hq, bh % p.hq);
                 let i0 = t * BR;
                 let rows = BR.min(p.nq - i0);
-                gather_rows(&p.q, (b, h), i0, rows, &mut scr.q);
+                scr.load_queries(&p, (b, h), i0, rows, true);
                 for j0 in (0..p.nk).step_by(BC) {
                     let w = BC.min(p.nk - j0);
                     if !score_tile(&p, None, (b, h), i0, rows, j0, (0, p.nk), scr.tile_bufs()) {

@@ -64,6 +64,8 @@ impl<F: Fn(Pos) -> bool + Sync> MaskRule for F {
 /// A user-defined score modifier $s \leftarrow f(s, b, h, i, j)$ and its derivative
 /// $\partial f/\partial s$ (the backward pass needs it).
 ///
+/// A score that is already −∞ (a −∞ bias) stays −∞ and the rule is not called for it.
+///
 /// The f64 methods are what the [`reference`](crate::reference) oracle calls; by default they round
 /// through the f32 ones, and a rule can override them to be exact.
 ///

@@ -89,6 +89,18 @@ pub(crate) fn expect_shape(tensor: &'static str, got: [usize; 4], expected: [usi
     }
 }
 
+pub(crate) fn expect_len(tensor: &'static str, len: usize, expected: usize) -> Result<()> {
+    if len == expected {
+        Ok(())
+    } else {
+        Err(AttnError::LengthMismatch {
+            tensor,
+            expected,
+            got: len,
+        })
+    }
+}
+
 fn positive_finite(option: &'static str, x: f32) -> Result<()> {
     if x.is_finite() && x > 0.0 {
         Ok(())
@@ -201,17 +213,6 @@ impl<'a> Problem<'a> {
         expect_shape(tensor, out.shape(), shape)
     }
 
-    pub fn check_len(&self, tensor: &'static str, len: usize, expected: usize) -> Result<()> {
-        if len == expected {
-            Ok(())
-        } else {
-            Err(AttnError::LengthMismatch {
-                tensor,
-                expected,
-                got: len,
-            })
-        }
-    }
 
     /// Keys `[lo, hi)` that query `i` may see under the causal and window rules.
     pub fn row_span(&self, i: usize) -> (usize, usize) {
@@ -394,6 +395,9 @@ impl<'a> Problem<'a> {
         }
         if let Some(rule) = self.score_rule {
             for (c, s) in x.iter_mut().enumerate() {
+                if *s == f32::NEG_INFINITY {
+                    continue; // masked by a −∞ bias: stays masked, the rule is not asked
+                }
                 let at = Pos {
                     b,
                     h,

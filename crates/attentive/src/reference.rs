@@ -126,6 +126,7 @@ struct Logit<T> {
 }
 
 impl<'a> Oracle<'_, 'a> {
+    /// Validates through the engine's own checks (the oracle computes nothing else with them).
     fn new<'o>(
         q: View<'a>,
         k: View<'a>,
@@ -204,7 +205,7 @@ impl<'a> Oracle<'_, 'a> {
         if let Some(bias) = self.opts.bias {
             x = x + T::from_f32(bcast(&bias, [b, h, i, j]));
         }
-        if let Some(rule) = self.opts.score_rule {
+        if let Some(rule) = self.opts.score_rule.filter(|_| x != T::NEG_INF) {
             let at = Pos { b, h, i, j };
             chain = chain * T::rule_grad(rule, x, at);
             x = T::rule_score(rule, x, at);
@@ -297,9 +298,39 @@ pub fn backward<T: Real>(
     d_o: View,
     opts: &Options,
 ) -> Result<Grads<T>> {
+    backward_impl(q, k, v, d_o, opts, None)
+}
+
+/// The same gradients by FlashAttention-2's formulas, naively: the weights are recomputed from a
+/// given log-sum-exp, $P_{ij} = e^{x_{ij} - \mathrm{LSE}_i}$, and $\sum_l P_{il} dP_{il}$ is taken
+/// as $D_i = dO_i \cdot O_i$ from a given output. In exact arithmetic this equals [`backward`];
+/// in f32 it is the naive baseline of the fused backward kernel, which computes exactly this.
+pub fn backward_from_output<T: Real>(
+    q: View,
+    k: View,
+    v: View,
+    (o, lse): (&[T], &[T]),
+    d_o: View,
+    opts: &Options,
+) -> Result<Grads<T>> {
+    backward_impl(q, k, v, d_o, opts, Some((o, lse)))
+}
+
+fn backward_impl<T: Real>(
+    q: View,
+    k: View,
+    v: View,
+    d_o: View,
+    opts: &Options,
+    stats: Option<(&[T], &[T])>,
+) -> Result<Grads<T>> {
     let or = Oracle::new(q, k, v, opts)?;
     let [b, hq, hkv, nq, nk, d, dv, group] = or.dims;
     crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dv])?;
+    if let Some((o, lse)) = stats {
+        crate::problem::expect_len("o", o.len(), b * hq * nq * dv)?;
+        crate::problem::expect_len("lse", lse.len(), b * hq * nq)?;
+    }
     let scale = T::from_f64(or.scale);
     let mut dq = vec![T::ZERO; b * hq * nq * d];
     let mut dk = vec![T::ZERO; b * hkv * nk * d];
@@ -309,7 +340,23 @@ pub fn backward<T: Real>(
         for h in 0..hq {
             let kh = h / group;
             for i in 0..nq {
-                let (p, chain, _) = or.row::<T>(bi, h, i);
+                let row = (bi * hq + h) * nq + i;
+                let (p, chain) = match stats {
+                    None => {
+                        let (p, chain, _) = or.row::<T>(bi, h, i);
+                        (p, chain)
+                    }
+                    Some((_, lse)) => (0..nk)
+                        .map(|j| {
+                            let l = or.logit::<T>(bi, h, i, j);
+                            if lse[row] == T::NEG_INF || l.x == T::NEG_INF {
+                                (T::ZERO, T::ZERO)
+                            } else {
+                                ((l.x - lse[row]).exp(), l.chain)
+                            }
+                        })
+                        .unzip(),
+                };
                 let dp: Vec<T> = (0..nk)
                     .map(|j| {
                         let mut s = T::ZERO;
@@ -320,8 +367,11 @@ pub fn backward<T: Real>(
                     })
                     .collect();
                 let mut di = T::ZERO;
-                for j in 0..nk {
-                    di = di + p[j] * dp[j];
+                match stats {
+                    None => (0..nk).for_each(|j| di = di + p[j] * dp[j]),
+                    Some((o, _)) => {
+                        (0..dv).for_each(|c| di = di + f(d_o.at(bi, h, i, c)) * o[row * dv + c])
+                    }
                 }
                 for j in 0..nk {
                     if p[j] == T::ZERO {
@@ -330,7 +380,7 @@ pub fn backward<T: Real>(
                     let ds = p[j] * (dp[j] - di) * chain[j] * scale;
                     let wz = p[j] * or.z::<T>(bi, h, i, j);
                     for c in 0..d {
-                        let qi = ((bi * hq + h) * nq + i) * d + c;
+                        let qi = row * d + c;
                         let kj = ((bi * hkv + kh) * nk + j) * d + c;
                         dq[qi] = dq[qi] + ds * f(k.at(bi, kh, j, c));
                         dk[kj] = dk[kj] + ds * f(q.at(bi, h, i, c));

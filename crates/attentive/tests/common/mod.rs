@@ -1,0 +1,462 @@
+//! Shared helpers of the engine's tests: a seeded generator, random problems in several memory
+//! layouts, and the accuracy rule of FlashAttention's tests.
+#![allow(dead_code)]
+
+use attentive::{reference, Causal, Isa, Options, Pos, ScoreRule, View, ViewMut};
+
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x1234_5678)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    pub fn f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    pub fn pick<T: Clone>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len())].clone()
+    }
+    pub fn chance(&mut self, p: f64) -> bool {
+        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+    pub fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f32()).collect()
+    }
+}
+
+/// How a `[B, H, N, D]` tensor is stored.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Layout {
+    /// Row-major `[B, H, N, D]`.
+    Bhnd,
+    /// `[B, N, H, D]`, as a fused projection writes it.
+    Bnhd,
+    /// `[B, H, D, N]`: the feature axis is not contiguous.
+    Bhdn,
+}
+
+/// A tensor with its storage, viewable as `[B, H, N, D]`.
+pub struct Tensor {
+    pub data: Vec<f32>,
+    pub shape: [usize; 4],
+    pub layout: Layout,
+}
+
+impl Tensor {
+    /// Stores the row-major `[B, H, N, D]` values `x` in `layout`.
+    pub fn new(x: &[f32], shape: [usize; 4], layout: Layout) -> Self {
+        let [b, h, n, d] = shape;
+        let mut data = vec![0.0; x.len()];
+        for bi in 0..b {
+            for hi in 0..h {
+                for i in 0..n {
+                    for c in 0..d {
+                        let src = ((bi * h + hi) * n + i) * d + c;
+                        let dst = match layout {
+                            Layout::Bhnd => src,
+                            Layout::Bnhd => ((bi * n + i) * h + hi) * d + c,
+                            Layout::Bhdn => ((bi * h + hi) * d + c) * n + i,
+                        };
+                        data[dst] = x[src];
+                    }
+                }
+            }
+        }
+        Tensor { data, shape, layout }
+    }
+
+    pub fn strides(shape: [usize; 4], layout: Layout) -> [usize; 4] {
+        let [_, h, n, d] = shape;
+        match layout {
+            Layout::Bhnd => [h * n * d, n * d, d, 1],
+            Layout::Bnhd => [n * h * d, d, h * d, 1],
+            Layout::Bhdn => [h * d * n, d * n, 1, n],
+        }
+    }
+
+    pub fn view(&self) -> View<'_> {
+        View::new(&self.data, self.shape, Self::strides(self.shape, self.layout)).unwrap()
+    }
+}
+
+/// An output buffer in a given layout, read back as row-major `[B, H, N, D]`.
+pub struct OutBuf {
+    pub data: Vec<f32>,
+    pub shape: [usize; 4],
+    pub layout: Layout,
+}
+
+impl OutBuf {
+    pub fn new(shape: [usize; 4], layout: Layout) -> Self {
+        OutBuf {
+            data: vec![f32::NAN; shape.iter().product()],
+            shape,
+            layout,
+        }
+    }
+    pub fn view(&mut self) -> ViewMut<'_> {
+        ViewMut::new(&mut self.data, self.shape, Tensor::strides(self.shape, self.layout)).unwrap()
+    }
+    pub fn row_major(&mut self) -> Vec<f32> {
+        let v = self.view();
+        v.as_view().to_vec()
+    }
+}
+
+/// A score rule with a non-trivial derivative: $f(s) = s + 0.3\sin s + 0.05\,(j - i)/8$.
+pub struct Wobble;
+
+impl ScoreRule for Wobble {
+    fn score(&self, s: f32, p: Pos) -> f32 {
+        s + 0.3 * s.sin() + 0.05 * (p.j as f32 - p.i as f32) / 8.0
+    }
+    fn grad(&self, s: f32, _: Pos) -> f32 {
+        1.0 + 0.3 * s.cos()
+    }
+    fn score_f64(&self, s: f64, p: Pos) -> f64 {
+        s + 0.3 * s.sin() + 0.05 * (p.j as f64 - p.i as f64) / 8.0
+    }
+    fn grad_f64(&self, s: f64, _: Pos) -> f64 {
+        1.0 + 0.3 * s.cos()
+    }
+}
+
+pub fn every_fifth(p: Pos) -> bool {
+    (p.i + 2 * p.j + p.h + p.b) % 5 != 0
+}
+
+pub static WOBBLE: Wobble = Wobble;
+pub static EVERY_FIFTH: fn(Pos) -> bool = every_fifth;
+
+/// A random attention problem: shapes, layout and options.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub b: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub nq: usize,
+    pub nk: usize,
+    pub d: usize,
+    pub dv: usize,
+    pub layout: Layout,
+    pub scale: Option<f32>,
+    pub causal: Option<Causal>,
+    pub window: Option<(usize, usize)>,
+    pub softcap: Option<f32>,
+    pub alibi: bool,
+    /// Shape of the dense boolean mask, if any (broadcastable).
+    pub mask: Option<Vec<usize>>,
+    pub bias: Option<Vec<usize>>,
+    pub docs: bool,
+    pub mask_rule: bool,
+    pub score_rule: bool,
+    pub dropout: Option<f32>,
+    pub seed: u64,
+}
+
+impl Case {
+    pub fn plain(b: usize, hq: usize, hkv: usize, nq: usize, nk: usize, d: usize) -> Case {
+        Case {
+            b,
+            hq,
+            hkv,
+            nq,
+            nk,
+            d,
+            dv: d,
+            layout: Layout::Bhnd,
+            scale: None,
+            causal: None,
+            window: None,
+            softcap: None,
+            alibi: false,
+            mask: None,
+            bias: None,
+            docs: false,
+            mask_rule: false,
+            score_rule: false,
+            dropout: None,
+            seed: 1,
+        }
+    }
+
+    /// A random case; `n_max` bounds the sequence lengths.
+    pub fn random(rng: &mut Rng, n_max: usize) -> Case {
+        let ns = [1usize, 2, 3, 7, 16, 17, 31, 63, 64, 65, 100, 129, 150, 200];
+        let ns: Vec<usize> = ns.iter().copied().filter(|&n| n <= n_max).collect();
+        let d = rng.pick(&[1, 8, 16, 32, 40, 64, 80, 96, 128, 256]);
+        let (hkv, group) = (rng.pick(&[1, 2]), rng.pick(&[1, 2, 3]));
+        let mut c = Case::plain(
+            rng.pick(&[1, 2]),
+            hkv * group,
+            hkv,
+            rng.pick(&ns),
+            rng.pick(&ns),
+            d,
+        );
+        c.dv = if rng.chance(0.3) {
+            rng.pick(&[1, 8, 24, 48, 64, 72])
+        } else {
+            d
+        };
+        c.layout = rng.pick(&[Layout::Bhnd, Layout::Bnhd, Layout::Bhdn]);
+        c.seed = rng.next_u64();
+        if rng.chance(0.15) {
+            c.scale = Some(rng.pick(&[0.05, 0.5, 1.0, 2.0]));
+        }
+        if rng.chance(0.4) {
+            c.causal = Some(rng.pick(&[Causal::TopLeft, Causal::BottomRight]));
+        }
+        if rng.chance(0.25) {
+            c.window = Some((
+                rng.pick(&[0, 1, 5, 40, usize::MAX]),
+                rng.pick(&[0, 3, 70, usize::MAX]),
+            ));
+        }
+        if rng.chance(0.2) {
+            c.softcap = Some(rng.pick(&[0.5, 2.0, 30.0]));
+        }
+        c.alibi = rng.chance(0.2);
+        if rng.chance(0.2) {
+            let (b, h, nq, nk) = (c.b, c.hq, c.nq, c.nk);
+            c.mask = Some(rng.pick(&[
+                vec![b, h, nq, nk],
+                vec![nq, nk],
+                vec![b, 1, 1, nk],
+                vec![1, h, nq, 1],
+            ]));
+        }
+        if rng.chance(0.2) {
+            let (b, h, nq, nk) = (c.b, c.hq, c.nq, c.nk);
+            c.bias = Some(rng.pick(&[vec![b, h, nq, nk], vec![nq, nk], vec![1, h, 1, nk]]));
+        }
+        c.docs = rng.chance(0.15);
+        c.mask_rule = rng.chance(0.1);
+        c.score_rule = rng.chance(0.1);
+        if rng.chance(0.15) {
+            c.dropout = Some(rng.pick(&[0.1, 0.5]));
+        }
+        c
+    }
+}
+
+/// The inputs of a case, generated from its seed.
+pub struct Inputs {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub d_o: Tensor,
+    pub mask: Vec<bool>,
+    pub bias: Vec<f32>,
+    pub q_docs: Vec<u32>,
+    pub k_docs: Vec<u32>,
+    pub slopes: Vec<f32>,
+}
+
+impl Inputs {
+    pub fn new(c: &Case) -> Inputs {
+        let mut rng = Rng::new(c.seed);
+        let (qs, ks, vs) = (
+            [c.b, c.hq, c.nq, c.d],
+            [c.b, c.hkv, c.nk, c.d],
+            [c.b, c.hkv, c.nk, c.dv],
+        );
+        // Scaled scores with a standard deviation of about 2 (amp²/3): softmax is neither
+        // uniform nor one-hot.
+        let amp = 2.5;
+        let q: Vec<f32> = rng.vec(qs.iter().product()).iter().map(|x| x * amp).collect();
+        let k: Vec<f32> = rng.vec(ks.iter().product()).iter().map(|x| x * amp).collect();
+        let v = rng.vec(vs.iter().product());
+        let d_o = rng.vec(c.b * c.hq * c.nq * c.dv);
+        let mask = c
+            .mask
+            .as_ref()
+            .map(|s| (0..s.iter().product()).map(|_| rng.chance(0.7)).collect())
+            .unwrap_or_default();
+        let bias = c
+            .bias
+            .as_ref()
+            .map(|s| {
+                (0..s.iter().product())
+                    .map(|_| {
+                        if rng.chance(0.05) {
+                            f32::NEG_INFINITY
+                        } else {
+                            rng.f32()
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Document boundaries: sorted ids per batch, as packed sequences have them.
+        let docs = |n: usize, rng: &mut Rng| -> Vec<u32> {
+            let mut out = Vec::new();
+            for _ in 0..c.b {
+                let mut id = 0u32;
+                for _ in 0..n {
+                    if rng.chance(0.05) {
+                        id += 1;
+                    }
+                    out.push(id);
+                }
+            }
+            out
+        };
+        let q_docs = docs(c.nq, &mut rng);
+        let k_docs = docs(c.nk, &mut rng);
+        Inputs {
+            q: Tensor::new(&q, qs, c.layout),
+            k: Tensor::new(&k, ks, c.layout),
+            v: Tensor::new(&v, vs, c.layout),
+            d_o: Tensor::new(&d_o, [c.b, c.hq, c.nq, c.dv], c.layout),
+            mask,
+            bias,
+            q_docs,
+            k_docs,
+            slopes: attentive::positional::alibi_slopes(c.hq),
+        }
+    }
+
+    pub fn options<'a>(&'a self, c: &'a Case) -> Options<'a> {
+        let mut o = Options::new();
+        o.scale = c.scale;
+        o.causal = c.causal;
+        if let Some((l, r)) = c.window {
+            o = o.window(l, r);
+        }
+        o.softcap = c.softcap;
+        if c.alibi {
+            o = o.alibi(&self.slopes);
+        }
+        if let Some(s) = &c.mask {
+            o = o.mask(View::contiguous(&self.mask, s).unwrap());
+        }
+        if let Some(s) = &c.bias {
+            o = o.bias(View::contiguous(&self.bias, s).unwrap());
+        }
+        if c.docs {
+            o = o.docs(&self.q_docs, &self.k_docs);
+        }
+        if c.mask_rule {
+            o = o.mask_rule(&EVERY_FIFTH);
+        }
+        if c.score_rule {
+            o = o.score_rule(&WOBBLE);
+        }
+        if let Some(p) = c.dropout {
+            o = o.dropout(p, c.seed ^ 77);
+        }
+        o
+    }
+}
+
+/// Largest absolute difference, with ±∞ required to match exactly.
+pub fn max_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| {
+            if w.is_infinite() || g.is_infinite() {
+                if g as f64 == w {
+                    0.0
+                } else {
+                    f64::INFINITY
+                }
+            } else {
+                (g as f64 - w).abs()
+            }
+        })
+        .fold(0.0, |a: f64, e| if e.is_nan() { f64::INFINITY } else { a.max(e) })
+}
+
+/// The accuracy rule: `max|got − oracle| ≤ factor·max|naive32 − oracle| + floor`, the floor being
+/// a few ulps of the largest finite oracle value.
+pub fn check_rule(
+    what: &str,
+    got: &[f32],
+    naive32: &[f32],
+    oracle: &[f64],
+    factor: f64,
+) -> Result<(), String> {
+    let scale = oracle
+        .iter()
+        .filter(|x| x.is_finite())
+        .fold(1e-3f64, |a, &x| a.max(x.abs()));
+    let floor = 4.0 * f32::EPSILON as f64 * scale;
+    let e = max_err(got, oracle);
+    let e32 = max_err(naive32, oracle);
+    if e <= factor * e32 + floor {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what}: error {e:.3e} > {factor}× naive f32 error {e32:.3e} + floor {floor:.1e}"
+        ))
+    }
+}
+
+/// Runs a case through the kernel on every instruction set this CPU has (forward, and backward
+/// if `grads`) and checks each against the oracle by the accuracy rule.
+pub fn check_case(c: &Case, grads: bool) -> Result<(), String> {
+    let inp = Inputs::new(c);
+    let opts = inp.options(c);
+    let (q, k, v, d_o) = (inp.q.view(), inp.k.view(), inp.v.view(), inp.d_o.view());
+    let s = |e: attentive::AttnError| e.to_string();
+    let ref64 = reference::forward::<f64>(q, k, v, &opts).map_err(s)?;
+    let ref32 = reference::forward::<f32>(q, k, v, &opts).map_err(s)?;
+    // The gradient baseline is FlashAttention-2's backward done naively in f32 from the naive
+    // f32 forward's output and LSE: the kernel computes those same formulas, so this measures
+    // its tiling, SIMD and accumulation, while the oracle stays exact softmax calculus in f64.
+    let grads_ref = if grads {
+        let stats = (&ref32.o[..], &ref32.lse[..]);
+        Some((
+            reference::backward::<f64>(q, k, v, d_o, &opts).map_err(s)?,
+            reference::backward_from_output::<f32>(q, k, v, stats, d_o, &opts).map_err(s)?,
+        ))
+    } else {
+        None
+    };
+    for isa in Isa::all_available() {
+        let opts = opts.isa(isa);
+        let at = |e: String| format!("{isa:?}: {e}");
+        let oshape = [c.b, c.hq, c.nq, c.dv];
+        let mut out = OutBuf::new(oshape, c.layout);
+        let mut lse = vec![f32::NAN; c.b * c.hq * c.nq];
+        attentive::forward(q, k, v, &opts, &mut out.view(), Some(&mut lse)).map_err(s)?;
+        let o = out.row_major();
+        check_rule("O", &o, &ref32.o, &ref64.o, 2.0).map_err(at)?;
+        check_rule("LSE", &lse, &ref32.lse, &ref64.lse, 2.0).map_err(at)?;
+        let Some((g64, g32)) = &grads_ref else { continue };
+        let mut dq = OutBuf::new([c.b, c.hq, c.nq, c.d], c.layout);
+        let mut dk = OutBuf::new([c.b, c.hkv, c.nk, c.d], c.layout);
+        let mut dv = OutBuf::new([c.b, c.hkv, c.nk, c.dv], c.layout);
+        let o_view = View::contiguous(&o, &oshape).unwrap();
+        attentive::backward(
+            q,
+            k,
+            v,
+            o_view,
+            &lse,
+            d_o,
+            &opts,
+            &mut dq.view(),
+            &mut dk.view(),
+            &mut dv.view(),
+        )
+        .map_err(s)?;
+        check_rule("dQ", &dq.row_major(), &g32.dq, &g64.dq, 3.0).map_err(at)?;
+        check_rule("dK", &dk.row_major(), &g32.dk, &g64.dk, 3.0).map_err(at)?;
+        check_rule("dV", &dv.row_major(), &g32.dv, &g64.dv, 3.0).map_err(at)?;
+    }
+    Ok(())
+}
