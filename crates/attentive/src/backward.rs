@@ -133,29 +133,26 @@ pub fn backward(
 
     // D_i = Σ_c dO[i,c]·O[i,c]                                       // (B, Hq, Nq)
     let mut delta = vec![0.0f32; b * hq * nq];
-    delta
-        .par_chunks_mut(nq)
-        .enumerate()
-        .for_each_init(
-            || (vec![0.0f32; dvd], vec![0.0f32; dvd]),
-            |(ro, rd), (bh, dst)| {
-                let (bi, h) = (bh / hq, bh % hq);
-                for (i, x) in dst.iter_mut().enumerate() {
-                    gather_rows(&o, (bi, h), i, 1, ro);
-                    gather_rows(&d_o, (bi, h), i, 1, rd);
-                    // One fused multiply-add chain in column order: the arithmetic the dP GEMM
-                    // does per element, so a row whose output equals one value row (a single
-                    // visible key) gets dP − D = 0 exactly, as the math says.
-                    *x = rd.iter().zip(ro.iter()).fold(0.0, |acc, (&a, &b)| a.mul_add(b, acc));
-                }
-            },
-        );
+    delta.par_chunks_mut(nq).enumerate().for_each_init(
+        || (vec![0.0f32; dvd], vec![0.0f32; dvd]),
+        |(ro, rd), (bh, dst)| {
+            let (bi, h) = (bh / hq, bh % hq);
+            for (i, x) in dst.iter_mut().enumerate() {
+                gather_rows(&o, (bi, h), i, 1, ro);
+                gather_rows(&d_o, (bi, h), i, 1, rd);
+                // One fused multiply-add chain in column order: the arithmetic the dP GEMM
+                // does per element, so a row whose output equals one value row (a single
+                // visible key) gets dP − D = 0 exactly, as the math says.
+                *x = rd
+                    .iter()
+                    .zip(ro.iter())
+                    .fold(0.0, |acc, (&a, &b)| a.mul_add(b, acc));
+            }
+        },
+    );
 
     let tiles = nk.div_ceil(BC);
-    let splits = MIN_TASKS
-        .div_ceil(b * hkv)
-        .clamp(1, MAX_SPLITS)
-        .min(tiles);
+    let splits = MIN_TASKS.div_ceil(b * hkv).clamp(1, MAX_SPLITS).min(tiles);
     let group_len = p.group * nq * d;
     let mut dq_parts = vec![0.0f32; splits * b * hq * nq * d];
     let parts = RawSlice::new(&mut dq_parts);

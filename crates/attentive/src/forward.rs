@@ -245,7 +245,14 @@ pub(crate) fn score_tile(
 
 impl Scratch {
     /// Gathers query rows `i0..i0 + rows` of `(b, h)`, and their transpose when `transposed`.
-    fn load_queries(&mut self, p: &Problem, bh: (usize, usize), i0: usize, rows: usize, transposed: bool) {
+    fn load_queries(
+        &mut self,
+        p: &Problem,
+        bh: (usize, usize),
+        i0: usize,
+        rows: usize,
+        transposed: bool,
+    ) {
         gather_rows(&p.q, bh, i0, rows, &mut self.q);
         if transposed {
             for r in 0..rows {
@@ -425,26 +432,24 @@ pub fn forward(
 fn tiled(p: &Problem, out: RawOut, lse: Option<RawSlice>) {
     let packed = PackedK::new(p);
     let qt = p.nq.div_ceil(BR);
-    (0..p.b * p.hq * qt)
-        .into_par_iter()
-        .for_each_init(
-            || Scratch::new(p),
-            |scr, task| {
-                let (bh, t) = (task / qt, task % qt);
-                let (b, h) = (bh / p.hq, bh % p.hq);
-                let i0 = t * BR;
-                let rows = BR.min(p.nq - i0);
-                attend_rows(p, Some(&packed), (b, h), i0, rows, (0, p.nk), scr);
-                for r in 0..rows {
-                    // SAFETY: task (b, h, t) alone writes rows i0..i0+rows of (b, h).
-                    unsafe { out.write_row(b, h, i0 + r, &scr.o[r * p.dv..(r + 1) * p.dv]) };
-                }
-                if let Some(l) = lse {
-                    // SAFETY: as above, for the LSE entries of those rows.
-                    unsafe { l.write(bh * p.nq + i0, &scr.m[..rows]) };
-                }
-            },
-        );
+    (0..p.b * p.hq * qt).into_par_iter().for_each_init(
+        || Scratch::new(p),
+        |scr, task| {
+            let (bh, t) = (task / qt, task % qt);
+            let (b, h) = (bh / p.hq, bh % p.hq);
+            let i0 = t * BR;
+            let rows = BR.min(p.nq - i0);
+            attend_rows(p, Some(&packed), (b, h), i0, rows, (0, p.nk), scr);
+            for r in 0..rows {
+                // SAFETY: task (b, h, t) alone writes rows i0..i0+rows of (b, h).
+                unsafe { out.write_row(b, h, i0 + r, &scr.o[r * p.dv..(r + 1) * p.dv]) };
+            }
+            if let Some(l) = lse {
+                // SAFETY: as above, for the LSE entries of those rows.
+                unsafe { l.write(bh * p.nq + i0, &scr.m[..rows]) };
+            }
+        },
+    );
 }
 
 fn decode(p: &Problem, out: RawOut, lse: Option<RawSlice>) {
@@ -568,37 +573,34 @@ pub fn probabilities(q: View, k: View, opts: &Options) -> Result<Vec<f32>> {
     )?;
     let mut probs = vec![0.0f32; p.b * p.hq * p.nq * p.nk];
     let qt = p.nq.div_ceil(BR);
-    probs
-        .par_chunks_mut(BR * p.nk)
-        .enumerate()
-        .for_each_init(
-            || Scratch::new(&p),
-            |scr, (task, dst)| {
-                let (bh, t) = (task / qt, task % qt);
-                let (b, h) = (bh / p.hq, bh % p.hq);
-                let i0 = t * BR;
-                let rows = BR.min(p.nq - i0);
-                scr.load_queries(&p, (b, h), i0, rows, true);
-                for j0 in (0..p.nk).step_by(BC) {
-                    let w = BC.min(p.nk - j0);
-                    if !score_tile(&p, None, (b, h), i0, rows, j0, (0, p.nk), scr.tile_bufs()) {
+    probs.par_chunks_mut(BR * p.nk).enumerate().for_each_init(
+        || Scratch::new(&p),
+        |scr, (task, dst)| {
+            let (bh, t) = (task / qt, task % qt);
+            let (b, h) = (bh / p.hq, bh % p.hq);
+            let i0 = t * BR;
+            let rows = BR.min(p.nq - i0);
+            scr.load_queries(&p, (b, h), i0, rows, true);
+            for j0 in (0..p.nk).step_by(BC) {
+                let w = BC.min(p.nk - j0);
+                if !score_tile(&p, None, (b, h), i0, rows, j0, (0, p.nk), scr.tile_bufs()) {
+                    continue;
+                }
+                for r in 0..rows {
+                    let span = scr.spans[r];
+                    let l = lse[bh * p.nq + i0 + r];
+                    if span.is_empty() || l == f32::NEG_INFINITY {
                         continue;
                     }
-                    for r in 0..rows {
-                        let span = scr.spans[r];
-                        let l = lse[bh * p.nq + i0 + r];
-                        if span.is_empty() || l == f32::NEG_INFINITY {
-                            continue;
-                        }
-                        let srow = &mut scr.s[r * BC..r * BC + w];
-                        p.logits((b, h, i0 + r), j0, srow, span, None);
-                        let out = &mut dst[r * p.nk + j0..r * p.nk + j0 + w];
-                        for (x, &s) in out.iter_mut().zip(srow.iter()) {
-                            *x = (s - l).exp();
-                        }
+                    let srow = &mut scr.s[r * BC..r * BC + w];
+                    p.logits((b, h, i0 + r), j0, srow, span, None);
+                    let out = &mut dst[r * p.nk + j0..r * p.nk + j0 + w];
+                    for (x, &s) in out.iter_mut().zip(srow.iter()) {
+                        *x = (s - l).exp();
                     }
                 }
-            },
-        );
+            }
+        },
+    );
     Ok(probs)
 }

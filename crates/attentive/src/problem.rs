@@ -77,7 +77,11 @@ fn nonempty(tensor: &'static str, shape: [usize; 4]) -> Result<()> {
     }
 }
 
-pub(crate) fn expect_shape(tensor: &'static str, got: [usize; 4], expected: [usize; 4]) -> Result<()> {
+pub(crate) fn expect_shape(
+    tensor: &'static str,
+    got: [usize; 4],
+    expected: [usize; 4],
+) -> Result<()> {
     if got == expected {
         Ok(())
     } else {
@@ -213,7 +217,6 @@ impl<'a> Problem<'a> {
         expect_shape(tensor, out.shape(), shape)
     }
 
-
     /// Keys `[lo, hi)` that query `i` may see under the causal and window rules.
     pub fn row_span(&self, i: usize) -> (usize, usize) {
         let i = i as i64;
@@ -270,11 +273,19 @@ impl<'a> Problem<'a> {
     }
 
     fn q_doc(&self, docs: &DocIds, b: usize, i: usize) -> u32 {
-        docs.q[if docs.q.len() == self.nq { i } else { b * self.nq + i }]
+        docs.q[if docs.q.len() == self.nq {
+            i
+        } else {
+            b * self.nq + i
+        }]
     }
 
     fn k_doc(&self, docs: &DocIds, b: usize, j: usize) -> u32 {
-        docs.k[if docs.k.len() == self.nk { j } else { b * self.nk + j }]
+        docs.k[if docs.k.len() == self.nk {
+            j
+        } else {
+            b * self.nk + j
+        }]
     }
 
     /// Summary of the document ids of keys `[j0, j0 + w)` (None without documents).

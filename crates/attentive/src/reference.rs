@@ -291,13 +291,7 @@ pub fn probabilities<T: Real>(q: View, k: View, opts: &Options) -> Result<Vec<T>
 /// then through the score rule and softcap to $ds_{ij}$, and
 /// $dq_i = \text{scale}\sum_j ds_{ij} k_j$, $dk_j = \text{scale}\sum_i ds_{ij} q_i$,
 /// $dv_j = \sum_i P_{ij} Z_{ij}\, dO_i$; key/value gradients sum over each query group.
-pub fn backward<T: Real>(
-    q: View,
-    k: View,
-    v: View,
-    d_o: View,
-    opts: &Options,
-) -> Result<Grads<T>> {
+pub fn backward<T: Real>(q: View, k: View, v: View, d_o: View, opts: &Options) -> Result<Grads<T>> {
     backward_impl(q, k, v, d_o, opts, None)
 }
 

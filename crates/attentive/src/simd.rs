@@ -646,12 +646,20 @@ mod tests {
     fn gemm_matches_naive_on_awkward_sizes() {
         let mut seed = 1u64;
         let mut rnd = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
         for isa in Isa::all_available() {
             let k = table(isa);
-            for &(m, n, kk) in &[(1, 1, 1), (7, 33, 5), (13, 64, 64), (6, 17, 3), (64, 80, 40)] {
+            for &(m, n, kk) in &[
+                (1, 1, 1),
+                (7, 33, 5),
+                (13, 64, 64),
+                (6, 17, 3),
+                (64, 80, 40),
+            ] {
                 for &(trans, acc) in &[(false, false), (true, true)] {
                     let a: Vec<f32> = (0..m * kk).map(|_| rnd()).collect();
                     let b: Vec<f32> = (0..kk * (n + 3)).map(|_| rnd()).collect();

@@ -192,7 +192,8 @@ impl<'a> ViewMut<'a> {
         check_bounds("output", data.len(), shape, strides)?;
         // No two elements alias if, with dimensions sorted by stride, each stride is at least the
         // extent of all smaller ones.
-        let mut dims: Vec<usize> = (0..4).filter(|&k| shape[k] > 1).collect();
+        let empty = shape.contains(&0);
+        let mut dims: Vec<usize> = (0..4).filter(|&k| shape[k] > 1 && !empty).collect();
         dims.sort_by_key(|&k| strides[k]);
         let mut reach = 1usize;
         for &k in &dims {

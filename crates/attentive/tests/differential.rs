@@ -54,7 +54,10 @@ fn every_head_dimension_plain_and_causal() {
 #[test]
 fn decode_over_several_key_chunks() {
     // More keys than one decode chunk (1024), few queries: the split-and-merge path.
-    for (nq, nk, causal) in [(1, 2500, None), (3, 2049, Some(attentive::Causal::BottomRight))] {
+    for (nq, nk, causal) in [
+        (1, 2500, None),
+        (3, 2049, Some(attentive::Causal::BottomRight)),
+    ] {
         let mut c = Case::plain(1, 4, 2, nq, nk, 64);
         c.causal = causal;
         c.window = Some((1500, 0));

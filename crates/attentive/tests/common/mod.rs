@@ -73,7 +73,11 @@ impl Tensor {
                 }
             }
         }
-        Tensor { data, shape, layout }
+        Tensor {
+            data,
+            shape,
+            layout,
+        }
     }
 
     pub fn strides(shape: [usize; 4], layout: Layout) -> [usize; 4] {
@@ -86,7 +90,12 @@ impl Tensor {
     }
 
     pub fn view(&self) -> View<'_> {
-        View::new(&self.data, self.shape, Self::strides(self.shape, self.layout)).unwrap()
+        View::new(
+            &self.data,
+            self.shape,
+            Self::strides(self.shape, self.layout),
+        )
+        .unwrap()
     }
 }
 
@@ -106,7 +115,12 @@ impl OutBuf {
         }
     }
     pub fn view(&mut self) -> ViewMut<'_> {
-        ViewMut::new(&mut self.data, self.shape, Tensor::strides(self.shape, self.layout)).unwrap()
+        ViewMut::new(
+            &mut self.data,
+            self.shape,
+            Tensor::strides(self.shape, self.layout),
+        )
+        .unwrap()
     }
     pub fn row_major(&mut self) -> Vec<f32> {
         let v = self.view();
@@ -275,8 +289,16 @@ impl Inputs {
         // Scaled scores with a standard deviation of about 2 (amp²/3): softmax is neither
         // uniform nor one-hot.
         let amp = 2.5;
-        let q: Vec<f32> = rng.vec(qs.iter().product()).iter().map(|x| x * amp).collect();
-        let k: Vec<f32> = rng.vec(ks.iter().product()).iter().map(|x| x * amp).collect();
+        let q: Vec<f32> = rng
+            .vec(qs.iter().product())
+            .iter()
+            .map(|x| x * amp)
+            .collect();
+        let k: Vec<f32> = rng
+            .vec(ks.iter().product())
+            .iter()
+            .map(|x| x * amp)
+            .collect();
         let v = rng.vec(vs.iter().product());
         let d_o = rng.vec(c.b * c.hq * c.nq * c.dv);
         let mask = c
@@ -377,7 +399,10 @@ pub fn max_err(got: &[f32], want: &[f64]) -> f64 {
                 (g as f64 - w).abs()
             }
         })
-        .fold(0.0, |a: f64, e| if e.is_nan() { f64::INFINITY } else { a.max(e) })
+        .fold(
+            0.0,
+            |a: f64, e| if e.is_nan() { f64::INFINITY } else { a.max(e) },
+        )
 }
 
 /// The accuracy rule: `max|got − oracle| ≤ factor·max|naive32 − oracle| + floor`, the floor being
@@ -436,7 +461,9 @@ pub fn check_case(c: &Case, grads: bool) -> Result<(), String> {
         let o = out.row_major();
         check_rule("O", &o, &ref32.o, &ref64.o, 2.0).map_err(at)?;
         check_rule("LSE", &lse, &ref32.lse, &ref64.lse, 2.0).map_err(at)?;
-        let Some((g64, g32)) = &grads_ref else { continue };
+        let Some((g64, g32)) = &grads_ref else {
+            continue;
+        };
         let mut dq = OutBuf::new([c.b, c.hq, c.nq, c.d], c.layout);
         let mut dk = OutBuf::new([c.b, c.hkv, c.nk, c.d], c.layout);
         let mut dv = OutBuf::new([c.b, c.hkv, c.nk, c.dv], c.layout);
@@ -459,4 +486,15 @@ pub fn check_case(c: &Case, grads: bool) -> Result<(), String> {
         check_rule("dV", &dv.row_major(), &g32.dv, &g64.dv, 3.0).map_err(at)?;
     }
     Ok(())
+}
+
+/// A row-major view of `x` with shape `s`.
+pub fn cv(x: &[f32], s: [usize; 4]) -> View<'_> {
+    View::contiguous(x, &s).unwrap()
+}
+
+/// A view of `rows` rows starting at row `start` of each `[n, d]` head of a row-major
+/// `[1, h, n, d]` tensor.
+pub fn rows_of(x: &[f32], [h, n, d]: [usize; 3], start: usize, rows: usize) -> View<'_> {
+    View::new(&x[start * d..], [1, h, rows, d], [h * n * d, n * d, d, 1]).unwrap()
 }
