@@ -128,8 +128,6 @@ pub(crate) struct Kernels {
     pub exp_sum: unsafe fn(x: *mut f32, n: usize, scale: f32, m: f32) -> f32,
     /// `x[c] ← a·x[c]`.
     pub scale: unsafe fn(x: *mut f32, n: usize, a: f32),
-    /// `Σ_c x[c]·y[c]`.
-    pub dot: unsafe fn(x: *const f32, y: *const f32, n: usize) -> f32,
 }
 
 #[inline(always)]
@@ -232,28 +230,6 @@ unsafe fn gemm_generic<S: Simd>(g: &Gemm) {
 }
 
 #[inline(always)]
-unsafe fn dot_generic<S: Simd>(x: *const f32, y: *const f32, n: usize) -> f32 {
-    let l = S::LANES;
-    let mut acc0 = S::splat(0.0);
-    let mut acc1 = S::splat(0.0);
-    let mut c = 0;
-    while c + 2 * l <= n {
-        acc0 = S::fma(S::load(x.add(c)), S::load(y.add(c)), acc0);
-        acc1 = S::fma(S::load(x.add(c + l)), S::load(y.add(c + l)), acc1);
-        c += 2 * l;
-    }
-    if c + l <= n {
-        acc0 = S::fma(S::load(x.add(c)), S::load(y.add(c)), acc0);
-        c += l;
-    }
-    if c < n {
-        let t = n - c;
-        acc1 = S::fma(S::load_part(x.add(c), t), S::load_part(y.add(c), t), acc1);
-    }
-    S::reduce_add(S::add(acc0, acc1))
-}
-
-#[inline(always)]
 unsafe fn max_generic<S: Simd>(x: *const f32, n: usize) -> f32 {
     let l = S::LANES;
     let mut acc = S::splat(f32::NEG_INFINITY);
@@ -325,17 +301,12 @@ macro_rules! kernel_table {
             }
             $(#[target_feature(enable = $feat)])*
             pub(super) unsafe fn scale(x: *mut f32, n: usize, a: f32) { scale_generic::<$S>(x, n, a) }
-            $(#[target_feature(enable = $feat)])*
-            pub(super) unsafe fn dot(x: *const f32, y: *const f32, n: usize) -> f32 {
-                dot_generic::<$S>(x, y, n)
-            }
         }
         pub(crate) static $name: Kernels = Kernels {
             gemm: wrappers::gemm,
             max: wrappers::max,
             exp_sum: wrappers::exp_sum,
             scale: wrappers::scale,
-            dot: wrappers::dot,
         };
     };
 }

@@ -1,0 +1,397 @@
+//! `attentive`: exact attention on `.npy` files, and benchmarks of the fused kernel.
+
+mod error;
+mod npy;
+
+use attentive::{backward, forward, Causal, Options, View, ViewMut};
+use clap::{Parser, Subcommand, ValueEnum};
+use error::CliError;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "attentive",
+    version,
+    about = "Exact fused attention on the CPU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attention on float32 .npy files laid out [B, H, N, D]: O = softmax(scale·QKᵀ + …)·V,
+    /// and optionally its gradients.
+    Attend(AttendArgs),
+    /// Times the fused kernel on random inputs of a given shape.
+    Bench(BenchArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CausalArg {
+    /// Query i sees keys j ≤ i (PyTorch's is_causal).
+    TopLeft,
+    /// Query i sees keys j ≤ i + Nk − Nq (a decoder with a KV cache).
+    BottomRight,
+}
+
+impl From<CausalArg> for Causal {
+    fn from(c: CausalArg) -> Causal {
+        match c {
+            CausalArg::TopLeft => Causal::TopLeft,
+            CausalArg::BottomRight => Causal::BottomRight,
+        }
+    }
+}
+
+/// Parses "L,R" (either side may be "inf") into a window.
+fn parse_window(s: &str) -> Result<(usize, usize), String> {
+    let side = |x: &str| -> Result<usize, String> {
+        match x.trim() {
+            "inf" => Ok(usize::MAX),
+            t => t
+                .parse()
+                .map_err(|_| format!("'{t}' is not a count of keys or 'inf'")),
+        }
+    };
+    let (l, r) = s
+        .split_once(',')
+        .ok_or("expected L,R (for example 128,0)")?;
+    Ok((side(l)?, side(r)?))
+}
+
+#[derive(clap::Args)]
+struct AttendArgs {
+    /// Queries, [B, Hq, Nq, D].
+    #[arg(long)]
+    q: PathBuf,
+    /// Keys, [B, Hkv, Nk, D]; Hq must be a multiple of Hkv.
+    #[arg(long)]
+    k: PathBuf,
+    /// Values, [B, Hkv, Nk, Dv].
+    #[arg(long)]
+    v: PathBuf,
+    /// Output, [B, Hq, Nq, Dv].
+    #[arg(long)]
+    out: PathBuf,
+    /// Natural-log log-sum-exp of each row, [B, Hq, Nq].
+    #[arg(long)]
+    lse: Option<PathBuf>,
+    /// Score scale (default 1/√D).
+    #[arg(long)]
+    scale: Option<f32>,
+    #[arg(long, value_enum)]
+    causal: Option<CausalArg>,
+    /// Sliding window L,R aligned bottom-right: query i sees keys [i+Nk−Nq−L, i+Nk−Nq+R].
+    #[arg(long, value_parser = parse_window)]
+    window: Option<(usize, usize)>,
+    /// Soft cap c: scores become c·tanh(s/c).
+    #[arg(long)]
+    softcap: Option<f32>,
+    /// ALiBi slopes, float32 [Hq].
+    #[arg(long)]
+    alibi_slopes: Option<PathBuf>,
+    /// Boolean mask (true = attend), broadcastable to [B, Hq, Nq, Nk].
+    #[arg(long)]
+    mask: Option<PathBuf>,
+    /// Additive float32 bias, broadcastable to [B, Hq, Nq, Nk].
+    #[arg(long)]
+    bias: Option<PathBuf>,
+    /// Dropout probability of the attention weights.
+    #[arg(long, requires = "seed")]
+    dropout: Option<f32>,
+    /// Seed of the dropout.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Gradient of the loss with respect to the output, [B, Hq, Nq, Dv]: computes dQ, dK, dV.
+    #[arg(long, requires_all = ["dq", "dk", "dv"])]
+    grad_out: Option<PathBuf>,
+    #[arg(long, requires = "grad_out")]
+    dq: Option<PathBuf>,
+    #[arg(long, requires = "grad_out")]
+    dk: Option<PathBuf>,
+    #[arg(long, requires = "grad_out")]
+    dv: Option<PathBuf>,
+}
+
+fn rank4(what: &str, a: &npy::Array<f32>) -> Result<[usize; 4], CliError> {
+    a.shape.clone().try_into().map_err(|_| CliError::Input {
+        what: what.into(),
+        reason: format!(
+            "expected 4 dimensions [B, H, N, D], got shape {:?}",
+            a.shape
+        ),
+    })
+}
+
+fn attend(a: AttendArgs) -> Result<(), CliError> {
+    let q = npy::read_f32(&a.q)?;
+    let k = npy::read_f32(&a.k)?;
+    let v = npy::read_f32(&a.v)?;
+    let (qs, ks, vs) = (rank4("q", &q)?, rank4("k", &k)?, rank4("v", &v)?);
+    let slopes = a.alibi_slopes.as_deref().map(npy::read_f32).transpose()?;
+    let mask = a.mask.as_deref().map(npy::read_bool).transpose()?;
+    let bias = a.bias.as_deref().map(npy::read_f32).transpose()?;
+    let mut opts = Options::new();
+    opts.scale = a.scale;
+    opts.causal = a.causal.map(Into::into);
+    if let Some((l, r)) = a.window {
+        opts = opts.window(l, r);
+    }
+    opts.softcap = a.softcap;
+    if let Some(s) = &slopes {
+        opts = opts.alibi(&s.data);
+    }
+    if let Some(m) = &mask {
+        opts = opts.mask(View::contiguous(&m.data, &m.shape)?);
+    }
+    if let Some(b) = &bias {
+        opts = opts.bias(View::contiguous(&b.data, &b.shape)?);
+    }
+    if let Some(p) = a.dropout {
+        opts = opts.dropout(p, a.seed.unwrap_or(0));
+    }
+    let (qv, kv, vv) = (
+        View::contiguous(&q.data, &qs)?,
+        View::contiguous(&k.data, &ks)?,
+        View::contiguous(&v.data, &vs)?,
+    );
+    let os = [qs[0], qs[1], qs[2], vs[3]];
+    let mut o = vec![0.0f32; os.iter().product()];
+    let mut lse = vec![0.0f32; qs[0] * qs[1] * qs[2]];
+    forward(
+        qv,
+        kv,
+        vv,
+        &opts,
+        &mut ViewMut::contiguous(&mut o, os)?,
+        Some(&mut lse),
+    )?;
+    if let Some(path) = &a.grad_out {
+        let d_o = npy::read_f32(path)?;
+        let dos = rank4("grad-out", &d_o)?;
+        let mut dq = vec![0.0f32; qs.iter().product()];
+        let mut dk = vec![0.0f32; ks.iter().product()];
+        let mut dv = vec![0.0f32; vs.iter().product()];
+        backward(
+            qv,
+            kv,
+            vv,
+            View::contiguous(&o, &os)?,
+            &lse,
+            View::contiguous(&d_o.data, &dos)?,
+            &opts,
+            &mut ViewMut::contiguous(&mut dq, qs)?,
+            &mut ViewMut::contiguous(&mut dk, ks)?,
+            &mut ViewMut::contiguous(&mut dv, vs)?,
+        )?;
+        // `requires_all` guarantees the three paths.
+        let path = |p: &Option<PathBuf>| p.clone().unwrap_or_default();
+        npy::write_f32(&path(&a.dq), &qs, &dq)?;
+        npy::write_f32(&path(&a.dk), &ks, &dk)?;
+        npy::write_f32(&path(&a.dv), &vs, &dv)?;
+    }
+    npy::write_f32(&a.out, &os, &o)?;
+    if let Some(path) = &a.lse {
+        npy::write_f32(path, &qs[..3], &lse)?;
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    /// Key/value heads (default: --heads).
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    /// Query sequence length.
+    #[arg(long, default_value_t = 2048)]
+    seq: usize,
+    /// Key sequence length (default: --seq).
+    #[arg(long)]
+    kv_seq: Option<usize>,
+    #[arg(long, default_value_t = 64)]
+    dim: usize,
+    #[arg(long, value_enum)]
+    causal: Option<CausalArg>,
+    #[arg(long, value_parser = parse_window)]
+    window: Option<(usize, usize)>,
+    /// Time forward plus backward.
+    #[arg(long)]
+    backward: bool,
+    /// Timed repetitions (default: as many as fit in about two seconds, at least 3).
+    #[arg(long)]
+    iters: Option<usize>,
+    /// Print the result as one JSON object on the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Resident set size now and its high-water mark, in bytes (Linux; 0 elsewhere).
+fn rss() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Query–key pairs that the causal and window rules leave visible, per (batch, head).
+fn visible_pairs(
+    nq: usize,
+    nk: usize,
+    causal: Option<Causal>,
+    window: Option<(usize, usize)>,
+) -> u64 {
+    let off = nk as i64 - nq as i64;
+    (0..nq as i64)
+        .map(|i| {
+            let mut hi = nk as i64;
+            let mut lo = 0i64;
+            match causal {
+                Some(Causal::TopLeft) => hi = hi.min(i + 1),
+                Some(Causal::BottomRight) => hi = hi.min(i + off + 1),
+                None => {}
+            }
+            if let Some((l, r)) = window {
+                if l != usize::MAX {
+                    lo = lo.max(i + off - l as i64);
+                }
+                if r != usize::MAX {
+                    hi = hi.min(i + off + r as i64 + 1);
+                }
+            }
+            (hi.min(nk as i64) - lo.max(0)).max(0) as u64
+        })
+        .sum()
+}
+
+fn bench(a: BenchArgs) -> Result<(), CliError> {
+    let (b, hq, d) = (a.batch, a.heads, a.dim);
+    let hkv = a.kv_heads.unwrap_or(hq);
+    let (nq, nk) = (a.seq, a.kv_seq.unwrap_or(a.seq));
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut fill = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    };
+    let (qs, ks) = ([b, hq, nq, d], [b, hkv, nk, d]);
+    let q = fill(qs.iter().product());
+    let k = fill(ks.iter().product());
+    let v = fill(ks.iter().product());
+    let d_o = fill(qs.iter().product());
+    let mut o = vec![0.0f32; q.len()];
+    let mut lse = vec![0.0f32; b * hq * nq];
+    let (mut dq, mut dk, mut dv) = if a.backward {
+        (
+            vec![0.0f32; q.len()],
+            vec![0.0f32; k.len()],
+            vec![0.0f32; v.len()],
+        )
+    } else {
+        (vec![], vec![], vec![])
+    };
+    let mut opts = Options::new();
+    opts.causal = a.causal.map(Into::into);
+    if let Some((l, r)) = a.window {
+        opts = opts.window(l, r);
+    }
+    let (qv, kv, vv) = (
+        View::contiguous(&q, &qs)?,
+        View::contiguous(&k, &ks)?,
+        View::contiguous(&v, &ks)?,
+    );
+    let (base_rss, _) = rss();
+    let mut run = || -> Result<f64, CliError> {
+        let t = Instant::now();
+        forward(
+            qv,
+            kv,
+            vv,
+            &opts,
+            &mut ViewMut::contiguous(&mut o, qs)?,
+            Some(&mut lse),
+        )?;
+        if a.backward {
+            backward(
+                qv,
+                kv,
+                vv,
+                View::contiguous(&o, &qs)?,
+                &lse,
+                View::contiguous(&d_o, &qs)?,
+                &opts,
+                &mut ViewMut::contiguous(&mut dq, qs)?,
+                &mut ViewMut::contiguous(&mut dk, ks)?,
+                &mut ViewMut::contiguous(&mut dv, ks)?,
+            )?;
+        }
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let first = run()?;
+    let iters = a
+        .iters
+        .unwrap_or_else(|| ((2.0 / first.max(1e-9)) as usize).clamp(3, 1000));
+    let mut times: Vec<f64> = (0..iters).map(|_| run()).collect::<Result<_, _>>()?;
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let (_, peak) = rss();
+    let pairs = visible_pairs(nq, nk, opts.causal, a.window) * (b * hq) as u64;
+    let flops_per_pair = if a.backward { 14 } else { 4 } * d as u64;
+    let gflops = (pairs * flops_per_pair) as f64 / median / 1e9;
+    let mb = |x: u64| x as f64 / (1024.0 * 1024.0);
+    println!(
+        "attention B={b} Hq={hq} Hkv={hkv} Nq={nq} Nk={nk} D={d}{}{}{}: median {:.3} ms over {iters} runs, {gflops:.1} GFLOP/s, peak RSS {:.1} MB ({:.1} MB beyond inputs and outputs), {} threads",
+        a.causal.map_or(String::new(), |c| format!(" causal={}", c.to_possible_value().unwrap().get_name())),
+        a.window.map_or(String::new(), |(l, r)| format!(" window={l},{r}")),
+        if a.backward { " forward+backward" } else { " forward" },
+        median * 1e3,
+        mb(peak),
+        mb(peak.saturating_sub(base_rss)),
+        rayon::current_num_threads(),
+    );
+    if a.json {
+        let j = serde_json::json!({
+            "batch": b, "heads": hq, "kv_heads": hkv, "seq": nq, "kv_seq": nk, "dim": d,
+            "causal": a.causal.map(|c| c.to_possible_value().unwrap().get_name().to_string()),
+            "window": a.window.map(|(l, r)| [l, r]),
+            "backward": a.backward, "threads": rayon::current_num_threads(), "iters": iters,
+            "median_ms": median * 1e3, "min_ms": times[0] * 1e3, "gflops": gflops,
+            "pairs": pairs, "peak_rss_mb": mb(peak), "extra_rss_mb": mb(peak.saturating_sub(base_rss)),
+        });
+        println!("{j}");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Attend(a) => attend(a),
+        Command::Bench(a) => bench(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
