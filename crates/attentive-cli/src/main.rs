@@ -64,6 +64,7 @@ fn parse_window(s: &str) -> Result<(usize, usize), String> {
 }
 
 #[derive(clap::Args)]
+#[command(allow_negative_numbers = true)]
 struct AttendArgs {
     /// Queries, [B, Hq, Nq, D].
     #[arg(long)]

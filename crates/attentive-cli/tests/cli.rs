@@ -1,0 +1,231 @@
+//! The `attentive` binary end to end: .npy in, .npy out, checked against the oracle; and every
+//! bad input reported as an error with a non-zero exit code.
+
+use attentive::{reference, Causal, Options, View};
+use npyz::WriterBuilder;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("attentive-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write<T: npyz::AutoSerialize + Copy>(path: &Path, shape: &[u64], data: &[T]) {
+    let mut w = npyz::WriteOptions::<T>::new()
+        .default_dtype()
+        .shape(shape)
+        .writer(std::io::BufWriter::new(
+            std::fs::File::create(path).unwrap(),
+        ))
+        .begin_nd()
+        .unwrap();
+    w.extend(data.iter().copied()).unwrap();
+    w.finish().unwrap();
+}
+
+fn read(path: &Path) -> (Vec<u64>, Vec<f32>) {
+    let f =
+        npyz::NpyFile::new(std::io::BufReader::new(std::fs::File::open(path).unwrap())).unwrap();
+    (f.shape().to_vec(), f.into_vec().unwrap())
+}
+
+fn attentive(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_attentive"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i as u32 * 2654435761u32) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+        .collect()
+}
+
+#[test]
+fn attend_with_gradients_matches_the_oracle() {
+    let d = dir("ok");
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let (qs, ks) = ([1usize, 4, 5, 8], [1usize, 2, 9, 8]);
+    let (q, k, v) = (values(160, 1), values(144, 2), values(144, 3));
+    let d_o = values(160, 4);
+    let sh = |s: [usize; 4]| s.map(|x| x as u64);
+    write(&d.join("q.npy"), &sh(qs), &q);
+    write(&d.join("k.npy"), &sh(ks), &k);
+    write(&d.join("v.npy"), &sh(ks), &v);
+    write(&d.join("do.npy"), &sh(qs), &d_o);
+    let slopes = attentive::positional::alibi_slopes(4);
+    write(&d.join("slopes.npy"), &[4], &slopes);
+    let (ok, err) = attentive(&[
+        "attend",
+        "--q",
+        &p("q.npy"),
+        "--k",
+        &p("k.npy"),
+        "--v",
+        &p("v.npy"),
+        "--out",
+        &p("o.npy"),
+        "--lse",
+        &p("lse.npy"),
+        "--causal",
+        "bottom-right",
+        "--softcap",
+        "3",
+        "--alibi-slopes",
+        &p("slopes.npy"),
+        "--window",
+        "6,inf",
+        "--grad-out",
+        &p("do.npy"),
+        "--dq",
+        &p("dq.npy"),
+        "--dk",
+        &p("dk.npy"),
+        "--dv",
+        &p("dv.npy"),
+    ]);
+    assert!(ok, "{err}");
+    let opts = Options::new()
+        .causal(Causal::BottomRight)
+        .softcap(3.0)
+        .alibi(&slopes)
+        .window(6, usize::MAX);
+    let (qv, kv, vv) = (
+        View::contiguous(&q, &qs).unwrap(),
+        View::contiguous(&k, &ks).unwrap(),
+        View::contiguous(&v, &ks).unwrap(),
+    );
+    let want = reference::forward::<f64>(qv, kv, vv, &opts).unwrap();
+    let grads = reference::backward::<f64>(qv, kv, vv, View::contiguous(&d_o, &qs).unwrap(), &opts)
+        .unwrap();
+    for (file, shape, expect) in [
+        ("o.npy", vec![1, 4, 5, 8], &want.o),
+        ("lse.npy", vec![1, 4, 5], &want.lse),
+        ("dq.npy", vec![1, 4, 5, 8], &grads.dq),
+        ("dk.npy", vec![1, 2, 9, 8], &grads.dk),
+        ("dv.npy", vec![1, 2, 9, 8], &grads.dv),
+    ] {
+        let (s, got) = read(&d.join(file));
+        assert_eq!(s, shape, "{file}");
+        for (g, w) in got.iter().zip(expect.iter()) {
+            assert!((*g as f64 - w).abs() < 1e-5, "{file}: {g} vs {w}");
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let d = dir("bad");
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let s = [1u64, 2, 3, 4];
+    write(&d.join("q.npy"), &s, &values(24, 5));
+    write(&d.join("q64.npy"), &s, &vec![0.5f64; 24]);
+    write(&d.join("q3.npy"), &[2, 3, 4], &values(24, 6));
+    write(&d.join("mask.npy"), &[2, 2], &[true, false, true, true]);
+    std::fs::write(
+        d.join("junk.npy"),
+        b"\x93NUMPY\x01\x00garbage that is not a header",
+    )
+    .unwrap();
+    std::fs::write(d.join("empty.npy"), b"").unwrap();
+    let base = |q: &str| {
+        vec![
+            "attend".to_string(),
+            "--q".into(),
+            p(q),
+            "--k".into(),
+            p("q.npy"),
+            "--v".into(),
+            p("q.npy"),
+            "--out".into(),
+            p("o.npy"),
+        ]
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (base("missing.npy"), "missing.npy"),
+        (base("junk.npy"), "junk.npy"),
+        (base("empty.npy"), "empty.npy"),
+        (base("q64.npy"), "float32"),
+        (base("q3.npy"), "4 dimensions"),
+        (
+            [base("q.npy"), vec!["--scale".into(), "-1".into()]].concat(),
+            "scale",
+        ),
+        (
+            [base("q.npy"), vec!["--scale".into(), "inf".into()]].concat(),
+            "scale",
+        ),
+        (
+            [base("q.npy"), vec!["--softcap".into(), "0".into()]].concat(),
+            "softcap",
+        ),
+        (
+            [
+                base("q.npy"),
+                vec![
+                    "--dropout".into(),
+                    "1.5".into(),
+                    "--seed".into(),
+                    "3".into(),
+                ],
+            ]
+            .concat(),
+            "dropout",
+        ),
+        (
+            [base("q.npy"), vec!["--mask".into(), p("mask.npy")]].concat(),
+            "broadcast",
+        ),
+        (
+            [base("q.npy"), vec!["--window".into(), "3".into()]].concat(),
+            "L,R",
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, err) = attentive(&args);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(
+            err.contains(needle),
+            "{args:?}: stderr {err:?} lacks {needle:?}"
+        );
+    }
+}
+
+#[test]
+fn bench_prints_json() {
+    let out = Command::new(env!("CARGO_BIN_EXE_attentive"))
+        .args([
+            "bench",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--seq",
+            "100",
+            "--dim",
+            "40",
+            "--causal",
+            "top-left",
+            "--backward",
+            "--iters",
+            "3",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let j: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert!(j["median_ms"].as_f64().unwrap() > 0.0);
+    assert!(j["gflops"].as_f64().unwrap() > 0.0);
+    assert!(j["peak_rss_mb"].as_f64().unwrap() > 0.0);
+    assert_eq!(j["pairs"].as_u64().unwrap(), 2 * 100 * 101 / 2);
+}
