@@ -520,6 +520,9 @@ pub fn merge(acc_o: &mut [f32], acc_lse: &mut [f32], o: &[f32], lse: &[f32]) -> 
             got: lse.len(),
         });
     }
+    if rows == 0 && acc_o.is_empty() && o.is_empty() {
+        return Ok(());
+    }
     if rows == 0 || acc_o.len() % rows != 0 || o.len() != acc_o.len() {
         return Err(AttnError::LengthMismatch {
             tensor: "o",
