@@ -355,3 +355,36 @@ fn oracle_gradients_match_finite_differences() {
     c.mask = Some(vec![5, 7]);
     finite_difference_check("score rule + mask", &c);
 }
+
+#[test]
+fn merging_attention_over_two_key_halves_equals_attention_over_all() {
+    let (h, nq, nk, d) = (3, 70, 150, 32);
+    let mut rng = Rng::new(21);
+    let q = rng.vec(h * nq * d);
+    let k = rng.vec(h * nk * d);
+    let v = rng.vec(h * nk * d);
+    let hnd = [h, nk, d];
+    let opts = Options::new();
+    let (o_all, l_all) = fwd(
+        cv(&q, [1, h, nq, d]),
+        cv(&k, [1, h, nk, d]),
+        cv(&v, [1, h, nk, d]),
+        &opts,
+    );
+    let qv = cv(&q, [1, h, nq, d]);
+    let (mut o, mut l) = fwd(qv, rows_of(&k, hnd, 0, 60), rows_of(&v, hnd, 0, 60), &opts);
+    let (o2, l2) = fwd(
+        qv,
+        rows_of(&k, hnd, 60, 90),
+        rows_of(&v, hnd, 60, 90),
+        &opts,
+    );
+    attentive::merge(&mut o, &mut l, &o2, &l2).unwrap();
+    assert!(close(&o, &o_all, 1e-6) && close(&l, &l_all, 2e-6));
+    // A part that saw no key (LSE −∞) changes nothing.
+    let (o_before, l_before) = (o.clone(), l.clone());
+    let (junk_o, none_l) = (vec![5.0; o.len()], vec![f32::NEG_INFINITY; l.len()]);
+    attentive::merge(&mut o, &mut l, &junk_o, &none_l).unwrap();
+    assert_eq!((o, l), (o_before, l_before));
+    assert!(attentive::merge(&mut [0.0; 4], &mut [0.0; 2], &[0.0; 4], &[0.0; 3]).is_err());
+}
