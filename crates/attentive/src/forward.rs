@@ -46,7 +46,8 @@ pub(crate) struct Scratch {
     pub o: Vec<f32>,
     pub m: Vec<f32>,
     pub l: Vec<f32>,
-    pub kt: Vec<f32>,
+    /// K rows gathered when K's feature stride is not 1.
+    pub kbuf: Vec<f32>,
     pub vt: Vec<f32>,
     pub qt: Vec<f32>,
     pub st: Vec<f32>,
@@ -61,7 +62,7 @@ impl Scratch {
             o: vec![0.0; BR * p.dv],
             m: vec![0.0; BR],
             l: vec![0.0; BR],
-            kt: vec![0.0; BC * p.d],
+            kbuf: vec![0.0; BC * p.d],
             vt: vec![0.0; BC * p.dv],
             qt: vec![0.0; p.d * BR],
             st: vec![0.0; BC * BR],
@@ -269,7 +270,7 @@ impl Scratch {
             s: &mut self.s,
             spans: &mut self.spans,
             qt: &self.qt,
-            kbuf: &mut self.kt,
+            kbuf: &mut self.kbuf,
             st: &mut self.st,
         }
     }
@@ -523,7 +524,7 @@ pub fn merge(acc_o: &mut [f32], acc_lse: &mut [f32], o: &[f32], lse: &[f32]) -> 
     if rows == 0 && acc_o.is_empty() && o.is_empty() {
         return Ok(());
     }
-    if rows == 0 || acc_o.len() % rows != 0 || o.len() != acc_o.len() {
+    if rows == 0 || !acc_o.len().is_multiple_of(rows) || o.len() != acc_o.len() {
         return Err(AttnError::LengthMismatch {
             tensor: "o",
             expected: acc_o.len(),

@@ -321,6 +321,9 @@ impl RawSlice {
     ///
     /// # Safety
     /// No other thread may touch that range while the borrow lives.
+    // A shared handle that hands out disjoint mutable ranges is this type's purpose; the
+    // disjointness is the caller's obligation, stated under Safety.
+    #[allow(clippy::mut_from_ref)]
     #[inline]
     pub(crate) unsafe fn slice_mut(&self, start: usize, len: usize) -> &mut [f32] {
         assert!(start + len <= self.len);
