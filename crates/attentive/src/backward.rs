@@ -224,9 +224,10 @@ fn key_tile(
     for hl in 0..p.group {
         let h = kvh * p.group + hl;
         let bh = b * p.hq + h;
-        let mut i0 = ilo;
-        while i0 < ihi {
-            let rows = BR.min(ihi - i0);
+        for (qt, blk) in p.query_tiles((b, h), j0 / BC, (ilo, ihi)) {
+            // The rows of query tile qt inside the band that sees this key tile.
+            let i0 = (qt * BR).max(ilo);
+            let rows = ((qt + 1) * BR).min(ihi) - i0;
             gather_rows(&p.q, (b, h), i0, rows, &mut scr.q);
             let bufs = TileBufs {
                 q: &scr.q,
@@ -245,9 +246,9 @@ fn key_tile(
                 rows,
                 j0,
                 (0, p.nk),
+                blk,
                 bufs,
             ) {
-                i0 += rows;
                 continue;
             }
             gather_rows(d_o, (b, h), i0, rows, &mut scr.d_o);
@@ -374,7 +375,6 @@ fn key_tile(
                     accumulate: true,
                 });
             }
-            i0 += rows;
         }
     }
     for c in 0..w {

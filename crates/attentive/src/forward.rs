@@ -19,6 +19,7 @@
 //! `DECODE_CHUNK` processed in parallel, each giving a partial (O, LSE), and the partials are
 //! combined with [`merge`], the same function sequence-parallel and ring attention need.
 
+use crate::blocks::Block;
 use crate::error::{AttnError, Result};
 use crate::options::Options;
 use crate::problem::{Problem, Span};
@@ -172,7 +173,8 @@ pub(crate) struct TileBufs<'s> {
 
 /// Computes raw scores `S[r][c] = q_{i0+r}·k_{j0+c}` of one tile (row stride `BC`) and each row's
 /// span. Returns false, computing nothing, when every row's span is empty. `kt` is the tile of
-/// packed Kᵀ (`D × BC`) when there is one; otherwise K's rows are read directly.
+/// packed Kᵀ (`D × BC`) when there is one; otherwise K's rows are read directly. `blk` is the
+/// tile's block-mask entry (rows `i0..i0 + rows` lie in one query tile).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn score_tile(
     p: &Problem,
@@ -182,13 +184,14 @@ pub(crate) fn score_tile(
     rows: usize,
     j0: usize,
     keys: (usize, usize),
+    blk: Block,
     t: TileBufs,
 ) -> bool {
     let w = BC.min(p.nk - j0);
     let td = p.tile_docs(b, j0, w);
     let mut any = false;
     for r in 0..rows {
-        let span = p.span(b, i0 + r, j0, w, keys, td.as_ref());
+        let span = p.span(b, i0 + r, j0, w, keys, td.as_ref(), blk.row(i0 + r));
         any |= !span.is_empty();
         t.spans[r] = span;
     }
@@ -304,12 +307,11 @@ pub(crate) fn attend_rows(
         }
     }
     let mods = p.has_mods();
-    let mut j0 = lo / BC * BC;
-    while j0 < hi {
+    for (kt, blk) in p.key_tiles((b, h), i0 / BR, (lo, hi)) {
+        let j0 = kt * BC;
         let w = BC.min(p.nk - j0);
         let kt = packed.map(|pk| pk.tile(b, kvh, p.hkv, j0));
-        if !score_tile(p, kt, (b, h), i0, rows, j0, keys, scr.tile_bufs()) {
-            j0 += BC;
+        if !score_tile(p, kt, (b, h), i0, rows, j0, keys, blk, scr.tile_bufs()) {
             continue;
         }
         for r in 0..rows {
@@ -366,7 +368,6 @@ pub(crate) fn attend_rows(
                 accumulate: true,
             })
         };
-        j0 += BC;
     }
     for r in 0..rows {
         let l = scr.l[r];
@@ -587,7 +588,11 @@ pub fn probabilities(q: View, k: View, opts: &Options) -> Result<Vec<f32>> {
             scr.load_queries(&p, (b, h), i0, rows, true);
             for j0 in (0..p.nk).step_by(BC) {
                 let w = BC.min(p.nk - j0);
-                if !score_tile(&p, None, (b, h), i0, rows, j0, (0, p.nk), scr.tile_bufs()) {
+                let Some(blk) = p.block((b, h), t, j0 / BC) else {
+                    continue;
+                };
+                let bufs = scr.tile_bufs();
+                if !score_tile(&p, None, (b, h), i0, rows, j0, (0, p.nk), blk, bufs) {
                     continue;
                 }
                 for r in 0..rows {

@@ -31,10 +31,12 @@
 //! ```
 
 mod backward;
+pub mod blocks;
 mod dropout;
 mod error;
 mod forward;
 mod options;
+pub mod pattern;
 pub mod positional;
 mod problem;
 pub mod reference;
@@ -42,9 +44,11 @@ mod simd;
 mod view;
 
 pub use backward::backward;
+pub use blocks::{BlockCounts, BlockMask};
 pub use dropout::Dropout;
 pub use error::{AttnError, Result};
 pub use forward::{forward, merge, probabilities};
 pub use options::{Causal, DocIds, MaskRule, Options, Pos, ScoreRule, Window};
+pub use pattern::{Pattern, PatternError};
 pub use simd::Isa;
 pub use view::{contiguous_strides, View, ViewMut};

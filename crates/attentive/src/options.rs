@@ -6,13 +6,16 @@
 //! 2. softcap: $s \leftarrow c\tanh(s/c)$;
 //! 3. biases: ALiBi $-m_h\,|i + N_k - N_q - j|$, then the dense bias $B[b,h,i,j]$;
 //! 4. the user's [`ScoreRule`] $s \leftarrow f(s, b, h, i, j)$;
-//! 5. masks (causal, window, documents, dense boolean mask, the user's [`MaskRule`]): a masked
-//!    pair gets $-\infty$;
+//! 5. masks (causal, window, documents, dense boolean mask, a [`Pattern`], the user's
+//!    [`MaskRule`], a prebuilt [`BlockMask`]): a masked pair gets $-\infty$; the mask is their
+//!    intersection;
 //! 6. softmax over $j$, then dropout of the weights, then the weighted sum of values.
 //!
 //! A row whose keys are all masked gives output 0, log-sum-exp $-\infty$ and zero gradients.
 
+use crate::blocks::BlockMask;
 use crate::dropout::Dropout;
+use crate::pattern::Pattern;
 use crate::simd::Isa;
 use crate::view::View;
 
@@ -44,6 +47,10 @@ pub struct Pos {
 }
 
 /// A user-defined mask: which (batch, head, query, key) pairs may attend.
+///
+/// The kernels never call a rule pair by pair while they attend: the rule is first tabulated into
+/// a [`BlockMask`] (per call with [`Options::mask_rule`], or once with [`BlockMask::from_rule`]),
+/// so a closure runs as fast as a built-in [`Pattern`].
 ///
 /// Any `Fn(Pos) -> bool + Sync` is a mask rule:
 /// ```
@@ -124,7 +131,11 @@ pub struct Options<'a> {
     /// Additive bias, broadcastable to `[B, Hq, Nq, Nk]`. May hold −∞ (a float mask).
     pub bias: Option<View<'a, f32>>,
     pub docs: Option<DocIds<'a>>,
+    /// A structured pattern (sliding window, sparse, global, …), built into a [`BlockMask`] per call.
+    pub pattern: Option<&'a Pattern>,
     pub mask_rule: Option<&'a dyn MaskRule>,
+    /// A prebuilt table; instead of `pattern` and `mask_rule`, not with them.
+    pub block_mask: Option<&'a BlockMask>,
     pub score_rule: Option<&'a dyn ScoreRule>,
     pub dropout: Option<Dropout>,
     /// Forces an instruction set (tests and benchmarks); `None` picks the fastest available.
@@ -165,6 +176,14 @@ impl<'a> Options<'a> {
     }
     pub fn docs(mut self, q: &'a [u32], k: &'a [u32]) -> Self {
         self.docs = Some(DocIds { q, k });
+        self
+    }
+    pub fn pattern(mut self, p: &'a Pattern) -> Self {
+        self.pattern = Some(p);
+        self
+    }
+    pub fn block_mask(mut self, m: &'a BlockMask) -> Self {
+        self.block_mask = Some(m);
         self
     }
     pub fn mask_rule(mut self, r: &'a dyn MaskRule) -> Self {

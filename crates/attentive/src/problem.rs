@@ -3,20 +3,25 @@
 //! Everything a kernel needs to know about masks and score modifiers is answered here, so the
 //! forward, backward and decode kernels share one implementation of each rule.
 
+use crate::blocks::{Block, BlockMask, Entry};
 use crate::dropout::Dropout;
 use crate::error::{AttnError, Result};
-use crate::options::{Causal, DocIds, MaskRule, Options, Pos, ScoreRule, Window};
+use crate::forward::{BC, BR};
+use crate::options::{Causal, DocIds, Options, Pos, ScoreRule, Window};
+use crate::pattern::{ones, Compiled};
 use crate::simd::{Isa, Kernels};
 use crate::view::{View, ViewMut};
+use std::borrow::Cow;
 
-/// The part of a key tile one query row may see: columns `[a, b)` after causal, window and range
-/// limits. `exact` is false when a per-element rule (documents, dense mask, user rule) must still
-/// be evaluated inside the span.
+/// The part of a key tile one query row may see: columns `[a, b)` after causal, window, range and
+/// block-mask limits. `exact` is false when some column inside the span is masked: by `bits`
+/// (bit `c` for column `c`) or by a per-element rule (documents, dense mask).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Span {
     pub a: usize,
     pub b: usize,
     pub exact: bool,
+    pub bits: u64,
 }
 
 impl Span {
@@ -24,6 +29,7 @@ impl Span {
         a: 0,
         b: 0,
         exact: true,
+        bits: 0,
     };
     pub fn is_empty(&self) -> bool {
         self.a >= self.b
@@ -60,7 +66,8 @@ pub(crate) struct Problem<'a> {
     mask: Option<View<'a, bool>>,
     bias: Option<View<'a>>,
     docs: Option<DocIds<'a>>,
-    mask_rule: Option<&'a dyn MaskRule>,
+    /// The pattern, user mask rule or prebuilt table, tabulated per tile.
+    blocks: Option<Cow<'a, BlockMask>>,
     score_rule: Option<&'a dyn ScoreRule>,
     pub dropout: Option<Dropout>,
     pub kern: &'static Kernels,
@@ -183,6 +190,36 @@ impl<'a> Problem<'a> {
                 });
             }
         }
+        let blocks = match (opts.block_mask, opts.pattern, opts.mask_rule) {
+            (Some(m), None, None) => {
+                m.check(b, hq, nq, nk)?;
+                Some(Cow::Borrowed(m))
+            }
+            (Some(_), _, _) => {
+                return Err(AttnError::InvalidOption {
+                    option: "block_mask",
+                    value: f64::NAN,
+                    reason: "give a block mask or the pattern and mask rule to build one, not both",
+                })
+            }
+            (None, None, None) => None,
+            (None, pattern, rule) => {
+                let mut parts = Vec::new();
+                if let Some(pat) = pattern {
+                    pat.validate()?;
+                    parts.push(Compiled::new(pat, nk));
+                }
+                if let Some(r) = rule {
+                    parts.push(Compiled::User(r));
+                }
+                let rule = if parts.len() == 1 {
+                    parts.pop().expect("one part")
+                } else {
+                    Compiled::All(parts)
+                };
+                Some(Cow::Owned(BlockMask::build(&rule, b, hq, nq, nk)))
+            }
+        };
         let kern = opts.isa.unwrap_or_else(Isa::best).kernels()?;
         Ok(Self {
             b,
@@ -205,7 +242,7 @@ impl<'a> Problem<'a> {
             mask,
             bias,
             docs: opts.docs,
-            mask_rule: opts.mask_rule,
+            blocks,
             score_rule: opts.score_rule,
             dropout: opts.dropout.filter(|d| d.p > 0.0),
             kern,
@@ -305,7 +342,8 @@ impl<'a> Problem<'a> {
     }
 
     /// What query `i` of batch `b` sees of the key tile `[j0, j0 + w)`, restricted to keys
-    /// `[key_lo, key_hi)`.
+    /// `[key_lo, key_hi)`; `row_bits` are the row's block-mask bits in a partial tile.
+    #[allow(clippy::too_many_arguments)]
     pub fn span(
         &self,
         b: usize,
@@ -314,6 +352,7 @@ impl<'a> Problem<'a> {
         w: usize,
         (key_lo, key_hi): (usize, usize),
         tile_docs: Option<&TileDocs>,
+        row_bits: Option<u64>,
     ) -> Span {
         let (lo, hi) = self.row_span(i);
         let lo = lo.max(key_lo).max(j0);
@@ -321,7 +360,18 @@ impl<'a> Problem<'a> {
         if lo >= hi {
             return Span::EMPTY;
         }
-        let mut exact = self.mask.is_none() && self.mask_rule.is_none();
+        let (mut a, mut e) = (lo - j0, hi - j0);
+        let mut bits = ones(e as u32) & !ones(a as u32);
+        let mut exact = self.mask.is_none();
+        if let Some(rb) = row_bits {
+            bits &= rb;
+            if bits == 0 {
+                return Span::EMPTY;
+            }
+            a = bits.trailing_zeros() as usize;
+            e = 64 - bits.leading_zeros() as usize;
+            exact &= bits == ones(e as u32) & !ones(a as u32);
+        }
         if let (Some(docs), Some(td)) = (self.docs.as_ref(), tile_docs) {
             let qd = self.q_doc(docs, b, i);
             if qd < td.min || qd > td.max {
@@ -330,13 +380,50 @@ impl<'a> Problem<'a> {
             exact &= td.uniform;
         }
         Span {
-            a: lo - j0,
-            b: hi - j0,
+            a,
+            b: e,
             exact,
+            bits,
         }
     }
 
-    /// Whether the per-element rules (documents, dense mask, user rule) let `(b, h, i, j)` attend.
+    /// Non-empty key tiles `(j0, block)` of query tile `qt` of `(b, h)` that meet keys `[lo, hi)`.
+    pub fn key_tiles(
+        &self,
+        (b, h): (usize, usize),
+        qt: usize,
+        (lo, hi): (usize, usize),
+    ) -> TileIter<'_> {
+        let (t0, t1) = (lo / BC, hi.div_ceil(BC));
+        match self.blocks.as_deref() {
+            None => TileIter::Dense(t0..t1.max(t0)),
+            Some(m) => TileIter::Table(m, m.row_tiles(b, h, qt).iter(), (t0, t1)),
+        }
+    }
+
+    /// Query tiles `(qt, block)` of `(b, h)` that see key tile `kt` and meet queries `[lo, hi)`.
+    pub fn query_tiles(
+        &self,
+        (b, h): (usize, usize),
+        kt: usize,
+        (lo, hi): (usize, usize),
+    ) -> TileIter<'_> {
+        let (t0, t1) = (lo / BR, hi.div_ceil(BR));
+        match self.blocks.as_deref() {
+            None => TileIter::Dense(t0..t1.max(t0)),
+            Some(m) => TileIter::Table(m, m.col_tiles(b, h, kt).iter(), (t0, t1)),
+        }
+    }
+
+    /// The block of tile `(qt, kt)`; `None` when the table says it is empty.
+    pub fn block(&self, (b, h): (usize, usize), qt: usize, kt: usize) -> Option<Block<'_>> {
+        match self.blocks.as_deref() {
+            None => Some(Block::Full),
+            Some(m) => m.find(b, h, qt, kt),
+        }
+    }
+
+    /// Whether the per-element rules (documents, dense mask) let `(b, h, i, j)` attend.
     #[inline]
     fn visible(&self, b: usize, h: usize, i: usize, j: usize) -> bool {
         if let Some(docs) = self.docs.as_ref() {
@@ -346,11 +433,6 @@ impl<'a> Problem<'a> {
         }
         if let Some(m) = self.mask.as_ref() {
             if !m.data()[m.offset(b, h, i, j)] {
-                return false;
-            }
-        }
-        if let Some(r) = self.mask_rule {
-            if !r.visible(Pos { b, h, i, j }) {
                 return false;
             }
         }
@@ -422,8 +504,11 @@ impl<'a> Problem<'a> {
             }
         }
         if !span.exact {
+            let per_element = self.docs.is_some() || self.mask.is_some();
             for (c, s) in x.iter_mut().enumerate() {
-                if !self.visible(b, h, i, j0 + a + c) {
+                if span.bits >> (a + c) & 1 == 0
+                    || (per_element && !self.visible(b, h, i, j0 + a + c))
+                {
                     *s = f32::NEG_INFINITY;
                 }
             }
@@ -443,6 +528,32 @@ impl<'a> Problem<'a> {
                     0.0
                 };
             }
+        }
+    }
+}
+
+/// The tiles a kernel walks: every tile of a range, or the non-empty ones of a block mask.
+pub(crate) enum TileIter<'m> {
+    Dense(std::ops::Range<usize>),
+    Table(&'m BlockMask, std::slice::Iter<'m, Entry>, (usize, usize)),
+}
+
+impl<'m> Iterator for TileIter<'m> {
+    /// The tile's index along the walked axis and its block.
+    type Item = (usize, Block<'m>);
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            TileIter::Dense(r) => r.next().map(|t| (t, Block::Full)),
+            TileIter::Table(m, it, (t0, t1)) => loop {
+                let e = it.next()?;
+                let t = e.tile as usize;
+                if t >= *t1 {
+                    return None;
+                }
+                if t >= *t0 {
+                    return Some((t, m.block(*e)));
+                }
+            },
         }
     }
 }

@@ -174,7 +174,12 @@ impl<'a> Oracle<'_, 'a> {
             .opts
             .mask_rule
             .is_none_or(|r| r.visible(Pos { b, h, i, j }));
-        causal_ok && window_ok && docs_ok && mask_ok && rule_ok
+        let pattern_ok = self
+            .opts
+            .pattern
+            .is_none_or(|p| p.visible_at(nq, nk, Pos { b, h, i, j }));
+        let table_ok = self.opts.block_mask.is_none_or(|m| m.visible(b, h, i, j));
+        causal_ok && window_ok && docs_ok && mask_ok && rule_ok && pattern_ok && table_ok
     }
 
     fn logit<T: Real>(&self, b: usize, h: usize, i: usize, j: usize) -> Logit<T> {

@@ -2,7 +2,9 @@
 //! layouts, and the accuracy rule of FlashAttention's tests.
 #![allow(dead_code)]
 
-use attentive::{reference, Causal, Isa, Options, Pos, ScoreRule, View, ViewMut};
+use attentive::{
+    reference, BlockMask, Causal, Isa, Options, Pattern, Pos, ScoreRule, View, ViewMut,
+};
 
 pub struct Rng(u64);
 
@@ -176,6 +178,9 @@ pub struct Case {
     pub mask_rule: bool,
     pub score_rule: bool,
     pub dropout: Option<f32>,
+    pub pattern: Option<Pattern>,
+    /// Pass the pattern as a prebuilt [`BlockMask`] rather than building it per call.
+    pub prebuilt: bool,
     pub seed: u64,
 }
 
@@ -201,6 +206,8 @@ impl Case {
             mask_rule: false,
             score_rule: false,
             dropout: None,
+            pattern: None,
+            prebuilt: false,
             seed: 1,
         }
     }
@@ -261,6 +268,10 @@ impl Case {
         if rng.chance(0.15) {
             c.dropout = Some(rng.pick(&[0.1, 0.5]));
         }
+        if rng.chance(0.3) {
+            c.pattern = Some(random_pattern(rng, c.nk));
+            c.prebuilt = rng.chance(0.3);
+        }
         c
     }
 }
@@ -276,6 +287,10 @@ pub struct Inputs {
     pub q_docs: Vec<u32>,
     pub k_docs: Vec<u32>,
     pub slopes: Vec<f32>,
+    /// With a pattern: the dense mask `[B, Hq, Nq, Nk]` of the pattern's paper rule and the
+    /// case's own mask, which the oracle gets instead of the pattern.
+    pub pattern_mask: Vec<bool>,
+    pub blocks: Option<BlockMask>,
 }
 
 impl Inputs {
@@ -301,7 +316,7 @@ impl Inputs {
             .collect();
         let v = rng.vec(vs.iter().product());
         let d_o = rng.vec(c.b * c.hq * c.nq * c.dv);
-        let mask = c
+        let mask: Vec<bool> = c
             .mask
             .as_ref()
             .map(|s| (0..s.iter().product()).map(|_| rng.chance(0.7)).collect())
@@ -337,6 +352,28 @@ impl Inputs {
         };
         let q_docs = docs(c.nq, &mut rng);
         let k_docs = docs(c.nk, &mut rng);
+        let mut pattern_mask = Vec::new();
+        if let Some(p) = &c.pattern {
+            let own = c.mask.as_ref().map(|s| View::contiguous(&mask, s).unwrap());
+            for b in 0..c.b {
+                for h in 0..c.hq {
+                    for i in 0..c.nq {
+                        for j in 0..c.nk {
+                            let own_ok = own.as_ref().is_none_or(|m| {
+                                m.broadcast_to("mask", [c.b, c.hq, c.nq, c.nk])
+                                    .unwrap()
+                                    .at(b, h, i, j)
+                            });
+                            pattern_mask.push(own_ok && paper_visible(p, c.nq, c.nk, b, h, i, j));
+                        }
+                    }
+                }
+            }
+        }
+        let blocks = match (&c.pattern, c.prebuilt) {
+            (Some(p), true) => Some(BlockMask::new(p, c.b, c.hq, c.nq, c.nk).unwrap()),
+            _ => None,
+        };
         Inputs {
             q: Tensor::new(&q, qs, c.layout),
             k: Tensor::new(&k, ks, c.layout),
@@ -347,6 +384,8 @@ impl Inputs {
             q_docs,
             k_docs,
             slopes: attentive::positional::alibi_slopes(c.hq),
+            pattern_mask,
+            blocks,
         }
     }
 
@@ -373,6 +412,14 @@ impl Inputs {
         if c.mask_rule {
             o = o.mask_rule(&EVERY_FIFTH);
         }
+        match (&c.pattern, &self.blocks) {
+            (Some(_), Some(m)) => {
+                o.mask_rule = None;
+                o = o.block_mask(m);
+            }
+            (Some(p), None) => o = o.pattern(p),
+            _ => {}
+        }
         if c.score_rule {
             o = o.score_rule(&WOBBLE);
         }
@@ -380,6 +427,158 @@ impl Inputs {
             o = o.dropout(p, c.seed ^ 77);
         }
         o
+    }
+
+    /// The options the oracle runs with: the pattern (or its block mask) replaced by the dense
+    /// mask of its paper rule.
+    pub fn oracle_options<'a>(&'a self, c: &'a Case) -> Options<'a> {
+        let mut o = self.options(c);
+        if c.pattern.is_some() {
+            o.pattern = None;
+            o.block_mask = None;
+            if c.prebuilt {
+                o.mask_rule = None;
+            }
+            let shape = [c.b, c.hq, c.nq, c.nk];
+            o.mask = Some(View::contiguous(&self.pattern_mask, &shape).unwrap());
+        }
+        o
+    }
+}
+
+/// A random pattern for `nk` keys, parameters drawn around the sequence length.
+pub fn random_pattern(rng: &mut Rng, nk: usize) -> Pattern {
+    let small = |rng: &mut Rng| rng.pick(&[1usize, 2, 3, 7, 16, 64, 65]);
+    let leaf = |rng: &mut Rng| match rng.below(10) {
+        0 => Pattern::Causal,
+        1 => Pattern::Window {
+            left: small(rng),
+            right: rng.pick(&[0, 5, usize::MAX]),
+        },
+        2 => Pattern::Dilated {
+            window: small(rng),
+            dilation: rng.pick(&[1, 2, 3, 8]),
+        },
+        3 => Pattern::Strided { stride: small(rng) },
+        4 => {
+            let block = small(rng).max(2);
+            Pattern::Fixed {
+                block,
+                summary: 1 + rng.below(block),
+            }
+        }
+        5 => Pattern::Longformer {
+            window: small(rng),
+            global: {
+                let mut g: Vec<usize> = (0..rng.below(4)).map(|_| rng.below(nk + 2)).collect();
+                g.sort_unstable();
+                g.dedup();
+                g
+            },
+        },
+        6 => Pattern::BigBird {
+            block: rng.pick(&[1, 4, 16, 64]),
+            random: rng.below(4),
+            seed: rng.next_u64(),
+        },
+        7 => Pattern::Prefix {
+            len: rng.below(nk + 1),
+        },
+        8 => Pattern::Sink {
+            sinks: rng.below(5),
+            window: small(rng),
+        },
+        _ => Pattern::rule(|p: Pos| (p.i * 3 + p.j * 5 + p.h) % 7 != 0),
+    };
+    match rng.below(5) {
+        0 => leaf(rng) | leaf(rng),
+        1 => leaf(rng) & leaf(rng),
+        _ => leaf(rng),
+    }
+}
+
+/// Whether query `i` sees key `j` under pattern `p`, written from each paper's rule as a set of
+/// visible keys, independently of the crate's code.
+pub fn paper_visible(
+    p: &Pattern,
+    nq: usize,
+    nk: usize,
+    b: usize,
+    h: usize,
+    i: usize,
+    j: usize,
+) -> bool {
+    // Query i stands at position t of the key sequence (bottom-right alignment).
+    let t = i as i64 + nk as i64 - nq as i64;
+    let j = j as i64;
+    let keys_of = |mut set: Box<dyn Iterator<Item = i64>>| set.any(|x| x == j);
+    match p {
+        Pattern::Causal => j <= t,
+        Pattern::Window { left, right } => {
+            let lo = t.saturating_sub(i64::try_from(*left).unwrap_or(i64::MAX / 2));
+            let hi = t.saturating_add(i64::try_from(*right).unwrap_or(i64::MAX / 2));
+            lo <= j && j <= hi
+        }
+        // Longformer's dilated indexing: score column k ∈ [0, 2w] maps to key t + d·(k − w).
+        Pattern::Dilated { window, dilation } => {
+            let (w, d) = (*window as i64, *dilation as i64);
+            keys_of(Box::new((0..=2 * w).map(move |k| t + d * (k - w))))
+        }
+        // OpenAI's local band of l keys [t − l + 1, t], plus {j : (t − j) mod l = 0}, all j ≤ t.
+        Pattern::Strided { stride } => {
+            let l = *stride as i64;
+            j <= t && j >= 0 && (j > t - l || (t - j) % l == 0)
+        }
+        // A¹ = {j : ⌊j/l⌋ = ⌊t/l⌋}, A² = {j : j mod l ∈ {l − c, …, l − 1}}, all j ≤ t.
+        Pattern::Fixed { block, summary } => {
+            let (l, c) = (*block as i64, *summary as i64);
+            j <= t
+                && (j.div_euclid(l) == t.div_euclid(l) || ((l - c)..l).contains(&j.rem_euclid(l)))
+        }
+        Pattern::Longformer { window, global } => {
+            let g = |x: i64| global.iter().any(|&y| y as i64 == x);
+            (t - j).abs() <= *window as i64 || g(t) || g(j)
+        }
+        // google-research/bigbird `full_bigbird_mask` from the block adjacency, with the random
+        // blocks injected from the crate's draw.
+        Pattern::BigBird {
+            block,
+            random,
+            seed,
+        } => {
+            let nb = nk.div_ceil(*block) as i64;
+            let (qb, kb) = (t.div_euclid(*block as i64), j / *block as i64);
+            let global_row = qb <= 0 || qb >= nb - 1;
+            let global_col = kb == 0 || kb == nb - 1;
+            let band = (qb - kb).abs() <= 1;
+            let rand = !global_row
+                && attentive::pattern::bigbird_random_blocks(
+                    nb as usize,
+                    qb as usize,
+                    *random,
+                    *seed,
+                )
+                .contains(&(kb as usize));
+            global_row || global_col || band || rand
+        }
+        Pattern::Prefix { len } => j < *len as i64 || j <= t,
+        // StreamingLLM keeps sinks {0..s−1} and the recent window {t − w + 1..t}.
+        Pattern::Sink { sinks, window } => {
+            let recent = (t - *window as i64 + 1).max(0)..=t;
+            j <= t && (j < *sinks as i64 || recent.contains(&j))
+        }
+        Pattern::Rule(r) => r.visible(Pos {
+            b,
+            h,
+            i,
+            j: j as usize,
+        }),
+        Pattern::Union(v) => v
+            .iter()
+            .any(|x| paper_visible(x, nq, nk, b, h, i, j as usize)),
+        Pattern::Intersection(v) => v
+            .iter()
+            .all(|x| paper_visible(x, nq, nk, b, h, i, j as usize)),
     }
 }
 
@@ -437,16 +636,17 @@ pub fn check_case(c: &Case, grads: bool) -> Result<(), String> {
     let opts = inp.options(c);
     let (q, k, v, d_o) = (inp.q.view(), inp.k.view(), inp.v.view(), inp.d_o.view());
     let s = |e: attentive::AttnError| e.to_string();
-    let ref64 = reference::forward::<f64>(q, k, v, &opts).map_err(s)?;
-    let ref32 = reference::forward::<f32>(q, k, v, &opts).map_err(s)?;
+    let oopts = inp.oracle_options(c);
+    let ref64 = reference::forward::<f64>(q, k, v, &oopts).map_err(s)?;
+    let ref32 = reference::forward::<f32>(q, k, v, &oopts).map_err(s)?;
     // The gradient baseline is FlashAttention-2's backward done naively in f32 from the naive
     // f32 forward's output and LSE: the kernel computes those same formulas, so this measures
     // its tiling, SIMD and accumulation, while the oracle stays exact softmax calculus in f64.
     let grads_ref = if grads {
         let stats = (&ref32.o[..], &ref32.lse[..]);
         Some((
-            reference::backward::<f64>(q, k, v, d_o, &opts).map_err(s)?,
-            reference::backward_from_output::<f32>(q, k, v, stats, d_o, &opts).map_err(s)?,
+            reference::backward::<f64>(q, k, v, d_o, &oopts).map_err(s)?,
+            reference::backward_from_output::<f32>(q, k, v, stats, d_o, &oopts).map_err(s)?,
         ))
     } else {
         None
