@@ -3,7 +3,7 @@
 mod error;
 mod npy;
 
-use attentive::{backward, forward, Causal, Options, View, ViewMut};
+use attentive::{backward, forward, visible_pairs, Causal, Options, Pattern, View, ViewMut};
 use clap::{Parser, Subcommand, ValueEnum};
 use error::CliError;
 use std::path::PathBuf;
@@ -63,6 +63,28 @@ fn parse_window(s: &str) -> Result<(usize, usize), String> {
     Ok((side(l)?, side(r)?))
 }
 
+/// Help for `--pattern`, shared by `attend` and `bench`.
+const PATTERN_HELP: &str = "Structured mask, intersected with every other mask. Query i stands at \
+position p = i + Nk − Nq (p = i for self-attention) and sees key j when:
+  causal                 j ≤ p
+  window:L,R             p − L ≤ j ≤ p + R (the --window rule)
+  dilated:W,D            j = p + D·t for |t| ≤ W (Longformer's dilated window, 2W+1 keys)
+  strided:L              j ≤ p and (p − j < L or L divides p − j) (Sparse Transformer; a band \
+of L keys as in OpenAI's code)
+  fixed:L,C              j ≤ p and (j in p's block of L, or j mod L ≥ L − C: the last C keys of \
+each block) (Sparse Transformer)
+  longformer:W:G1,G2,..  |j − p| ≤ W, or p or j is one of the global positions G
+  bigbird:B,R,SEED       blocks of B positions: the first and last query blocks see all keys; \
+others see key blocks 0, last, q−1, q, q+1 and R random blocks drawn from SEED
+  prefix:P               j < P or j ≤ p (prefix-LM)
+  sink:S,W               j ≤ p and (j < S or p − j < W) (StreamingLLM: S sinks, W recent keys)
+Combine with + (union) and & (intersection; binds tighter), e.g. sink:4,512+window:0,0";
+
+fn parse_pattern(s: &str) -> Result<Pattern, String> {
+    s.parse()
+        .map_err(|e: attentive::PatternError| e.to_string())
+}
+
 #[derive(clap::Args)]
 #[command(allow_negative_numbers = true)]
 struct AttendArgs {
@@ -95,6 +117,15 @@ struct AttendArgs {
     /// ALiBi slopes, float32 [Hq].
     #[arg(long)]
     alibi_slopes: Option<PathBuf>,
+    #[arg(long, value_parser = parse_pattern, long_help = PATTERN_HELP)]
+    pattern: Option<Pattern>,
+    /// Document ids of the queries, integers [Nq] or [B, Nq]: query i sees key j only when their
+    /// ids are equal (packed sequences). They are also the keys' ids unless --kv-docs is given.
+    #[arg(long)]
+    docs: Option<PathBuf>,
+    /// Document ids of the keys, [Nk] or [B, Nk].
+    #[arg(long, requires = "docs")]
+    kv_docs: Option<PathBuf>,
     /// Boolean mask (true = attend), broadcastable to [B, Hq, Nq, Nk].
     #[arg(long)]
     mask: Option<PathBuf>,
@@ -136,7 +167,13 @@ fn attend(a: AttendArgs) -> Result<(), CliError> {
     let slopes = a.alibi_slopes.as_deref().map(npy::read_f32).transpose()?;
     let mask = a.mask.as_deref().map(npy::read_bool).transpose()?;
     let bias = a.bias.as_deref().map(npy::read_f32).transpose()?;
+    let docs = a.docs.as_deref().map(npy::read_ids).transpose()?;
+    let kv_docs = a.kv_docs.as_deref().map(npy::read_ids).transpose()?;
     let mut opts = Options::new();
+    opts.pattern = a.pattern.as_ref();
+    if let Some(dq) = &docs {
+        opts = opts.docs(&dq.data, &kv_docs.as_ref().unwrap_or(dq).data);
+    }
     opts.scale = a.scale;
     opts.causal = a.causal.map(Into::into);
     if let Some((l, r)) = a.window {
@@ -223,6 +260,8 @@ struct BenchArgs {
     causal: Option<CausalArg>,
     #[arg(long, value_parser = parse_window)]
     window: Option<(usize, usize)>,
+    #[arg(long, value_parser = parse_pattern, long_help = PATTERN_HELP)]
+    pattern: Option<Pattern>,
     /// Time forward plus backward.
     #[arg(long)]
     backward: bool,
@@ -246,36 +285,6 @@ fn rss() -> (u64, u64) {
             .map_or(0, |kb| kb * 1024)
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// Query–key pairs that the causal and window rules leave visible, per (batch, head).
-fn visible_pairs(
-    nq: usize,
-    nk: usize,
-    causal: Option<Causal>,
-    window: Option<(usize, usize)>,
-) -> u64 {
-    let off = nk as i64 - nq as i64;
-    (0..nq as i64)
-        .map(|i| {
-            let mut hi = nk as i64;
-            let mut lo = 0i64;
-            match causal {
-                Some(Causal::TopLeft) => hi = hi.min(i + 1),
-                Some(Causal::BottomRight) => hi = hi.min(i + off + 1),
-                None => {}
-            }
-            if let Some((l, r)) = window {
-                if l != usize::MAX {
-                    lo = lo.max(i + off - l as i64);
-                }
-                if r != usize::MAX {
-                    hi = hi.min(i + off + r as i64 + 1);
-                }
-            }
-            (hi.min(nk as i64) - lo.max(0)).max(0) as u64
-        })
-        .sum()
 }
 
 fn bench(a: BenchArgs) -> Result<(), CliError> {
@@ -314,6 +323,7 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
     if let Some((l, r)) = a.window {
         opts = opts.window(l, r);
     }
+    opts.pattern = a.pattern.as_ref();
     let (qv, kv, vv) = (
         View::contiguous(&q, &qs)?,
         View::contiguous(&k, &ks)?,
@@ -358,14 +368,15 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let (_, peak) = rss();
-    let pairs = visible_pairs(nq, nk, opts.causal, a.window) * (b * hq) as u64;
+    let pairs = visible_pairs(qv, kv, &opts)?;
     let flops_per_pair = if a.backward { 14 } else { 4 } * d as u64;
     let gflops = (pairs * flops_per_pair) as f64 / median / 1e9;
     let mb = |x: u64| x as f64 / (1024.0 * 1024.0);
     println!(
-        "attention B={b} Hq={hq} Hkv={hkv} Nq={nq} Nk={nk} D={d}{}{}{}: median {:.3} ms over {iters} runs, {gflops:.1} GFLOP/s, peak RSS {:.1} MB ({:.1} MB beyond inputs and outputs), {} threads",
+        "attention B={b} Hq={hq} Hkv={hkv} Nq={nq} Nk={nk} D={d}{}{}{}{}: median {:.3} ms over {iters} runs, {gflops:.1} GFLOP/s, peak RSS {:.1} MB ({:.1} MB beyond inputs and outputs), {} threads",
         a.causal.map_or(String::new(), |c| format!(" causal={}", c.to_possible_value().unwrap().get_name())),
         a.window.map_or(String::new(), |(l, r)| format!(" window={l},{r}")),
+        a.pattern.as_ref().map_or(String::new(), |p| format!(" pattern={p}")),
         if a.backward { " forward+backward" } else { " forward" },
         median * 1e3,
         mb(peak),
@@ -377,6 +388,7 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
             "batch": b, "heads": hq, "kv_heads": hkv, "seq": nq, "kv_seq": nk, "dim": d,
             "causal": a.causal.map(|c| c.to_possible_value().unwrap().get_name().to_string()),
             "window": a.window.map(|(l, r)| [l, r]),
+            "pattern": a.pattern.as_ref().map(|p| p.to_string()),
             "backward": a.backward, "threads": rayon::current_num_threads(), "iters": iters,
             "median_ms": median * 1e3, "min_ms": times[0] * 1e3, "gflops": gflops,
             "pairs": pairs, "peak_rss_mb": mb(peak), "extra_rss_mb": mb(peak.saturating_sub(base_rss)),

@@ -61,6 +61,42 @@ pub fn read_bool(path: &Path) -> Result<Array<bool>, CliError> {
     read(path, "bool")
 }
 
+/// Reads an integer array (int32, int64, uint32 or uint64) of ids in `0..2³²`.
+pub fn read_ids(path: &Path) -> Result<Array<u32>, CliError> {
+    let kind = match open(path)?.dtype() {
+        DType::Plain(t) => (t.type_char(), t.size_field()),
+        other => {
+            return Err(bad(
+                path,
+                format!("expected integer ids, found dtype {other:?}"),
+            ))
+        }
+    };
+    let wide: Array<i128> = match kind {
+        (npyz::TypeChar::Int, 4) => widen(read::<i32>(path, "int32")?),
+        (npyz::TypeChar::Int, 8) => widen(read::<i64>(path, "int64")?),
+        (npyz::TypeChar::Uint, 4) => widen(read::<u32>(path, "uint32")?),
+        (npyz::TypeChar::Uint, 8) => widen(read::<u64>(path, "uint64")?),
+        _ => return Err(bad(path, "expected int32, int64, uint32 or uint64 ids")),
+    };
+    let data = wide
+        .data
+        .iter()
+        .map(|&x| u32::try_from(x).map_err(|_| bad(path, format!("id {x} is not in 0..2^32"))))
+        .collect::<Result<_, _>>()?;
+    Ok(Array {
+        shape: wide.shape,
+        data,
+    })
+}
+
+fn widen<T: Into<i128>>(a: Array<T>) -> Array<i128> {
+    Array {
+        shape: a.shape,
+        data: a.data.into_iter().map(Into::into).collect(),
+    }
+}
+
 /// Writes a float32 array of the given shape.
 pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<(), CliError> {
     let io = |e: std::io::Error| bad(path, e.to_string());

@@ -22,11 +22,12 @@
 //! splits are added in a fixed order, so the result has the same bits whatever the thread count.
 
 use crate::error::Result;
-use crate::forward::{gather_rows, score_tile, TileBufs, BC, BR};
+use crate::forward::{gather_rows, score_tile, TileBufs, BC, BR, GROUP};
 use crate::options::Options;
 use crate::problem::{Problem, Span};
 use crate::simd::Gemm;
 use crate::view::{RawOut, RawSlice, View, ViewMut};
+use crate::workspace::Buffer;
 use rayon::prelude::*;
 
 /// Fewest tasks the backward aims for: enough to balance two to eight threads. When
@@ -50,6 +51,7 @@ struct Scratch {
     dk: Vec<f32>,
     dv: Vec<f32>,
     spans: Vec<Span>,
+    hulls: Vec<(usize, usize)>,
 }
 
 impl Scratch {
@@ -68,6 +70,7 @@ impl Scratch {
             dk: vec![0.0; BC * p.d],
             dv: vec![0.0; BC * p.dv],
             spans: vec![Span::EMPTY; BR],
+            hulls: vec![(0, 0); BR / GROUP],
         }
     }
 }
@@ -154,7 +157,7 @@ pub fn backward(
     let tiles = nk.div_ceil(BC);
     let splits = MIN_TASKS.div_ceil(b * hkv).clamp(1, MAX_SPLITS).min(tiles);
     let group_len = p.group * nq * d;
-    let mut dq_parts = vec![0.0f32; splits * b * hq * nq * d];
+    let mut dq_parts = Buffer::zeroed(splits * b * hq * nq * d);
     let parts = RawSlice::new(&mut dq_parts);
     let (dk_out, dv_out) = (dk.raw(), dv.raw());
     (0..b * hkv * splits).into_par_iter().for_each_init(
@@ -233,12 +236,13 @@ fn key_tile(
                 q: &scr.q,
                 s: &mut scr.s,
                 spans: &mut scr.spans,
+                hulls: &mut scr.hulls,
                 qt: &[],
                 kbuf: &mut [],
                 st: &mut [],
             };
             // S = Q·Kᵀ                                              // (rows, w)
-            if !score_tile(
+            if score_tile(
                 p,
                 Some(scr.kt.as_ptr()),
                 (b, h),
@@ -248,7 +252,9 @@ fn key_tile(
                 (0, p.nk),
                 blk,
                 bufs,
-            ) {
+            )
+            .is_none()
+            {
                 continue;
             }
             gather_rows(d_o, (b, h), i0, rows, &mut scr.d_o);

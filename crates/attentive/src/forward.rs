@@ -25,6 +25,7 @@ use crate::options::Options;
 use crate::problem::{Problem, Span};
 use crate::simd::Gemm;
 use crate::view::{RawOut, RawSlice, View, ViewMut};
+use crate::workspace::Buffer;
 use rayon::prelude::*;
 
 /// Queries per tile. With `BC` keys per tile the score tile is 64×64 f32 = 16 KiB; with the Kᵀ
@@ -40,6 +41,12 @@ pub(crate) const DECODE_MAX_Q: usize = 16;
 /// 32k-key cache gives 32 chunks per head, enough to keep every thread busy.
 pub(crate) const DECODE_CHUNK: usize = 1024;
 
+/// Rows per group of a ragged tile. Where the rows of a tile see different column ranges (the
+/// edges of a band, the diagonal), each group of `GROUP` rows multiplies only the hull of its
+/// rows' spans: at the edge of a 256-key window this skips about a third of the tile, and a
+/// group still fills the 6-row micro-kernel almost three times.
+pub(crate) const GROUP: usize = 16;
+
 /// Per-thread buffers of the tile loop, allocated once per thread and reused for every task.
 pub(crate) struct Scratch {
     pub q: Vec<f32>,
@@ -53,6 +60,7 @@ pub(crate) struct Scratch {
     pub qt: Vec<f32>,
     pub st: Vec<f32>,
     pub spans: Vec<Span>,
+    pub hulls: Vec<(usize, usize)>,
 }
 
 impl Scratch {
@@ -68,6 +76,7 @@ impl Scratch {
             qt: vec![0.0; p.d * BR],
             st: vec![0.0; BC * BR],
             spans: vec![Span::EMPTY; BR],
+            hulls: vec![(0, 0); BR / GROUP],
         }
     }
 }
@@ -119,7 +128,7 @@ pub(crate) fn gather_rows(
 /// Kᵀ in tiles: `[B·Hkv][ceil(Nk/BC)][D][BC]`, zero-padded past `Nk`, so the score GEMM streams
 /// contiguous `BC`-wide rows whatever the strides of K.
 pub(crate) struct PackedK {
-    data: Vec<f32>,
+    data: Buffer,
     tiles: usize,
     d: usize,
 }
@@ -128,7 +137,7 @@ impl PackedK {
     pub fn new(p: &Problem) -> Self {
         let tiles = p.nk.div_ceil(BC);
         let tile = p.d * BC;
-        let mut data = vec![0.0f32; p.b * p.hkv * tiles * tile];
+        let mut data = Buffer::uninit(p.b * p.hkv * tiles * tile);
         data.par_chunks_mut(tile)
             .enumerate()
             .for_each(|(idx, dst)| {
@@ -137,11 +146,15 @@ impl PackedK {
                 let j0 = t * BC;
                 let k = &p.k;
                 let (data, st) = (k.data(), k.strides());
-                for c in 0..BC.min(p.nk - j0) {
+                let w = BC.min(p.nk - j0);
+                for c in 0..w {
                     let o = k.offset(b, h, j0 + c, 0);
                     for d in 0..p.d {
                         dst[d * BC + c] = data[o + d * st[3]];
                     }
+                }
+                for d in 0..p.d {
+                    dst[d * BC + w..(d + 1) * BC].fill(0.0);
                 }
             });
         Self {
@@ -164,6 +177,8 @@ pub(crate) struct TileBufs<'s> {
     /// Raw scores out, `rows × BC`.
     pub s: &'s mut [f32],
     pub spans: &'s mut [Span],
+    /// Per group of `GROUP` rows, the columns `[a, b)` its scores were computed for.
+    pub hulls: &'s mut [(usize, usize)],
     /// Without packed Kᵀ: the query rows transposed (`D × rows`), room for a gathered K tile
     /// (`BC × D`) when K's rows are not contiguous, and for Sᵀ (`BC × rows`).
     pub qt: &'s [f32],
@@ -172,9 +187,11 @@ pub(crate) struct TileBufs<'s> {
 }
 
 /// Computes raw scores `S[r][c] = q_{i0+r}·k_{j0+c}` of one tile (row stride `BC`) and each row's
-/// span. Returns false, computing nothing, when every row's span is empty. `kt` is the tile of
-/// packed Kᵀ (`D × BC`) when there is one; otherwise K's rows are read directly. `blk` is the
-/// tile's block-mask entry (rows `i0..i0 + rows` lie in one query tile).
+/// span. Returns `None`, computing nothing, when every row's span is empty; otherwise whether
+/// the tile was ragged, computed group by group over `t.hulls` only (scores outside a group's
+/// hull are left undefined). `kt` is the tile of packed Kᵀ (`D × BC`) when there is one;
+/// otherwise K's rows are read directly. `blk` is the tile's block-mask entry (rows
+/// `i0..i0 + rows` lie in one query tile).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn score_tile(
     p: &Problem,
@@ -186,7 +203,7 @@ pub(crate) fn score_tile(
     keys: (usize, usize),
     blk: Block,
     t: TileBufs,
-) -> bool {
+) -> Option<bool> {
     let w = BC.min(p.nk - j0);
     let td = p.tile_docs(b, j0, w);
     let mut any = false;
@@ -196,9 +213,47 @@ pub(crate) fn score_tile(
         t.spans[r] = span;
     }
     if !any {
-        return false;
+        return None;
+    }
+    let mut area = 0;
+    for (g, hull) in t.hulls[..rows.div_ceil(GROUP)].iter_mut().enumerate() {
+        let group = &t.spans[g * GROUP..((g + 1) * GROUP).min(rows)];
+        let (a, e) = group
+            .iter()
+            .filter(|s| !s.is_empty())
+            .fold((w, 0), |(a, e), s| (a.min(s.a), e.max(s.b)));
+        *hull = (a, e.max(a));
+        area += group.len() * (e.max(a) - a);
+    }
+    // Worth splitting when it saves a quarter of the tile; only the packed path splits.
+    let ragged = kt.is_some() && 4 * area <= 3 * rows * w;
+    if !ragged {
+        t.hulls[..rows.div_ceil(GROUP)].fill((0, w));
     }
     match kt {
+        Some(kt) if ragged => {
+            for (g, &(a, e)) in t.hulls[..rows.div_ceil(GROUP)].iter().enumerate() {
+                if a >= e {
+                    continue;
+                }
+                // SAFETY: as below, for rows g·GROUP.. of the group and columns a..e < BC.
+                unsafe {
+                    (p.kern.gemm)(&Gemm {
+                        m: GROUP.min(rows - g * GROUP),
+                        n: e - a,
+                        k: p.d,
+                        a: t.q[g * GROUP * p.d..].as_ptr(),
+                        a_rs: p.d,
+                        a_ks: 1,
+                        b: kt.add(a),
+                        ldb: BC,
+                        c: t.s[g * GROUP * BC + a..].as_mut_ptr(),
+                        ldc: BC,
+                        accumulate: false,
+                    })
+                }
+            }
+        }
         // SAFETY: the Kᵀ tile holds D rows of BC floats; t.q holds rows×D and t.s rows×BC.
         Some(kt) => unsafe {
             (p.kern.gemm)(&Gemm {
@@ -244,7 +299,7 @@ pub(crate) fn score_tile(
             }
         }
     }
-    true
+    Some(ragged)
 }
 
 impl Scratch {
@@ -272,6 +327,7 @@ impl Scratch {
             q: &self.q,
             s: &mut self.s,
             spans: &mut self.spans,
+            hulls: &mut self.hulls,
             qt: &self.qt,
             kbuf: &mut self.kbuf,
             st: &mut self.st,
@@ -311,9 +367,10 @@ pub(crate) fn attend_rows(
         let j0 = kt * BC;
         let w = BC.min(p.nk - j0);
         let kt = packed.map(|pk| pk.tile(b, kvh, p.hkv, j0));
-        if !score_tile(p, kt, (b, h), i0, rows, j0, keys, blk, scr.tile_bufs()) {
+        let Some(ragged) = score_tile(p, kt, (b, h), i0, rows, j0, keys, blk, scr.tile_bufs())
+        else {
             continue;
-        }
+        };
         for r in 0..rows {
             let span = scr.spans[r];
             let srow = &mut scr.s[r * BC..r * BC + w];
@@ -351,23 +408,40 @@ pub(crate) fn attend_rows(
             p.apply_dropout((b, h, i), j0 + a, &mut srow[a..e]);
         }
         let (vp, ldv) = rows_ptr(&p.v, (b, kvh), j0, w, &mut scr.vt);
-        // SAFETY: P is rows×w at stride BC in scr.s, V is w rows of Dv at stride ldv, O is
-        // rows×Dv in scr.o.
-        unsafe {
-            (kern.gemm)(&Gemm {
-                m: rows,
-                n: dv,
-                k: w,
-                a: scr.s.as_ptr(),
-                a_rs: BC,
-                a_ks: 1,
-                b: vp,
-                ldb: ldv,
-                c: scr.o.as_mut_ptr(),
-                ldc: dv,
-                accumulate: true,
-            })
+        // O += P·V over whole tiles, or group by group over each group's hull (P is 0 outside
+        // its rows' spans, so the skipped products add nothing).
+        let groups: &[(usize, usize)] = if ragged {
+            &scr.hulls[..rows.div_ceil(GROUP)]
+        } else {
+            &[(0, 0)]
         };
+        for (g, &(a, e)) in groups.iter().enumerate() {
+            let (r0, m, a, e) = if ragged {
+                (g * GROUP, GROUP.min(rows - g * GROUP), a, e)
+            } else {
+                (0, rows, 0, w)
+            };
+            if a >= e {
+                continue;
+            }
+            // SAFETY: P is rows×w at stride BC in scr.s, V is w rows of Dv at stride ldv, O is
+            // rows×Dv in scr.o; rows r0..r0+m and columns a..e lie inside them.
+            unsafe {
+                (kern.gemm)(&Gemm {
+                    m,
+                    n: dv,
+                    k: e - a,
+                    a: scr.s[r0 * BC + a..].as_ptr(),
+                    a_rs: BC,
+                    a_ks: 1,
+                    b: vp.add(a * ldv),
+                    ldb: ldv,
+                    c: scr.o[r0 * dv..].as_mut_ptr(),
+                    ldc: dv,
+                    accumulate: true,
+                })
+            };
+        }
     }
     for r in 0..rows {
         let l = scr.l[r];
@@ -457,8 +531,9 @@ fn tiled(p: &Problem, out: RawOut, lse: Option<RawSlice>) {
 fn decode(p: &Problem, out: RawOut, lse: Option<RawSlice>) {
     let chunks = p.nk.div_ceil(DECODE_CHUNK);
     let (nq, dv) = (p.nq, p.dv);
-    let mut parts_o = vec![0.0f32; p.b * p.hq * chunks * nq * dv];
-    let mut parts_l = vec![0.0f32; p.b * p.hq * chunks * nq];
+    // Every element is written by its chunk's task before the merge reads it.
+    let mut parts_o = Buffer::uninit(p.b * p.hq * chunks * nq * dv);
+    let mut parts_l = Buffer::uninit(p.b * p.hq * chunks * nq);
     parts_o
         .par_chunks_mut(nq * dv)
         .zip(parts_l.par_chunks_mut(nq))
@@ -557,6 +632,21 @@ pub fn merge(acc_o: &mut [f32], acc_lse: &mut [f32], o: &[f32], lse: &[f32]) -> 
     Ok(())
 }
 
+/// How many (batch, head, query, key) pairs the masks of `opts` leave visible: the pairs the
+/// kernels compute, and what a FLOP count of masked attention should count (4·D FLOPs per pair
+/// forward, 10·D more backward). Takes the shapes of `q` (`[B, Hq, Nq, D]`) and `k`
+/// (`[B, Hkv, Nk, D]`), not their values.
+///
+/// ```
+/// # use attentive::{visible_pairs, Causal, Options, View};
+/// let x = vec![0.0f32; 10 * 4];
+/// let q = View::contiguous(&x, &[1, 1, 10, 4]).unwrap();
+/// assert_eq!(visible_pairs(q, q, &Options::new().causal(Causal::TopLeft)).unwrap(), 55);
+/// ```
+pub fn visible_pairs(q: View, k: View, opts: &Options) -> Result<u64> {
+    Ok(Problem::new(q, k, k, opts)?.visible_pairs())
+}
+
 /// The attention weights $P$ (`[B, Hq, Nq, Nk]`, row-major) after every score rule and mask and
 /// before dropout. They take O(N²) memory: ask for them only to look at them.
 pub fn probabilities(q: View, k: View, opts: &Options) -> Result<Vec<f32>> {
@@ -592,7 +682,7 @@ pub fn probabilities(q: View, k: View, opts: &Options) -> Result<Vec<f32>> {
                     continue;
                 };
                 let bufs = scr.tile_bufs();
-                if !score_tile(&p, None, (b, h), i0, rows, j0, (0, p.nk), blk, bufs) {
+                if score_tile(&p, None, (b, h), i0, rows, j0, (0, p.nk), blk, bufs).is_none() {
                     continue;
                 }
                 for r in 0..rows {

@@ -42,12 +42,13 @@ mod problem;
 pub mod reference;
 mod simd;
 mod view;
+mod workspace;
 
 pub use backward::backward;
 pub use blocks::{BlockCounts, BlockMask};
 pub use dropout::Dropout;
 pub use error::{AttnError, Result};
-pub use forward::{forward, merge, probabilities};
+pub use forward::{forward, merge, probabilities, visible_pairs};
 pub use options::{Causal, DocIds, MaskRule, Options, Pos, ScoreRule, Window};
 pub use pattern::{Pattern, PatternError};
 pub use simd::Isa;

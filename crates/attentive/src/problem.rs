@@ -423,6 +423,36 @@ impl<'a> Problem<'a> {
         }
     }
 
+    /// Number of (batch, head, query, key) quadruples that every mask leaves visible.
+    pub fn visible_pairs(&self) -> u64 {
+        use rayon::prelude::*;
+        let qtiles = self.nq.div_ceil(BR);
+        (0..self.b * self.hq * qtiles)
+            .into_par_iter()
+            .map(|task| {
+                let (bh, qt) = (task / qtiles, task % qtiles);
+                let (b, h) = (bh / self.hq, bh % self.hq);
+                let rows = qt * BR..(qt * BR + BR).min(self.nq);
+                let mut n = 0u64;
+                for (kt, blk) in self.key_tiles((b, h), qt, (0, self.nk)) {
+                    let (j0, w) = (kt * BC, BC.min(self.nk - kt * BC));
+                    let td = self.tile_docs(b, j0, w);
+                    for i in rows.clone() {
+                        let s = self.span(b, i, j0, w, (0, self.nk), td.as_ref(), blk.row(i));
+                        n += if s.exact {
+                            (s.b - s.a) as u64
+                        } else {
+                            (s.a..s.b)
+                                .filter(|&c| s.bits >> c & 1 == 1 && self.visible(b, h, i, j0 + c))
+                                .count() as u64
+                        };
+                    }
+                }
+                n
+            })
+            .sum()
+    }
+
     /// Whether the per-element rules (documents, dense mask) let `(b, h, i, j)` attend.
     #[inline]
     fn visible(&self, b: usize, h: usize, i: usize, j: usize) -> bool {

@@ -1,0 +1,71 @@
+//! Large scratch buffers reused from call to call.
+//!
+//! A fresh allocation of many megabytes comes from the operating system as untouched pages, and
+//! the first write to each 4 KiB page costs a page fault and a page clear: for a sliding-window
+//! forward at N = 16384 the packed Kᵀ alone (32 MiB) spent a tenth of the call there. Buffers
+//! taken here go back to a small process-wide pool when dropped, so repeated calls (every layer,
+//! every step) touch memory that is already mapped.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Mutex;
+
+/// Most buffers the pool keeps; each call takes at most two at a time.
+const KEEP: usize = 4;
+
+static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+/// A buffer of `f32` on loan from the pool; its contents are whatever the last user left.
+pub(crate) struct Buffer(Vec<f32>);
+
+impl Buffer {
+    /// A buffer of `len` elements with unspecified contents: the caller writes before it reads.
+    pub fn uninit(len: usize) -> Self {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        // The smallest kept buffer that is large enough, else the largest one (grown below).
+        let pick = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.capacity() >= len)
+            .min_by_key(|(_, v)| v.capacity())
+            .or_else(|| pool.iter().enumerate().max_by_key(|(_, v)| v.capacity()))
+            .map(|(n, _)| n);
+        let mut v = pick.map(|n| pool.swap_remove(n)).unwrap_or_default();
+        drop(pool);
+        v.resize(len, 0.0);
+        Buffer(v)
+    }
+
+    /// A buffer of `len` zeros.
+    pub fn zeroed(len: usize) -> Self {
+        let mut b = Self::uninit(len);
+        b.0.fill(0.0);
+        b
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        pool.push(std::mem::take(&mut self.0));
+        if pool.len() > KEEP {
+            // Keep the largest ones: they serve every smaller request.
+            let smallest = (0..pool.len())
+                .min_by_key(|&n| pool[n].capacity())
+                .expect("non-empty");
+            pool.swap_remove(smallest);
+        }
+    }
+}
+
+impl Deref for Buffer {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+impl DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.0
+    }
+}
