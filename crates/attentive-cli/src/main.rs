@@ -25,7 +25,7 @@ struct Cli {
 enum Command {
     /// Attention on float32 .npy files laid out [B, H, N, D]: O = softmax(scale·QKᵀ + …)·V,
     /// and optionally its gradients.
-    Attend(AttendArgs),
+    Attend(Box<AttendArgs>),
     /// Times the fused kernel on random inputs of a given shape.
     Bench(BenchArgs),
 }
@@ -401,7 +401,7 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Attend(a) => attend(a),
+        Command::Attend(a) => attend(*a),
         Command::Bench(a) => bench(a),
     };
     match result {

@@ -126,7 +126,7 @@ fn bad_inputs_are_errors() {
     let p = |n: &str| d.join(n).to_str().unwrap().to_string();
     let s = [1u64, 2, 3, 4];
     write(&d.join("q.npy"), &s, &values(24, 5));
-    write(&d.join("q64.npy"), &s, &vec![0.5f64; 24]);
+    write(&d.join("q64.npy"), &s, &[0.5f64; 24]);
     write(&d.join("q3.npy"), &[2, 3, 4], &values(24, 6));
     write(&d.join("mask.npy"), &[2, 2], &[true, false, true, true]);
     std::fs::write(

@@ -125,7 +125,36 @@ pub fn backward(
     dk: &mut ViewMut,
     dv: &mut ViewMut,
 ) -> Result<()> {
+    backward_rule_params(q, k, v, o, lse, d_o, opts, dq, dk, dv, &mut [])
+}
+
+/// [`backward`], and also the gradient of the score rule's learnable parameters (a T5 bias
+/// table, say), written into `d_params` ([`ScoreRule::params`](crate::ScoreRule::params) long):
+/// $\partial L/\partial\theta = \sum_{b,h,i,j} \partial L/\partial x_{bhij}\;
+/// \partial x_{bhij}/\partial\theta$, summed in a fixed order (deterministic).
+/// An empty `d_params` skips it.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_rule_params(
+    q: View,
+    k: View,
+    v: View,
+    o: View,
+    lse: &[f32],
+    d_o: View,
+    opts: &Options,
+    dq: &mut ViewMut,
+    dk: &mut ViewMut,
+    dv: &mut ViewMut,
+    d_params: &mut [f32],
+) -> Result<()> {
     let p = Problem::new(q, k, v, opts)?;
+    let n_params = if d_params.is_empty() {
+        0
+    } else {
+        let n = opts.score_rule.map_or(0, |r| r.params());
+        crate::problem::expect_len("d_params", d_params.len(), n)?;
+        n
+    };
     let (b, hq, hkv, nq, nk, d, dvd) = (p.b, p.hq, p.hkv, p.nq, p.nk, p.d, p.dv);
     crate::problem::expect_shape("o", o.shape(), [b, hq, nq, dvd])?;
     crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
@@ -160,9 +189,14 @@ pub fn backward(
     let mut dq_parts = Buffer::zeroed(splits * b * hq * nq * d);
     let parts = RawSlice::new(&mut dq_parts);
     let (dk_out, dv_out) = (dk.raw(), dv.raw());
+    // One parameter-gradient buffer per task, added in task order below.
+    let mut param_parts = vec![0.0f32; b * hkv * splits * n_params];
+    let pparts = RawSlice::new(&mut param_parts);
     (0..b * hkv * splits).into_par_iter().for_each_init(
         || Scratch::new(&p),
         |scr, task| {
+            // SAFETY: task `task` alone owns its slice of the parameter buffers.
+            let d_rule = unsafe { pparts.slice_mut(task * n_params, n_params) };
             let (bk, split) = (task / splits, task % splits);
             let start = (split * b * hkv + bk) * group_len;
             // SAFETY: task (bk, split) alone owns the dQ rows of its query-head group in its split.
@@ -174,6 +208,7 @@ pub fn backward(
                     t * BC,
                     (&d_o, lse, &delta),
                     dq_acc,
+                    d_rule,
                     scr,
                     (dk_out, dv_out),
                 );
@@ -181,6 +216,9 @@ pub fn backward(
         },
     );
 
+    for part in param_parts.chunks(n_params.max(1)).filter(|_| n_params > 0) {
+        d_params.iter_mut().zip(part).for_each(|(x, y)| *x += y);
+    }
     // dQ = Σ_split dQ_split, in split order.                         // (B, Hq, Nq, D)
     let dq_out = dq.raw();
     let part_len = b * hq * nq * d;
@@ -204,13 +242,16 @@ pub fn backward(
 }
 
 /// Gradient contributions of one key tile `[j0, j0 + BC)` of key/value head `kvh`: writes its dK
-/// and dV rows and adds to `dq_acc` (`group × Nq × D`, the query heads of this group).
+/// and dV rows and adds to `dq_acc` (`group × Nq × D`, the query heads of this group) and to
+/// `d_rule`, the score rule's parameter gradient (empty when not asked for).
+#[allow(clippy::too_many_arguments)]
 fn key_tile(
     p: &Problem,
     (b, kvh): (usize, usize),
     j0: usize,
     (d_o, lse, delta): (&View, &[f32], &[f32]),
     dq_acc: &mut [f32],
+    d_rule: &mut [f32],
     scr: &mut Scratch,
     (dk_out, dv_out): (RawOut, RawOut),
 ) {
@@ -334,10 +375,16 @@ fn key_tile(
                 let di = delta[bh * nq + i0 + r];
                 let pr = &scr.s[r * BC..r * BC + w];
                 let sc = p.scale;
-                if p.dropout.is_some() {
-                    let z = &scr.z[r * BC..r * BC + w];
+                if p.dropout.is_some() || !d_rule.is_empty() {
+                    let z = p.dropout.map(|_| &scr.z[r * BC..r * BC + w]);
                     for c in 0..w {
-                        ds[c] = pr[c] * (ds[c] * z[c] - di) * sc;
+                        let dpz = z.map_or(ds[c], |z| ds[c] * z[c]);
+                        // ∂L/∂x, which the rule's parameters receive.
+                        let dx = pr[c] * (dpz - di);
+                        if dx != 0.0 && !d_rule.is_empty() {
+                            p.rule_param_grad(dx, (b, h, i0 + r), j0 + c, d_rule);
+                        }
+                        ds[c] = dx * sc;
                     }
                 } else {
                     for c in 0..w {

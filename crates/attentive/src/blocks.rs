@@ -141,8 +141,10 @@ impl BlockMask {
         };
         let (qtiles, ktiles) = (nq.div_ceil(BR), nk.div_ceil(BC));
         let off = nk as i64 - nq as i64;
-        // One row of tiles per task: its non-empty tiles and the bits of its partial ones.
-        let rows: Vec<(Vec<(u32, bool)>, Vec<u64>)> = (0..batches * heads * qtiles)
+        // One row of tiles per task: its non-empty tiles (index, full?) and the bits of its
+        // partial ones.
+        type TileRow = (Vec<(u32, bool)>, Vec<u64>);
+        let rows: Vec<TileRow> = (0..batches * heads * qtiles)
             .into_par_iter()
             .map(|task| {
                 let (t, qt) = (task / qtiles, task % qtiles);

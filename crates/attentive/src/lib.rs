@@ -44,7 +44,7 @@ mod simd;
 mod view;
 mod workspace;
 
-pub use backward::backward;
+pub use backward::{backward, backward_rule_params};
 pub use blocks::{BlockCounts, BlockMask};
 pub use dropout::Dropout;
 pub use error::{AttnError, Result};

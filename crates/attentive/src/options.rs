@@ -97,6 +97,16 @@ pub trait ScoreRule: Sync {
     fn grad_f64(&self, s: f64, at: Pos) -> f64 {
         self.grad(s as f32, at) as f64
     }
+    /// How many learnable parameters the rule has (a bias table, say); 0 by default.
+    fn params(&self) -> usize {
+        0
+    }
+    /// Adds $g\,\partial f/\partial\theta$ into `grad` (length [`params`](Self::params)), where
+    /// $g = \partial L/\partial f$ at `at`. [`backward_rule_params`](crate::backward_rule_params)
+    /// calls it for every visible pair.
+    fn param_grad(&self, _g: f32, _at: Pos, _grad: &mut [f32]) {}
+    /// The f64 version the oracle calls.
+    fn param_grad_f64(&self, _g: f64, _at: Pos, _grad: &mut [f64]) {}
 }
 
 /// Document ids of packed variable-length sequences: query $i$ and key $j$ attend only when their

@@ -545,6 +545,19 @@ impl<'a> Problem<'a> {
         }
     }
 
+    /// Adds `dx`·∂x/∂θ of the score rule's parameters at `(b, h, i, j)` into `grad`.
+    pub fn rule_param_grad(
+        &self,
+        dx: f32,
+        (b, h, i): (usize, usize, usize),
+        j: usize,
+        grad: &mut [f32],
+    ) {
+        if let Some(r) = self.score_rule {
+            r.param_grad(dx, Pos { b, h, i, j }, grad);
+        }
+    }
+
     /// Multiplies the weights `row[c]` (keys `j0 + c`) by the dropout factor of row `(b, h, i)`.
     pub fn apply_dropout(&self, (b, h, i): (usize, usize, usize), j0: usize, row: &mut [f32]) {
         if let Some(d) = self.dropout {

@@ -47,10 +47,11 @@ pub trait Real:
     fn recip(self) -> Self;
     fn rule_score(rule: &dyn ScoreRule, s: Self, at: Pos) -> Self;
     fn rule_grad(rule: &dyn ScoreRule, s: Self, at: Pos) -> Self;
+    fn rule_param_grad(rule: &dyn ScoreRule, g: Self, at: Pos, grad: &mut [Self]);
 }
 
 macro_rules! real {
-    ($t:ty, $score:ident, $grad:ident) => {
+    ($t:ty, $score:ident, $grad:ident, $param:ident) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -82,11 +83,14 @@ macro_rules! real {
             fn rule_grad(rule: &dyn ScoreRule, s: Self, at: Pos) -> Self {
                 rule.$grad(s, at)
             }
+            fn rule_param_grad(rule: &dyn ScoreRule, g: Self, at: Pos, grad: &mut [Self]) {
+                rule.$param(g, at, grad)
+            }
         }
     };
 }
-real!(f32, score, grad);
-real!(f64, score_f64, grad_f64);
+real!(f32, score, grad, param_grad);
+real!(f64, score_f64, grad_f64, param_grad_f64);
 
 /// Output of [`forward`]: `o` is `[B, Hq, Nq, Dv]` and `lse` is `[B, Hq, Nq]`, row-major.
 #[derive(Clone, Debug)]
@@ -101,6 +105,8 @@ pub struct Grads<T> {
     pub dq: Vec<T>,
     pub dk: Vec<T>,
     pub dv: Vec<T>,
+    /// Gradient of the score rule's parameters ([`ScoreRule::params`] of them).
+    pub d_params: Vec<T>,
 }
 
 /// Index into a view broadcast to the full shape: size-1 dimensions are read at 0.
@@ -334,6 +340,8 @@ fn backward_impl<T: Real>(
     let mut dq = vec![T::ZERO; b * hq * nq * d];
     let mut dk = vec![T::ZERO; b * hkv * nk * d];
     let mut dvv = vec![T::ZERO; b * hkv * nk * dv];
+    let rule = opts.score_rule;
+    let mut d_params = vec![T::ZERO; rule.map_or(0, |r| r.params())];
     let f = T::from_f32;
     for bi in 0..b {
         for h in 0..hq {
@@ -376,7 +384,12 @@ fn backward_impl<T: Real>(
                     if p[j] == T::ZERO {
                         continue;
                     }
-                    let ds = p[j] * (dp[j] - di) * chain[j] * scale;
+                    let dx = p[j] * (dp[j] - di);
+                    if let Some(r) = rule.filter(|r| r.params() > 0) {
+                        let at = Pos { b: bi, h, i, j };
+                        T::rule_param_grad(r, dx, at, &mut d_params);
+                    }
+                    let ds = dx * chain[j] * scale;
                     let wz = p[j] * or.z::<T>(bi, h, i, j);
                     for c in 0..d {
                         let qi = row * d + c;
@@ -392,5 +405,10 @@ fn backward_impl<T: Real>(
             }
         }
     }
-    Ok(Grads { dq, dk, dv: dvv })
+    Ok(Grads {
+        dq,
+        dk,
+        dv: dvv,
+        d_params,
+    })
 }

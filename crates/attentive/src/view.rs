@@ -239,6 +239,32 @@ impl<'a> ViewMut<'a> {
         self.strides
     }
 
+    /// Calls `f(b, h, n, row)` on every row `[b, h, n, :]` as a contiguous slice (a copy, written
+    /// back, when the last stride is not 1).
+    pub fn for_each_row(&mut self, mut f: impl FnMut(usize, usize, usize, &mut [f32])) {
+        let [nb, nh, nn, d] = self.shape;
+        let st = self.strides;
+        let mut tmp = vec![0.0f32; d];
+        for b in 0..nb {
+            for h in 0..nh {
+                for n in 0..nn {
+                    let o = b * st[0] + h * st[1] + n * st[2];
+                    if st[3] == 1 {
+                        f(b, h, n, &mut self.data[o..o + d]);
+                    } else {
+                        for (c, x) in tmp.iter_mut().enumerate() {
+                            *x = self.data[o + c * st[3]];
+                        }
+                        f(b, h, n, &mut tmp);
+                        for (c, x) in tmp.iter().enumerate() {
+                            self.data[o + c * st[3]] = *x;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// A read-only view of the same elements.
     pub fn as_view(&self) -> View<'_, f32> {
         View {

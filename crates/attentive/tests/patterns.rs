@@ -66,7 +66,7 @@ fn leaves(nk: usize) -> Vec<Pattern> {
             sinks: 0,
             window: 1,
         },
-        Pattern::rule(|p: Pos| (p.i + p.j + p.h) % 3 != 0),
+        Pattern::rule(|p: Pos| !(p.i + p.j + p.h).is_multiple_of(3)),
     ]
 }
 
@@ -264,7 +264,8 @@ fn user_closure_equals_the_builtin_rule() {
         window: 40,
     } | Pattern::Strided { stride: 50 };
     let closure = |p: Pos| {
-        p.j <= p.i && (p.j < 4 || p.i - p.j < 40 || p.i - p.j < 50 || (p.i - p.j) % 50 == 0)
+        p.j <= p.i
+            && (p.j < 4 || p.i - p.j < 40 || p.i - p.j < 50 || (p.i - p.j).is_multiple_of(50))
     };
     let want = run(&Options::new().pattern(&builtin));
     assert_eq!(run(&Options::new().mask_rule(&closure)), want);

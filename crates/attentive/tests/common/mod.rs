@@ -149,7 +149,7 @@ impl ScoreRule for Wobble {
 }
 
 pub fn every_fifth(p: Pos) -> bool {
-    (p.i + 2 * p.j + p.h + p.b) % 5 != 0
+    !(p.i + 2 * p.j + p.h + p.b).is_multiple_of(5)
 }
 
 pub static WOBBLE: Wobble = Wobble;
@@ -488,7 +488,7 @@ pub fn random_pattern(rng: &mut Rng, nk: usize) -> Pattern {
             sinks: rng.below(5),
             window: small(rng),
         },
-        _ => Pattern::rule(|p: Pos| (p.i * 3 + p.j * 5 + p.h) % 7 != 0),
+        _ => Pattern::rule(|p: Pos| !(p.i * 3 + p.j * 5 + p.h).is_multiple_of(7)),
     };
     match rng.below(5) {
         0 => leaf(rng) | leaf(rng),
