@@ -229,3 +229,73 @@ fn bench_prints_json() {
     assert!(j["peak_rss_mb"].as_f64().unwrap() > 0.0);
     assert_eq!(j["pairs"].as_u64().unwrap(), 2 * 100 * 101 / 2);
 }
+
+#[test]
+fn attend_with_a_pattern_and_documents_matches_the_oracle() {
+    let d = dir("pattern");
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let s = [1usize, 2, 150, 8];
+    let (q, k, v) = (values(2400, 5), values(2400, 6), values(2400, 7));
+    let sh = s.map(|x| x as u64);
+    write(&d.join("q.npy"), &sh, &q);
+    write(&d.join("k.npy"), &sh, &k);
+    write(&d.join("v.npy"), &sh, &v);
+    // Three packed documents, as int64 ids.
+    let docs: Vec<i64> = (0..150).map(|i| (i / 60) as i64).collect();
+    write(&d.join("docs.npy"), &[150], &docs);
+    let text = "sink:2,20+strided:16&causal";
+    let (ok, err) = attentive(&[
+        "attend",
+        "--q",
+        &p("q.npy"),
+        "--k",
+        &p("k.npy"),
+        "--v",
+        &p("v.npy"),
+        "--out",
+        &p("o.npy"),
+        "--pattern",
+        text,
+        "--docs",
+        &p("docs.npy"),
+    ]);
+    assert!(ok, "{err}");
+    let pattern: attentive::Pattern = text.parse().unwrap();
+    let ids: Vec<u32> = docs.iter().map(|&x| x as u32).collect();
+    let opts = Options::new().pattern(&pattern).docs(&ids, &ids);
+    let (qv, kv, vv) = (
+        View::contiguous(&q, &s).unwrap(),
+        View::contiguous(&k, &s).unwrap(),
+        View::contiguous(&v, &s).unwrap(),
+    );
+    let want = reference::forward::<f64>(qv, kv, vv, &opts).unwrap();
+    let (_, got) = read(&d.join("o.npy"));
+    let err = got
+        .iter()
+        .zip(&want.o)
+        .map(|(a, b)| (*a as f64 - b).abs())
+        .fold(0.0, f64::max);
+    assert!(err < 1e-5, "{err}");
+    // Bad patterns and ids are errors that name what is wrong.
+    let base = [
+        "attend",
+        "--q",
+        &p("q.npy"),
+        "--k",
+        &p("k.npy"),
+        "--v",
+        &p("v.npy"),
+        "--out",
+        &p("o.npy"),
+    ];
+    let (ok, err) = attentive(&[&base[..], &["--pattern", "strided:0"]].concat());
+    assert!(!ok && err.contains("stride"), "{err}");
+    let (ok, err) = attentive(&[&base[..], &["--pattern", "window:3"]].concat());
+    assert!(!ok && err.contains("window:3"), "{err}");
+    write(&d.join("neg.npy"), &[150], &vec![-1i64; 150]);
+    let (ok, err) = attentive(&[&base[..], &["--docs", &p("neg.npy")]].concat());
+    assert!(!ok && err.contains("neg.npy"), "{err}");
+    write(&d.join("short.npy"), &[7], &[0i32; 7]);
+    let (ok, err) = attentive(&[&base[..], &["--docs", &p("short.npy")]].concat());
+    assert!(!ok && err.contains("docs"), "{err}");
+}
