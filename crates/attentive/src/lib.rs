@@ -6,7 +6,12 @@
 //! stays O(N) (the N×N weights are never stored), forward and backward, for multi-head, grouped-
 //! query and multi-query layouts, with causal and sliding-window masks, document masks for packed
 //! sequences, dense boolean masks and additive biases, ALiBi, soft-capping, user-defined mask and
-//! score rules, and reproducible dropout.
+//! score rules, and reproducible dropout; and the structured patterns of the literature
+//! ([`Pattern`]: sliding and dilated windows, Sparse Transformer strided and fixed, Longformer,
+//! BigBird, prefix-LM, attention sinks, unions and intersections), tabulated per tile in a
+//! [`BlockMask`] so the kernels pay only for the tiles a pattern keeps.
+//!
+//! * [`positional`] — sinusoidal, learned, RoPE (both pairings), ALiBi slopes, T5 buckets.
 //!
 //! * [`forward`] — output and log-sum-exp; [`backward`] — dQ, dK, dV from them;
 //!   [`probabilities`] — the weights themselves, when you want to look.
