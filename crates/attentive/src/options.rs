@@ -97,6 +97,11 @@ pub trait ScoreRule: Sync {
     fn grad_f64(&self, s: f64, at: Pos) -> f64 {
         self.grad(s as f32, at) as f64
     }
+    /// Checks the rule against a problem of `[B, Hq, Nq, Nk]` before any score is computed (a
+    /// table too short for the heads, say); the call fails with this error.
+    fn check(&self, _shape: [usize; 4]) -> crate::Result<()> {
+        Ok(())
+    }
     /// How many learnable parameters the rule has (a bias table, say); 0 by default.
     fn params(&self) -> usize {
         0

@@ -255,6 +255,16 @@ impl T5Bias<'_> {
 }
 
 impl ScoreRule for T5Bias<'_> {
+    fn check(&self, [_, hq, _, _]: [usize; 4]) -> Result<()> {
+        if self.num_buckets < 4 || self.max_distance < self.num_buckets / 4 + 1 {
+            return Err(AttnError::InvalidOption {
+                option: "t5 num_buckets",
+                value: self.num_buckets as f64,
+                reason: "needs at least 4 buckets and max_distance beyond the exact ones",
+            });
+        }
+        crate::problem::expect_len("t5 table", self.table.len(), hq * self.num_buckets)
+    }
     fn score(&self, s: f32, at: Pos) -> f32 {
         s + self.table[self.index(at)]
     }

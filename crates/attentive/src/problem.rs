@@ -190,6 +190,9 @@ impl<'a> Problem<'a> {
                 });
             }
         }
+        if let Some(r) = opts.score_rule {
+            r.check([b, hq, nq, nk])?;
+        }
         let blocks = match (opts.block_mask, opts.pattern, opts.mask_rule) {
             (Some(m), None, None) => {
                 m.check(b, hq, nq, nk)?;

@@ -369,3 +369,30 @@ fn prefill_with_a_window_equals_step_by_step_decoding() {
         }
     }
 }
+
+#[test]
+fn t5_bias_with_a_wrong_table_is_an_error() {
+    let x = vec![0.1f32; 2 * 5 * 4];
+    let q = cv(&x, [1, 2, 5, 4]);
+    let mut o = vec![0.0; x.len()];
+    let short = [0.0f32; 32];
+    for (table, nb) in [(&short[..], 32), (&short[..7], 4), (&short[..4], 2)] {
+        let rule = T5Bias {
+            table,
+            bidirectional: true,
+            num_buckets: nb,
+            max_distance: 128,
+            offset: 0,
+        };
+        let opts = Options::new().score_rule(&rule);
+        let r = forward(
+            q,
+            q,
+            q,
+            &opts,
+            &mut ViewMut::contiguous(&mut o, [1, 2, 5, 4]).unwrap(),
+            None,
+        );
+        assert!(r.is_err(), "table {} buckets {nb}", table.len());
+    }
+}
