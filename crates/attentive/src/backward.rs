@@ -216,8 +216,10 @@ pub fn backward_rule_params(
         },
     );
 
-    for part in param_parts.chunks(n_params.max(1)).filter(|_| n_params > 0) {
-        d_params.iter_mut().zip(part).for_each(|(x, y)| *x += y);
+    if n_params > 0 {
+        for part in param_parts.chunks(n_params) {
+            d_params.iter_mut().zip(part).for_each(|(x, y)| *x += y);
+        }
     }
     // dQ = Σ_split dQ_split, in split order.                         // (B, Hq, Nq, D)
     let dq_out = dq.raw();

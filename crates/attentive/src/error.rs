@@ -54,6 +54,12 @@ pub enum AttnError {
         reason: &'static str,
     },
     /// A code path was forced that this CPU cannot run.
+    #[error("options {a} and {b} cannot be given together: {reason}")]
+    ConflictingOptions {
+        a: &'static str,
+        b: &'static str,
+        reason: &'static str,
+    },
     #[error("instruction set {isa:?} is not available on this CPU")]
     IsaUnavailable { isa: crate::Isa },
     /// A per-head or per-position input of the wrong length.

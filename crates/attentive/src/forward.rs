@@ -488,7 +488,11 @@ pub fn forward(
     out: &mut ViewMut,
     lse: Option<&mut [f32]>,
 ) -> Result<()> {
-    let p = Problem::new(q, k, v, opts)?;
+    run(&Problem::new(q, k, v, opts)?, out, lse)
+}
+
+/// The forward of a validated problem: checks the outputs, then runs the tiled or decode path.
+fn run(p: &Problem, out: &mut ViewMut, lse: Option<&mut [f32]>) -> Result<()> {
     p.check_out("out", out, [p.b, p.hq, p.nq, p.dv])?;
     if let Some(l) = lse.as_deref() {
         crate::problem::expect_len("lse", l.len(), p.b * p.hq * p.nq)?;
@@ -498,9 +502,9 @@ pub fn forward(
     let has_lse = lse.is_some();
     let raw_lse = RawSlice::new(lse.unwrap_or(&mut none));
     if p.nq <= DECODE_MAX_Q {
-        decode(&p, raw_out, has_lse.then_some(raw_lse));
+        decode(p, raw_out, has_lse.then_some(raw_lse));
     } else {
-        tiled(&p, raw_out, has_lse.then_some(raw_lse));
+        tiled(p, raw_out, has_lse.then_some(raw_lse));
     }
     Ok(())
 }
@@ -650,19 +654,16 @@ pub fn visible_pairs(q: View, k: View, opts: &Options) -> Result<u64> {
 /// The attention weights $P$ (`[B, Hq, Nq, Nk]`, row-major) after every score rule and mask and
 /// before dropout. They take O(N²) memory: ask for them only to look at them.
 pub fn probabilities(q: View, k: View, opts: &Options) -> Result<Vec<f32>> {
-    Problem::new(q, k, k, opts)?;
     let [b, hkv, nk, _] = k.shape();
     // Value dimension 1: the forward pass then costs little more than the log-sum-exp we need.
     let ones = vec![1.0f32; b * hkv * nk];
     let v = View::contiguous(&ones, &[b, hkv, nk, 1])?;
+    // One problem (and one block-mask table) serves the forward and the weights below.
     let p = Problem::new(q, k, v, opts)?;
     let mut lse = vec![0.0f32; p.b * p.hq * p.nq];
     let mut o = vec![0.0f32; p.b * p.hq * p.nq];
-    forward(
-        q,
-        k,
-        v,
-        opts,
+    run(
+        &p,
         &mut ViewMut::contiguous(&mut o, [p.b, p.hq, p.nq, 1])?,
         Some(&mut lse),
     )?;

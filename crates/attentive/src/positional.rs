@@ -41,11 +41,13 @@ pub fn alibi_slopes(n: usize) -> Vec<f32> {
 /// assert!(pe[4..].iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-7));
 /// ```
 pub fn sinusoidal(start: usize, n: usize, d: usize) -> Vec<f32> {
+    let freq: Vec<f64> = (0..d)
+        .map(|c| 10000f64.powf(-((c / 2 * 2) as f64) / d as f64))
+        .collect();
     let mut out = Vec::with_capacity(n * d);
     for pos in start..start + n {
-        for c in 0..d {
-            let freq = 10000f64.powf(-((c / 2 * 2) as f64) / d as f64);
-            let a = pos as f64 * freq;
+        for (c, f) in freq.iter().enumerate() {
+            let a = pos as f64 * f;
             out.push(if c % 2 == 0 { a.sin() } else { a.cos() } as f32);
         }
     }
@@ -67,7 +69,7 @@ pub fn add_learned(x: &mut ViewMut, table: &[f32], start: usize) -> Result<()> {
 /// Backward of [`add_learned`]: adds to `d_table` (`[max_len, D]`) the gradient of each position,
 /// summed over batch and heads. (The gradient with respect to `x` is `dx` itself.)
 pub fn add_learned_backward(
-    dx: &crate::view::View,
+    dx: crate::view::View,
     d_table: &mut [f32],
     start: usize,
 ) -> Result<()> {
@@ -171,11 +173,13 @@ impl Rope {
         crate::problem::expect_len("positions", positions.len(), n)?;
         let half = self.dims / 2;
         // cos and sin per (row, pair), computed once in f64.
+        let theta: Vec<f64> = (0..half)
+            .map(|i| self.base.powf(-2.0 * i as f64 / self.dims as f64))
+            .collect();
         let mut cs = vec![(0f32, 0f32); n * half];
         for (r, &m) in positions.iter().enumerate() {
-            for i in 0..half {
-                let theta = self.base.powf(-2.0 * i as f64 / self.dims as f64);
-                let (s, c) = (sign * m as f64 * theta).sin_cos();
+            for (i, th) in theta.iter().enumerate() {
+                let (s, c) = (sign * m as f64 * th).sin_cos();
                 cs[r * half + i] = (c as f32, s as f32);
             }
         }

@@ -199,10 +199,14 @@ impl<'a> Problem<'a> {
                 Some(Cow::Borrowed(m))
             }
             (Some(_), _, _) => {
-                return Err(AttnError::InvalidOption {
-                    option: "block_mask",
-                    value: f64::NAN,
-                    reason: "give a block mask or the pattern and mask rule to build one, not both",
+                return Err(AttnError::ConflictingOptions {
+                    a: "block_mask",
+                    b: if opts.pattern.is_some() {
+                        "pattern"
+                    } else {
+                        "mask_rule"
+                    },
+                    reason: "a block mask replaces the pattern and mask rule it was built from",
                 })
             }
             (None, None, None) => None,
@@ -390,7 +394,7 @@ impl<'a> Problem<'a> {
         }
     }
 
-    /// Non-empty key tiles `(j0, block)` of query tile `qt` of `(b, h)` that meet keys `[lo, hi)`.
+    /// Non-empty key tiles `(kt, block)` (keys `kt·BC..`) of query tile `qt` of `(b, h)` that meet keys `[lo, hi)`.
     pub fn key_tiles(
         &self,
         (b, h): (usize, usize),

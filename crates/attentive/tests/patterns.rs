@@ -351,8 +351,9 @@ fn block_mask_shape_is_checked() {
     let both = Options::new().block_mask(&heads).pattern(&p);
     assert!(matches!(
         forward(q, q, q, &both, &mut out, None),
-        Err(attentive::AttnError::InvalidOption {
-            option: "block_mask",
+        Err(attentive::AttnError::ConflictingOptions {
+            a: "block_mask",
+            b: "pattern",
             ..
         })
     ));

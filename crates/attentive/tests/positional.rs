@@ -197,7 +197,7 @@ fn learned_absolute_positions_and_their_gradient() {
     assert_eq!(&x[b * n * d - d..], &[29.0, 30.0, 31.0, 32.0]);
     let dx = vec![0.5f32; b * n * d];
     let mut dt = vec![0.0f32; max_len * d];
-    add_learned_backward(&cv(&dx, [b, 1, n, d]), &mut dt, 5).unwrap();
+    add_learned_backward(cv(&dx, [b, 1, n, d]), &mut dt, 5).unwrap();
     assert_eq!(dt.iter().sum::<f32>(), 0.5 * (b * n * d) as f32);
     assert_eq!(&dt[5 * d..6 * d], &[1.0; 4]);
     assert!(add_learned(
