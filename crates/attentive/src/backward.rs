@@ -148,23 +148,16 @@ pub fn backward_rule_params(
     d_params: &mut [f32],
 ) -> Result<()> {
     let p = Problem::new(q, k, v, opts)?;
-    let n_params = if d_params.is_empty() {
-        0
-    } else {
-        let n = opts.score_rule.map_or(0, |r| r.params());
-        crate::problem::expect_len("d_params", d_params.len(), n)?;
-        n
-    };
-    let (b, hq, hkv, nq, nk, d, dvd) = (p.b, p.hq, p.hkv, p.nq, p.nk, p.d, p.dv);
-    crate::problem::expect_shape("o", o.shape(), [b, hq, nq, dvd])?;
-    crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
-    crate::problem::expect_len("lse", lse.len(), b * hq * nq)?;
-    p.check_out("dq", dq, [b, hq, nq, d])?;
-    p.check_out("dk", dk, [b, hkv, nk, d])?;
-    p.check_out("dv", dv, [b, hkv, nk, dvd])?;
+    crate::problem::expect_shape("o", o.shape(), [p.b, p.hq, p.nq, p.dv])?;
+    crate::problem::expect_shape("d_o", d_o.shape(), [p.b, p.hq, p.nq, p.dv])?;
+    let delta = deltas(&p, o, d_o);
+    run(&p, lse, &delta, d_o, dq, dk, dv, d_params)
+}
 
-    // D_i = Σ_c dO[i,c]·O[i,c]                                       // (B, Hq, Nq)
-    let mut delta = vec![0.0f32; b * hq * nq];
+/// $D_i = \sum_c dO_{ic} O_{ic}$ of every row                          // (B, Hq, Nq)
+fn deltas(p: &Problem, o: View, d_o: View) -> Vec<f32> {
+    let (hq, nq, dvd) = (p.hq, p.nq, p.dv);
+    let mut delta = vec![0.0f32; p.b * hq * nq];
     delta.par_chunks_mut(nq).enumerate().for_each_init(
         || (vec![0.0f32; dvd], vec![0.0f32; dvd]),
         |(ro, rd), (bh, dst)| {
@@ -182,6 +175,36 @@ pub fn backward_rule_params(
             }
         },
     );
+    delta
+}
+
+/// The backward of a validated problem, given each row's $D_i$: checks the gradients' shapes,
+/// then runs the kernel.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run(
+    p: &Problem,
+    lse: &[f32],
+    delta: &[f32],
+    d_o: View,
+    dq: &mut ViewMut,
+    dk: &mut ViewMut,
+    dv: &mut ViewMut,
+    d_params: &mut [f32],
+) -> Result<()> {
+    let n_params = if d_params.is_empty() {
+        0
+    } else {
+        let n = p.score_rule().map_or(0, |r| r.params());
+        crate::problem::expect_len("d_params", d_params.len(), n)?;
+        n
+    };
+    let (b, hq, hkv, nq, nk, d, dvd) = (p.b, p.hq, p.hkv, p.nq, p.nk, p.d, p.dv);
+    crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
+    crate::problem::expect_len("lse", lse.len(), b * hq * nq)?;
+    crate::problem::expect_len("delta", delta.len(), b * hq * nq)?;
+    p.check_out("dq", dq, [b, hq, nq, d])?;
+    p.check_out("dk", dk, [b, hkv, nk, d])?;
+    p.check_out("dv", dv, [b, hkv, nk, dvd])?;
 
     let tiles = nk.div_ceil(BC);
     let splits = MIN_TASKS.div_ceil(b * hkv).clamp(1, MAX_SPLITS).min(tiles);
@@ -193,7 +216,7 @@ pub fn backward_rule_params(
     let mut param_parts = vec![0.0f32; b * hkv * splits * n_params];
     let pparts = RawSlice::new(&mut param_parts);
     (0..b * hkv * splits).into_par_iter().for_each_init(
-        || Scratch::new(&p),
+        || Scratch::new(p),
         |scr, task| {
             // SAFETY: task `task` alone owns its slice of the parameter buffers.
             let d_rule = unsafe { pparts.slice_mut(task * n_params, n_params) };
@@ -203,10 +226,10 @@ pub fn backward_rule_params(
             let dq_acc = unsafe { parts.slice_mut(start, group_len) };
             for t in (split..tiles).step_by(splits) {
                 key_tile(
-                    &p,
+                    p,
                     (bk / hkv, bk % hkv),
                     t * BC,
-                    (&d_o, lse, &delta),
+                    (&d_o, lse, delta),
                     dq_acc,
                     d_rule,
                     scr,

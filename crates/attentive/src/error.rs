@@ -53,13 +53,14 @@ pub enum AttnError {
         value: f64,
         reason: &'static str,
     },
-    /// A code path was forced that this CPU cannot run.
+    /// Two options that exclude each other.
     #[error("options {a} and {b} cannot be given together: {reason}")]
     ConflictingOptions {
         a: &'static str,
         b: &'static str,
         reason: &'static str,
     },
+    /// A code path was forced that this CPU cannot run.
     #[error("instruction set {isa:?} is not available on this CPU")]
     IsaUnavailable { isa: crate::Isa },
     /// A per-head or per-position input of the wrong length.

@@ -336,7 +336,8 @@ impl Scratch {
 }
 
 /// Attention of queries `i0..i0 + rows` of `(b, h)` over keys `keys.0..keys.1`: leaves the
-/// normalised output in `scr.o` (`rows × Dv`) and the log-sum-exp in `scr.m`.
+/// normalised output in `scr.o` (`rows × Dv`), each row's largest logit in `scr.m` and its sum
+/// of exponentials relative to it in `scr.l` (−∞ and 0 for a row that sees no key).
 pub(crate) fn attend_rows(
     p: &Problem,
     packed: Option<&PackedK>,
@@ -449,12 +450,33 @@ pub(crate) fn attend_rows(
         if l > 0.0 {
             // SAFETY: orow has dv elements.
             unsafe { (kern.scale)(orow.as_mut_ptr(), dv, 1.0 / l) };
-            scr.m[r] += l.ln();
         } else {
             orow.fill(0.0);
             scr.m[r] = f32::NEG_INFINITY;
+            scr.l[r] = 0.0;
         }
     }
+}
+
+/// Turns the `(max, sum)` statistics [`attend_rows`] leaves in `scr.m`/`scr.l` into each row's
+/// log-sum-exp, in `scr.m`.
+fn to_lse(scr: &mut Scratch, rows: usize) {
+    for (m, &l) in scr.m[..rows].iter_mut().zip(&scr.l[..rows]) {
+        if l > 0.0 {
+            *m += l.ln();
+        }
+    }
+}
+
+/// The row statistics a forward call writes besides the output.
+#[derive(Clone, Copy)]
+enum Stats {
+    None,
+    Lse(RawSlice),
+    /// Each row's largest logit and its sum of exponentials relative to it, unrounded by a
+    /// logarithm: what merging bands needs when logits are large (the log-sum-exp of a row
+    /// whose logits are near 100 carries an absolute rounding of 100·ε).
+    MaxSum(RawSlice, RawSlice),
 }
 
 /// Exact attention: writes $O = \mathrm{softmax}(\text{scale}\cdot QK^\top + \dots)V$ into `out`
@@ -492,24 +514,42 @@ pub fn forward(
 }
 
 /// The forward of a validated problem: checks the outputs, then runs the tiled or decode path.
-fn run(p: &Problem, out: &mut ViewMut, lse: Option<&mut [f32]>) -> Result<()> {
+pub(crate) fn run(p: &Problem, out: &mut ViewMut, lse: Option<&mut [f32]>) -> Result<()> {
     p.check_out("out", out, [p.b, p.hq, p.nq, p.dv])?;
     if let Some(l) = lse.as_deref() {
         crate::problem::expect_len("lse", l.len(), p.b * p.hq * p.nq)?;
     }
-    let raw_out = out.raw();
-    let mut none: [f32; 0] = [];
-    let has_lse = lse.is_some();
-    let raw_lse = RawSlice::new(lse.unwrap_or(&mut none));
-    if p.nq <= DECODE_MAX_Q {
-        decode(p, raw_out, has_lse.then_some(raw_lse));
-    } else {
-        tiled(p, raw_out, has_lse.then_some(raw_lse));
-    }
+    let stats = lse.map_or(Stats::None, |l| Stats::Lse(RawSlice::new(l)));
+    run_stats(p, out.raw(), stats);
     Ok(())
 }
 
-fn tiled(p: &Problem, out: RawOut, lse: Option<RawSlice>) {
+/// [`run`], writing each row's largest logit `m` and its sum of exponentials `l` (both
+/// `B·Hq·Nq`) instead of the log-sum-exp $m + \ln l$. The decode path (few queries) merges its
+/// key chunks by log-sum-exp, and gives `m` = that and `l` = 1.
+pub(crate) fn run_max_sum(
+    p: &Problem,
+    out: &mut ViewMut,
+    m: &mut [f32],
+    l: &mut [f32],
+) -> Result<()> {
+    p.check_out("out", out, [p.b, p.hq, p.nq, p.dv])?;
+    crate::problem::expect_len("max", m.len(), p.b * p.hq * p.nq)?;
+    crate::problem::expect_len("sum", l.len(), p.b * p.hq * p.nq)?;
+    let stats = Stats::MaxSum(RawSlice::new(m), RawSlice::new(l));
+    run_stats(p, out.raw(), stats);
+    Ok(())
+}
+
+fn run_stats(p: &Problem, out: RawOut, stats: Stats) {
+    if p.nq <= DECODE_MAX_Q {
+        decode(p, out, stats);
+    } else {
+        tiled(p, out, stats);
+    }
+}
+
+fn tiled(p: &Problem, out: RawOut, stats: Stats) {
     let packed = PackedK::new(p);
     let qt = p.nq.div_ceil(BR);
     (0..p.b * p.hq * qt).into_par_iter().for_each_init(
@@ -524,15 +564,23 @@ fn tiled(p: &Problem, out: RawOut, lse: Option<RawSlice>) {
                 // SAFETY: task (b, h, t) alone writes rows i0..i0+rows of (b, h).
                 unsafe { out.write_row(b, h, i0 + r, &scr.o[r * p.dv..(r + 1) * p.dv]) };
             }
-            if let Some(l) = lse {
-                // SAFETY: as above, for the LSE entries of those rows.
-                unsafe { l.write(bh * p.nq + i0, &scr.m[..rows]) };
+            // SAFETY: as above, for the statistics of those rows.
+            match stats {
+                Stats::None => {}
+                Stats::Lse(l) => {
+                    to_lse(scr, rows);
+                    unsafe { l.write(bh * p.nq + i0, &scr.m[..rows]) };
+                }
+                Stats::MaxSum(m, l) => unsafe {
+                    m.write(bh * p.nq + i0, &scr.m[..rows]);
+                    l.write(bh * p.nq + i0, &scr.l[..rows]);
+                },
             }
         },
     );
 }
 
-fn decode(p: &Problem, out: RawOut, lse: Option<RawSlice>) {
+fn decode(p: &Problem, out: RawOut, stats: Stats) {
     let chunks = p.nk.div_ceil(DECODE_CHUNK);
     let (nq, dv) = (p.nq, p.dv);
     // Every element is written by its chunk's task before the merge reads it.
@@ -549,6 +597,7 @@ fn decode(p: &Problem, out: RawOut, lse: Option<RawSlice>) {
                 let (b, h) = (bh / p.hq, bh % p.hq);
                 let keys = (c * DECODE_CHUNK, ((c + 1) * DECODE_CHUNK).min(p.nk));
                 attend_rows(p, None, (b, h), 0, nq, keys, scr);
+                to_lse(scr, nq);
                 po.copy_from_slice(&scr.o[..nq * dv]);
                 pl.copy_from_slice(&scr.m[..nq]);
             },
@@ -568,9 +617,20 @@ fn decode(p: &Problem, out: RawOut, lse: Option<RawSlice>) {
                 // SAFETY: this (b, h) is merged and written by this iteration alone.
                 unsafe { out.write_row(b, h, r, &acc_o[r * dv..(r + 1) * dv]) };
             }
-            if let Some(l) = lse {
-                // SAFETY: as above.
-                unsafe { l.write(bh * nq, acc_l) };
+            // SAFETY: as above.
+            match stats {
+                Stats::None => {}
+                Stats::Lse(l) => unsafe { l.write(bh * nq, acc_l) },
+                Stats::MaxSum(m, l) => {
+                    let ones: Vec<f32> = acc_l
+                        .iter()
+                        .map(|&x| if x == f32::NEG_INFINITY { 0.0 } else { 1.0 })
+                        .collect();
+                    unsafe {
+                        m.write(bh * nq, acc_l);
+                        l.write(bh * nq, &ones);
+                    }
+                }
             }
         });
 }

@@ -45,6 +45,7 @@ pub mod pattern;
 pub mod positional;
 mod problem;
 pub mod reference;
+pub mod shaw;
 mod simd;
 mod view;
 mod workspace;

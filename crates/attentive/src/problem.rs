@@ -61,6 +61,9 @@ pub(crate) struct Problem<'a> {
     pub v: View<'a>,
     causal: Option<Causal>,
     window: Option<Window>,
+    /// Keys with `lo ≤ j − (i + Nk − Nq) ≤ hi` only: the bands a caller inside the crate
+    /// splits one call into (Shaw's relative positions).
+    band: Option<(i64, i64)>,
     softcap: Option<f32>,
     alibi: Option<&'a [f32]>,
     mask: Option<View<'a, bool>>,
@@ -244,6 +247,7 @@ impl<'a> Problem<'a> {
             v,
             causal: opts.causal,
             window: opts.window,
+            band: None,
             softcap: opts.softcap,
             alibi: opts.alibi_slopes,
             mask,
@@ -256,12 +260,22 @@ impl<'a> Problem<'a> {
         })
     }
 
+    /// Restricts the problem to keys at relative positions `lo ≤ j − (i + Nk − Nq) ≤ hi`.
+    pub fn with_band(mut self, lo: i64, hi: i64) -> Self {
+        self.band = Some((lo, hi));
+        self
+    }
+
+    pub fn score_rule(&self) -> Option<&'a dyn ScoreRule> {
+        self.score_rule
+    }
+
     /// Checks that an output view has exactly `shape`.
     pub fn check_out(&self, tensor: &'static str, out: &ViewMut, shape: [usize; 4]) -> Result<()> {
         expect_shape(tensor, out.shape(), shape)
     }
 
-    /// Keys `[lo, hi)` that query `i` may see under the causal and window rules.
+    /// Keys `[lo, hi)` that query `i` may see under the causal, window and band rules.
     pub fn row_span(&self, i: usize) -> (usize, usize) {
         let i = i as i64;
         let (mut lo, mut hi) = (0i64, self.nk as i64);
@@ -277,6 +291,10 @@ impl<'a> Problem<'a> {
             if w.right != usize::MAX {
                 hi = hi.min(i + self.off + w.right.min(i64::MAX as usize / 2) as i64 + 1);
             }
+        }
+        if let Some((a, e)) = self.band {
+            lo = lo.max((i + self.off).saturating_add(a));
+            hi = hi.min((i + self.off).saturating_add(e).saturating_add(1));
         }
         let lo = lo.clamp(0, self.nk as i64) as usize;
         let hi = hi.clamp(0, self.nk as i64) as usize;

@@ -20,6 +20,7 @@
 use crate::error::Result;
 use crate::options::{Causal, Options, Pos, ScoreRule};
 use crate::problem::Problem;
+use crate::shaw::Shaw;
 use crate::view::View;
 use std::ops::{Add, Mul, Neg, Sub};
 
@@ -229,23 +230,7 @@ impl<'a> Oracle<'_, 'a> {
     fn row<T: Real>(&self, b: usize, h: usize, i: usize) -> (Vec<T>, Vec<T>, T) {
         let nk = self.dims[4];
         let logits: Vec<Logit<T>> = (0..nk).map(|j| self.logit(b, h, i, j)).collect();
-        let mut m = T::NEG_INF;
-        for l in &logits {
-            if l.x > m {
-                m = l.x;
-            }
-        }
-        if m == T::NEG_INF {
-            return (vec![T::ZERO; nk], vec![T::ZERO; nk], T::NEG_INF);
-        }
-        let e: Vec<T> = logits.iter().map(|l| (l.x - m).exp()).collect();
-        let mut sum = T::ZERO;
-        for &x in &e {
-            sum = sum + x;
-        }
-        let inv = sum.recip();
-        let p = e.into_iter().map(|x| x * inv).collect();
-        (p, logits.iter().map(|l| l.chain).collect(), m + sum.ln())
+        softmax_row(&logits)
     }
 
     /// Dropout factor Z of (b, h, i, j): 0 or 1/(1−p) (1 without dropout).
@@ -411,4 +396,240 @@ fn backward_impl<T: Real>(
         dv: dvv,
         d_params,
     })
+}
+
+/// Output of [`shaw_forward`]: `o` `[B, Hq, Nq, Dv]`, `lse` `[B, Hq, Nq]` and `mass`
+/// `[B, Hq, Nq, 2c+1]`, the weight (after dropout) each row puts on each relative-distance bucket.
+#[derive(Clone, Debug)]
+pub struct ShawForward<T> {
+    pub o: Vec<T>,
+    pub lse: Vec<T>,
+    pub mass: Vec<T>,
+}
+
+/// Output of [`shaw_backward`]: the gradients of [`Grads`] (without rule parameters) and those of
+/// the two tables, `d_keys` `[2c+1, D]` and `d_values` `[2c+1, Dv]`.
+#[derive(Clone, Debug)]
+pub struct ShawGrads<T> {
+    pub dq: Vec<T>,
+    pub dk: Vec<T>,
+    pub dv: Vec<T>,
+    pub d_keys: Vec<T>,
+    pub d_values: Vec<T>,
+}
+
+impl Oracle<'_, '_> {
+    /// Row (b, h, i) of Shaw attention: logits and each key's bucket. The key term
+    /// $\text{scale}\,q_i\cdot a^K_r$ is added to every visible logit.
+    fn shaw_row<T: Real>(
+        &self,
+        shaw: &Shaw,
+        b: usize,
+        h: usize,
+        i: usize,
+    ) -> (Vec<Logit<T>>, Vec<usize>) {
+        let [_, _, _, nq, nk, d, ..] = self.dims;
+        let c = shaw.clip as i64;
+        let buckets: Vec<usize> = (0..nk)
+            .map(|j| ((j as i64 - (i + nk) as i64 + nq as i64).clamp(-c, c) + c) as usize)
+            .collect();
+        let mut logits: Vec<Logit<T>> = (0..nk).map(|j| self.logit(b, h, i, j)).collect();
+        for (l, &r) in logits.iter_mut().zip(&buckets) {
+            if l.x != T::NEG_INF {
+                let mut t = T::ZERO;
+                for cc in 0..d {
+                    t = t + T::from_f32(self.q.at(b, h, i, cc))
+                        * T::from_f32(shaw.keys[r * d + cc]);
+                }
+                l.x = l.x + T::from_f64(self.scale) * t;
+            }
+        }
+        (logits, buckets)
+    }
+}
+
+/// Softmax of a row of logits: weights, chain factors, log-sum-exp (zeros and −∞ when all masked).
+fn softmax_row<T: Real>(logits: &[Logit<T>]) -> (Vec<T>, Vec<T>, T) {
+    let nk = logits.len();
+    let mut m = T::NEG_INF;
+    for l in logits {
+        if l.x > m {
+            m = l.x;
+        }
+    }
+    if m == T::NEG_INF {
+        return (vec![T::ZERO; nk], vec![T::ZERO; nk], T::NEG_INF);
+    }
+    let e: Vec<T> = logits.iter().map(|l| (l.x - m).exp()).collect();
+    let mut sum = T::ZERO;
+    for &x in &e {
+        sum = sum + x;
+    }
+    let inv = sum.recip();
+    let p = e.into_iter().map(|x| x * inv).collect();
+    (p, logits.iter().map(|l| l.chain).collect(), m + sum.ln())
+}
+
+/// Shaw et al.'s relative positions ([`crate::shaw`]), naively: for each pair, the bucket
+/// $r = \mathrm{clip}(j - p_i, -c, c) + c$, the logit plus $\text{scale}\,q_i\cdot a^K_r$, and
+/// $o_i = \sum_j w_{ij}(v_j + a^V_r)$.
+pub fn shaw_forward<T: Real>(
+    q: View,
+    k: View,
+    v: View,
+    opts: &Options,
+    shaw: &Shaw,
+) -> Result<ShawForward<T>> {
+    let or = Oracle::new(q, k, v, opts)?;
+    let [b, hq, _, nq, nk, d, dv, group] = or.dims;
+    let nb = shaw.buckets(opts, d, dv)?;
+    let mut o = vec![T::ZERO; b * hq * nq * dv];
+    let mut lse = vec![T::ZERO; b * hq * nq];
+    let mut mass = vec![T::ZERO; b * hq * nq * nb];
+    for bi in 0..b {
+        for h in 0..hq {
+            for i in 0..nq {
+                let row = (bi * hq + h) * nq + i;
+                let (logits, buckets) = or.shaw_row::<T>(shaw, bi, h, i);
+                let (p, _, l) = softmax_row(&logits);
+                lse[row] = l;
+                for j in 0..nk {
+                    let w = p[j] * or.z::<T>(bi, h, i, j);
+                    let r = buckets[j];
+                    mass[row * nb + r] = mass[row * nb + r] + w;
+                    for c in 0..dv {
+                        let u = T::from_f32(v.at(bi, h / group, j, c))
+                            + T::from_f32(shaw.values[r * dv + c]);
+                        o[row * dv + c] = o[row * dv + c] + w * u;
+                    }
+                }
+            }
+        }
+    }
+    Ok(ShawForward { o, lse, mass })
+}
+
+/// Gradients of $\sum o\circ dO$ for [`shaw_forward`], by the chain rule on each pair:
+/// $dP_{ij} = z_{ij}\,dO_i\cdot(v_j + a^V_r)$, $dx_{ij} = P_{ij}(dP_{ij} - \sum_l P_{il}dP_{il})$;
+/// $dx$ reaches q and k through the content score (times its chain factor) and q and $a^K$
+/// through the key term; $dv_j$ and $da^V_r$ both receive $P_{ij}z_{ij}\,dO_i$.
+pub fn shaw_backward<T: Real>(
+    q: View,
+    k: View,
+    v: View,
+    d_o: View,
+    opts: &Options,
+    shaw: &Shaw,
+) -> Result<ShawGrads<T>> {
+    shaw_backward_impl(q, k, v, d_o, opts, shaw, None)
+}
+
+/// The same gradients by FlashAttention-2's formulas, as [`backward_from_output`] computes them:
+/// weights from a given log-sum-exp and $\sum_l P_{il} dP_{il}$ as $dO_i\cdot o_i$ from a given
+/// output. In f32 this is the naive baseline of the fused Shaw backward.
+pub fn shaw_backward_from_output<T: Real>(
+    q: View,
+    k: View,
+    v: View,
+    (o, lse): (&[T], &[T]),
+    d_o: View,
+    opts: &Options,
+    shaw: &Shaw,
+) -> Result<ShawGrads<T>> {
+    shaw_backward_impl(q, k, v, d_o, opts, shaw, Some((o, lse)))
+}
+
+fn shaw_backward_impl<T: Real>(
+    q: View,
+    k: View,
+    v: View,
+    d_o: View,
+    opts: &Options,
+    shaw: &Shaw,
+    stats: Option<(&[T], &[T])>,
+) -> Result<ShawGrads<T>> {
+    let or = Oracle::new(q, k, v, opts)?;
+    let [b, hq, hkv, nq, nk, d, dv, group] = or.dims;
+    let nb = shaw.buckets(opts, d, dv)?;
+    crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dv])?;
+    if let Some((o, lse)) = stats {
+        crate::problem::expect_len("o", o.len(), b * hq * nq * dv)?;
+        crate::problem::expect_len("lse", lse.len(), b * hq * nq)?;
+    }
+    let f = T::from_f32;
+    let scale = T::from_f64(or.scale);
+    let mut g = ShawGrads {
+        dq: vec![T::ZERO; b * hq * nq * d],
+        dk: vec![T::ZERO; b * hkv * nk * d],
+        dv: vec![T::ZERO; b * hkv * nk * dv],
+        d_keys: vec![T::ZERO; nb * d],
+        d_values: vec![T::ZERO; nb * dv],
+    };
+    for bi in 0..b {
+        for h in 0..hq {
+            let kh = h / group;
+            for i in 0..nq {
+                let row = (bi * hq + h) * nq + i;
+                let (logits, buckets) = or.shaw_row::<T>(shaw, bi, h, i);
+                let (p, chain) = match stats {
+                    None => {
+                        let (p, chain, _) = softmax_row(&logits);
+                        (p, chain)
+                    }
+                    Some((_, lse)) => logits
+                        .iter()
+                        .map(|l| {
+                            if lse[row] == T::NEG_INF || l.x == T::NEG_INF {
+                                (T::ZERO, T::ZERO)
+                            } else {
+                                ((l.x - lse[row]).exp(), l.chain)
+                            }
+                        })
+                        .unzip(),
+                };
+                let dp: Vec<T> = (0..nk)
+                    .map(|j| {
+                        let mut s = T::ZERO;
+                        for c in 0..dv {
+                            let u = f(v.at(bi, kh, j, c)) + f(shaw.values[buckets[j] * dv + c]);
+                            s = s + f(d_o.at(bi, h, i, c)) * u;
+                        }
+                        s * or.z::<T>(bi, h, i, j)
+                    })
+                    .collect();
+                let mut di = T::ZERO;
+                match stats {
+                    None => (0..nk).for_each(|j| di = di + p[j] * dp[j]),
+                    Some((o, _)) => {
+                        (0..dv).for_each(|c| di = di + f(d_o.at(bi, h, i, c)) * o[row * dv + c])
+                    }
+                }
+                for j in 0..nk {
+                    if p[j] == T::ZERO {
+                        continue;
+                    }
+                    let r = buckets[j];
+                    let dx = p[j] * (dp[j] - di);
+                    let ds = dx * chain[j] * scale;
+                    for c in 0..d {
+                        let (qi, kj) = (row * d + c, ((bi * hkv + kh) * nk + j) * d + c);
+                        g.dq[qi] = g.dq[qi]
+                            + ds * f(k.at(bi, kh, j, c))
+                            + dx * scale * f(shaw.keys[r * d + c]);
+                        g.dk[kj] = g.dk[kj] + ds * f(q.at(bi, h, i, c));
+                        g.d_keys[r * d + c] =
+                            g.d_keys[r * d + c] + dx * scale * f(q.at(bi, h, i, c));
+                    }
+                    let wz = p[j] * or.z::<T>(bi, h, i, j);
+                    for c in 0..dv {
+                        let vj = ((bi * hkv + kh) * nk + j) * dv + c;
+                        let go = wz * f(d_o.at(bi, h, i, c));
+                        g.dv[vj] = g.dv[vj] + go;
+                        g.d_values[r * dv + c] = g.d_values[r * dv + c] + go;
+                    }
+                }
+            }
+        }
+    }
+    Ok(g)
 }
