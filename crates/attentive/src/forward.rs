@@ -510,6 +510,9 @@ pub fn forward(
     out: &mut ViewMut,
     lse: Option<&mut [f32]>,
 ) -> Result<()> {
+    if let Some(plan) = crate::residue::plan(opts) {
+        return crate::residue::forward(plan, q, k, v, opts, out, lse);
+    }
     run(&Problem::new(q, k, v, opts)?, out, lse)
 }
 

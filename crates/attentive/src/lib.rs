@@ -45,6 +45,7 @@ pub mod pattern;
 pub mod positional;
 mod problem;
 pub mod reference;
+mod residue;
 pub mod shaw;
 mod simd;
 mod view;

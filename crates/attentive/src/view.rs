@@ -213,6 +213,22 @@ impl<'a> ViewMut<'a> {
         })
     }
 
+    /// A writable view whose distinct elements the caller knows to be distinct addresses (a
+    /// residue class of rows, say, which the general check cannot always prove); bounds are
+    /// still checked.
+    pub(crate) fn new_disjoint(
+        data: &'a mut [f32],
+        shape: [usize; 4],
+        strides: [usize; 4],
+    ) -> Result<Self> {
+        check_bounds("output", data.len(), shape, strides)?;
+        Ok(Self {
+            data,
+            shape,
+            strides,
+        })
+    }
+
     /// A row-major writable view of exactly `shape`.
     pub fn contiguous(data: &'a mut [f32], shape: [usize; 4]) -> Result<Self> {
         let need: usize = shape.iter().product();

@@ -131,6 +131,41 @@ fn every_pattern_forward_and_backward_against_the_oracle() {
     }
 }
 
+/// A lone dilated or strided pattern runs as dense problems over residue classes: classes of
+/// several tiles, unequal class sizes, Nq ≠ Nk both ways, GQA, strided layouts, softcap.
+#[test]
+fn residue_classes_against_the_oracle() {
+    let cases = [
+        (
+            700,
+            700,
+            Pattern::Dilated {
+                window: 20,
+                dilation: 3,
+            },
+        ),
+        (300, 1000, Pattern::Strided { stride: 50 }),
+        (
+            1000,
+            301,
+            Pattern::Dilated {
+                window: 5,
+                dilation: 4,
+            },
+        ),
+        (513, 513, Pattern::Strided { stride: 7 }),
+        (70, 200, Pattern::Strided { stride: 300 }),
+    ];
+    for (n, (nq, nk, p)) in cases.into_iter().enumerate() {
+        let mut c = Case::plain(2, 4, 2, nq, nk, 16);
+        c.pattern = Some(p);
+        c.layout = [Layout::Bhnd, Layout::Bnhd, Layout::Bhdn][n % 3];
+        c.softcap = (n % 2 == 1).then_some(2.0);
+        c.seed = 100 + n as u64;
+        check_case(&c, n < 2).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    }
+}
+
 #[test]
 fn patterns_compose_with_every_option() {
     // Random problems that all carry a pattern: causal, GQA, dropout, documents, biases, rules.
