@@ -12,11 +12,13 @@
 //! [`BlockMask`] so the kernels pay only for the tiles a pattern keeps.
 //!
 //! * [`positional`] — sinusoidal, learned, RoPE (both pairings), ALiBi slopes, T5 buckets.
+//! * [`shaw`] — Shaw et al.'s relative position representations (learned key and value vectors
+//!   per clipped distance), forward and backward on the fused kernel.
 //!
 //! * [`forward`] — output and log-sum-exp; [`backward`] — dQ, dK, dV from them;
 //!   [`probabilities`] — the weights themselves, when you want to look.
 //! * [`merge`] — combine attention computed over disjoint key sets (decode splits, ring attention).
-//! * [`reference`] — the naive oracle of every option, in f64 or f32, to test against.
+//! * [`reference`](mod@reference) — the naive oracle of every option, in f64 or f32, to test against.
 //!
 //! Tensors enter as [`View`]s: a slice, a shape `[B, H, N, D]` and any strides, so `[B, N, H, D]`
 //! storage needs no copy. Every call validates its inputs first and returns an [`AttnError`]
