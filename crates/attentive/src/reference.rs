@@ -1,7 +1,7 @@
 //! The oracle: every semantic the kernels offer, computed naively, one (b, h, i, j) at a time.
 //!
 //! Nothing here is tiled, fused or clever. Each function materialises the full score matrix of a
-//! row and follows the definitions of [`Options`](crate::Options) literally, so it can serve as
+//! row and follows the definitions of [`Options`] literally, so it can serve as
 //! the ground truth for the engine's tests and for anyone's own attention code. It is generic over
 //! the float type: `f64` is the oracle, and `f32` is "the same naive math in the kernel's own
 //! precision", the baseline of the accuracy rule (an fp32 kernel's error must stay within twice
