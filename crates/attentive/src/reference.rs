@@ -333,22 +333,8 @@ fn backward_impl<T: Real>(
             let kh = h / group;
             for i in 0..nq {
                 let row = (bi * hq + h) * nq + i;
-                let (p, chain) = match stats {
-                    None => {
-                        let (p, chain, _) = or.row::<T>(bi, h, i);
-                        (p, chain)
-                    }
-                    Some((_, lse)) => (0..nk)
-                        .map(|j| {
-                            let l = or.logit::<T>(bi, h, i, j);
-                            if lse[row] == T::NEG_INF || l.x == T::NEG_INF {
-                                (T::ZERO, T::ZERO)
-                            } else {
-                                ((l.x - lse[row]).exp(), l.chain)
-                            }
-                        })
-                        .unzip(),
-                };
+                let logits: Vec<Logit<T>> = (0..nk).map(|j| or.logit(bi, h, i, j)).collect();
+                let (p, chain) = row_weights(&logits, stats.map(|(_, lse)| lse[row]));
                 let dp: Vec<T> = (0..nk)
                     .map(|j| {
                         let mut s = T::ZERO;
@@ -358,13 +344,8 @@ fn backward_impl<T: Real>(
                         s * or.z::<T>(bi, h, i, j)
                     })
                     .collect();
-                let mut di = T::ZERO;
-                match stats {
-                    None => (0..nk).for_each(|j| di = di + p[j] * dp[j]),
-                    Some((o, _)) => {
-                        (0..dv).for_each(|c| di = di + f(d_o.at(bi, h, i, c)) * o[row * dv + c])
-                    }
-                }
+                let o_row = stats.map(|(o, _)| &o[row * dv..(row + 1) * dv]);
+                let di = row_delta(&p, &dp, o_row, |c| f(d_o.at(bi, h, i, c)));
                 for j in 0..nk {
                     if p[j] == T::ZERO {
                         continue;
@@ -446,6 +427,40 @@ impl Oracle<'_, '_> {
         }
         (logits, buckets)
     }
+}
+
+/// The weights and chain factors of a row: by softmax, or recomputed from a given log-sum-exp
+/// as FlashAttention-2 does, $P_{ij} = e^{x_{ij} - \mathrm{LSE}_i}$.
+fn row_weights<T: Real>(logits: &[Logit<T>], lse: Option<T>) -> (Vec<T>, Vec<T>) {
+    match lse {
+        None => {
+            let (p, chain, _) = softmax_row(logits);
+            (p, chain)
+        }
+        Some(lse) => logits
+            .iter()
+            .map(|l| {
+                if lse == T::NEG_INF || l.x == T::NEG_INF {
+                    (T::ZERO, T::ZERO)
+                } else {
+                    ((l.x - lse).exp(), l.chain)
+                }
+            })
+            .unzip(),
+    }
+}
+
+/// $\sum_j P_{ij}\,dP_{ij}$, or $\sum_c dO_{ic} O_{ic}$ from a given output row `o`.
+fn row_delta<T: Real>(p: &[T], dp: &[T], o: Option<&[T]>, d_o: impl Fn(usize) -> T) -> T {
+    let mut di = T::ZERO;
+    match o {
+        None => p.iter().zip(dp).for_each(|(&a, &b)| di = di + a * b),
+        Some(o) => o
+            .iter()
+            .enumerate()
+            .for_each(|(c, &x)| di = di + d_o(c) * x),
+    }
+    di
 }
 
 /// Softmax of a row of logits: weights, chain factors, log-sum-exp (zeros and −∞ when all masked).
@@ -571,22 +586,7 @@ fn shaw_backward_impl<T: Real>(
             for i in 0..nq {
                 let row = (bi * hq + h) * nq + i;
                 let (logits, buckets) = or.shaw_row::<T>(shaw, bi, h, i);
-                let (p, chain) = match stats {
-                    None => {
-                        let (p, chain, _) = softmax_row(&logits);
-                        (p, chain)
-                    }
-                    Some((_, lse)) => logits
-                        .iter()
-                        .map(|l| {
-                            if lse[row] == T::NEG_INF || l.x == T::NEG_INF {
-                                (T::ZERO, T::ZERO)
-                            } else {
-                                ((l.x - lse[row]).exp(), l.chain)
-                            }
-                        })
-                        .unzip(),
-                };
+                let (p, chain) = row_weights(&logits, stats.map(|(_, lse)| lse[row]));
                 let dp: Vec<T> = (0..nk)
                     .map(|j| {
                         let mut s = T::ZERO;
@@ -597,13 +597,8 @@ fn shaw_backward_impl<T: Real>(
                         s * or.z::<T>(bi, h, i, j)
                     })
                     .collect();
-                let mut di = T::ZERO;
-                match stats {
-                    None => (0..nk).for_each(|j| di = di + p[j] * dp[j]),
-                    Some((o, _)) => {
-                        (0..dv).for_each(|c| di = di + f(d_o.at(bi, h, i, c)) * o[row * dv + c])
-                    }
-                }
+                let o_row = stats.map(|(o, _)| &o[row * dv..(row + 1) * dv]);
+                let di = row_delta(&p, &dp, o_row, |c| f(d_o.at(bi, h, i, c)));
                 for j in 0..nk {
                     if p[j] == T::ZERO {
                         continue;
