@@ -232,6 +232,7 @@ impl Shaw<'_> {
         let qc = q.to_vec();
         let r = self.key_table(&qc, dims);
         let rule = KeyTerm { r: &r, dims };
+        let plain = *opts;
         let opts = Options {
             score_rule: Some(&rule),
             ..*opts
@@ -240,15 +241,20 @@ impl Shaw<'_> {
         let v1 = View::contiguous(&v1, &[dims.b, dims.hkv, dims.nk, dv + 1])?;
         let bands = dims.bands();
         let nbands = bands.len();
-        // Each outer band alone: output with its total weight in the last column, and LSE.
+        // Each outer band alone: output with its total weight in the last column, and row max
+        // and sum. The key term is one number per row over an outer band, R_i,bucket: the band
+        // runs without it (the kernel's fastest path) and it is added to the row's max after.
         let mut parts = Vec::with_capacity(nbands);
-        for &(lo, hi, _) in &bands {
-            let p = Problem::new(q, k, v1, &opts)?.with_band(lo, hi);
+        for &(lo, hi, bucket) in &bands {
+            let p = Problem::new(q, k, v1, &plain)?.with_band(lo, hi);
             let mut o = vec![0.0f32; rows * (dv + 1)]; //         (B, Hq, Nq, Dv+1)
             let (mut m, mut l) = (vec![0.0f32; rows], vec![0.0f32; rows]); // (B, Hq, Nq)
             let shape = [dims.b, dims.hq, nq, dv + 1];
             let out = &mut ViewMut::contiguous(&mut o, shape)?;
             crate::forward::run_max_sum(&p, out, &mut m, &mut l)?;
+            for (row, x) in m.iter_mut().enumerate() {
+                *x += r[row * nb + bucket];
+            }
             parts.push((o, m, l));
         }
         let inner = (dims.c > 0)
@@ -410,12 +416,14 @@ impl Shaw<'_> {
             .collect();
         let r = self.key_table(&qc, dims);
         let rule = KeyTerm { r: &r, dims };
+        let plain = *opts;
         let opts = Options {
             score_rule: Some(&rule),
             ..*opts
         };
         let v1 = with_ones(&v);
         let v1 = View::contiguous(&v1, &[b, hkv, nk, dvd + 1])?;
+        let mut lse_band = vec![0.0f32; rows];
         let shape_q1 = [b, hq, nq, dvd + 1];
 
         let mut gq = vec![0.0f32; rows * d]; //                     (B, Hq, Nq, D)
@@ -432,10 +440,14 @@ impl Shaw<'_> {
                 dst[..dvd].copy_from_slice(&doc[row * dvd..(row + 1) * dvd]);
                 dst[dvd] = cv[row * nb + bucket];
             }
-            let p = Problem::new(q, k, v1, &opts)?.with_band(lo, hi);
+            // The band runs without its key term, R_i,bucket: P = e^{x − (LSE − R)}.
+            for (row, x) in lse_band.iter_mut().enumerate() {
+                *x = saved.lse[row] - r[row * nb + bucket];
+            }
+            let p = Problem::new(q, k, v1, &plain)?.with_band(lo, hi);
             crate::backward::run(
                 &p,
-                &saved.lse,
+                &lse_band,
                 &delta,
                 View::contiguous(&do1, &shape_q1)?,
                 &mut ViewMut::contiguous(&mut eq, [b, hq, nq, d])?,
@@ -629,13 +641,48 @@ fn softmax(x: &[f32], w: &mut Vec<f32>) -> (f32, f32) {
 
 /// One fused multiply-add chain in column order (the kernel's order for D).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has FMA, checked just above.
+        return unsafe { dot_fma(a, b) };
+    }
+    dot_chain(a, b)
+}
+
+/// $y \leftarrow a x + y$, each element one fused multiply-add.
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has FMA, checked just above.
+        return unsafe { axpy_fma(y, a, x) };
+    }
+    axpy_chain(y, a, x)
+}
+
+#[inline(always)]
+fn dot_chain(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0.0, |acc, (&x, &y)| x.mul_add(y, acc))
 }
 
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+#[inline(always)]
+fn axpy_chain(y: &mut [f32], a: f32, x: &[f32]) {
     y.iter_mut()
         .zip(x)
         .for_each(|(y, &x)| *y = a.mul_add(x, *y));
+}
+
+// The same code compiled with the FMA instruction instead of a call to the library's `fmaf`;
+// both round once per multiply-add, so the results are the same bits (tested below).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
+    dot_chain(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn axpy_fma(y: &mut [f32], a: f32, x: &[f32]) {
+    axpy_chain(y, a, x)
 }
 
 fn add(y: &mut [f32], x: &[f32]) {
@@ -652,4 +699,24 @@ fn with_ones(v: &View) -> Vec<f32> {
         out.push(1.0);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fma_path_gives_the_scalar_bits() {
+        let a: Vec<f32> = (0..203)
+            .map(|i| ((i * 7919) % 1013) as f32 / 97.0 - 5.0)
+            .collect();
+        let b: Vec<f32> = (0..203)
+            .map(|i| ((i * 104729) % 997) as f32 / 89.0 - 5.5)
+            .collect();
+        assert_eq!(dot(&a, &b).to_bits(), dot_chain(&a, &b).to_bits());
+        let (mut y, mut z) = (b.clone(), b.clone());
+        axpy(&mut y, 0.37, &a);
+        axpy_chain(&mut z, 0.37, &a);
+        assert!(y.iter().zip(&z).all(|(p, q)| p.to_bits() == q.to_bits()));
+    }
 }
