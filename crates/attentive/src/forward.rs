@@ -699,6 +699,24 @@ pub fn merge(acc_o: &mut [f32], acc_lse: &mut [f32], o: &[f32], lse: &[f32]) -> 
     Ok(())
 }
 
+/// Combines parts of one row computed over disjoint key sets, each given by the largest logit
+/// `m` and the sum `l` of exponentials relative to it ([`run_max_sum`]): writes each part's
+/// share of the row's weight, $l_p e^{m_p - m} / \sum_{p'} l_{p'} e^{m_{p'} - m}$, into
+/// `shares` and returns the row's log-sum-exp. No rounded LSE enters, unlike [`merge`]. A row no
+/// part sees gets shares 0 and −∞.
+pub(crate) fn shares(stats: &[(f32, f32)], shares: &mut [f32]) -> f32 {
+    let m = stats.iter().fold(f32::NEG_INFINITY, |a, s| a.max(s.0));
+    for (x, &(mp, lp)) in shares.iter_mut().zip(stats) {
+        *x = if lp > 0.0 { lp * (mp - m).exp() } else { 0.0 };
+    }
+    let sum: f32 = shares[..stats.len()].iter().sum();
+    if sum == 0.0 {
+        return f32::NEG_INFINITY;
+    }
+    shares.iter_mut().for_each(|x| *x /= sum);
+    m + sum.ln()
+}
+
 /// How many (batch, head, query, key) pairs the masks of `opts` leave visible: the pairs the
 /// kernels compute, and what a FLOP count of masked attention should count (4·D FLOPs per pair
 /// forward, 10·D more backward). Takes the shapes of `q` (`[B, Hq, Nq, D]`) and `k`

@@ -17,7 +17,7 @@
 //! serves the pattern as it does every other.
 
 use crate::error::Result;
-use crate::forward::run_max_sum;
+use crate::forward::{run_max_sum, shares};
 use crate::options::Options;
 use crate::pattern::Pattern;
 use crate::problem::{expect_len, Problem};
@@ -215,30 +215,17 @@ pub(crate) fn forward(
         .zip(lse_rows.par_iter_mut())
         .enumerate()
         .for_each(|(row, (o, lse))| {
-            let (m, l) = (m_cls[row], l_cls[row]);
+            let class = (m_cls[row], l_cls[row]);
             let Some((lo, lm, ll)) = local.as_ref() else {
-                *lse = if l > 0.0 {
-                    m + l.ln()
-                } else {
-                    f32::NEG_INFINITY
-                };
+                *lse = shares(&[class], &mut [0.0]);
                 return;
             };
-            let (mb, lb, ob) = (lm[row], ll[row], &lo[row * dv..(row + 1) * dv]);
-            let mx = m.max(mb);
-            let wa = if l > 0.0 { l * (m - mx).exp() } else { 0.0 };
-            let wb = if lb > 0.0 { lb * (mb - mx).exp() } else { 0.0 };
-            let sum = wa + wb;
-            if sum == 0.0 {
-                *lse = f32::NEG_INFINITY;
-                o.fill(0.0);
-                return;
-            }
-            *lse = mx + sum.ln();
-            let (wa, wb) = (wa / sum, wb / sum);
+            let mut w = [0.0f32; 2];
+            *lse = shares(&[class, (lm[row], ll[row])], &mut w);
+            let ob = &lo[row * dv..(row + 1) * dv];
             o.iter_mut()
                 .zip(ob)
-                .for_each(|(y, &x)| *y = wa * *y + wb * x);
+                .for_each(|(y, &x)| *y = w[0] * *y + w[1] * x);
         });
     out.for_each_row(|bi, h, i, dst| {
         let row = (bi * hq + h) * nq + i;

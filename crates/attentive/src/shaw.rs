@@ -291,15 +291,15 @@ impl Shaw<'_> {
                             p.apply_dropout((b, h, i), lo, w);
                         }
                     }
-                    // Part p's share of the row's weight: l_p e^{m_p − m} / Σ_p' l_p' e^{m_p' − m}.
-                    let stats: Vec<(f32, f32)> = parts
-                        .iter()
-                        .map(|(_, pm, pl)| (pm[row], pl[row]))
-                        .chain([(m_in, l_in)])
-                        .collect();
-                    let m = stats.iter().fold(f32::NEG_INFINITY, |a, s| a.max(s.0));
-                    *l = m;
-                    if m == f32::NEG_INFINITY {
+                    // Each part's share of the row's weight: outer bands, then the inner one.
+                    let mut stats = [(f32::NEG_INFINITY, 0.0f32); 3];
+                    for (st, (_, pm, pl)) in stats.iter_mut().zip(&parts) {
+                        *st = (pm[row], pl[row]);
+                    }
+                    stats[nbands] = (m_in, l_in);
+                    let mut share = [0.0f32; 3];
+                    *l = crate::forward::shares(&stats[..nbands + 1], &mut share);
+                    if *l == f32::NEG_INFINITY {
                         o.fill(0.0);
                         o_attn.fill(0.0);
                         a.fill(0.0);
@@ -307,20 +307,13 @@ impl Shaw<'_> {
                         bw.fill(0.0);
                         return;
                     }
-                    let e: Vec<f32> = stats
-                        .iter()
-                        .map(|&(mp, lp)| if lp > 0.0 { lp * (mp - m).exp() } else { 0.0 })
-                        .collect();
-                    let sum: f32 = e.iter().sum();
-                    *l = m + sum.ln();
-                    let share = |part: usize| e[part] / sum;
                     o.fill(0.0);
                     a.fill(0.0);
                     let kvh = h / dims.group;
                     for (part, ((po, _, _), &(_, _, bucket))) in
                         parts.iter().zip(&bands).enumerate()
                     {
-                        let beta = share(part);
+                        let beta = share[part];
                         let src = &po[row * (dv + 1)..(row + 1) * (dv + 1)];
                         let dst = &mut bo[part * dv..(part + 1) * dv];
                         for ((y, z), &s) in dst.iter_mut().zip(o.iter_mut()).zip(src) {
@@ -331,7 +324,7 @@ impl Shaw<'_> {
                         a[bucket] = beta * src[dv];
                     }
                     if l_in > 0.0 {
-                        let beta = share(nbands);
+                        let beta = share[nbands];
                         for (t, &wt) in w.iter().enumerate() {
                             if wt == 0.0 {
                                 continue;
