@@ -23,7 +23,7 @@ use crate::blocks::Block;
 use crate::error::{AttnError, Result};
 use crate::options::Options;
 use crate::problem::{Problem, Span};
-use crate::simd::Gemm;
+use crate::simd::{Gemm, Transpose};
 use crate::view::{RawOut, RawSlice, View, ViewMut};
 use crate::workspace::Buffer;
 use rayon::prelude::*;
@@ -147,10 +147,27 @@ impl PackedK {
                 let k = &p.k;
                 let (data, st) = (k.data(), k.strides());
                 let w = BC.min(p.nk - j0);
-                for c in 0..w {
-                    let o = k.offset(b, h, j0 + c, 0);
-                    for d in 0..p.d {
-                        dst[d * BC + c] = data[o + d * st[3]];
+                if st[3] == 1 {
+                    let src = &data[k.offset(b, h, j0, 0)..];
+                    debug_assert!(w == 0 || src.len() >= (w - 1) * st[2] + p.d);
+                    // SAFETY: the view was validated, so its w rows of D floats at stride st[2]
+                    // lie inside src; dst holds D rows of BC ≥ w floats.
+                    unsafe {
+                        (p.kern.transpose)(&Transpose {
+                            src: src.as_ptr(),
+                            lds: st[2],
+                            rows: w,
+                            cols: p.d,
+                            dst: dst.as_mut_ptr(),
+                            ldd: BC,
+                        })
+                    }
+                } else {
+                    for c in 0..w {
+                        let o = k.offset(b, h, j0 + c, 0);
+                        for d in 0..p.d {
+                            dst[d * BC + c] = data[o + d * st[3]];
+                        }
                     }
                 }
                 for d in 0..p.d {

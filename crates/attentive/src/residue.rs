@@ -22,6 +22,7 @@ use crate::options::Options;
 use crate::pattern::Pattern;
 use crate::problem::{expect_len, Problem};
 use crate::view::{View, ViewMut};
+use crate::workspace::Buffer;
 use rayon::prelude::*;
 
 /// How a call is split: into `classes` residue classes with the band `lo ≤ j' − p' ≤ hi`, and
@@ -161,7 +162,7 @@ pub(crate) fn forward(
     let rows = b * hq * nq;
     // Row statistics [B, Hq, Nq] and outputs [B, Hq, Nq, Dv] of the class part, written through
     // folded views; then the local band's, if any.
-    let mut o_cls = vec![0.0f32; rows * dv];
+    let mut o_cls = Buffer::zeroed(rows * dv);
     let (mut m_cls, mut l_cls) = (vec![f32::NEG_INFINITY; rows], vec![0.0f32; rows]);
     let row_stride = [hq * nq * dv, nq * dv, dv, 1];
     for gr in groups(n, nq, nk, full.off) {
@@ -198,7 +199,7 @@ pub(crate) fn forward(
         .map(|l| {
             let p = full.with_band(1 - l, 0);
             let mut part = (
-                vec![0.0f32; rows * dv],
+                Buffer::uninit(rows * dv),
                 vec![0.0f32; rows],
                 vec![0.0f32; rows],
             );

@@ -90,6 +90,8 @@ pub(crate) trait Simd: Copy {
     unsafe fn reduce_max(v: Self::V) -> f32;
     /// $e^x$ lane-wise; exactly 0 for $x < -87.3$ (and for $-\infty$).
     unsafe fn exp(v: Self::V) -> Self::V;
+    /// `dst[c·ldd + r] = src[r·lds + c]` for a block of `LANES × LANES`.
+    unsafe fn transpose_block(src: *const f32, lds: usize, dst: *mut f32, ldd: usize);
 }
 
 /// Rows of the output held in registers by the matrix micro-kernel: 6 rows × `NV` vectors of
@@ -128,6 +130,42 @@ pub(crate) struct Kernels {
     pub exp_sum: unsafe fn(x: *mut f32, n: usize, scale: f32, m: f32) -> f32,
     /// `x[c] ← a·x[c]`.
     pub scale: unsafe fn(x: *mut f32, n: usize, a: f32),
+    /// See [`Transpose`].
+    pub transpose: unsafe fn(&Transpose),
+}
+
+/// `dst[c·ldd + r] = src[r·lds + c]` for `r < rows`, `c < cols`: packs Kᵀ tiles.
+#[derive(Clone, Copy)]
+pub(crate) struct Transpose {
+    pub src: *const f32,
+    pub lds: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub dst: *mut f32,
+    pub ldd: usize,
+}
+
+#[inline(always)]
+unsafe fn transpose_generic<S: Simd>(t: &Transpose) {
+    let l = S::LANES;
+    let (full_r, full_c) = (t.rows / l * l, t.cols / l * l);
+    for r in (0..full_r).step_by(l) {
+        for c in (0..full_c).step_by(l) {
+            S::transpose_block(
+                t.src.add(r * t.lds + c),
+                t.lds,
+                t.dst.add(c * t.ldd + r),
+                t.ldd,
+            );
+        }
+    }
+    // The ragged edges, element by element.
+    for r in 0..t.rows {
+        let c0 = if r < full_r { full_c } else { 0 };
+        for c in c0..t.cols {
+            *t.dst.add(c * t.ldd + r) = *t.src.add(r * t.lds + c);
+        }
+    }
 }
 
 #[inline(always)]
@@ -301,12 +339,15 @@ macro_rules! kernel_table {
             }
             $(#[target_feature(enable = $feat)])*
             pub(super) unsafe fn scale(x: *mut f32, n: usize, a: f32) { scale_generic::<$S>(x, n, a) }
+            $(#[target_feature(enable = $feat)])*
+            pub(super) unsafe fn transpose(t: &Transpose) { transpose_generic::<$S>(t) }
         }
         pub(crate) static $name: Kernels = Kernels {
             gemm: wrappers::gemm,
             max: wrappers::max,
             exp_sum: wrappers::exp_sum,
             scale: wrappers::scale,
+            transpose: wrappers::transpose,
         };
     };
 }
@@ -368,6 +409,10 @@ impl Simd for Scalar {
         } else {
             v.exp()
         }
+    }
+    #[inline(always)]
+    unsafe fn transpose_block(src: *const f32, _: usize, dst: *mut f32, _: usize) {
+        *dst = *src
     }
 }
 
@@ -475,6 +520,44 @@ mod x86 {
             y = _mm512_add_ps(_mm512_fmadd_ps(y, r2, r), _mm512_set1_ps(1.0));
             _mm512_maskz_mov_ps(!under, _mm512_scalef_ps(y, n))
         }
+        #[inline(always)]
+        unsafe fn transpose_block(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
+            let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * lds)));
+            // Pairs of rows interleaved within each 128-bit lane, then quadruples: u[4b + k]
+            // holds, in lane q, column k + 4q of rows 4b..4b + 4.
+            let t: [__m512; 16] = std::array::from_fn(|i| {
+                let (a, b) = (r[i & !1], r[i | 1]);
+                if i % 2 == 0 {
+                    _mm512_unpacklo_ps(a, b)
+                } else {
+                    _mm512_unpackhi_ps(a, b)
+                }
+            });
+            let u: [__m512; 16] = std::array::from_fn(|i| {
+                let (blk, k) = (i / 4, i % 4);
+                let a = _mm512_castps_pd(t[4 * blk + k / 2]);
+                let b = _mm512_castps_pd(t[4 * blk + k / 2 + 2]);
+                _mm512_castpd_ps(if k % 2 == 0 {
+                    _mm512_unpacklo_pd(a, b)
+                } else {
+                    _mm512_unpackhi_pd(a, b)
+                })
+            });
+            // Column k + 4q gathers lane q of u[k], u[4 + k], u[8 + k], u[12 + k].
+            for k in 0..4 {
+                let v0 = _mm512_shuffle_f32x4::<0x88>(u[k], u[4 + k]);
+                let w0 = _mm512_shuffle_f32x4::<0x88>(u[8 + k], u[12 + k]);
+                let v1 = _mm512_shuffle_f32x4::<0xdd>(u[k], u[4 + k]);
+                let w1 = _mm512_shuffle_f32x4::<0xdd>(u[8 + k], u[12 + k]);
+                _mm512_storeu_ps(dst.add(k * ldd), _mm512_shuffle_f32x4::<0x88>(v0, w0));
+                _mm512_storeu_ps(dst.add((k + 8) * ldd), _mm512_shuffle_f32x4::<0xdd>(v0, w0));
+                _mm512_storeu_ps(dst.add((k + 4) * ldd), _mm512_shuffle_f32x4::<0x88>(v1, w1));
+                _mm512_storeu_ps(
+                    dst.add((k + 12) * ldd),
+                    _mm512_shuffle_f32x4::<0xdd>(v1, w1),
+                );
+            }
+        }
     }
 
     #[derive(Clone, Copy)]
@@ -568,6 +651,39 @@ mod x86 {
             let y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
             _mm256_andnot_ps(under, y)
         }
+        #[inline(always)]
+        unsafe fn transpose_block(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
+            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * lds)));
+            let t: [__m256; 8] = std::array::from_fn(|i| {
+                let (a, b) = (r[i & !1], r[i | 1]);
+                if i % 2 == 0 {
+                    _mm256_unpacklo_ps(a, b)
+                } else {
+                    _mm256_unpackhi_ps(a, b)
+                }
+            });
+            // u[4b + k] holds column k of rows 4b..4b + 4 in its low half and column k + 4 in
+            // its high half.
+            let u: [__m256; 8] = std::array::from_fn(|i| {
+                let (blk, k) = (i / 4, i % 4);
+                let (a, b) = (t[4 * blk + k / 2], t[4 * blk + k / 2 + 2]);
+                if k % 2 == 0 {
+                    _mm256_shuffle_ps::<0x44>(a, b)
+                } else {
+                    _mm256_shuffle_ps::<0xee>(a, b)
+                }
+            });
+            for k in 0..4 {
+                _mm256_storeu_ps(
+                    dst.add(k * ldd),
+                    _mm256_permute2f128_ps::<0x20>(u[k], u[4 + k]),
+                );
+                _mm256_storeu_ps(
+                    dst.add((k + 4) * ldd),
+                    _mm256_permute2f128_ps::<0x31>(u[k], u[4 + k]),
+                );
+            }
+        }
     }
 
     mod avx512_table {
@@ -610,6 +726,38 @@ mod tests {
             let s = unsafe { (k.exp_sum)(inf.as_mut_ptr(), 19, 1.0, 0.0) };
             assert_eq!(s, 0.0);
             assert!(inf.iter().all(|&x| x == 0.0));
+        }
+    }
+
+    #[test]
+    fn transpose_matches_the_scalar_path() {
+        for isa in Isa::all_available() {
+            let k = table(isa);
+            for &(rows, cols) in &[(1, 1), (16, 16), (64, 64), (17, 33), (40, 8), (5, 70)] {
+                let (lds, ldd) = (cols + 3, rows + 5);
+                let src: Vec<f32> = (0..rows * lds).map(|x| x as f32).collect();
+                let mut dst = vec![-1.0f32; cols * ldd];
+                let t = Transpose {
+                    src: src.as_ptr(),
+                    lds,
+                    rows,
+                    cols,
+                    dst: dst.as_mut_ptr(),
+                    ldd,
+                };
+                // SAFETY: src holds rows×lds and dst cols×ldd elements.
+                unsafe { (k.transpose)(&t) };
+                for c in 0..cols {
+                    for r in 0..ldd {
+                        let want = if r < rows { src[r * lds + c] } else { -1.0 };
+                        assert_eq!(
+                            dst[c * ldd + r],
+                            want,
+                            "{isa:?} {rows}x{cols} at ({r}, {c})"
+                        );
+                    }
+                }
+            }
         }
     }
 
