@@ -1,0 +1,248 @@
+//! Multi-head attention: self and cross, grouped-query, with an optional KV cache for
+//! incremental decoding, and position schemes that act inside attention (RoPE, ALiBi).
+//!
+//! With $H_q$ query heads over $H_{kv}$ key/value heads of width $d_h$,
+//! $$\mathrm{MHA}(X, Y) = \mathrm{concat}_h\big(\mathrm{attn}(XW^Q_h, YW^K_{g(h)}, YW^V_{g(h)})\big)W^O,
+//! \quad g(h) = \lfloor h / (H_q/H_{kv}) \rfloor,$$
+//! where `attn` is the fused kernel ([`crate::op::attention`]). Self-attention is $Y = X$.
+
+use crate::layers::{Linear, Params};
+use crate::op::{attention, attention_unfused, AttnConfig};
+use attentive::positional::{Rope, RopePairs};
+use attentive::{Causal, Dropout, ViewMut};
+use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
+
+/// Where a model puts positions.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Positions {
+    /// Added to the embeddings (Vaswani et al.): see [`crate::transformer::PositionalEncoding`].
+    Sinusoidal,
+    /// A learned vector per position added to the embeddings, up to a maximum length.
+    Learned { max_len: usize },
+    /// Queries and keys rotated by their positions inside attention.
+    Rope { pairs: RopePairsSer },
+    /// A linear penalty on distance per head, inside attention.
+    Alibi,
+}
+
+/// [`RopePairs`] for configuration files.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum RopePairsSer {
+    Interleaved,
+    HalfSplit,
+}
+
+impl From<RopePairsSer> for RopePairs {
+    fn from(p: RopePairsSer) -> Self {
+        match p {
+            RopePairsSer::Interleaved => RopePairs::Interleaved,
+            RopePairsSer::HalfSplit => RopePairs::HalfSplit,
+        }
+    }
+}
+
+/// RoPE as a differentiable candle op over `[B, H, N, D]`, rows at positions `start..`.
+struct RopeOp {
+    rope: Rope,
+    start: usize,
+}
+
+impl CustomOp1 for RopeOp {
+    fn name(&self) -> &'static str {
+        "attentive-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("rope: f32 only");
+        };
+        let (b, h, n, d) = l.shape().dims4()?;
+        let mut out: Vec<f32> = match l.contiguous_offsets() {
+            Some((a, e)) => data[a..e].to_vec(),
+            None => candle_core::bail!("rope: input must be contiguous"),
+        };
+        let pos: Vec<usize> = (self.start..self.start + n).collect();
+        let mut v =
+            ViewMut::contiguous(&mut out, [b, h, n, d]).map_err(candle_core::Error::wrap)?;
+        self.rope
+            .apply(&mut v, &pos)
+            .map_err(candle_core::Error::wrap)?;
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (b, h, n, d) = grad.dims4()?;
+        let mut g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let pos: Vec<usize> = (self.start..self.start + n).collect();
+        let mut v = ViewMut::contiguous(&mut g, [b, h, n, d]).map_err(candle_core::Error::wrap)?;
+        self.rope
+            .backward(&mut v, &pos)
+            .map_err(candle_core::Error::wrap)?;
+        Ok(Some(Tensor::from_vec(g, (b, h, n, d), grad.device())?))
+    }
+}
+
+/// Rotates `x` (`[B, H, N, D]`) by positions `start..start + N`, differentiably.
+pub fn rope(x: &Tensor, pairs: RopePairs, start: usize) -> Result<Tensor> {
+    let d = x.dim(3)?;
+    let rope = Rope::new(d, 10000.0, pairs).map_err(candle_core::Error::wrap)?;
+    x.contiguous()?.apply_op1(RopeOp { rope, start })
+}
+
+/// Keys and values of the positions decoded so far (`[B, Hkv, N, d_h]` each).
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Multi-head attention with its four projections.
+#[derive(Clone, Debug)]
+pub struct MultiHeadAttention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub positions: Option<Positions>,
+    /// Attention dropout probability (training only).
+    pub dropout: f32,
+    /// Runs candle's unfused composition instead of the fused kernel (for comparisons).
+    pub unfused: bool,
+    alibi: Vec<f32>,
+}
+
+impl MultiHeadAttention {
+    /// `d_model` split over `heads` query heads and `kv_heads` key/value heads
+    /// (`kv_heads` divides `heads`; `kv_heads == heads` is plain multi-head attention).
+    pub fn new(
+        p: &Params,
+        d_model: usize,
+        heads: usize,
+        kv_heads: usize,
+        positions: Option<Positions>,
+    ) -> Result<Self> {
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || d_model % heads != 0 {
+            candle_core::bail!(
+                "attention: {heads} heads over {kv_heads} key/value heads do not split d_model {d_model}"
+            );
+        }
+        let hd = d_model / heads;
+        Ok(Self {
+            q: Linear::new(&p.pp("q"), d_model, heads * hd, true)?,
+            k: Linear::new(&p.pp("k"), d_model, kv_heads * hd, true)?,
+            v: Linear::new(&p.pp("v"), d_model, kv_heads * hd, true)?,
+            o: Linear::new(&p.pp("o"), heads * hd, d_model, true)?,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            positions,
+            dropout: 0.0,
+            unfused: false,
+            alibi: attentive::positional::alibi_slopes(heads),
+        })
+    }
+
+    /// `[B, N, H·d_h]` to `[B, H, N, d_h]`.
+    fn split(&self, x: &Tensor, h: usize) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        x.reshape((b, n, h, self.head_dim))?.transpose(1, 2)
+    }
+
+    /// Attention of `x` (`[B, Nq, d_model]`) over `y` (`[B, Nk, d_model]`; `None` for
+    /// self-attention). `causal` masks future keys (bottom-right aligned, so it holds with a
+    /// cache too); `key_mask` (`B × Nk`, `true` = attend) hides padding. With a `cache`, the new
+    /// keys and values are appended to it and attention runs over all of them (self-attention),
+    /// or, for cross-attention, the cache holds the projected memory after the first call.
+    /// `train` enables attention dropout with a seed drawn from `rng`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        y: Option<&Tensor>,
+        causal: bool,
+        key_mask: Option<&[bool]>,
+        cache: Option<&mut KvCache>,
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
+        let (b, nq, _) = x.dims3()?;
+        let cross = y.is_some();
+        let start = match (&cache, cross) {
+            (Some(c), false) => c.len(),
+            _ => 0,
+        };
+        let q = self.split(&self.q.forward(x)?, self.heads)?; // [B, Hq, Nq, dh]
+        let (k, v) = match (cache, y) {
+            // Cross-attention with a cache: project the memory once.
+            (Some(c), Some(mem)) => {
+                if c.k.is_none() {
+                    c.k = Some(self.split(&self.k.forward(mem)?, self.kv_heads)?);
+                    c.v = Some(self.split(&self.v.forward(mem)?, self.kv_heads)?);
+                }
+                (c.k.clone().expect("set"), c.v.clone().expect("set"))
+            }
+            (cache, _) => {
+                let src = y.unwrap_or(x);
+                let mut k = self.split(&self.k.forward(src)?, self.kv_heads)?; // [B, Hkv, N, dh]
+                let v = self.split(&self.v.forward(src)?, self.kv_heads)?;
+                if let Some(Positions::Rope { pairs }) = self.positions {
+                    k = rope(&k, pairs.into(), start)?;
+                }
+                match cache {
+                    Some(c) => {
+                        let k = match &c.k {
+                            Some(old) => Tensor::cat(&[old, &k], 2)?,
+                            None => k,
+                        };
+                        let v = match &c.v {
+                            Some(old) => Tensor::cat(&[old, &v], 2)?,
+                            None => v,
+                        };
+                        c.k = Some(k.clone());
+                        c.v = Some(v.clone());
+                        (k, v)
+                    }
+                    None => (k, v),
+                }
+            }
+        };
+        let q = match self.positions {
+            Some(Positions::Rope { pairs }) if !cross => rope(&q, pairs.into(), start)?,
+            _ => q,
+        };
+        let cfg = AttnConfig {
+            causal: causal.then_some(Causal::BottomRight),
+            alibi: (self.positions == Some(Positions::Alibi) && !cross).then(|| self.alibi.clone()),
+            key_mask: key_mask.map(|m| m.to_vec()),
+            dropout: dropout_seed
+                .filter(|_| self.dropout > 0.0)
+                .map(|seed| Dropout {
+                    p: self.dropout,
+                    seed,
+                }),
+            ..Default::default()
+        };
+        let o = if self.unfused {
+            attention_unfused(&q, &k, &v, &cfg)?
+        } else {
+            attention(&q, &k, &v, &cfg)?
+        }; //                                                      [B, Hq, Nq, dh]
+        let o = o
+            .transpose(1, 2)?
+            .reshape((b, nq, self.heads * self.head_dim))?;
+        self.o.forward(&o)
+    }
+}
