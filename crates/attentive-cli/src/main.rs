@@ -6,6 +6,7 @@ mod npy;
 use attentive::{backward, forward, visible_pairs, Causal, Options, Pattern, View, ViewMut};
 use clap::{Parser, Subcommand, ValueEnum};
 use error::CliError;
+mod g2p;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -28,6 +29,18 @@ enum Command {
     Attend(Box<AttendArgs>),
     /// Times the fused kernel on random inputs of a given shape.
     Bench(BenchArgs),
+    /// Trains a model from scratch.
+    #[command(subcommand)]
+    Train(TrainCommand),
+    /// Spelling to pronunciation with the shipped Transformer: transcriptions, test-set PER and
+    /// WER, and each word's cross-attention alignment as SVG heatmaps and one HTML page.
+    Demo(g2p::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum TrainCommand {
+    /// The grapheme-to-phoneme Transformer on the embedded CMU Pronouncing Dictionary.
+    G2p(g2p::TrainArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -403,6 +416,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Attend(a) => attend(*a),
         Command::Bench(a) => bench(a),
+        Command::Train(TrainCommand::G2p(a)) => g2p::train(a),
+        Command::Demo(a) => g2p::demo(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,7 +9,10 @@
 //!   model.
 //! * [`train`] — the warmup schedule, label smoothing, gradient clipping, checkpoints
 //!   (safetensors plus a JSON config). The optimiser is candle's AdamW.
+//! * [`g2p`] — spelling to pronunciation on the embedded CMU Pronouncing Dictionary: data split,
+//!   training loop, greedy and beam decoding, alignments, PER and WER.
 
+pub mod g2p;
 pub mod layers;
 pub mod mha;
 pub mod op;

@@ -135,7 +135,11 @@ impl MultiHeadAttention {
         kv_heads: usize,
         positions: Option<Positions>,
     ) -> Result<Self> {
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || d_model % heads != 0 {
+        if heads == 0
+            || kv_heads == 0
+            || !heads.is_multiple_of(kv_heads)
+            || !d_model.is_multiple_of(heads)
+        {
             candle_core::bail!(
                 "attention: {heads} heads over {kv_heads} key/value heads do not split d_model {d_model}"
             );
@@ -160,6 +164,29 @@ impl MultiHeadAttention {
     fn split(&self, x: &Tensor, h: usize) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
         x.reshape((b, n, h, self.head_dim))?.transpose(1, 2)
+    }
+
+    /// The attention weights of `x` over `y` without dropout or cache, `[B, Hq, Nq, Nk]` flat:
+    /// what the model looks at.
+    pub fn weights(&self, x: &Tensor, y: &Tensor, key_mask: Option<&[bool]>) -> Result<Vec<f32>> {
+        let q = self.split(&self.q.forward(x)?, self.heads)?.contiguous()?; // [B, Hq, Nq, dh]
+        let k = self
+            .split(&self.k.forward(y)?, self.kv_heads)?
+            .contiguous()?; // [B, Hkv, Nk, dh]
+        let (qd, kd) = (
+            q.flatten_all()?.to_vec1::<f32>()?,
+            k.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let (qs, ks) = (q.dims4()?, k.dims4()?);
+        let w = candle_core::Error::wrap;
+        let qv = attentive::View::contiguous(&qd, &[qs.0, qs.1, qs.2, qs.3]).map_err(w)?;
+        let kv = attentive::View::contiguous(&kd, &[ks.0, ks.1, ks.2, ks.3]).map_err(w)?;
+        let mut opts = attentive::Options::new();
+        if let Some(m) = key_mask {
+            opts.mask =
+                Some(attentive::View::new(m, [ks.0, 1, 1, ks.2], [ks.2, 0, 0, 1]).map_err(w)?);
+        }
+        attentive::probabilities(qv, kv, &opts).map_err(w)
     }
 
     /// Attention of `x` (`[B, Nq, d_model]`) over `y` (`[B, Nk, d_model]`; `None` for

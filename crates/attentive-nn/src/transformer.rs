@@ -234,6 +234,21 @@ impl DecoderLayer {
     }
 }
 
+impl DecoderLayer {
+    /// The cross-attention weights of this layer for `x` (`[B, Nt, d]`), `[B, H, Nt, Ns]` flat.
+    pub fn cross_weights(&self, x: &Tensor, mem: &Tensor, mem_mask: &[bool]) -> Result<Vec<f32>> {
+        let h = residual(x, &self.ln1, self.pre_norm, |h| {
+            self.self_attn.forward(h, None, true, None, None, None)
+        })?;
+        let q_in = if self.pre_norm {
+            self.ln2.forward(&h)?
+        } else {
+            h
+        };
+        self.cross.weights(&q_in, mem, Some(mem_mask))
+    }
+}
+
 /// The encoder–decoder Transformer: embeddings scaled by $\sqrt{d}$ plus positions, the two
 /// stacks, and a linear map to target-vocabulary logits.
 #[derive(Clone, Debug)]
@@ -327,6 +342,19 @@ impl Seq2Seq {
             None => x,
         };
         self.out.forward(&x)
+    }
+
+    /// Cross-attention weights of the last decoder layer for target inputs `tgt` (`[B, Nt]`),
+    /// `[B, H, Nt, Ns]` flat.
+    pub fn cross_weights(&self, tgt: &Tensor, mem: &Tensor, mem_mask: &[bool]) -> Result<Vec<f32>> {
+        let mut x = self.embed(&self.tgt_emb, tgt, 0, Mode::EVAL)?;
+        let Some((last, rest)) = self.dec.split_last() else {
+            candle_core::bail!("the model has no decoder layer");
+        };
+        for l in rest {
+            x = l.forward(&x, mem, Some(mem_mask), None, Mode::EVAL)?;
+        }
+        last.cross_weights(&x, mem, mem_mask)
     }
 
     /// Empty caches for incremental decoding.

@@ -1,0 +1,511 @@
+//! Grapheme-to-phoneme conversion: spelling in, pronunciation out, learned by the encoder–decoder
+//! Transformer from the CMU Pronouncing Dictionary (embedded, see `data/README.md`).
+//!
+//! The model reads a word's letters and writes its phonemes one at a time; its cross-attention
+//! weights say which letters it looked at for each sound. Quality is measured on held-out words:
+//! the phoneme error rate (PER) is the edit distance between prediction and reference over the
+//! reference length, summed over words; the word error rate (WER) is the share of words with any
+//! error. A word with several pronunciations is scored against the closest one.
+
+use crate::layers::Params;
+use crate::mha::Positions;
+use crate::train::{clip_grad_norm, smoothed_cross_entropy, transformer_lr};
+use crate::transformer::{Config, Mode, Seq2Seq};
+use candle_core::{Device, Result, Tensor, D};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use std::collections::BTreeMap;
+use std::io::Read;
+
+static CMUDICT_GZ: &[u8] = include_bytes!("../data/cmudict.dict.gz");
+
+pub const PAD: u32 = 0;
+pub const BOS: u32 = 1;
+pub const EOS: u32 = 2;
+/// Letters after the three special symbols.
+pub const LETTERS: &str = "abcdefghijklmnopqrstuvwxyz'";
+/// The 39 phonemes of CMUdict, without stress.
+pub const PHONES: [&str; 39] = [
+    "AA", "AE", "AH", "AO", "AW", "AY", "B", "CH", "D", "DH", "EH", "ER", "EY", "F", "G", "HH",
+    "IH", "IY", "JH", "K", "L", "M", "N", "NG", "OW", "OY", "P", "R", "S", "SH", "T", "TH", "UH",
+    "UW", "V", "W", "Y", "Z", "ZH",
+];
+
+/// Which part of the data a word belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Valid,
+    Test,
+}
+
+/// A word and its pronunciations as phoneme ids.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub word: String,
+    pub prons: Vec<Vec<u32>>,
+}
+
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// The split of a word: FNV-1a of its spelling modulo 100 — 0–4 test, 5–6 validation.
+pub fn split_of(word: &str) -> Split {
+    match fnv1a(word) % 100 {
+        0..=4 => Split::Test,
+        5..=6 => Split::Valid,
+        _ => Split::Train,
+    }
+}
+
+/// Letter ids of a word (`None` if it has a letter outside [`LETTERS`]).
+pub fn encode_word(word: &str) -> Option<Vec<u32>> {
+    word.chars()
+        .map(|c| LETTERS.find(c.to_ascii_lowercase()).map(|i| i as u32 + 3))
+        .collect()
+}
+
+pub fn phone_id(p: &str) -> Option<u32> {
+    PHONES.iter().position(|&x| x == p).map(|i| i as u32 + 3)
+}
+
+pub fn phone_name(id: u32) -> &'static str {
+    match id {
+        PAD => "<pad>",
+        BOS => "<s>",
+        EOS => "</s>",
+        i => PHONES.get(i as usize - 3).copied().unwrap_or("?"),
+    }
+}
+
+/// Every word of the embedded dictionary in `split`, sorted by spelling.
+pub fn load(split: Split) -> Vec<Entry> {
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(CMUDICT_GZ)
+        .read_to_string(&mut text)
+        .expect("the embedded dictionary is valid gzip");
+    let mut words: BTreeMap<String, Vec<Vec<u32>>> = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        let mut parts = line.split_whitespace();
+        let Some(w) = parts.next() else { continue };
+        let base = match w.find('(') {
+            Some(i) if w.ends_with(')') => &w[..i],
+            _ => w,
+        };
+        if encode_word(base).is_none() || split_of(base) != split {
+            continue;
+        }
+        let pron: Option<Vec<u32>> = parts
+            .map(|p| phone_id(p.trim_end_matches(|c: char| c.is_ascii_digit())))
+            .collect();
+        if let Some(pron) = pron.filter(|p| !p.is_empty()) {
+            let e = words.entry(base.to_string()).or_default();
+            if !e.contains(&pron) {
+                e.push(pron);
+            }
+        }
+    }
+    words
+        .into_iter()
+        .map(|(word, prons)| Entry { word, prons })
+        .collect()
+}
+
+/// Levenshtein distance.
+pub fn edit_distance(a: &[u32], b: &[u32]) -> usize {
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, x) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, y) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + (x != y) as usize)
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// PER and WER (both in %) of predictions against entries.
+pub fn score(entries: &[Entry], preds: &[Vec<u32>]) -> (f64, f64) {
+    let (mut errs, mut len, mut wrong) = (0usize, 0usize, 0usize);
+    for (e, p) in entries.iter().zip(preds) {
+        let (d, r) = e
+            .prons
+            .iter()
+            .map(|r| (edit_distance(p, r), r.len()))
+            .min()
+            .expect("every entry has a pronunciation");
+        errs += d;
+        len += r;
+        wrong += (d > 0) as usize;
+    }
+    (
+        100.0 * errs as f64 / len.max(1) as f64,
+        100.0 * wrong as f64 / entries.len().max(1) as f64,
+    )
+}
+
+/// The shipped model's shape.
+pub fn default_config() -> Config {
+    Config {
+        src_vocab: 3 + LETTERS.len(),
+        tgt_vocab: 3 + PHONES.len(),
+        d_model: 128,
+        heads: 4,
+        kv_heads: 4,
+        ff: 512,
+        enc_layers: 3,
+        dec_layers: 3,
+        pre_norm: true,
+        positions: Positions::Sinusoidal,
+        dropout: 0.1,
+        attn_dropout: 0.0,
+        max_len: 40,
+    }
+}
+
+/// Sources `[B, Ns]` padded with [`PAD`] and their mask (`B × Ns`).
+fn source_batch(words: &[&[u32]], dev: &Device) -> Result<(Tensor, Vec<bool>)> {
+    let n = words.iter().map(|w| w.len()).max().unwrap_or(0).max(1);
+    let mut ids = vec![PAD; words.len() * n];
+    let mut mask = vec![false; words.len() * n];
+    for (b, w) in words.iter().enumerate() {
+        ids[b * n..b * n + w.len()].copy_from_slice(w);
+        mask[b * n..b * n + w.len()].fill(true);
+    }
+    Ok((Tensor::from_vec(ids, (words.len(), n), dev)?, mask))
+}
+
+/// A trained model and what decoding needs.
+pub struct G2p {
+    pub model: Seq2Seq,
+    pub params: Params,
+}
+
+/// A decoded word: its phonemes and, per phoneme, the cross-attention weights of the last decoder
+/// layer averaged over heads (one per letter).
+#[derive(Clone, Debug)]
+pub struct Decoded {
+    pub phones: Vec<u32>,
+    pub alignment: Vec<Vec<f32>>,
+}
+
+impl G2p {
+    pub fn new(config: &Config, seed: u64) -> Result<Self> {
+        let params = Params::new(seed, &Device::Cpu);
+        let model = Seq2Seq::new(&params, config)?;
+        Ok(Self { model, params })
+    }
+
+    /// Greedy decoding of many words at once, with KV caches.
+    pub fn greedy(&self, words: &[&[u32]]) -> Result<Vec<Vec<u32>>> {
+        let dev = Device::Cpu;
+        let (src, mask) = source_batch(words, &dev)?;
+        let mem = self.model.encode(&src, &mask, Mode::EVAL)?;
+        let mut caches = self.model.caches();
+        let b = words.len();
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
+        let mut done = vec![false; b];
+        let mut last = vec![BOS; b];
+        let max = self.model.config.max_len - 1;
+        for _ in 0..max {
+            let step = Tensor::from_vec(last.clone(), (b, 1), &dev)?;
+            let logits = self
+                .model
+                .decode(&step, &mem, &mask, Some(&mut caches), Mode::EVAL)?;
+            let next = logits.squeeze(1)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            for i in 0..b {
+                if !done[i] {
+                    if next[i] == EOS {
+                        done[i] = true;
+                    } else {
+                        out[i].push(next[i]);
+                    }
+                }
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+            last = next;
+        }
+        Ok(out)
+    }
+
+    /// Beam search of width `k` for one word: the hypothesis of highest total log-probability
+    /// among those that ended, over `max_len` steps.
+    pub fn beam(&self, word: &[u32], k: usize) -> Result<Vec<u32>> {
+        let dev = Device::Cpu;
+        let (src, mask) = source_batch(&[word], &dev)?;
+        let mem = self.model.encode(&src, &mask, Mode::EVAL)?;
+        let mut beams: Vec<(Vec<u32>, f32)> = vec![(vec![BOS], 0.0)];
+        let mut finished: Vec<(Vec<u32>, f32)> = Vec::new();
+        for _ in 0..self.model.config.max_len - 1 {
+            if beams.is_empty() {
+                break;
+            }
+            // Score every live beam in one batch (no cache: beams reorder each step).
+            let n = beams[0].0.len();
+            let ids: Vec<u32> = beams.iter().flat_map(|(s, _)| s.clone()).collect();
+            let tgt = Tensor::from_vec(ids, (beams.len(), n), &dev)?;
+            let bm = beams.len();
+            let mem_b = mem
+                .broadcast_as((bm, mem.dim(1)?, mem.dim(2)?))?
+                .contiguous()?;
+            let mask_b: Vec<bool> = (0..bm).flat_map(|_| mask.clone()).collect();
+            let logits = self.model.decode(&tgt, &mem_b, &mask_b, None, Mode::EVAL)?;
+            let last = logits.narrow(1, n - 1, 1)?.squeeze(1)?; //   [beams, V]
+            let logp = candle_nn::ops::log_softmax(&last, D::Minus1)?.to_vec2::<f32>()?;
+            let mut cand: Vec<(Vec<u32>, f32)> = Vec::new();
+            for ((seq, s), lp) in beams.iter().zip(&logp) {
+                for (tok, &l) in lp.iter().enumerate().skip(EOS as usize) {
+                    let mut next = seq.clone();
+                    next.push(tok as u32);
+                    cand.push((next, s + l));
+                }
+            }
+            cand.sort_by(|a, b| b.1.total_cmp(&a.1));
+            beams.clear();
+            for (seq, s) in cand.into_iter().take(k) {
+                if *seq.last().expect("non-empty") == EOS {
+                    finished.push((seq, s));
+                } else {
+                    beams.push((seq, s));
+                }
+            }
+            // Stop when no live beam can beat the best finished one.
+            let best_done = finished
+                .iter()
+                .map(|f| f.1)
+                .fold(f32::NEG_INFINITY, f32::max);
+            if finished.len() >= k || beams.iter().all(|b| b.1 < best_done) {
+                break;
+            }
+        }
+        let best = finished
+            .into_iter()
+            .chain(beams)
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(s, _)| s)
+            .unwrap_or_default();
+        Ok(best.into_iter().filter(|&t| t != BOS && t != EOS).collect())
+    }
+
+    /// Cross-attention of the last decoder layer, averaged over heads, for a decoded word:
+    /// row t holds the weights phoneme t put on each letter.
+    pub fn alignment(&self, word: &[u32], phones: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let dev = Device::Cpu;
+        let (src, mask) = source_batch(&[word], &dev)?;
+        let mem = self.model.encode(&src, &mask, Mode::EVAL)?;
+        let mut tgt = vec![BOS];
+        tgt.extend_from_slice(phones);
+        let tgt = Tensor::from_vec(tgt, (1, phones.len() + 1), &dev)?;
+        let w = self.model.cross_weights(&tgt, &mem, &mask)?; // [H, Nt, Ns]
+        let (h, nt, ns) = (
+            w.len() / ((phones.len() + 1) * word.len()),
+            phones.len() + 1,
+            word.len(),
+        );
+        Ok((0..phones.len())
+            .map(|t| {
+                (0..ns)
+                    .map(|s| (0..h).map(|hh| w[(hh * nt + t) * ns + s]).sum::<f32>() / h as f32)
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Greedy PER and WER (%) over entries, decoding `batch` words at a time.
+    pub fn evaluate(&self, entries: &[Entry], batch: usize) -> Result<(f64, f64, Vec<Vec<u32>>)> {
+        let mut preds = Vec::with_capacity(entries.len());
+        let codes: Vec<Vec<u32>> = entries
+            .iter()
+            .map(|e| encode_word(&e.word).expect("entries hold encodable words"))
+            .collect();
+        // Decode in length order so batches pad little; put results back in entry order.
+        let mut order: Vec<usize> = (0..entries.len()).collect();
+        order.sort_by_key(|&i| codes[i].len());
+        let mut by_idx: Vec<Vec<u32>> = vec![Vec::new(); entries.len()];
+        for chunk in order.chunks(batch.max(1)) {
+            let words: Vec<&[u32]> = chunk.iter().map(|&i| codes[i].as_slice()).collect();
+            for (&i, p) in chunk.iter().zip(self.greedy(&words)?) {
+                by_idx[i] = p;
+            }
+        }
+        preds.extend(by_idx);
+        let (per, wer) = score(entries, &preds);
+        Ok((per, wer, preds))
+    }
+}
+
+/// One training example: letters and one pronunciation.
+struct Example {
+    src: Vec<u32>,
+    tgt: Vec<u32>,
+}
+
+/// What the training loop reports after each step.
+pub struct Progress {
+    pub step: usize,
+    pub loss: f32,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+    pub valid: Option<(f64, f64)>,
+}
+
+/// Options of [`train`].
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub seconds: f64,
+    pub seed: u64,
+    /// Target tokens per batch.
+    pub batch_tokens: usize,
+    pub warmup: usize,
+    pub lr_scale: f64,
+    pub label_smoothing: f64,
+    /// Validate every this many seconds.
+    pub valid_every_s: f64,
+    /// Validation words (a prefix of the validation split) per check.
+    pub valid_words: usize,
+    pub unfused: bool,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            seconds: 60.0,
+            seed: 1,
+            batch_tokens: 3000,
+            warmup: 800,
+            lr_scale: 1.0,
+            label_smoothing: 0.1,
+            valid_every_s: 300.0,
+            valid_words: 500,
+            unfused: false,
+        }
+    }
+}
+
+/// Trains a model of `config` for `opts.seconds` of wall time on the training split, calling
+/// `report` after every step. Batches are drawn from length buckets in a seeded order.
+pub fn train(
+    config: &Config,
+    opts: &TrainOptions,
+    mut report: impl FnMut(&Progress),
+) -> Result<G2p> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut g2p = G2p::new(config, opts.seed)?;
+    g2p.model.set_unfused(opts.unfused);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed ^ 0x5eed);
+    let mut examples: Vec<Example> = load(Split::Train)
+        .into_iter()
+        .flat_map(|e| {
+            let src = encode_word(&e.word).expect("encodable");
+            e.prons.into_iter().map(move |p| Example {
+                src: src.clone(),
+                tgt: p,
+            })
+        })
+        .filter(|e| e.src.len() < config.max_len && e.tgt.len() + 1 < config.max_len)
+        .collect();
+    let valid: Vec<Entry> = load(Split::Valid)
+        .into_iter()
+        .take(opts.valid_words)
+        .collect();
+    let vars: Vec<_> = g2p.params.vars().into_iter().map(|(_, v)| v).collect();
+    let mut opt = AdamW::new(
+        vars.clone(),
+        ParamsAdamW {
+            lr: 0.0,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-9,
+            weight_decay: 0.01,
+        },
+    )?;
+    let dev = Device::Cpu;
+    let start = std::time::Instant::now();
+    let (mut step, mut tokens) = (0usize, 0usize);
+    let mut last_valid = start;
+    'epochs: loop {
+        // Sort by length within shuffled chunks, cut into batches, shuffle the batches.
+        examples.shuffle(&mut rng);
+        for chunk in examples.chunks_mut(4096) {
+            chunk.sort_by_key(|e| (e.src.len(), e.tgt.len()));
+        }
+        let mut batches: Vec<(usize, usize)> = Vec::new();
+        let mut i = 0;
+        while i < examples.len() {
+            let mut j = i;
+            let mut longest = 0;
+            while j < examples.len() {
+                let l = examples[j].src.len().max(examples[j].tgt.len() + 1);
+                if (j - i + 1) * longest.max(l) > opts.batch_tokens && j > i {
+                    break;
+                }
+                longest = longest.max(l);
+                j += 1;
+            }
+            batches.push((i, j));
+            i = j;
+        }
+        batches.shuffle(&mut rng);
+        for (a, e) in batches {
+            let batch = &examples[a..e];
+            let srcs: Vec<&[u32]> = batch.iter().map(|x| x.src.as_slice()).collect();
+            let (src, mask) = source_batch(&srcs, &dev)?;
+            let nt = batch.iter().map(|x| x.tgt.len() + 1).max().unwrap_or(1);
+            let b = batch.len();
+            let (mut tin, mut tout, mut w) =
+                (vec![PAD; b * nt], vec![PAD; b * nt], vec![0f32; b * nt]);
+            for (r, x) in batch.iter().enumerate() {
+                tin[r * nt] = BOS;
+                tin[r * nt + 1..r * nt + 1 + x.tgt.len()].copy_from_slice(&x.tgt);
+                tout[r * nt..r * nt + x.tgt.len()].copy_from_slice(&x.tgt);
+                tout[r * nt + x.tgt.len()] = EOS;
+                w[r * nt..r * nt + x.tgt.len() + 1].fill(1.0);
+            }
+            let tin = Tensor::from_vec(tin, (b, nt), &dev)?;
+            let tout = Tensor::from_vec(tout, b * nt, &dev)?;
+            let wt = Tensor::from_vec(w.clone(), b * nt, &dev)?;
+            let mode = Mode {
+                train: Some(&g2p.params),
+            };
+            let mem = g2p.model.encode(&src, &mask, mode)?;
+            let logits = g2p.model.decode(&tin, &mem, &mask, None, mode)?; // [B, Nt, V]
+            let logits = logits.reshape((b * nt, config.tgt_vocab))?;
+            let loss = smoothed_cross_entropy(&logits, &tout, &wt, opts.label_smoothing)?;
+            let mut grads = loss.backward()?;
+            clip_grad_norm(&vars, &mut grads, 1.0)?;
+            step += 1;
+            opt.set_learning_rate(
+                opts.lr_scale * transformer_lr(step, config.d_model, opts.warmup),
+            );
+            opt.step(&grads)?;
+            tokens += w.iter().filter(|&&x| x > 0.0).count() + mask.iter().filter(|&&m| m).count();
+            let elapsed = start.elapsed().as_secs_f64();
+            let mut valid_score = None;
+            let out_of_time = elapsed >= opts.seconds;
+            if last_valid.elapsed().as_secs_f64() >= opts.valid_every_s || out_of_time {
+                let (per, wer, _) = g2p.evaluate(&valid, 256)?;
+                valid_score = Some((per, wer));
+                last_valid = std::time::Instant::now();
+            }
+            report(&Progress {
+                step,
+                loss: loss.to_scalar::<f32>()?,
+                tokens_per_s: tokens as f64 / elapsed.max(1e-9),
+                elapsed_s: elapsed,
+                valid: valid_score,
+            });
+            if out_of_time {
+                break 'epochs;
+            }
+        }
+    }
+    Ok(g2p)
+}
