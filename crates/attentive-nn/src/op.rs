@@ -8,12 +8,16 @@
 //! matmul): the reference the fused op is tested against, and the baseline it is timed against.
 
 use crate::layers::softmax_last_dim;
-use attentive::{Causal, Dropout, Options, View, ViewMut};
+use attentive::{Causal, Dropout, Options, Pattern, Pos, ScoreRule, View, ViewMut};
+use candle_core::CustomOp1;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use std::sync::{Arc, Mutex};
 
+/// A user score rule shared with the op (see [`attentive::ScoreRule`]).
+pub type SharedScoreRule = Arc<dyn ScoreRule + Send + Sync>;
+
 /// How attention is masked and modified; what [`attentive::Options`] holds, owned.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct AttnConfig {
     /// Multiplies $q\cdot k$; `None` means $1/\sqrt{D}$.
     pub scale: Option<f32>,
@@ -28,6 +32,26 @@ pub struct AttnConfig {
     pub key_mask: Option<Vec<bool>>,
     /// Drops each weight with probability `p`, from a seeded stream the backward replays.
     pub dropout: Option<Dropout>,
+    /// A structured pattern (window, sparse, global, …), intersected with the other masks.
+    pub pattern: Option<Pattern>,
+    /// $s \leftarrow f(s, b, h, i, j)$ after every built-in modifier.
+    pub score_rule: Option<SharedScoreRule>,
+}
+
+impl std::fmt::Debug for AttnConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttnConfig")
+            .field("scale", &self.scale)
+            .field("causal", &self.causal)
+            .field("window", &self.window)
+            .field("softcap", &self.softcap)
+            .field("alibi", &self.alibi)
+            .field("key_mask", &self.key_mask.as_ref().map(|m| m.len()))
+            .field("dropout", &self.dropout)
+            .field("pattern", &self.pattern)
+            .field("score_rule", &self.score_rule.is_some())
+            .finish()
+    }
 }
 
 impl AttnConfig {
@@ -42,6 +66,8 @@ impl AttnConfig {
         o.alibi_slopes = self.alibi.as_deref();
         o.mask = key_mask;
         o.dropout = self.dropout;
+        o.pattern = self.pattern.as_ref();
+        o.score_rule = self.score_rule.as_deref().map(|r| r as &dyn ScoreRule);
         o
     }
 }
@@ -271,7 +297,11 @@ pub fn attention_unfused(
                     } || cfg
                         .window
                         .is_some_and(|(l, r)| jj < p - l as i64 || jj > p + r as i64)
-                        || cfg.key_mask.as_ref().is_some_and(|m| !m[bi * nk + j]);
+                        || cfg.key_mask.as_ref().is_some_and(|m| !m[bi * nk + j])
+                        || cfg
+                            .pattern
+                            .as_ref()
+                            .is_some_and(|pat| !pat.visible(nq, nk, i, j));
                     if hidden {
                         x = f32::NEG_INFINITY;
                     }
@@ -280,7 +310,102 @@ pub fn attention_unfused(
             }
         }
     }
-    let s = (s + Tensor::from_vec(bias, (b, hq, nq, nk), q.device())?.to_dtype(q.dtype())?)?;
+    let mut s = (s + Tensor::from_vec(bias, (b, hq, nq, nk), q.device())?.to_dtype(q.dtype())?)?;
+    if let Some(rule) = &cfg.score_rule {
+        s = s.contiguous()?.apply_op1(RuleOp(rule.clone()))?;
+    }
     let p = softmax_last_dim(&s)?;
     p.matmul(&v.contiguous()?)
+}
+
+/// A score rule applied element by element to a `[B, H, Nq, Nk]` score tensor, with its
+/// derivative for the backward: the unfused composition's version of the kernel's rule.
+struct RuleOp(SharedScoreRule);
+
+impl RuleOp {
+    fn map(&self, x: &Tensor, f: impl Fn(f64, Pos) -> f64) -> candle_core::Result<Tensor> {
+        let (b, h, nq, nk) = x.dims4()?;
+        let dt = x.dtype();
+        let data = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        let out: Vec<f64> = data
+            .iter()
+            .enumerate()
+            .map(|(n, &s)| {
+                let at = Pos {
+                    b: n / (h * nq * nk),
+                    h: n / (nq * nk) % h,
+                    i: n / nk % nq,
+                    j: n % nk,
+                };
+                f(s, at)
+            })
+            .collect();
+        Tensor::from_vec(out, (b, h, nq, nk), x.device())?.to_dtype(dt)
+    }
+}
+
+impl CustomOp1 for RuleOp {
+    fn name(&self) -> &'static str {
+        "attentive-score-rule"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, e) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("score rule: contiguous input only".into()))?;
+        let (_, h, nq, nk) = l.shape().dims4()?;
+        let at = |n: usize| Pos {
+            b: n / (h * nq * nk),
+            h: n / (nq * nk) % h,
+            i: n / nk % nq,
+            j: n % nk,
+        };
+        // A −∞ score stays −∞, as in the kernel.
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(
+                v[a..e]
+                    .iter()
+                    .enumerate()
+                    .map(|(n, &x)| {
+                        if x == f32::NEG_INFINITY {
+                            x
+                        } else {
+                            self.0.score(x, at(n))
+                        }
+                    })
+                    .collect(),
+            ),
+            CpuStorage::F64(v) => CpuStorage::F64(
+                v[a..e]
+                    .iter()
+                    .enumerate()
+                    .map(|(n, &x)| {
+                        if x == f64::NEG_INFINITY {
+                            x
+                        } else {
+                            self.0.score_f64(x, at(n))
+                        }
+                    })
+                    .collect(),
+            ),
+            _ => candle_core::bail!("score rule: f32 or f64 only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let d = self.map(arg, |s, at| {
+            if s == f64::NEG_INFINITY {
+                0.0
+            } else {
+                self.0.grad_f64(s, at)
+            }
+        })?;
+        Ok(Some(grad.mul(&d)?))
+    }
 }

@@ -3,9 +3,10 @@
 //! f64) is at most 2× (forward) or 3× (gradients) that of the unfused composition in f32, plus a
 //! floor of 4 ulps of the largest oracle value.
 
-use attentive::Causal;
+use attentive::{Causal, Pos, ScoreRule};
 use attentive_nn::op::{attention, attention_unfused, AttnConfig};
 use candle_core::{DType, Device, Tensor, Var};
+use std::sync::Arc;
 
 struct Case {
     b: usize,
@@ -157,9 +158,83 @@ fn fused_op_matches_the_unfused_composition() {
     let mut c = base(3, 2, 2, 11, 13, 8, 8);
     c.cfg.key_mask = Some((0..3 * 13).map(|i| i % 13 < 13 - 4 * (i / 13)).collect());
     cases.push(("key padding", c));
+    let mut c = base(2, 2, 2, 70, 70, 16, 16);
+    c.cfg.pattern = Some("strided:8+sink:2,5".parse().unwrap());
+    cases.push(("pattern", c));
+    let mut c = base(2, 4, 2, 19, 23, 8, 8);
+    c.cfg.score_rule = Some(Arc::new(Relative));
+    c.cfg.causal = Some(Causal::BottomRight);
+    cases.push(("score rule + causal", c));
     for (name, c) in &cases {
         check(c, name);
     }
+}
+
+/// A nonlinear rule with a position-dependent term: $f(s) = s + 0.1\tanh(s)\,(h + 1) - 0.05|i - j|$.
+struct Relative;
+
+impl ScoreRule for Relative {
+    fn score(&self, s: f32, p: Pos) -> f32 {
+        self.score_f64(s as f64, p) as f32
+    }
+    fn grad(&self, s: f32, p: Pos) -> f32 {
+        self.grad_f64(s as f64, p) as f32
+    }
+    fn score_f64(&self, s: f64, p: Pos) -> f64 {
+        s + 0.1 * s.tanh() * (p.h + 1) as f64 - 0.05 * (p.i as f64 - p.j as f64).abs()
+    }
+    fn grad_f64(&self, s: f64, p: Pos) -> f64 {
+        1.0 + 0.1 * (1.0 - s.tanh().powi(2)) * (p.h + 1) as f64
+    }
+}
+
+#[test]
+fn dropout_backward_replays_the_forward_mask() {
+    // Central differences of sum(O ⊙ G) through the fused op with dropout agree with its
+    // gradient: the backward drops exactly the weights the forward dropped.
+    let mut seed = 11;
+    let shape = (1, 2, 9, 4);
+    let q = rand_tensor(&mut seed, shape);
+    let k = rand_tensor(&mut seed, shape);
+    let v = rand_tensor(&mut seed, shape);
+    let g = rand_tensor(&mut seed, shape);
+    let cfg = AttnConfig {
+        dropout: Some(attentive::Dropout { p: 0.3, seed: 42 }),
+        ..Default::default()
+    };
+    let loss = |q: &Tensor| -> f64 {
+        let o = attention(q, &k, &v, &cfg).unwrap();
+        (o * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    };
+    let qv = Var::from_tensor(&q).unwrap();
+    let o = attention(qv.as_tensor(), &k, &v, &cfg).unwrap();
+    let grads = (o * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let dq = flat(grads.get(qv.as_tensor()).unwrap());
+    let base = flat(&q);
+    let h = 1e-2;
+    for idx in [0, 5, 17, 40, 71] {
+        let bump = |delta: f64| {
+            let mut x = base.clone();
+            x[idx] += delta;
+            let x: Vec<f32> = x.iter().map(|&y| y as f32).collect();
+            Tensor::from_vec(x, shape, &Device::Cpu).unwrap()
+        };
+        let fd = (loss(&bump(h)) - loss(&bump(-h))) / (2.0 * h);
+        assert!(
+            (fd - dq[idx]).abs() < 2e-3 + 1e-2 * fd.abs(),
+            "element {idx}: finite difference {fd} vs {}",
+            dq[idx]
+        );
+    }
+    // And dropout changes the output.
+    let plain = attention(&q, &k, &v, &AttnConfig::default()).unwrap();
+    let dropped = attention(&q, &k, &v, &cfg).unwrap();
+    assert!(max_err(&flat(&plain), &flat(&dropped)) > 1e-3);
 }
 
 #[test]
