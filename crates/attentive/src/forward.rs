@@ -766,11 +766,18 @@ pub fn probabilities(q: View, k: View, opts: &Options) -> Result<Vec<f32>> {
         Some(&mut lse),
     )?;
     let mut probs = vec![0.0f32; p.b * p.hq * p.nq * p.nk];
-    let qt = p.nq.div_ceil(BR);
-    probs.par_chunks_mut(BR * p.nk).enumerate().for_each_init(
+    // Tasks (b·h, query tile): each owns the rows of its tile within its head's Nq·Nk block.
+    let tasks = probs
+        .par_chunks_mut(p.nq * p.nk)
+        .enumerate()
+        .flat_map_iter(|(bh, head)| {
+            head.chunks_mut(BR * p.nk)
+                .enumerate()
+                .map(move |(t, dst)| (bh, t, dst))
+        });
+    tasks.for_each_init(
         || Scratch::new(&p),
-        |scr, (task, dst)| {
-            let (bh, t) = (task / qt, task % qt);
+        |scr, (bh, t, dst)| {
             let (b, h) = (bh / p.hq, bh % p.hq);
             let i0 = t * BR;
             let rows = BR.min(p.nq - i0);

@@ -388,3 +388,32 @@ fn merging_attention_over_two_key_halves_equals_attention_over_all() {
     assert_eq!((o, l), (o_before, l_before));
     assert!(attentive::merge(&mut [0.0; 4], &mut [0.0; 2], &[0.0; 4], &[0.0; 3]).is_err());
 }
+
+/// The weights `probabilities` returns equal the oracle's, for every batch and head, with query
+/// counts on both sides of a tile (each (batch, head) block of rows is placed by its own index).
+#[test]
+fn probabilities_match_the_oracle_in_every_head() {
+    let mut rng = Rng::new(77);
+    for &(b, hq, hkv, nq, nk) in &[
+        (2, 4, 2, 3, 5),
+        (1, 3, 3, 70, 9),
+        (2, 2, 1, 64, 130),
+        (1, 2, 2, 129, 1),
+    ] {
+        let d = 8;
+        let q = rng.vec(b * hq * nq * d);
+        let k = rng.vec(b * hkv * nk * d);
+        let qv = View::contiguous(&q, &[b, hq, nq, d]).unwrap();
+        let kv = View::contiguous(&k, &[b, hkv, nk, d]).unwrap();
+        let opts = Options::new().causal(Causal::BottomRight);
+        let got = attentive::probabilities(qv, kv, &opts).unwrap();
+        let want = reference::probabilities::<f64>(qv, kv, &opts).unwrap();
+        assert_eq!(got.len(), want.len());
+        for (n, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (*g as f64 - w).abs() < 1e-5,
+                "{b}x{hq}x{nq}x{nk}: element {n}: {g} vs {w}"
+            );
+        }
+    }
+}
