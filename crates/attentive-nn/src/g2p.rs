@@ -371,6 +371,8 @@ pub struct TrainOptions {
     /// Validation words (a prefix of the validation split) per check.
     pub valid_words: usize,
     pub unfused: bool,
+    /// Stop after this many steps, if sooner than `seconds`.
+    pub max_steps: Option<usize>,
 }
 
 impl Default for TrainOptions {
@@ -385,6 +387,7 @@ impl Default for TrainOptions {
             valid_every_s: 300.0,
             valid_words: 500,
             unfused: false,
+            max_steps: None,
         }
     }
 }
@@ -489,7 +492,7 @@ pub fn train(
             tokens += w.iter().filter(|&&x| x > 0.0).count() + mask.iter().filter(|&&m| m).count();
             let elapsed = start.elapsed().as_secs_f64();
             let mut valid_score = None;
-            let out_of_time = elapsed >= opts.seconds;
+            let out_of_time = elapsed >= opts.seconds || opts.max_steps.is_some_and(|m| step >= m);
             if last_valid.elapsed().as_secs_f64() >= opts.valid_every_s || out_of_time {
                 let (per, wer, _) = g2p.evaluate(&valid, 256)?;
                 valid_score = Some((per, wer));

@@ -11,6 +11,21 @@
 //!   (safetensors plus a JSON config). The optimiser is candle's AdamW.
 //! * [`g2p`] — spelling to pronunciation on the embedded CMU Pronouncing Dictionary: data split,
 //!   training loop, greedy and beam decoding, alignments, PER and WER.
+//!
+//! ```
+//! use attentive_nn::layers::Params;
+//! use attentive_nn::mha::MultiHeadAttention;
+//! use candle_core::{Device, Tensor};
+//! let p = Params::new(0, &Device::Cpu);
+//! // 8 query heads over 2 key/value heads (grouped-query attention).
+//! let attn = MultiHeadAttention::new(&p.pp("attn"), 64, 8, 2, None)?;
+//! let x = Tensor::randn(0f32, 1.0, (2, 10, 64), &Device::Cpu)?; // [B, N, d_model]
+//! let y = attn.forward(&x, None, true, None, None, None)?; //        causal self-attention
+//! assert_eq!(y.dims(), &[2, 10, 64]);
+//! let grads = y.sum_all()?.backward()?;
+//! assert!(p.vars().iter().all(|(_, v)| grads.get(v.as_tensor()).is_some()));
+//! # Ok::<(), candle_core::Error>(())
+//! ```
 
 pub mod g2p;
 pub mod layers;

@@ -198,3 +198,37 @@ fn checkpoints_round_trip() {
     assert!(p3.load(&dir.join("model.safetensors")).is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn seeded_training_runs_are_reproducible() {
+    use attentive_nn::g2p::{default_config, train, TrainOptions};
+    let mut c = default_config();
+    c.d_model = 32;
+    c.ff = 64;
+    c.enc_layers = 1;
+    c.dec_layers = 1;
+    c.attn_dropout = 0.1;
+    let run = |seed| {
+        let opts = TrainOptions {
+            seconds: f64::INFINITY,
+            max_steps: Some(3),
+            seed,
+            valid_words: 5,
+            batch_tokens: 400,
+            ..Default::default()
+        };
+        let mut losses = Vec::new();
+        let m = train(&c, &opts, |p| losses.push(p.loss)).unwrap();
+        let w = m.params.vars()[5]
+            .1
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        (losses, w)
+    };
+    let (a, b, other) = (run(4), run(4), run(5));
+    assert_eq!(a, b, "same seed, same losses and weights");
+    assert_ne!(a.1, other.1, "another seed starts elsewhere");
+}
