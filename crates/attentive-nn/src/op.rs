@@ -322,25 +322,39 @@ pub fn attention_unfused(
 /// derivative for the backward: the unfused composition's version of the kernel's rule.
 struct RuleOp(SharedScoreRule);
 
+/// The position of element `n` of a contiguous `[B, H, Nq, Nk]` tensor.
+fn pos_of(n: usize, (h, nq, nk): (usize, usize, usize)) -> Pos {
+    Pos {
+        b: n / (h * nq * nk),
+        h: n / (nq * nk) % h,
+        i: n / nk % nq,
+        j: n % nk,
+    }
+}
+
 impl RuleOp {
-    fn map(&self, x: &Tensor, f: impl Fn(f64, Pos) -> f64) -> candle_core::Result<Tensor> {
+    /// `f(s, position)` of every element of `x`, in f64; a −∞ element (a masked score) maps to
+    /// `minus_inf` instead.
+    fn map(
+        &self,
+        x: &Tensor,
+        minus_inf: f64,
+        f: impl Fn(f64, Pos) -> f64,
+    ) -> candle_core::Result<Tensor> {
         let (b, h, nq, nk) = x.dims4()?;
-        let dt = x.dtype();
         let data = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
         let out: Vec<f64> = data
             .iter()
             .enumerate()
             .map(|(n, &s)| {
-                let at = Pos {
-                    b: n / (h * nq * nk),
-                    h: n / (nq * nk) % h,
-                    i: n / nk % nq,
-                    j: n % nk,
-                };
-                f(s, at)
+                if s == f64::NEG_INFINITY {
+                    minus_inf
+                } else {
+                    f(s, pos_of(n, (h, nq, nk)))
+                }
             })
             .collect();
-        Tensor::from_vec(out, (b, h, nq, nk), x.device())?.to_dtype(dt)
+        Tensor::from_vec(out, (b, h, nq, nk), x.device())?.to_dtype(x.dtype())
     }
 }
 
@@ -354,23 +368,18 @@ impl CustomOp1 for RuleOp {
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("score rule: contiguous input only".into()))?;
         let (_, h, nq, nk) = l.shape().dims4()?;
-        let at = |n: usize| Pos {
-            b: n / (h * nq * nk),
-            h: n / (nq * nk) % h,
-            i: n / nk % nq,
-            j: n % nk,
-        };
-        // A −∞ score stays −∞, as in the kernel.
+        let dims = (h, nq, nk);
         let out = match s {
             CpuStorage::F32(v) => CpuStorage::F32(
                 v[a..e]
                     .iter()
                     .enumerate()
                     .map(|(n, &x)| {
+                        // A −∞ score stays −∞, as in the kernel.
                         if x == f32::NEG_INFINITY {
                             x
                         } else {
-                            self.0.score(x, at(n))
+                            self.0.score(x, pos_of(n, dims))
                         }
                     })
                     .collect(),
@@ -383,7 +392,7 @@ impl CustomOp1 for RuleOp {
                         if x == f64::NEG_INFINITY {
                             x
                         } else {
-                            self.0.score_f64(x, at(n))
+                            self.0.score_f64(x, pos_of(n, dims))
                         }
                     })
                     .collect(),
@@ -399,13 +408,7 @@ impl CustomOp1 for RuleOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let d = self.map(arg, |s, at| {
-            if s == f64::NEG_INFINITY {
-                0.0
-            } else {
-                self.0.grad_f64(s, at)
-            }
-        })?;
+        let d = self.map(arg, 0.0, |s, at| self.0.grad_f64(s, at))?;
         Ok(Some(grad.mul(&d)?))
     }
 }
