@@ -304,11 +304,7 @@ impl G2p {
         tgt.extend_from_slice(phones);
         let tgt = Tensor::from_vec(tgt, (1, phones.len() + 1), &dev)?;
         let w = self.model.cross_weights(&tgt, &mem, &mask)?; // [H, Nt, Ns]
-        let (h, nt, ns) = (
-            w.len() / ((phones.len() + 1) * word.len()),
-            phones.len() + 1,
-            word.len(),
-        );
+        let (h, nt, ns) = (self.model.config.heads, phones.len() + 1, word.len());
         Ok((0..phones.len())
             .map(|t| {
                 (0..ns)
@@ -320,7 +316,6 @@ impl G2p {
 
     /// Greedy PER and WER (%) over entries, decoding `batch` words at a time.
     pub fn evaluate(&self, entries: &[Entry], batch: usize) -> Result<(f64, f64, Vec<Vec<u32>>)> {
-        let mut preds = Vec::with_capacity(entries.len());
         let codes: Vec<Vec<u32>> = entries
             .iter()
             .map(|e| encode_word(&e.word).expect("entries hold encodable words"))
@@ -328,14 +323,13 @@ impl G2p {
         // Decode in length order so batches pad little; put results back in entry order.
         let mut order: Vec<usize> = (0..entries.len()).collect();
         order.sort_by_key(|&i| codes[i].len());
-        let mut by_idx: Vec<Vec<u32>> = vec![Vec::new(); entries.len()];
+        let mut preds: Vec<Vec<u32>> = vec![Vec::new(); entries.len()];
         for chunk in order.chunks(batch.max(1)) {
             let words: Vec<&[u32]> = chunk.iter().map(|&i| codes[i].as_slice()).collect();
             for (&i, p) in chunk.iter().zip(self.greedy(&words)?) {
-                by_idx[i] = p;
+                preds[i] = p;
             }
         }
-        preds.extend(by_idx);
         let (per, wer) = score(entries, &preds);
         Ok((per, wer, preds))
     }

@@ -183,8 +183,7 @@ impl MultiHeadAttention {
         let kv = attentive::View::contiguous(&kd, &[ks.0, ks.1, ks.2, ks.3]).map_err(w)?;
         let mut opts = attentive::Options::new();
         if let Some(m) = key_mask {
-            opts.mask =
-                Some(attentive::View::new(m, [ks.0, 1, 1, ks.2], [ks.2, 0, 0, 1]).map_err(w)?);
+            opts.mask = Some(crate::op::key_mask_view(m, ks.0, ks.2)?);
         }
         attentive::probabilities(qv, kv, &opts).map_err(w)
     }

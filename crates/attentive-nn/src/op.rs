@@ -77,7 +77,11 @@ fn attn_err(e: attentive::AttnError) -> candle_core::Error {
 }
 
 /// The key mask as a `[B, 1, 1, Nk]` view broadcast over heads and queries.
-fn key_mask_view(mask: &[bool], b: usize, nk: usize) -> candle_core::Result<View<'_, bool>> {
+pub(crate) fn key_mask_view(
+    mask: &[bool],
+    b: usize,
+    nk: usize,
+) -> candle_core::Result<View<'_, bool>> {
     View::new(mask, [b, 1, 1, nk], [nk, 0, 0, 1]).map_err(attn_err)
 }
 
@@ -159,12 +163,13 @@ impl CustomOp3 for Fused {
         let (vs, vl) = v.storage_and_layout();
         let (os, ol) = res.storage_and_layout();
         let (gs, gl) = grad_res.storage_and_layout();
-        let cpu = |s: &Storage, name: &str| -> candle_core::Result<Vec<f32>> {
+        // Borrowed from candle's storage for the duration of the call: no copies.
+        fn cpu<'a>(s: &'a Storage, name: &str) -> candle_core::Result<&'a [f32]> {
             match s {
-                Storage::Cpu(c) => Ok(f32_slice(c, name)?.to_vec()),
+                Storage::Cpu(c) => f32_slice(c, name),
                 _ => candle_core::bail!("attention: {name} must live on the CPU"),
             }
-        };
+        }
         let (qd, kd, vd, od, gd) = (
             cpu(&qs, "q")?,
             cpu(&ks, "k")?,
@@ -173,11 +178,11 @@ impl CustomOp3 for Fused {
             cpu(&gs, "gradient")?,
         );
         let (qv, kv, vv) = (
-            view_of(&qd, ql, "q")?,
-            view_of(&kd, kl, "k")?,
-            view_of(&vd, vl, "v")?,
+            view_of(qd, ql, "q")?,
+            view_of(kd, kl, "k")?,
+            view_of(vd, vl, "v")?,
         );
-        let (ov, gv) = (view_of(&od, ol, "output")?, view_of(&gd, gl, "gradient")?);
+        let (ov, gv) = (view_of(od, ol, "output")?, view_of(gd, gl, "gradient")?);
         let (qsh, ksh, vsh) = (qv.shape(), kv.shape(), vv.shape());
         let mask = match &self.cfg.key_mask {
             Some(m) => Some(key_mask_view(m, qsh[0], ksh[2])?),
@@ -277,11 +282,13 @@ pub fn attention_unfused(
     if let Some(c) = cfg.softcap {
         s = ((s / c as f64)?.tanh()? * c as f64)?;
     }
-    // Additive terms that do not depend on the inputs: ALiBi and every mask as −∞.
+    // Additive terms that do not depend on the inputs: ALiBi and every mask as −∞, one
+    // [Nq, Nk] plane per batch row, and per head only when ALiBi makes heads differ.
     let off = nk as i64 - nq as i64;
-    let mut bias = vec![0.0f32; b * hq * nq * nk];
+    let hb = if cfg.alibi.is_some() { hq } else { 1 };
+    let mut bias = vec![0.0f32; b * hb * nq * nk]; //            [B, 1 or Hq, Nq, Nk]
     for bi in 0..b {
-        for h in 0..hq {
+        for h in 0..hb {
             for i in 0..nq {
                 let p = i as i64 + off;
                 for j in 0..nk {
@@ -305,12 +312,13 @@ pub fn attention_unfused(
                     if hidden {
                         x = f32::NEG_INFINITY;
                     }
-                    bias[((bi * hq + h) * nq + i) * nk + j] = x;
+                    bias[((bi * hb + h) * nq + i) * nk + j] = x;
                 }
             }
         }
     }
-    let mut s = (s + Tensor::from_vec(bias, (b, hq, nq, nk), q.device())?.to_dtype(q.dtype())?)?;
+    let bias = Tensor::from_vec(bias, (b, hb, nq, nk), q.device())?.to_dtype(q.dtype())?;
+    let mut s = s.broadcast_add(&bias)?;
     if let Some(rule) = &cfg.score_rule {
         s = s.contiguous()?.apply_op1(RuleOp(rule.clone()))?;
     }

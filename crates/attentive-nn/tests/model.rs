@@ -196,6 +196,8 @@ fn checkpoints_round_trip() {
     c3.ff = 8;
     Seq2Seq::new(&p3, &c3).unwrap();
     assert!(p3.load(&dir.join("model.safetensors")).is_err());
+    // So is a file that is not safetensors at all.
+    assert!(p2.load_bytes(b"not a checkpoint").is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
