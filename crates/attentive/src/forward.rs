@@ -23,7 +23,7 @@ use crate::blocks::Block;
 use crate::error::{AttnError, Result};
 use crate::options::Options;
 use crate::problem::{Problem, Span};
-use crate::simd::{Gemm, Transpose};
+use crate::simd::{Gemm, OnlineSoftmax, Transpose};
 use crate::view::{RawOut, RawSlice, View, ViewMut};
 use crate::workspace::Buffer;
 use rayon::prelude::*;
@@ -54,6 +54,8 @@ pub(crate) struct Scratch {
     pub o: Vec<f32>,
     pub m: Vec<f32>,
     pub l: Vec<f32>,
+    /// Each row's rescaling `e^{m − m'}` of the last online-softmax step.
+    pub alpha: Vec<f32>,
     /// K rows gathered when K's feature stride is not 1.
     pub kbuf: Vec<f32>,
     pub vt: Vec<f32>,
@@ -71,6 +73,7 @@ impl Scratch {
             o: vec![0.0; BR * p.dv],
             m: vec![0.0; BR],
             l: vec![0.0; BR],
+            alpha: vec![1.0; BR],
             kbuf: vec![0.0; BC * p.d],
             vt: vec![0.0; BC * p.dv],
             qt: vec![0.0; p.d * BR],
@@ -222,15 +225,24 @@ pub(crate) fn score_tile(
     t: TileBufs,
 ) -> Option<bool> {
     let w = BC.min(p.nk - j0);
-    let td = p.tile_docs(b, j0, w);
-    let mut any = false;
-    for r in 0..rows {
-        let span = p.span(b, i0 + r, j0, w, keys, td.as_ref(), blk.row(i0 + r));
-        any |= !span.is_empty();
-        t.spans[r] = span;
-    }
-    if !any {
-        return None;
+    if p.covers(i0, rows, (j0, w), keys, &blk) {
+        t.spans[..rows].fill(Span {
+            a: 0,
+            b: w,
+            exact: true,
+            bits: crate::pattern::ones(w as u32),
+        });
+    } else {
+        let td = p.tile_docs(b, j0, w);
+        let mut any = false;
+        for r in 0..rows {
+            let span = p.span(b, i0 + r, j0, w, keys, td.as_ref(), blk.row(i0 + r));
+            any |= !span.is_empty();
+            t.spans[r] = span;
+        }
+        if !any {
+            return None;
+        }
     }
     let mut area = 0;
     for (g, hull) in t.hulls[..rows.div_ceil(GROUP)].iter_mut().enumerate() {
@@ -389,41 +401,70 @@ pub(crate) fn attend_rows(
         else {
             continue;
         };
-        for r in 0..rows {
-            let span = scr.spans[r];
-            let srow = &mut scr.s[r * BC..r * BC + w];
-            if span.is_empty() {
-                srow.fill(0.0);
-                continue;
-            }
-            let i = i0 + r;
-            let (a, e) = (span.a, span.b);
-            // SAFETY (kernel calls below): every pointer/length pair lies inside srow or the
-            // output row r of scr.o.
-            let (scale, tile_max) = if mods || !span.exact {
-                p.logits((b, h, i), j0, srow, span, None);
-                (1.0, unsafe { (kern.max)(srow[a..].as_ptr(), e - a) })
-            } else {
-                let mx = unsafe { (kern.max)(srow[a..].as_ptr(), e - a) };
-                (p.scale, p.scale * mx)
+        let plain = !mods
+            && !ragged
+            && scr.spans[..rows]
+                .iter()
+                .all(|s| s.exact && s.a == 0 && s.b == w);
+        if plain {
+            // SAFETY: scr.s holds rows × BC ≥ rows × w scores; m, l and alpha hold BR ≥ rows.
+            unsafe {
+                (kern.online_softmax)(&OnlineSoftmax {
+                    s: scr.s.as_mut_ptr(),
+                    lds: BC,
+                    rows,
+                    n: w,
+                    scale: p.scale,
+                    m: scr.m.as_mut_ptr(),
+                    l: scr.l.as_mut_ptr(),
+                    alpha: scr.alpha.as_mut_ptr(),
+                })
             };
-            let m_old = scr.m[r];
-            let m_new = m_old.max(tile_max);
-            if m_new == f32::NEG_INFINITY {
-                srow.fill(0.0);
-                continue;
+            for r in 0..rows {
+                let alpha = scr.alpha[r];
+                if alpha != 1.0 {
+                    // SAFETY: output row r of scr.o has dv elements.
+                    unsafe { (kern.scale)(scr.o[r * dv..].as_mut_ptr(), dv, alpha) };
+                }
+                p.apply_dropout((b, h, i0 + r), j0, &mut scr.s[r * BC..r * BC + w]);
             }
-            srow[..a].fill(0.0);
-            srow[e..].fill(0.0);
-            let sum = unsafe { (kern.exp_sum)(srow[a..].as_mut_ptr(), e - a, scale, m_new) };
-            if m_old != m_new && m_old != f32::NEG_INFINITY {
-                let alpha = (m_old - m_new).exp();
-                scr.l[r] *= alpha;
-                unsafe { (kern.scale)(scr.o[r * dv..].as_mut_ptr(), dv, alpha) };
+        } else {
+            for r in 0..rows {
+                let span = scr.spans[r];
+                let srow = &mut scr.s[r * BC..r * BC + w];
+                if span.is_empty() {
+                    srow.fill(0.0);
+                    continue;
+                }
+                let i = i0 + r;
+                let (a, e) = (span.a, span.b);
+                // SAFETY (kernel calls below): every pointer/length pair lies inside srow or the
+                // output row r of scr.o.
+                let (scale, tile_max) = if mods || !span.exact {
+                    p.logits((b, h, i), j0, srow, span, None);
+                    (1.0, unsafe { (kern.max)(srow[a..].as_ptr(), e - a) })
+                } else {
+                    let mx = unsafe { (kern.max)(srow[a..].as_ptr(), e - a) };
+                    (p.scale, p.scale * mx)
+                };
+                let m_old = scr.m[r];
+                let m_new = m_old.max(tile_max);
+                if m_new == f32::NEG_INFINITY {
+                    srow.fill(0.0);
+                    continue;
+                }
+                srow[..a].fill(0.0);
+                srow[e..].fill(0.0);
+                let sum = unsafe { (kern.exp_sum)(srow[a..].as_mut_ptr(), e - a, scale, m_new) };
+                if m_old != m_new && m_old != f32::NEG_INFINITY {
+                    let alpha = (m_old - m_new).exp();
+                    scr.l[r] *= alpha;
+                    unsafe { (kern.scale)(scr.o[r * dv..].as_mut_ptr(), dv, alpha) };
+                }
+                scr.l[r] += sum;
+                scr.m[r] = m_new;
+                p.apply_dropout((b, h, i), j0 + a, &mut srow[a..e]);
             }
-            scr.l[r] += sum;
-            scr.m[r] = m_new;
-            p.apply_dropout((b, h, i), j0 + a, &mut srow[a..e]);
         }
         let (vp, ldv) = rows_ptr(&p.v, (b, kvh), j0, w, &mut scr.vt);
         // O += P·V over whole tiles, or group by group over each group's hull (P is 0 outside

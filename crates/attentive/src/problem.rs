@@ -412,6 +412,29 @@ impl<'a> Problem<'a> {
         }
     }
 
+    /// Whether every row `i0..i0 + rows` sees every key of `[j0, j0 + w)` with no per-element
+    /// rule: no mask tensor, no document ids, a full block, and the tile inside both end rows'
+    /// bands (both ends of a band grow with the row, so the rows between see it too).
+    pub fn covers(
+        &self,
+        i0: usize,
+        rows: usize,
+        (j0, w): (usize, usize),
+        keys: (usize, usize),
+        blk: &Block,
+    ) -> bool {
+        if self.mask.is_some() || self.docs.is_some() || !matches!(blk, Block::Full) {
+            return false;
+        }
+        let (j1, first, last) = (j0 + w, self.row_span(i0), self.row_span(i0 + rows - 1));
+        keys.0 <= j0
+            && j1 <= keys.1
+            && first.0 <= j0
+            && j1 <= first.1
+            && last.0 <= j0
+            && j1 <= last.1
+    }
+
     /// Non-empty key tiles `(kt, block)` (keys `kt·BC..`) of query tile `qt` of `(b, h)` that meet keys `[lo, hi)`.
     pub fn key_tiles(
         &self,

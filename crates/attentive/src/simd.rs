@@ -132,6 +132,125 @@ pub(crate) struct Kernels {
     pub scale: unsafe fn(x: *mut f32, n: usize, a: f32),
     /// See [`Transpose`].
     pub transpose: unsafe fn(&Transpose),
+    /// See [`OnlineSoftmax`].
+    pub online_softmax: unsafe fn(&OnlineSoftmax),
+}
+
+/// One online-softmax step over `rows` rows of raw scores whose every element is visible and
+/// unmodified: for each row `r` of `s` (`n` columns at stride `lds`),
+///
+/// ```text
+/// m' = max(m[r], scale · max_c s[r][c])
+/// s[r][c] ← exp(scale · s[r][c] − m')            // as exp_sum
+/// alpha[r] = e^{m[r] − m'}   (1 when m is unchanged or was −∞)
+/// l[r] ← l[r] · alpha[r] + Σ_c s[r][c],  m[r] ← m'
+/// ```
+///
+/// a row whose `m'` is −∞ is zeroed and keeps `alpha = 1`. The same arithmetic as `max`
+/// followed by `exp_sum`, in one call per tile instead of two per row.
+#[derive(Clone, Copy)]
+pub(crate) struct OnlineSoftmax {
+    pub s: *mut f32,
+    pub lds: usize,
+    pub rows: usize,
+    pub n: usize,
+    pub scale: f32,
+    pub m: *mut f32,
+    pub l: *mut f32,
+    pub alpha: *mut f32,
+}
+
+/// Rows per group of [`OnlineSoftmax`]: the horizontal max and sum of a row are chains of
+/// dependent shuffles, and the row's exponentials wait on its max; four rows in flight give the
+/// out-of-order core independent work to overlap them with.
+const SOFTMAX_ROWS: usize = 4;
+
+#[inline(always)]
+unsafe fn online_softmax_generic<S: Simd>(t: &OnlineSoftmax) {
+    const G: usize = SOFTMAX_ROWS;
+    let l = S::LANES;
+    let full = t.n / l * l;
+    let mut r0 = 0;
+    while r0 + G <= t.rows {
+        let x: [*mut f32; G] = std::array::from_fn(|g| t.s.add((r0 + g) * t.lds));
+        let mut mx = [S::splat(f32::NEG_INFINITY); G];
+        for c in (0..full).step_by(l) {
+            for g in 0..G {
+                mx[g] = S::max(mx[g], S::load(x[g].add(c)));
+            }
+        }
+        let mut m_new = [0.0f32; G];
+        for g in 0..G {
+            let mut m = S::reduce_max(mx[g]);
+            for c in full..t.n {
+                m = m.max(*x[g].add(c));
+            }
+            m_new[g] = (*t.m.add(r0 + g)).max(t.scale * m);
+        }
+        if m_new.contains(&f32::NEG_INFINITY) {
+            // A row of −∞ scores: rare, row by row.
+            online_softmax_rows::<S>(t, r0, r0 + G);
+            r0 += G;
+            continue;
+        }
+        let sv = S::splat(t.scale);
+        let mv: [S::V; G] = std::array::from_fn(|g| S::splat(-m_new[g]));
+        let mut sum = [S::splat(0.0); G];
+        for c in (0..full).step_by(l) {
+            for g in 0..G {
+                let e = S::exp(S::add(S::mul(S::load(x[g].add(c)), sv), mv[g]));
+                S::store(x[g].add(c), e);
+                sum[g] = S::add(sum[g], e);
+            }
+        }
+        for g in 0..G {
+            let mut s = S::reduce_add(sum[g]);
+            if full < t.n {
+                // As exp_sum: the tail's lanes are added one by one after the reduction.
+                let tail = t.n - full;
+                let e = S::exp(S::add(
+                    S::mul(S::load_part(x[g].add(full), tail), sv),
+                    mv[g],
+                ));
+                S::store_part(x[g].add(full), e, tail);
+                for c in full..t.n {
+                    s += *x[g].add(c);
+                }
+            }
+            finish_row(t, r0 + g, m_new[g], s);
+        }
+        r0 += G;
+    }
+    online_softmax_rows::<S>(t, r0, t.rows);
+}
+
+/// Rows `r0..r1` of an [`OnlineSoftmax`] one at a time: `max` and `exp_sum` per row.
+#[inline(always)]
+unsafe fn online_softmax_rows<S: Simd>(t: &OnlineSoftmax, r0: usize, r1: usize) {
+    for r in r0..r1 {
+        let x = t.s.add(r * t.lds);
+        let m_new = (*t.m.add(r)).max(t.scale * max_generic::<S>(x, t.n));
+        if m_new == f32::NEG_INFINITY {
+            *t.alpha.add(r) = 1.0;
+            std::ptr::write_bytes(x, 0, t.n);
+            continue;
+        }
+        finish_row(t, r, m_new, exp_sum_generic::<S>(x, t.n, t.scale, m_new));
+    }
+}
+
+/// Row `r`'s statistics after its exponentials summed to `sum` relative to the new max `m_new`.
+#[inline(always)]
+unsafe fn finish_row(t: &OnlineSoftmax, r: usize, m_new: f32, sum: f32) {
+    let m_old = *t.m.add(r);
+    let mut alpha = 1.0;
+    if m_old != m_new && m_old != f32::NEG_INFINITY {
+        alpha = (m_old - m_new).exp();
+        *t.l.add(r) *= alpha;
+    }
+    *t.alpha.add(r) = alpha;
+    *t.l.add(r) += sum;
+    *t.m.add(r) = m_new;
 }
 
 /// `dst[c·ldd + r] = src[r·lds + c]` for `r < rows`, `c < cols`: packs Kᵀ tiles.
@@ -341,6 +460,10 @@ macro_rules! kernel_table {
             pub(super) unsafe fn scale(x: *mut f32, n: usize, a: f32) { scale_generic::<$S>(x, n, a) }
             $(#[target_feature(enable = $feat)])*
             pub(super) unsafe fn transpose(t: &Transpose) { transpose_generic::<$S>(t) }
+            $(#[target_feature(enable = $feat)])*
+            pub(super) unsafe fn online_softmax(t: &OnlineSoftmax) {
+                online_softmax_generic::<$S>(t)
+            }
         }
         pub(crate) static $name: Kernels = Kernels {
             gemm: wrappers::gemm,
@@ -348,6 +471,7 @@ macro_rules! kernel_table {
             exp_sum: wrappers::exp_sum,
             scale: wrappers::scale,
             transpose: wrappers::transpose,
+            online_softmax: wrappers::online_softmax,
         };
     };
 }
@@ -726,6 +850,93 @@ mod tests {
             let s = unsafe { (k.exp_sum)(inf.as_mut_ptr(), 19, 1.0, 0.0) };
             assert_eq!(s, 0.0);
             assert!(inf.iter().all(|&x| x == 0.0));
+        }
+    }
+
+    #[test]
+    fn online_softmax_equals_max_then_exp_sum_and_the_scalar_path() {
+        let mut seed = 7u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 16.0 - 8.0
+        };
+        for &(rows, n) in &[(1, 1), (4, 64), (7, 17), (9, 16), (13, 64), (5, 3)] {
+            let lds = n + 2;
+            let mut s0: Vec<f32> = (0..rows * lds).map(|_| rnd()).collect();
+            // A row of −∞ scores (fully masked) inside a group of four.
+            s0[2 % rows * lds..2 % rows * lds + n].fill(f32::NEG_INFINITY);
+            let m0: Vec<f32> = (0..rows)
+                .map(|r| if r % 3 == 0 { f32::NEG_INFINITY } else { rnd() })
+                .collect();
+            let l0: Vec<f32> = m0
+                .iter()
+                .map(|&m| if m.is_finite() { 2.5 } else { 0.0 })
+                .collect();
+            let mut outs = Vec::new();
+            for isa in Isa::all_available() {
+                let k = table(isa);
+                let (mut s, mut m, mut l, mut alpha) =
+                    (s0.clone(), m0.clone(), l0.clone(), vec![0.0; rows]);
+                let t = OnlineSoftmax {
+                    s: s.as_mut_ptr(),
+                    lds,
+                    rows,
+                    n,
+                    scale: 0.3,
+                    m: m.as_mut_ptr(),
+                    l: l.as_mut_ptr(),
+                    alpha: alpha.as_mut_ptr(),
+                };
+                // SAFETY: s holds rows×lds elements; m, l and alpha hold rows.
+                unsafe { (k.online_softmax)(&t) };
+                for r in 0..rows {
+                    // The same step through the per-row kernels.
+                    let mut x = s0[r * lds..r * lds + n].to_vec();
+                    let m_new = m0[r].max(0.3 * unsafe { (k.max)(x.as_ptr(), n) });
+                    let (mut want_l, mut want_a) = (l0[r], 1.0);
+                    if m_new == f32::NEG_INFINITY {
+                        x.fill(0.0);
+                    } else {
+                        let sum = unsafe { (k.exp_sum)(x.as_mut_ptr(), n, 0.3, m_new) };
+                        if m0[r] != m_new && m0[r] != f32::NEG_INFINITY {
+                            want_a = (m0[r] - m_new).exp();
+                            want_l *= want_a;
+                        }
+                        want_l += sum;
+                    }
+                    let want_m = if m_new == f32::NEG_INFINITY {
+                        m0[r]
+                    } else {
+                        m_new
+                    };
+                    assert_eq!(
+                        &s[r * lds..r * lds + n],
+                        &x[..],
+                        "{isa:?} {rows}x{n} row {r}"
+                    );
+                    assert_eq!(
+                        (m[r], l[r], alpha[r]),
+                        (want_m, want_l, want_a),
+                        "{isa:?} row {r}"
+                    );
+                    assert!(s[r * lds + n..(r + 1) * lds]
+                        .iter()
+                        .zip(&s0[r * lds + n..(r + 1) * lds])
+                        .all(|(a, b)| a == b));
+                }
+                outs.push((isa, s, l));
+            }
+            let (_, s_ref, l_ref) = outs.last().unwrap();
+            for (isa, s, l) in &outs {
+                for (a, b) in s.iter().zip(s_ref).chain(l.iter().zip(l_ref)) {
+                    assert!(
+                        (a - b).abs() <= 4e-7 * b.abs().max(1.0),
+                        "{isa:?}: {a} vs scalar {b}"
+                    );
+                }
+            }
         }
     }
 
