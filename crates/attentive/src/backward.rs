@@ -22,7 +22,7 @@
 //! splits are added in a fixed order, so the result has the same bits whatever the thread count.
 
 use crate::error::Result;
-use crate::forward::{gather_rows, score_tile, TileBufs, BC, BR, GROUP};
+use crate::forward::{gather_rows, rows_ptr, score_tile, TileBufs, BC, BR, GROUP};
 use crate::options::Options;
 use crate::problem::{Problem, Span};
 use crate::simd::Gemm;
@@ -296,10 +296,15 @@ fn key_tile(
         for (qt, blk) in p.query_tiles((b, h), j0 / BC, (ilo, ihi)) {
             // The rows of query tile qt inside the band that sees this key tile.
             let i0 = (qt * BR).max(ilo);
-            let rows = ((qt + 1) * BR).min(ihi) - i0;
-            gather_rows(&p.q, (b, h), i0, rows, &mut scr.q);
+            let rows = ((qt + 1) * BR).min(ihi).saturating_sub(i0);
+            if rows == 0 {
+                continue;
+            }
+            // Q and dO rows where they lie when their rows are contiguous, else gathered.
+            let (qp, ldq) = rows_ptr(&p.q, (b, h), i0, rows, &mut scr.q);
             let bufs = TileBufs {
-                q: &scr.q,
+                q: qp,
+                q_rs: ldq,
                 s: &mut scr.s,
                 spans: &mut scr.spans,
                 hulls: &mut scr.hulls,
@@ -323,7 +328,7 @@ fn key_tile(
             {
                 continue;
             }
-            gather_rows(d_o, (b, h), i0, rows, &mut scr.d_o);
+            let (dop, ldo) = rows_ptr(d_o, (b, h), i0, rows, &mut scr.d_o);
             // P = exp(X − LSE); PD = P∘Z                             // (rows, w)
             for r in 0..rows {
                 let i = i0 + r;
@@ -348,28 +353,31 @@ fn key_tile(
                 srow[e..].fill(0.0);
                 // SAFETY: a..e lies inside srow.
                 unsafe { (kern.exp_sum)(srow[a..].as_mut_ptr(), e - a, scale, l) };
-                let pd = &mut scr.pd[r * BC..r * BC + w];
-                pd.copy_from_slice(srow);
                 if p.dropout.is_some() {
+                    let pd = &mut scr.pd[r * BC..r * BC + w];
+                    pd.copy_from_slice(srow);
                     let z = &mut scr.z[r * BC..r * BC + w];
                     z.fill(1.0);
                     p.apply_dropout((b, h, i), j0, z);
                     pd.iter_mut().zip(z.iter()).for_each(|(x, y)| *x *= y);
                 }
             }
+            // P∘Z: P itself without dropout.
+            let pd = if p.dropout.is_some() { &scr.pd } else { &scr.s };
             // SAFETY (the four GEMMs): every operand is a scratch buffer sized for BR×BC,
-            // BC×D, BC×Dv or BR×D(v), or dq_acc, which holds group×Nq×D.
+            // BC×D, BC×Dv or BR×D(v), rows of Q or dO (rows_ptr: `rows` rows at stride ldq,
+            // ldo), or dq_acc, which holds group×Nq×D.
             unsafe {
                 // dV += PDᵀ·dO                                      // (w, Dv)
                 (kern.gemm)(&Gemm {
                     m: w,
                     n: dv,
                     k: rows,
-                    a: scr.pd.as_ptr(),
+                    a: pd.as_ptr(),
                     a_rs: 1,
                     a_ks: BC,
-                    b: scr.d_o.as_ptr(),
-                    ldb: dv,
+                    b: dop,
+                    ldb: ldo,
                     c: scr.dv.as_mut_ptr(),
                     ldc: dv,
                     accumulate: true,
@@ -379,8 +387,8 @@ fn key_tile(
                     m: rows,
                     n: w,
                     k: dv,
-                    a: scr.d_o.as_ptr(),
-                    a_rs: dv,
+                    a: dop,
+                    a_rs: ldo,
                     a_ks: 1,
                     b: scr.vt.as_ptr(),
                     ldb: BC,
@@ -412,9 +420,8 @@ fn key_tile(
                         ds[c] = dx * sc;
                     }
                 } else {
-                    for c in 0..w {
-                        ds[c] = pr[c] * (ds[c] - di) * sc;
-                    }
+                    // SAFETY: pr and ds hold w elements each.
+                    unsafe { (kern.softmax_grad)(pr.as_ptr(), ds.as_mut_ptr(), w, di, sc) };
                 }
                 if chain {
                     let g = &scr.chain[r * BC..r * BC + w];
@@ -432,8 +439,8 @@ fn key_tile(
                     a: scr.dp.as_ptr(),
                     a_rs: 1,
                     a_ks: BC,
-                    b: scr.q.as_ptr(),
-                    ldb: d,
+                    b: qp,
+                    ldb: ldq,
                     c: scr.dk.as_mut_ptr(),
                     ldc: d,
                     accumulate: true,

@@ -192,8 +192,9 @@ impl PackedK {
 
 /// Buffers [`score_tile`] reads and writes.
 pub(crate) struct TileBufs<'s> {
-    /// Query rows, `rows × D`, row-major.
-    pub q: &'s [f32],
+    /// Query rows, `rows × D` with row stride `q_rs` and unit column stride.
+    pub q: *const f32,
+    pub q_rs: usize,
     /// Raw scores out, `rows × BC`.
     pub s: &'s mut [f32],
     pub spans: &'s mut [Span],
@@ -271,8 +272,8 @@ pub(crate) fn score_tile(
                         m: GROUP.min(rows - g * GROUP),
                         n: e - a,
                         k: p.d,
-                        a: t.q[g * GROUP * p.d..].as_ptr(),
-                        a_rs: p.d,
+                        a: t.q.add(g * GROUP * t.q_rs),
+                        a_rs: t.q_rs,
                         a_ks: 1,
                         b: kt.add(a),
                         ldb: BC,
@@ -283,14 +284,14 @@ pub(crate) fn score_tile(
                 }
             }
         }
-        // SAFETY: the Kᵀ tile holds D rows of BC floats; t.q holds rows×D and t.s rows×BC.
+        // SAFETY: the Kᵀ tile holds D rows of BC floats; t.q rows×D (row stride q_rs), t.s rows×BC.
         Some(kt) => unsafe {
             (p.kern.gemm)(&Gemm {
                 m: rows,
                 n: w,
                 k: p.d,
-                a: t.q.as_ptr(),
-                a_rs: p.d,
+                a: t.q,
+                a_rs: t.q_rs,
                 a_ks: 1,
                 b: kt,
                 ldb: BC,
@@ -353,7 +354,9 @@ impl Scratch {
 
     fn tile_bufs(&mut self) -> TileBufs<'_> {
         TileBufs {
-            q: &self.q,
+            q: self.q.as_ptr(),
+            // q holds BR rows of D.
+            q_rs: self.q.len() / BR,
             s: &mut self.s,
             spans: &mut self.spans,
             hulls: &mut self.hulls,

@@ -134,6 +134,9 @@ pub(crate) struct Kernels {
     pub transpose: unsafe fn(&Transpose),
     /// See [`OnlineSoftmax`].
     pub online_softmax: unsafe fn(&OnlineSoftmax),
+    /// `ds[c] ← (p[c]·(ds[c] − d))·scale`: the softmax gradient of one row, from the weights
+    /// `p`, `dP` in `ds` and the row's `D = rowsum(dO∘O)`.
+    pub softmax_grad: unsafe fn(p: *const f32, ds: *mut f32, n: usize, d: f32, scale: f32),
 }
 
 /// One online-softmax step over `rows` rows of raw scores whose every element is visible and
@@ -158,6 +161,31 @@ pub(crate) struct OnlineSoftmax {
     pub m: *mut f32,
     pub l: *mut f32,
     pub alpha: *mut f32,
+}
+
+#[inline(always)]
+unsafe fn softmax_grad_generic<S: Simd>(p: *const f32, ds: *mut f32, n: usize, d: f32, scale: f32) {
+    let l = S::LANES;
+    let (dv, sv) = (S::splat(-d), S::splat(scale));
+    let step = |c: usize, part: Option<usize>| {
+        let (pv, x) = match part {
+            None => (S::load(p.add(c)), S::load(ds.add(c))),
+            Some(t) => (S::load_part(p.add(c), t), S::load_part(ds.add(c), t)),
+        };
+        let y = S::mul(S::mul(pv, S::add(x, dv)), sv);
+        match part {
+            None => S::store(ds.add(c), y),
+            Some(t) => S::store_part(ds.add(c), y, t),
+        }
+    };
+    let mut c = 0;
+    while c + l <= n {
+        step(c, None);
+        c += l;
+    }
+    if c < n {
+        step(c, Some(n - c));
+    }
 }
 
 /// Rows per group of [`OnlineSoftmax`]: the horizontal max and sum of a row are chains of
@@ -461,6 +489,10 @@ macro_rules! kernel_table {
             $(#[target_feature(enable = $feat)])*
             pub(super) unsafe fn transpose(t: &Transpose) { transpose_generic::<$S>(t) }
             $(#[target_feature(enable = $feat)])*
+            pub(super) unsafe fn softmax_grad(p: *const f32, ds: *mut f32, n: usize, d: f32, s: f32) {
+                softmax_grad_generic::<$S>(p, ds, n, d, s)
+            }
+            $(#[target_feature(enable = $feat)])*
             pub(super) unsafe fn online_softmax(t: &OnlineSoftmax) {
                 online_softmax_generic::<$S>(t)
             }
@@ -472,6 +504,7 @@ macro_rules! kernel_table {
             scale: wrappers::scale,
             transpose: wrappers::transpose,
             online_softmax: wrappers::online_softmax,
+            softmax_grad: wrappers::softmax_grad,
         };
     };
 }
@@ -936,6 +969,24 @@ mod tests {
                         "{isa:?}: {a} vs scalar {b}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_grad_matches_the_scalar_formula() {
+        for isa in Isa::all_available() {
+            let k = table(isa);
+            for n in [1, 15, 16, 17, 64] {
+                let p: Vec<f32> = (0..n).map(|c| (c as f32 * 0.37).sin().abs()).collect();
+                let dp: Vec<f32> = (0..n + 1).map(|c| (c as f32 * 1.3).cos()).collect();
+                let mut ds = dp.clone();
+                // SAFETY: p holds n elements and ds n + 1.
+                unsafe { (k.softmax_grad)(p.as_ptr(), ds.as_mut_ptr(), n, 0.25, 0.125) };
+                for c in 0..n {
+                    assert_eq!(ds[c], p[c] * (dp[c] - 0.25) * 0.125, "{isa:?} n={n} c={c}");
+                }
+                assert_eq!(ds[n], dp[n], "{isa:?} wrote past n");
             }
         }
     }
