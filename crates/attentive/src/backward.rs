@@ -22,7 +22,9 @@
 //! splits are added in a fixed order, so the result has the same bits whatever the thread count.
 
 use crate::error::Result;
-use crate::forward::{gather_rows, rows_ptr, score_tile, TileBufs, BC, BR, GROUP};
+use crate::forward::{
+    gather_rows, pack_transposed, rows_ptr, score_tile, Keys, TileBufs, BC, BR, GROUP,
+};
 use crate::options::Options;
 use crate::problem::{Problem, Span};
 use crate::simd::Gemm;
@@ -41,6 +43,8 @@ struct Scratch {
     kt: Vec<f32>,
     vt: Vec<f32>,
     k: Vec<f32>,
+    /// K rows gathered for dot-product scores when K's feature stride is not 1.
+    kbuf: Vec<f32>,
     q: Vec<f32>,
     d_o: Vec<f32>,
     s: Vec<f32>,
@@ -60,6 +64,7 @@ impl Scratch {
             kt: vec![0.0; p.d * BC],
             vt: vec![0.0; p.dv * BC],
             k: vec![0.0; BC * p.d],
+            kbuf: vec![0.0; BC * p.d],
             q: vec![0.0; BR * p.d],
             d_o: vec![0.0; BR * p.dv],
             s: vec![0.0; BR * BC],
@@ -71,17 +76,6 @@ impl Scratch {
             dv: vec![0.0; BC * p.dv],
             spans: vec![Span::EMPTY; BR],
             hulls: vec![(0, 0); BR / GROUP],
-        }
-    }
-}
-
-/// Writes `view[b, h, j0..j0+w, :]` transposed into `dst` as `[width][BC]`.
-fn pack_transposed(view: &View, (b, h): (usize, usize), j0: usize, w: usize, dst: &mut [f32]) {
-    let (data, st, width) = (view.data(), view.strides(), view.shape()[3]);
-    for c in 0..w {
-        let o = view.offset(b, h, j0 + c, 0);
-        for e in 0..width {
-            dst[e * BC + c] = data[o + e * st[3]];
         }
     }
 }
@@ -282,12 +276,16 @@ fn key_tile(
 ) {
     let (d, dv, nq, kern) = (p.d, p.dv, p.nq, p.kern);
     let w = BC.min(p.nk - j0);
-    pack_transposed(&p.k, (b, kvh), j0, w, &mut scr.kt);
-    pack_transposed(&p.v, (b, kvh), j0, w, &mut scr.vt);
+    pack_transposed(&p.k, (b, kvh), (j0, w), BC, &mut scr.kt, kern);
+    pack_transposed(&p.v, (b, kvh), (j0, w), BC, &mut scr.vt, kern);
     gather_rows(&p.k, (b, kvh), j0, w, &mut scr.k);
     scr.dk[..w * d].fill(0.0);
     scr.dv[..w * dv].fill(0.0);
     let (ilo, ihi) = p.rows_seeing(j0, j0 + w);
+    let keys_at = match Keys::unpacked(p) {
+        Keys::Rows => Keys::Rows,
+        _ => Keys::Packed(scr.kt.as_ptr()),
+    };
     let mods = p.has_mods();
     let chain = p.has_chain();
     for hl in 0..p.group {
@@ -308,24 +306,10 @@ fn key_tile(
                 s: &mut scr.s,
                 spans: &mut scr.spans,
                 hulls: &mut scr.hulls,
-                qt: &[],
-                kbuf: &mut [],
-                st: &mut [],
+                kbuf: &mut scr.kbuf,
             };
             // S = Q·Kᵀ                                              // (rows, w)
-            if score_tile(
-                p,
-                Some(scr.kt.as_ptr()),
-                (b, h),
-                i0,
-                rows,
-                j0,
-                (0, p.nk),
-                blk,
-                bufs,
-            )
-            .is_none()
-            {
+            if score_tile(p, keys_at, (b, h), i0, rows, j0, (0, p.nk), blk, bufs).is_none() {
                 continue;
             }
             let (dop, ldo) = rows_ptr(d_o, (b, h), i0, rows, &mut scr.d_o);

@@ -23,7 +23,7 @@ use crate::blocks::Block;
 use crate::error::{AttnError, Result};
 use crate::options::Options;
 use crate::problem::{Problem, Span};
-use crate::simd::{Gemm, OnlineSoftmax, Transpose};
+use crate::simd::{Dots, Gemm, Kernels, OnlineSoftmax, Transpose};
 use crate::view::{RawOut, RawSlice, View, ViewMut};
 use crate::workspace::Buffer;
 use rayon::prelude::*;
@@ -56,11 +56,10 @@ pub(crate) struct Scratch {
     pub l: Vec<f32>,
     /// Each row's rescaling `e^{m − m'}` of the last online-softmax step.
     pub alpha: Vec<f32>,
-    /// K rows gathered when K's feature stride is not 1.
+    /// A Kᵀ tile packed on the fly (no packed copy of K: the decode path).
     pub kbuf: Vec<f32>,
+    /// V rows gathered when V's feature stride is not 1.
     pub vt: Vec<f32>,
-    pub qt: Vec<f32>,
-    pub st: Vec<f32>,
     pub spans: Vec<Span>,
     pub hulls: Vec<(usize, usize)>,
 }
@@ -76,8 +75,6 @@ impl Scratch {
             alpha: vec![1.0; BR],
             kbuf: vec![0.0; BC * p.d],
             vt: vec![0.0; BC * p.dv],
-            qt: vec![0.0; p.d * BR],
-            st: vec![0.0; BC * BR],
             spans: vec![Span::EMPTY; BR],
             hulls: vec![(0, 0); BR / GROUP],
         }
@@ -136,6 +133,50 @@ pub(crate) struct PackedK {
     d: usize,
 }
 
+/// Writes rows `j0..j0 + w` of `view[b, h]` transposed into `dst` as `[width][ld]`, columns
+/// `w..ld` zeroed: a Kᵀ (or Vᵀ) tile whose rows the GEMM streams as contiguous vectors.
+pub(crate) fn pack_transposed(
+    view: &View,
+    (b, h): (usize, usize),
+    (j0, w): (usize, usize),
+    ld: usize,
+    dst: &mut [f32],
+    kern: &Kernels,
+) {
+    let (data, st, width) = (view.data(), view.strides(), view.shape()[3]);
+    assert!(w <= ld && dst.len() >= width * ld);
+    if w == 0 {
+        dst[..width * ld].fill(0.0);
+        return;
+    }
+    if st[3] == 1 {
+        let src = &data[view.offset(b, h, j0, 0)..];
+        assert!(src.len() >= (w - 1) * st[2] + width);
+        // SAFETY: just checked: src holds w rows of `width` floats at stride st[2]; dst holds
+        // `width` rows of ld ≥ w floats.
+        unsafe {
+            (kern.transpose)(&Transpose {
+                src: src.as_ptr(),
+                lds: st[2],
+                rows: w,
+                cols: width,
+                dst: dst.as_mut_ptr(),
+                ldd: ld,
+            })
+        }
+    } else {
+        for c in 0..w {
+            let o = view.offset(b, h, j0 + c, 0);
+            for e in 0..width {
+                dst[e * ld + c] = data[o + e * st[3]];
+            }
+        }
+    }
+    for e in 0..width {
+        dst[e * ld + w..(e + 1) * ld].fill(0.0);
+    }
+}
+
 impl PackedK {
     pub fn new(p: &Problem) -> Self {
         let tiles = p.nk.div_ceil(BC);
@@ -145,37 +186,15 @@ impl PackedK {
             .enumerate()
             .for_each(|(idx, dst)| {
                 let (bh, t) = (idx / tiles, idx % tiles);
-                let (b, h) = (bh / p.hkv, bh % p.hkv);
                 let j0 = t * BC;
-                let k = &p.k;
-                let (data, st) = (k.data(), k.strides());
-                let w = BC.min(p.nk - j0);
-                if st[3] == 1 {
-                    let src = &data[k.offset(b, h, j0, 0)..];
-                    debug_assert!(w == 0 || src.len() >= (w - 1) * st[2] + p.d);
-                    // SAFETY: the view was validated, so its w rows of D floats at stride st[2]
-                    // lie inside src; dst holds D rows of BC ≥ w floats.
-                    unsafe {
-                        (p.kern.transpose)(&Transpose {
-                            src: src.as_ptr(),
-                            lds: st[2],
-                            rows: w,
-                            cols: p.d,
-                            dst: dst.as_mut_ptr(),
-                            ldd: BC,
-                        })
-                    }
-                } else {
-                    for c in 0..w {
-                        let o = k.offset(b, h, j0 + c, 0);
-                        for d in 0..p.d {
-                            dst[d * BC + c] = data[o + d * st[3]];
-                        }
-                    }
-                }
-                for d in 0..p.d {
-                    dst[d * BC + w..(d + 1) * BC].fill(0.0);
-                }
+                pack_transposed(
+                    &p.k,
+                    (bh / p.hkv, bh % p.hkv),
+                    (j0, BC.min(p.nk - j0)),
+                    BC,
+                    dst,
+                    p.kern,
+                );
             });
         Self {
             data,
@@ -200,23 +219,44 @@ pub(crate) struct TileBufs<'s> {
     pub spans: &'s mut [Span],
     /// Per group of `GROUP` rows, the columns `[a, b)` its scores were computed for.
     pub hulls: &'s mut [(usize, usize)],
-    /// Without packed Kᵀ: the query rows transposed (`D × rows`), room for a gathered K tile
-    /// (`BC × D`) when K's rows are not contiguous, and for Sᵀ (`BC × rows`).
-    pub qt: &'s [f32],
+    /// Room for the tile's Kᵀ (`D × BC`) when there is no packed copy.
     pub kbuf: &'s mut [f32],
-    pub st: &'s mut [f32],
+}
+
+/// Where [`score_tile`] finds K.
+#[derive(Clone, Copy)]
+pub(crate) enum Keys {
+    /// A tile of packed Kᵀ (`D × BC`).
+    Packed(*const f32),
+    /// Pack the tile into `TileBufs::kbuf` first, then as `Packed`.
+    Pack,
+    /// Dot products with K's rows where they lie (few queries: decoding).
+    Rows,
+}
+
+impl Keys {
+    /// How a problem's scores are computed when Kᵀ is not already packed: problems of at most
+    /// [`DECODE_MAX_Q`] queries score by dot products in the forward, the backward and
+    /// [`probabilities`] alike, so that every pass computes the same bits for a score (the
+    /// backward's weights are `exp(S − LSE)` with the forward's LSE).
+    pub(crate) fn unpacked(p: &Problem) -> Keys {
+        if p.nq <= DECODE_MAX_Q {
+            Keys::Rows
+        } else {
+            Keys::Pack
+        }
+    }
 }
 
 /// Computes raw scores `S[r][c] = q_{i0+r}·k_{j0+c}` of one tile (row stride `BC`) and each row's
 /// span. Returns `None`, computing nothing, when every row's span is empty; otherwise whether
 /// the tile was ragged, computed group by group over `t.hulls` only (scores outside a group's
-/// hull are left undefined). `kt` is the tile of packed Kᵀ (`D × BC`) when there is one;
-/// otherwise K's rows are read directly. `blk` is the tile's block-mask entry (rows
+/// hull are left undefined). `keys_at` says where K is read. `blk` is the tile's block-mask entry (rows
 /// `i0..i0 + rows` lie in one query tile).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn score_tile(
     p: &Problem,
-    kt: Option<*const f32>,
+    keys_at: Keys,
     (b, h): (usize, usize),
     i0: usize,
     rows: usize,
@@ -245,6 +285,33 @@ pub(crate) fn score_tile(
             return None;
         }
     }
+    let kt = match keys_at {
+        Keys::Packed(kt) => kt,
+        Keys::Pack => {
+            pack_transposed(&p.k, (b, h / p.group), (j0, w), BC, t.kbuf, p.kern);
+            t.kbuf.as_ptr()
+        }
+        Keys::Rows => {
+            let (kp, ldk) = rows_ptr(&p.k, (b, h / p.group), j0, w, t.kbuf);
+            // SAFETY: kp addresses w rows of D floats at stride ldk (validated view or kbuf),
+            // t.q `rows` rows of D at stride q_rs, and t.s holds rows×BC.
+            unsafe {
+                (p.kern.dots)(&Dots {
+                    m: rows,
+                    n: w,
+                    k: p.d,
+                    a: t.q,
+                    lda: t.q_rs,
+                    b: kp,
+                    ldb: ldk,
+                    c: t.s.as_mut_ptr(),
+                    ldc: BC,
+                })
+            };
+            t.hulls[..rows.div_ceil(GROUP)].fill((0, w));
+            return Some(false);
+        }
+    };
     let mut area = 0;
     for (g, hull) in t.hulls[..rows.div_ceil(GROUP)].iter_mut().enumerate() {
         let group = &t.spans[g * GROUP..((g + 1) * GROUP).min(rows)];
@@ -255,101 +322,47 @@ pub(crate) fn score_tile(
         *hull = (a, e.max(a));
         area += group.len() * (e.max(a) - a);
     }
-    // Worth splitting when it saves a quarter of the tile; only the packed path splits.
-    let ragged = kt.is_some() && 4 * area <= 3 * rows * w;
+    // Worth splitting when it saves a quarter of the tile.
+    let ragged = 4 * area <= 3 * rows * w;
     if !ragged {
         t.hulls[..rows.div_ceil(GROUP)].fill((0, w));
     }
-    match kt {
-        Some(kt) if ragged => {
-            for (g, &(a, e)) in t.hulls[..rows.div_ceil(GROUP)].iter().enumerate() {
-                if a >= e {
-                    continue;
-                }
-                // SAFETY: as below, for rows g·GROUP.. of the group and columns a..e < BC.
-                unsafe {
-                    (p.kern.gemm)(&Gemm {
-                        m: GROUP.min(rows - g * GROUP),
-                        n: e - a,
-                        k: p.d,
-                        a: t.q.add(g * GROUP * t.q_rs),
-                        a_rs: t.q_rs,
-                        a_ks: 1,
-                        b: kt.add(a),
-                        ldb: BC,
-                        c: t.s[g * GROUP * BC + a..].as_mut_ptr(),
-                        ldc: BC,
-                        accumulate: false,
-                    })
-                }
-            }
+    // One GEMM over the tile, or one per group over its hull.
+    let one = [(0, w)];
+    let (groups, group_rows): (&[(usize, usize)], usize) = if ragged {
+        (&t.hulls[..rows.div_ceil(GROUP)], GROUP)
+    } else {
+        (&one, rows)
+    };
+    for (g, &(a, e)) in groups.iter().enumerate() {
+        if a >= e {
+            continue;
         }
-        // SAFETY: the Kᵀ tile holds D rows of BC floats; t.q rows×D (row stride q_rs), t.s rows×BC.
-        Some(kt) => unsafe {
+        // SAFETY: the Kᵀ tile holds D rows of BC floats, t.q `rows` rows of D (row stride
+        // q_rs) and t.s rows×BC; the group's rows and columns a..e ≤ w lie inside them.
+        unsafe {
             (p.kern.gemm)(&Gemm {
-                m: rows,
-                n: w,
+                m: group_rows.min(rows - g * group_rows),
+                n: e - a,
                 k: p.d,
-                a: t.q,
+                a: t.q.add(g * group_rows * t.q_rs),
                 a_rs: t.q_rs,
                 a_ks: 1,
-                b: kt,
+                b: kt.add(a),
                 ldb: BC,
-                c: t.s.as_mut_ptr(),
+                c: t.s[g * group_rows * BC + a..].as_mut_ptr(),
                 ldc: BC,
                 accumulate: false,
             })
-        },
-        None => {
-            // Sᵀ = K·Qᵀ, reading K's rows where they lie. Each score is the same chain of fused
-            // multiply-adds over d as with packed Kᵀ, so both paths (and the backward, which
-            // recomputes S) agree to the bit.
-            let (kp, ldk) = rows_ptr(&p.k, (b, h / p.group), j0, w, t.kbuf);
-            // SAFETY: kp addresses w rows of D floats at stride ldk (validated view or kbuf);
-            // qt holds D×rows and st BC×rows.
-            unsafe {
-                (p.kern.gemm)(&Gemm {
-                    m: w,
-                    n: rows,
-                    k: p.d,
-                    a: kp,
-                    a_rs: ldk,
-                    a_ks: 1,
-                    b: t.qt.as_ptr(),
-                    ldb: rows,
-                    c: t.st.as_mut_ptr(),
-                    ldc: rows,
-                    accumulate: false,
-                })
-            }
-            for c in 0..w {
-                for r in 0..rows {
-                    t.s[r * BC + c] = t.st[c * rows + r];
-                }
-            }
         }
     }
     Some(ragged)
 }
 
 impl Scratch {
-    /// Gathers query rows `i0..i0 + rows` of `(b, h)`, and their transpose when `transposed`.
-    fn load_queries(
-        &mut self,
-        p: &Problem,
-        bh: (usize, usize),
-        i0: usize,
-        rows: usize,
-        transposed: bool,
-    ) {
+    /// Gathers query rows `i0..i0 + rows` of `(b, h)`.
+    fn load_queries(&mut self, p: &Problem, bh: (usize, usize), i0: usize, rows: usize) {
         gather_rows(&p.q, bh, i0, rows, &mut self.q);
-        if transposed {
-            for r in 0..rows {
-                for c in 0..p.d {
-                    self.qt[c * rows + r] = self.q[r * p.d + c];
-                }
-            }
-        }
     }
 
     fn tile_bufs(&mut self) -> TileBufs<'_> {
@@ -360,9 +373,7 @@ impl Scratch {
             s: &mut self.s,
             spans: &mut self.spans,
             hulls: &mut self.hulls,
-            qt: &self.qt,
             kbuf: &mut self.kbuf,
-            st: &mut self.st,
         }
     }
 }
@@ -381,7 +392,7 @@ pub(crate) fn attend_rows(
 ) {
     let (dv, kern) = (p.dv, p.kern);
     let kvh = h / p.group;
-    scr.load_queries(p, (b, h), i0, rows, packed.is_none());
+    scr.load_queries(p, (b, h), i0, rows);
     scr.o[..rows * dv].fill(0.0);
     scr.m[..rows].fill(f32::NEG_INFINITY);
     scr.l[..rows].fill(0.0);
@@ -399,7 +410,7 @@ pub(crate) fn attend_rows(
     for (kt, blk) in p.key_tiles((b, h), i0 / BR, (lo, hi)) {
         let j0 = kt * BC;
         let w = BC.min(p.nk - j0);
-        let kt = packed.map(|pk| pk.tile(b, kvh, p.hkv, j0));
+        let kt = packed.map_or(Keys::Rows, |pk| Keys::Packed(pk.tile(b, kvh, p.hkv, j0)));
         let Some(ragged) = score_tile(p, kt, (b, h), i0, rows, j0, keys, blk, scr.tile_bufs())
         else {
             continue;
@@ -825,14 +836,26 @@ pub fn probabilities(q: View, k: View, opts: &Options) -> Result<Vec<f32>> {
             let (b, h) = (bh / p.hq, bh % p.hq);
             let i0 = t * BR;
             let rows = BR.min(p.nq - i0);
-            scr.load_queries(&p, (b, h), i0, rows, true);
+            scr.load_queries(&p, (b, h), i0, rows);
             for j0 in (0..p.nk).step_by(BC) {
                 let w = BC.min(p.nk - j0);
                 let Some(blk) = p.block((b, h), t, j0 / BC) else {
                     continue;
                 };
                 let bufs = scr.tile_bufs();
-                if score_tile(&p, None, (b, h), i0, rows, j0, (0, p.nk), blk, bufs).is_none() {
+                if score_tile(
+                    &p,
+                    Keys::unpacked(&p),
+                    (b, h),
+                    i0,
+                    rows,
+                    j0,
+                    (0, p.nk),
+                    blk,
+                    bufs,
+                )
+                .is_none()
+                {
                     continue;
                 }
                 for r in 0..rows {

@@ -92,6 +92,9 @@ pub(crate) trait Simd: Copy {
     unsafe fn exp(v: Self::V) -> Self::V;
     /// `dst[c·ldd + r] = src[r·lds + c]` for a block of `LANES × LANES`.
     unsafe fn transpose_block(src: *const f32, lds: usize, dst: *mut f32, ldd: usize);
+    /// `Σ_t a[t]·b[t]` over `k` elements, the products (exact in f64) summed in f64 lane-wise
+    /// and rounded to f32 once.
+    unsafe fn dot(a: *const f32, b: *const f32, k: usize) -> f32;
 }
 
 /// Rows of the output held in registers by the matrix micro-kernel: 6 rows × `NV` vectors of
@@ -134,6 +137,8 @@ pub(crate) struct Kernels {
     pub transpose: unsafe fn(&Transpose),
     /// See [`OnlineSoftmax`].
     pub online_softmax: unsafe fn(&OnlineSoftmax),
+    /// See [`Dots`].
+    pub dots: unsafe fn(&Dots),
     /// `ds[c] ← (p[c]·(ds[c] − d))·scale`: the softmax gradient of one row, from the weights
     /// `p`, `dP` in `ds` and the row's `D = rowsum(dO∘O)`.
     pub softmax_grad: unsafe fn(p: *const f32, ds: *mut f32, n: usize, d: f32, scale: f32),
@@ -185,6 +190,34 @@ unsafe fn softmax_grad_generic<S: Simd>(p: *const f32, ds: *mut f32, n: usize, d
     }
     if c < n {
         step(c, Some(n - c));
+    }
+}
+
+/// `c[r·ldc + j] = Σ_t a[r·lda + t]·b[j·ldb + t]` for `r < m`, `j < n`, `t < k`: dot products of
+/// rows, both read along their unit stride, each accumulated in f64 ([`Simd::dot`]) and rounded
+/// once. Scoring a few queries against K rows where they lie: K streams from memory once, in
+/// order, with no packing; the f64 sum makes each score the correctly rounded value up to a
+/// rare tie, at a cost the memory-bound decode does not notice.
+#[derive(Clone, Copy)]
+pub(crate) struct Dots {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: *const f32,
+    pub lda: usize,
+    pub b: *const f32,
+    pub ldb: usize,
+    pub c: *mut f32,
+    pub ldc: usize,
+}
+
+#[inline(always)]
+unsafe fn dots_generic<S: Simd>(g: &Dots) {
+    for j in 0..g.n {
+        let b = g.b.add(j * g.ldb);
+        for r in 0..g.m {
+            *g.c.add(r * g.ldc + j) = S::dot(g.a.add(r * g.lda), b, g.k);
+        }
     }
 }
 
@@ -493,6 +526,8 @@ macro_rules! kernel_table {
                 softmax_grad_generic::<$S>(p, ds, n, d, s)
             }
             $(#[target_feature(enable = $feat)])*
+            pub(super) unsafe fn dots(g: &Dots) { dots_generic::<$S>(g) }
+            $(#[target_feature(enable = $feat)])*
             pub(super) unsafe fn online_softmax(t: &OnlineSoftmax) {
                 online_softmax_generic::<$S>(t)
             }
@@ -504,6 +539,7 @@ macro_rules! kernel_table {
             scale: wrappers::scale,
             transpose: wrappers::transpose,
             online_softmax: wrappers::online_softmax,
+            dots: wrappers::dots,
             softmax_grad: wrappers::softmax_grad,
         };
     };
@@ -570,6 +606,14 @@ impl Simd for Scalar {
     #[inline(always)]
     unsafe fn transpose_block(src: *const f32, _: usize, dst: *mut f32, _: usize) {
         *dst = *src
+    }
+    #[inline(always)]
+    unsafe fn dot(a: *const f32, b: *const f32, k: usize) -> f32 {
+        let mut s = 0.0f64;
+        for t in 0..k {
+            s += *a.add(t) as f64 * *b.add(t) as f64;
+        }
+        s as f32
     }
 }
 
@@ -676,6 +720,34 @@ mod x86 {
             let r2 = _mm512_mul_ps(r, r);
             y = _mm512_add_ps(_mm512_fmadd_ps(y, r2, r), _mm512_set1_ps(1.0));
             _mm512_maskz_mov_ps(!under, _mm512_scalef_ps(y, n))
+        }
+        #[inline(always)]
+        unsafe fn dot(a: *const f32, b: *const f32, k: usize) -> f32 {
+            // Eight f64 lanes per step, two accumulators for the FMA latency.
+            let (mut x, mut y) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+            let mut t = 0;
+            while t + 16 <= k {
+                let (u, v) = (_mm512_loadu_ps(a.add(t)), _mm512_loadu_ps(b.add(t)));
+                let (u0, v0) = (_mm512_castps512_ps256(u), _mm512_castps512_ps256(v));
+                let u1 = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(u)));
+                let v1 = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+                x = _mm512_fmadd_pd(_mm512_cvtps_pd(u0), _mm512_cvtps_pd(v0), x);
+                y = _mm512_fmadd_pd(_mm512_cvtps_pd(u1), _mm512_cvtps_pd(v1), y);
+                t += 16;
+            }
+            if t < k {
+                let m = ((1u32 << (k - t)) - 1) as u16;
+                let (u, v) = (
+                    _mm512_maskz_loadu_ps(m, a.add(t)),
+                    _mm512_maskz_loadu_ps(m, b.add(t)),
+                );
+                let (u0, v0) = (_mm512_castps512_ps256(u), _mm512_castps512_ps256(v));
+                let u1 = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(u)));
+                let v1 = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+                x = _mm512_fmadd_pd(_mm512_cvtps_pd(u0), _mm512_cvtps_pd(v0), x);
+                y = _mm512_fmadd_pd(_mm512_cvtps_pd(u1), _mm512_cvtps_pd(v1), y);
+            }
+            _mm512_reduce_add_pd(_mm512_add_pd(x, y)) as f32
         }
         #[inline(always)]
         unsafe fn transpose_block(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
@@ -807,6 +879,28 @@ mod x86 {
             );
             let y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
             _mm256_andnot_ps(under, y)
+        }
+        #[inline(always)]
+        unsafe fn dot(a: *const f32, b: *const f32, k: usize) -> f32 {
+            // Four f64 lanes per step, two accumulators for the FMA latency.
+            let (mut x, mut y) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+            let mut t = 0;
+            while t + 8 <= k {
+                let (u, v) = (_mm256_loadu_ps(a.add(t)), _mm256_loadu_ps(b.add(t)));
+                let (u0, v0) = (_mm256_castps256_ps128(u), _mm256_castps256_ps128(v));
+                let (u1, v1) = (_mm256_extractf128_ps::<1>(u), _mm256_extractf128_ps::<1>(v));
+                x = _mm256_fmadd_pd(_mm256_cvtps_pd(u0), _mm256_cvtps_pd(v0), x);
+                y = _mm256_fmadd_pd(_mm256_cvtps_pd(u1), _mm256_cvtps_pd(v1), y);
+                t += 8;
+            }
+            let s = _mm256_add_pd(x, y);
+            let s = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd::<1>(s));
+            let mut sum = _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+            while t < k {
+                sum += *a.add(t) as f64 * *b.add(t) as f64;
+                t += 1;
+            }
+            sum as f32
         }
         #[inline(always)]
         unsafe fn transpose_block(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
@@ -987,6 +1081,48 @@ mod tests {
                     assert_eq!(ds[c], p[c] * (dp[c] - 0.25) * 0.125, "{isa:?} n={n} c={c}");
                 }
                 assert_eq!(ds[n], dp[n], "{isa:?} wrote past n");
+            }
+        }
+    }
+
+    #[test]
+    fn dots_are_the_f64_sum_rounded_once() {
+        for isa in Isa::all_available() {
+            let kern = table(isa);
+            for &(m, n, k) in &[(1, 1, 1), (1, 64, 128), (3, 17, 37), (16, 5, 16), (2, 9, 7)] {
+                let a: Vec<f32> = (0..m * (k + 2))
+                    .map(|x| (x as f32 * 0.71).sin() * 3.0)
+                    .collect();
+                let b: Vec<f32> = (0..n * (k + 1)).map(|x| (x as f32 * 1.37).cos()).collect();
+                let mut c = vec![f32::NAN; m * (n + 1)];
+                let g = Dots {
+                    m,
+                    n,
+                    k,
+                    a: a.as_ptr(),
+                    lda: k + 2,
+                    b: b.as_ptr(),
+                    ldb: k + 1,
+                    c: c.as_mut_ptr(),
+                    ldc: n + 1,
+                };
+                // SAFETY: a holds m rows of k + 2, b n rows of k + 1, c m rows of n + 1.
+                unsafe { (kern.dots)(&g) };
+                for r in 0..m {
+                    for j in 0..n {
+                        let exact: f64 = (0..k)
+                            .map(|t| a[r * (k + 2) + t] as f64 * b[j * (k + 1) + t] as f64)
+                            .sum();
+                        let got = c[r * (n + 1) + j];
+                        // Rounded once from a sum whose own error is far below an f32 ulp.
+                        let ulp = (exact as f32).abs().max(f32::MIN_POSITIVE) * f32::EPSILON;
+                        assert!(
+                            (got as f64 - exact).abs() <= ulp as f64,
+                            "{isa:?} {m}x{n}x{k} ({r}, {j}): {got} vs {exact}"
+                        );
+                    }
+                    assert!(c[r * (n + 1) + n].is_nan(), "{isa:?} wrote past n");
+                }
             }
         }
     }
