@@ -284,6 +284,16 @@ struct BenchArgs {
     /// Print the result as one JSON object on the last line.
     #[arg(long)]
     json: bool,
+    /// Read the inputs from DIR/q.npy, k.npy, v.npy (and do.npy with --backward), [B, H, N, D]
+    /// f32, instead of drawing them; their shapes replace --batch, --heads, --seq and --dim.
+    #[arg(long, value_name = "DIR")]
+    inputs: Option<PathBuf>,
+    /// Time on request, for a driver that interleaves another implementation with this one: read
+    /// commands from stdin, one per line. `run` runs once and prints the seconds it took; `save
+    /// DIR` runs once more and writes o.npy (and dq.npy, dk.npy, dv.npy with --backward) into DIR; `rss` prints the
+    /// peak resident set size in bytes; `quit` or end of input stops.
+    #[arg(long)]
+    serve: bool,
 }
 
 /// Resident set size now and its high-water mark, in bytes (Linux; 0 elsewhere).
@@ -315,11 +325,32 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
             })
             .collect()
     };
-    let (qs, ks) = ([b, hq, nq, d], [b, hkv, nk, d]);
-    let q = fill(qs.iter().product());
-    let k = fill(ks.iter().product());
-    let v = fill(ks.iter().product());
-    let d_o = fill(qs.iter().product());
+    let (qs, ks, q, k, v, d_o) = if let Some(dir) = &a.inputs {
+        let read = |name: &str| -> Result<(Vec<f32>, [usize; 4]), CliError> {
+            let x = npy::read_f32(&dir.join(name))?;
+            let shape = rank4(name, &x)?;
+            Ok((x.data, shape))
+        };
+        let ((q, qs), (k, ks), (v, vs)) = (read("q.npy")?, read("k.npy")?, read("v.npy")?);
+        let d_o = if a.backward {
+            read("do.npy")?.0
+        } else {
+            vec![0.0; q.len()]
+        };
+        if vs != ks {
+            return Err(CliError::Input {
+                what: "v.npy".into(),
+                reason: format!("shape {vs:?} differs from k.npy's {ks:?}"),
+            });
+        }
+        (qs, ks, q, k, v, d_o)
+    } else {
+        let (qs, ks) = ([b, hq, nq, d], [b, hkv, nk, d]);
+        let (q, k) = (fill(qs.iter().product()), fill(ks.iter().product()));
+        let (v, d_o) = (fill(ks.iter().product()), fill(qs.iter().product()));
+        (qs, ks, q, k, v, d_o)
+    };
+    let ([b, hq, nq, d], [_, hkv, nk, _]) = (qs, ks);
     let mut o = vec![0.0f32; q.len()];
     let mut lse = vec![0.0f32; b * hq * nq];
     let (mut dq, mut dk, mut dv) = if a.backward {
@@ -347,7 +378,8 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
         buf.fill(1.0);
     }
     let (base_rss, _) = rss();
-    let mut run = || -> Result<f64, CliError> {
+    // One call (forward, and backward with --backward), timed; `save` writes its outputs.
+    let mut run = |save: Option<&std::path::Path>| -> Result<f64, CliError> {
         let t = Instant::now();
         forward(
             qv,
@@ -371,13 +403,25 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
                 &mut ViewMut::contiguous(&mut dv, ks)?,
             )?;
         }
-        Ok(t.elapsed().as_secs_f64())
+        let elapsed = t.elapsed().as_secs_f64();
+        if let Some(dir) = save {
+            npy::write_f32(&dir.join("o.npy"), &qs, &o)?;
+            if a.backward {
+                npy::write_f32(&dir.join("dq.npy"), &qs, &dq)?;
+                npy::write_f32(&dir.join("dk.npy"), &ks, &dk)?;
+                npy::write_f32(&dir.join("dv.npy"), &ks, &dv)?;
+            }
+        }
+        Ok(elapsed)
     };
-    let first = run()?;
+    if a.serve {
+        return serve(&mut run);
+    }
+    let first = run(None)?;
     let iters = a
         .iters
         .unwrap_or_else(|| ((2.0 / first.max(1e-9)) as usize).clamp(3, 1000));
-    let mut times: Vec<f64> = (0..iters).map(|_| run()).collect::<Result<_, _>>()?;
+    let mut times: Vec<f64> = (0..iters).map(|_| run(None)).collect::<Result<_, _>>()?;
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let (_, peak) = rss();
@@ -407,6 +451,41 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
             "pairs": pairs, "peak_rss_mb": mb(peak), "extra_rss_mb": mb(peak.saturating_sub(base_rss)),
         });
         println!("{j}");
+    }
+    Ok(())
+}
+
+/// `bench --serve`: answers `run`, `save DIR`, `rss` and `quit` on stdin (see [`BenchArgs`]).
+fn serve(
+    run: &mut dyn FnMut(Option<&std::path::Path>) -> Result<f64, CliError>,
+) -> Result<(), CliError> {
+    use std::io::{BufRead, Write};
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    for line in stdin.lock().lines() {
+        let line = line.map_err(|e| CliError::Input {
+            what: "stdin".into(),
+            reason: e.to_string(),
+        })?;
+        let mut words = line.split_whitespace();
+        let reply = match (words.next(), words.next()) {
+            (Some("run"), None) => format!("{}", run(None)?),
+            (Some("save"), Some(dir)) => format!("{}", run(Some(std::path::Path::new(dir)))?),
+            (Some("rss"), None) => format!("{}", rss().1),
+            (Some("quit"), None) | (None, _) => break,
+            _ => {
+                return Err(CliError::Input {
+                    what: "stdin".into(),
+                    reason: format!("unknown command {line:?} (run, save DIR, rss, quit)"),
+                })
+            }
+        };
+        writeln!(out, "{reply}")
+            .and_then(|_| out.flush())
+            .map_err(|e| CliError::Input {
+                what: "stdout".into(),
+                reason: e.to_string(),
+            })?;
     }
     Ok(())
 }

@@ -54,6 +54,9 @@ struct Scratch {
     z: Vec<f32>,
     dk: Vec<f32>,
     dv: Vec<f32>,
+    /// One query tile's share of dK, dV (`BC × D(v)`) or dQ (`BR × D`) before it is added:
+    /// long sums are summed a tile at a time, not as one chain.
+    part: Vec<f32>,
     spans: Vec<Span>,
     hulls: Vec<(usize, usize)>,
 }
@@ -74,6 +77,7 @@ impl Scratch {
             z: vec![1.0; BR * BC],
             dk: vec![0.0; BC * p.d],
             dv: vec![0.0; BC * p.dv],
+            part: vec![0.0; BC.max(BR) * p.d.max(p.dv)],
             spans: vec![Span::EMPTY; BR],
             hulls: vec![(0, 0); BR / GROUP],
         }
@@ -348,9 +352,9 @@ fn key_tile(
             }
             // P∘Z: P itself without dropout.
             let pd = if p.dropout.is_some() { &scr.pd } else { &scr.s };
-            // SAFETY (the four GEMMs): every operand is a scratch buffer sized for BR×BC,
-            // BC×D, BC×Dv or BR×D(v), rows of Q or dO (rows_ptr: `rows` rows at stride ldq,
-            // ldo), or dq_acc, which holds group×Nq×D.
+            // SAFETY (the four GEMMs and their additions): every operand is a scratch buffer
+            // sized for BR×BC, BC×D, BC×Dv or BR×D(v) (part: the largest), rows of Q or dO
+            // (rows_ptr: `rows` rows at stride ldq, ldo), or rows of dq_acc.
             unsafe {
                 // dV += PDᵀ·dO                                      // (w, Dv)
                 (kern.gemm)(&Gemm {
@@ -362,10 +366,11 @@ fn key_tile(
                     a_ks: BC,
                     b: dop,
                     ldb: ldo,
-                    c: scr.dv.as_mut_ptr(),
+                    c: scr.part.as_mut_ptr(),
                     ldc: dv,
-                    accumulate: true,
+                    accumulate: false,
                 });
+                (kern.scale_add)(scr.dv.as_mut_ptr(), scr.part.as_ptr(), w * dv, 1.0);
                 // dP = dO·Vᵀ                                        // (rows, w)
                 (kern.gemm)(&Gemm {
                     m: rows,
@@ -425,10 +430,11 @@ fn key_tile(
                     a_ks: BC,
                     b: qp,
                     ldb: ldq,
-                    c: scr.dk.as_mut_ptr(),
+                    c: scr.part.as_mut_ptr(),
                     ldc: d,
-                    accumulate: true,
+                    accumulate: false,
                 });
+                (kern.scale_add)(scr.dk.as_mut_ptr(), scr.part.as_ptr(), w * d, 1.0);
                 // dQ += dS·K                                        // (rows, D)
                 (kern.gemm)(&Gemm {
                     m: rows,
@@ -439,10 +445,12 @@ fn key_tile(
                     a_ks: 1,
                     b: scr.k.as_ptr(),
                     ldb: d,
-                    c: dq_acc[(hl * nq + i0) * d..].as_mut_ptr(),
+                    c: scr.part.as_mut_ptr(),
                     ldc: d,
-                    accumulate: true,
+                    accumulate: false,
                 });
+                let dq = &mut dq_acc[(hl * nq + i0) * d..(hl * nq + i0 + rows) * d];
+                (kern.scale_add)(dq.as_mut_ptr(), scr.part.as_ptr(), rows * d, 1.0);
             }
         }
     }

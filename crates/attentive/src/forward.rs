@@ -56,6 +56,8 @@ pub(crate) struct Scratch {
     pub l: Vec<f32>,
     /// Each row's rescaling `e^{m − m'}` of the last online-softmax step.
     pub alpha: Vec<f32>,
+    /// The tile's P·V (`BR × Dv`), added to `o` after rescaling it.
+    pub pv: Vec<f32>,
     /// A Kᵀ tile packed on the fly (no packed copy of K: the decode path).
     pub kbuf: Vec<f32>,
     /// V rows gathered when V's feature stride is not 1.
@@ -73,6 +75,7 @@ impl Scratch {
             m: vec![0.0; BR],
             l: vec![0.0; BR],
             alpha: vec![1.0; BR],
+            pv: vec![0.0; BR * p.dv],
             kbuf: vec![0.0; BC * p.d],
             vt: vec![0.0; BC * p.dv],
             spans: vec![Span::EMPTY; BR],
@@ -435,14 +438,10 @@ pub(crate) fn attend_rows(
                 })
             };
             for r in 0..rows {
-                let alpha = scr.alpha[r];
-                if alpha != 1.0 {
-                    // SAFETY: output row r of scr.o has dv elements.
-                    unsafe { (kern.scale)(scr.o[r * dv..].as_mut_ptr(), dv, alpha) };
-                }
                 p.apply_dropout((b, h, i0 + r), j0, &mut scr.s[r * BC..r * BC + w]);
             }
         } else {
+            scr.alpha[..rows].fill(1.0);
             for r in 0..rows {
                 let span = scr.spans[r];
                 let srow = &mut scr.s[r * BC..r * BC + w];
@@ -473,7 +472,7 @@ pub(crate) fn attend_rows(
                 if m_old != m_new && m_old != f32::NEG_INFINITY {
                     let alpha = (m_old - m_new).exp();
                     scr.l[r] *= alpha;
-                    unsafe { (kern.scale)(scr.o[r * dv..].as_mut_ptr(), dv, alpha) };
+                    scr.alpha[r] = alpha;
                 }
                 scr.l[r] += sum;
                 scr.m[r] = m_new;
@@ -481,8 +480,9 @@ pub(crate) fn attend_rows(
             }
         }
         let (vp, ldv) = rows_ptr(&p.v, (b, kvh), j0, w, &mut scr.vt);
-        // O += P·V over whole tiles, or group by group over each group's hull (P is 0 outside
-        // its rows' spans, so the skipped products add nothing).
+        // T = P·V over the whole tile, or group by group over each group's hull (P is 0 outside
+        // its rows' spans, so the skipped products add nothing); then O ← alpha·O + T. Each
+        // output sums its keys in tiles of BC, not as one chain over every key.
         let groups: &[(usize, usize)] = if ragged {
             &scr.hulls[..rows.div_ceil(GROUP)]
         } else {
@@ -495,10 +495,11 @@ pub(crate) fn attend_rows(
                 (0, rows, 0, w)
             };
             if a >= e {
+                scr.pv[r0 * dv..(r0 + m) * dv].fill(0.0);
                 continue;
             }
-            // SAFETY: P is rows×w at stride BC in scr.s, V is w rows of Dv at stride ldv, O is
-            // rows×Dv in scr.o; rows r0..r0+m and columns a..e lie inside them.
+            // SAFETY: P is rows×w at stride BC in scr.s, V is w rows of Dv at stride ldv, T is
+            // rows×Dv in scr.pv; rows r0..r0+m and columns a..e lie inside them.
             unsafe {
                 (kern.gemm)(&Gemm {
                     m,
@@ -509,10 +510,21 @@ pub(crate) fn attend_rows(
                     a_ks: 1,
                     b: vp.add(a * ldv),
                     ldb: ldv,
-                    c: scr.o[r0 * dv..].as_mut_ptr(),
+                    c: scr.pv[r0 * dv..].as_mut_ptr(),
                     ldc: dv,
-                    accumulate: true,
+                    accumulate: false,
                 })
+            };
+        }
+        for r in 0..rows {
+            // SAFETY: row r of scr.o and of scr.pv hold dv elements each.
+            unsafe {
+                (kern.scale_add)(
+                    scr.o[r * dv..].as_mut_ptr(),
+                    scr.pv[r * dv..].as_ptr(),
+                    dv,
+                    scr.alpha[r],
+                )
             };
         }
     }

@@ -133,6 +133,9 @@ pub(crate) struct Kernels {
     pub exp_sum: unsafe fn(x: *mut f32, n: usize, scale: f32, m: f32) -> f32,
     /// `x[c] ← a·x[c]`.
     pub scale: unsafe fn(x: *mut f32, n: usize, a: f32),
+    /// `x[c] ← a·x[c] + y[c]` (one rounding): folds a tile's partial product into an
+    /// accumulator, so long sums are summed in blocks of one tile rather than as one chain.
+    pub scale_add: unsafe fn(x: *mut f32, y: *const f32, n: usize, a: f32),
     /// See [`Transpose`].
     pub transpose: unsafe fn(&Transpose),
     /// See [`OnlineSoftmax`].
@@ -504,6 +507,22 @@ unsafe fn scale_generic<S: Simd>(x: *mut f32, n: usize, a: f32) {
     }
 }
 
+#[inline(always)]
+unsafe fn scale_add_generic<S: Simd>(x: *mut f32, y: *const f32, n: usize, a: f32) {
+    let l = S::LANES;
+    let av = S::splat(a);
+    let mut c = 0;
+    while c + l <= n {
+        S::store(x.add(c), S::fma(S::load(x.add(c)), av, S::load(y.add(c))));
+        c += l;
+    }
+    if c < n {
+        let t = n - c;
+        let v = S::fma(S::load_part(x.add(c), t), av, S::load_part(y.add(c), t));
+        S::store_part(x.add(c), v, t);
+    }
+}
+
 /// Instantiates every generic kernel for one instruction set inside `#[target_feature]` wrappers.
 macro_rules! kernel_table {
     ($name:ident, $S:ty, $($feat:literal),*) => {
@@ -519,6 +538,10 @@ macro_rules! kernel_table {
             }
             $(#[target_feature(enable = $feat)])*
             pub(super) unsafe fn scale(x: *mut f32, n: usize, a: f32) { scale_generic::<$S>(x, n, a) }
+            $(#[target_feature(enable = $feat)])*
+            pub(super) unsafe fn scale_add(x: *mut f32, y: *const f32, n: usize, a: f32) {
+                scale_add_generic::<$S>(x, y, n, a)
+            }
             $(#[target_feature(enable = $feat)])*
             pub(super) unsafe fn transpose(t: &Transpose) { transpose_generic::<$S>(t) }
             $(#[target_feature(enable = $feat)])*
@@ -537,6 +560,7 @@ macro_rules! kernel_table {
             max: wrappers::max,
             exp_sum: wrappers::exp_sum,
             scale: wrappers::scale,
+            scale_add: wrappers::scale_add,
             transpose: wrappers::transpose,
             online_softmax: wrappers::online_softmax,
             dots: wrappers::dots,

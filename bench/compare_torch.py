@@ -1,0 +1,369 @@
+#!/usr/bin/env python3
+"""attentive against PyTorch's scaled_dot_product_attention on this CPU, in one run.
+
+Sets up PyTorch from PyPI in a virtual environment of its own (bench/.venv: a large download,
+done once and reused; CI never runs this), builds the `attentive` CLI, and for every shape:
+
+  * draws the inputs once (numpy, seeded) and hands the same arrays to both implementations;
+  * times them alternately, A B A B ..., both with 2 threads: attentive through
+    `attentive bench --inputs DIR --serve` (a process that times one call per `run` command),
+    torch in this process; each sample repeats the call until it lasts about 0.2 s;
+  * checks that attentive's output (and gradients) agree with an f64 reference by the accuracy
+    rule of LIMITS.md: max|ours - ref| <= 2x (3x for gradients) max|naive f32 - ref| plus a
+    4-ulp floor of the largest reference value;
+  * prints the medians and their ratio (torch time / attentive time: above 1 is faster).
+
+Then peak memory in separate processes (forward+backward, H=1, D=64), the FMA ceiling and read
+bandwidth from ../shared/tools/peak.sh before and after, a JSON file of every figure, and an SVG
+plot of GFLOP/s and peak memory against N.
+
+Usage: python3 bench/compare_torch.py [--quick] [--out bench-out]
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+VENV = os.path.join(HERE, ".venv")
+VPY = os.path.join(VENV, "bin", "python")
+THREADS = 2
+
+
+def ensure_venv():
+    """Re-executes this script with the venv's Python, creating the venv on first use."""
+    if os.path.realpath(sys.prefix) == os.path.realpath(VENV):
+        return
+    if not os.path.exists(VPY):
+        print("creating bench/.venv and installing torch and numpy from PyPI (once) ...", flush=True)
+        subprocess.check_call([sys.executable, "-m", "venv", VENV])
+        subprocess.check_call([VPY, "-m", "pip", "install", "-q", "numpy", "torch"])
+    os.execv(VPY, [VPY] + sys.argv)
+
+
+ensure_venv()
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+torch.set_num_threads(THREADS)
+BIN = os.path.join(ROOT, "target", "release", "attentive")
+
+
+def peak():
+    out = subprocess.check_output(["sh", os.path.join(ROOT, "..", "shared", "tools", "peak.sh"), str(THREADS)])
+    return json.loads(out)
+
+
+class Attentive:
+    """An `attentive bench --serve` process holding one problem's inputs."""
+
+    def __init__(self, inputs, backward, causal):
+        args = [BIN, "bench", "--inputs", inputs, "--serve"]
+        if backward:
+            args.append("--backward")
+        if causal:
+            args += ["--causal", "top-left"]
+        env = dict(os.environ, RAYON_NUM_THREADS=str(THREADS))
+        # The kv-head count comes from k.npy's shape.
+        self.p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def ask(self, line):
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+        reply = self.p.stdout.readline()
+        if not reply:
+            raise RuntimeError(f"attentive exited (command {line!r})")
+        return reply.strip()
+
+    def run(self):
+        return float(self.ask("run"))
+
+    def save(self, d):
+        self.ask(f"save {d}")
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait()
+
+
+def torch_call(q, k, v, d_o, causal, backward, gqa, naive=False):
+    """One call of torch's fused kernel (or the naive composition), timed."""
+    if backward:
+        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    t = time.perf_counter()
+    if naive:
+        o = naive_attention(q, k, v, causal)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    if backward:
+        o.backward(d_o)
+    return time.perf_counter() - t, o, (q, k, v)
+
+
+def naive_attention(q, k, v, causal):
+    """softmax(Q Kᵀ / sqrt(D)) V materialised, in the inputs' dtype (torch's unfused path)."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        n, m = s.shape[-2:]
+        s = s.masked_fill(torch.ones(n, m, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def accuracy(ours, q, k, v, d_o, causal, backward, heads):
+    """Ratios err(ours) / (factor * err(naive f32) + floor) per output; <= 1 passes."""
+    res = {}
+    names = ["o"] + (["dq", "dk", "dv"] if backward else [])
+    hkv = k.shape[1]
+    rep = q.shape[1] // hkv
+    for h in heads:
+        kh = h // rep
+        sl = (slice(None), slice(h, h + 1))
+        slk = (slice(None), slice(kh, kh + 1))
+        outs = {}
+        for dtype in (torch.float64, torch.float32):
+            qq, kk, vv = (x.to(dtype).detach().requires_grad_(backward) for x in (q[sl], k[slk], v[slk]))
+            o = naive_attention(qq, kk, vv, causal)
+            got = {"o": o.detach()}
+            if backward:
+                o.backward(d_o[sl].to(dtype))
+                got.update(dq=qq.grad, dk=kk.grad, dv=vv.grad)
+            outs[dtype] = got
+        for name in names:
+            if name in ("dk", "dv") and rep > 1:
+                continue  # a kv head's gradient sums its group: checked only without GQA
+            ref = outs[torch.float64][name]
+            naive = outs[torch.float32][name].double()
+            hh = h if name in ("o", "dq") else kh
+            mine = torch.from_numpy(ours[name][:, hh:hh + 1]).double()
+            floor = 4 * float(np.spacing(np.float32(ref.abs().max().item())))
+            factor = 2.0 if name == "o" else 3.0
+            err = (mine - ref).abs().max().item()
+            allowed = factor * (naive - ref).abs().max().item() + floor
+            res[name] = max(res.get(name, 0.0), err / allowed)
+    return res
+
+
+def time_shape(label, shape, causal, backward, gqa, rounds, with_naive, check_heads):
+    b, hq, hkv, nq, nk, d = shape
+    rng = np.random.default_rng(zlib.crc32(label.encode()))
+    arr = {
+        "q": rng.standard_normal((b, hq, nq, d), dtype=np.float32),
+        "k": rng.standard_normal((b, hkv, nk, d), dtype=np.float32),
+        "v": rng.standard_normal((b, hkv, nk, d), dtype=np.float32),
+        "do": rng.standard_normal((b, hq, nq, d), dtype=np.float32),
+    }
+    tmp = tempfile.mkdtemp(prefix="attn-cmp-")
+    for name, x in arr.items():
+        np.save(os.path.join(tmp, f"{name}.npy"), x)
+    q, k, v, d_o = (torch.from_numpy(arr[n]) for n in ("q", "k", "v", "do"))
+    ours = Attentive(tmp, backward, causal)
+    # Warm up both, and size each sample to about 0.2 s.
+    ours.run()
+    t_ours = ours.run()
+    torch_call(q, k, v, d_o, causal, backward, gqa)
+    t_torch = torch_call(q, k, v, d_o, causal, backward, gqa)[0]
+    reps = max(1, math.ceil(0.2 / max(min(t_ours, t_torch), 1e-6)))
+    if with_naive:
+        torch_call(q, k, v, d_o, causal, backward, gqa, naive=True)
+    samples = {"attentive": [], "torch": [], "torch_naive": []}
+    for _ in range(rounds):
+        samples["torch"].append(sum(torch_call(q, k, v, d_o, causal, backward, gqa)[0] for _ in range(reps)) / reps)
+        samples["attentive"].append(sum(ours.run() for _ in range(reps)) / reps)
+        if with_naive:
+            samples["torch_naive"].append(
+                sum(torch_call(q, k, v, d_o, causal, backward, gqa, naive=True)[0] for _ in range(reps)) / reps
+            )
+    ours.save(tmp)
+    ours.close()
+    names = ["o", "dq", "dk", "dv"] if backward else ["o"]
+    saved = {n: np.load(os.path.join(tmp, f"{n}.npy")) for n in names}
+    acc = accuracy(saved, q, k, v, d_o, causal, backward, check_heads(hq))
+    # The same rule applied to torch's fused kernel, for comparison.
+    _, o_t, (qt, kt, vt) = torch_call(q, k, v, d_o, causal, backward, gqa)
+    theirs = {"o": o_t.detach().numpy()}
+    if backward:
+        theirs.update(dq=qt.grad.numpy(), dk=kt.grad.numpy(), dv=vt.grad.numpy())
+    acc_torch = accuracy(theirs, q, k, v, d_o, causal, backward, check_heads(hq))
+    for f in os.listdir(tmp):
+        os.remove(os.path.join(tmp, f))
+    os.rmdir(tmp)
+    pairs = b * hq * (nq * (nq + 1) // 2 if causal else nq * nk)
+    flops = pairs * d * (14 if backward else 4)
+    med = {k_: float(np.median(v_)) for k_, v_ in samples.items() if v_}
+    ratios = [t / a for t, a in zip(samples["torch"], samples["attentive"])]
+    row = {
+        "label": label, "batch": b, "heads": hq, "kv_heads": hkv, "nq": nq, "nk": nk, "dim": d,
+        "causal": causal, "backward": backward, "rounds": rounds, "reps": reps,
+        "median_ms": {k_: 1e3 * v_ for k_, v_ in med.items()},
+        "gflops": {k_: flops / v_ / 1e9 for k_, v_ in med.items()},
+        "bytes_kv": 2 * b * hkv * nk * d * 4,
+        "ratio": med["torch"] / med["attentive"],
+        "ratio_of_pairs_median": float(np.median(ratios)),
+        "accuracy": acc,
+        "accurate": all(x <= 1.0 for x in acc.values()),
+        "accuracy_torch": acc_torch,
+    }
+    return row
+
+
+def memory(n, torch_side):
+    """Peak RSS of one forward+backward at B=1, H=1, N=n, D=64 in a fresh process."""
+    if not torch_side:
+        out = subprocess.check_output(
+            [BIN, "bench", "--heads", "1", "--seq", str(n), "--dim", "64", "--backward", "--iters", "1", "--json"],
+            env=dict(os.environ, RAYON_NUM_THREADS=str(THREADS)), text=True)
+        j = json.loads(out.strip().splitlines()[-1])
+        return {"peak_rss_mb": j["peak_rss_mb"], "extra_rss_mb": j["extra_rss_mb"]}
+    code = f"""
+import torch, json, torch.nn.functional as F
+torch.set_num_threads({THREADS})
+def rss(field):
+    for line in open('/proc/self/status'):
+        if line.startswith(field): return int(line.split()[1]) * 1024
+q, k, v, do = (torch.randn(1, 1, {n}, 64) for _ in range(4))
+q.requires_grad_(); k.requires_grad_(); v.requires_grad_()
+base = rss('VmRSS:')
+o = F.scaled_dot_product_attention(q, k, v)
+o.backward(do)
+peak = rss('VmHWM:')
+outputs = 4 * {n} * 64 * 4
+print(json.dumps({{"peak_rss_mb": peak / 2**20, "extra_rss_mb": (peak - base - outputs) / 2**20}}))
+"""
+    out = subprocess.check_output([VPY, "-c", code], text=True)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def svg_plot(rows, mem, ceiling, path):
+    """GFLOP/s against N (forward, D=64, not causal) and peak RSS against N, as one SVG."""
+    fwd = [r for r in rows if r["dim"] == 64 and not r["causal"] and not r["backward"] and r["heads"] == 8]
+    fwd.sort(key=lambda r: r["nq"])
+    w, h, pad = 440, 300, 55
+    colors = {"attentive": "#1b6ac9", "torch": "#d9480f", "torch_naive": "#868e96"}
+    names = {"attentive": "attentive", "torch": "torch SDPA (fused)", "torch_naive": "torch naive"}
+
+    def panel(x0, title, xs, series, ymax, ylabel, hline=None):
+        out = [f'<g transform="translate({x0},0)">',
+               f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>']
+        lx = [math.log2(x) for x in xs]
+        fx = lambda x: pad + (math.log2(x) - lx[0]) / max(lx[-1] - lx[0], 1e-9) * (w - 2 * pad)
+        fy = lambda y: h - pad + 10 - y / ymax * (h - 2 * pad)
+        out.append(f'<line x1="{pad}" y1="{fy(0)}" x2="{w - pad}" y2="{fy(0)}" stroke="black"/>')
+        out.append(f'<line x1="{pad}" y1="{fy(0)}" x2="{pad}" y2="{fy(ymax)}" stroke="black"/>')
+        for t in range(0, 6):
+            y = ymax * t / 5
+            out.append(f'<text x="{pad - 5}" y="{fy(y) + 4}" text-anchor="end" font-size="10">{y:.0f}</text>')
+        for x in xs:
+            out.append(f'<text x="{fx(x)}" y="{fy(0) + 15}" text-anchor="middle" font-size="10">{x}</text>')
+        out.append(f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle" font-size="11">N</text>')
+        out.append(f'<text x="12" y="{h / 2}" font-size="11" transform="rotate(-90 12 {h / 2})" text-anchor="middle">{ylabel}</text>')
+        if hline:
+            y, label = hline
+            out.append(f'<line x1="{pad}" y1="{fy(y)}" x2="{w - pad}" y2="{fy(y)}" stroke="black" stroke-dasharray="4 3"/>')
+            out.append(f'<text x="{w - pad}" y="{fy(y) - 4}" text-anchor="end" font-size="10">{label}</text>')
+        for i, (key, ys) in enumerate(series.items()):
+            pts = " ".join(f"{fx(x)},{fy(y)}" for x, y in zip(xs, ys) if y is not None)
+            out.append(f'<polyline points="{pts}" fill="none" stroke="{colors[key]}" stroke-width="2"/>')
+            for x, y in zip(xs, ys):
+                if y is not None:
+                    out.append(f'<circle cx="{fx(x)}" cy="{fy(y)}" r="3" fill="{colors[key]}"/>')
+            out.append(f'<text x="{pad + 10}" y="{40 + 14 * i}" font-size="11" fill="{colors[key]}">{names[key]}</text>')
+        out.append("</g>")
+        return out
+
+    body = []
+    if fwd:
+        xs = [r["nq"] for r in fwd]
+        series = {k: [r["gflops"].get(k) for r in fwd] for k in ("attentive", "torch", "torch_naive")}
+        body += panel(0, "forward, B=1, H=8, D=64, fp32, 2 threads", xs, series, ceiling * 1.1, "GFLOP/s",
+                      (ceiling, f"FMA ceiling {ceiling:.0f}"))
+    if mem:
+        xs = sorted(mem)
+        series = {"attentive": [mem[n]["attentive"]["peak_rss_mb"] for n in xs],
+                  "torch": [mem[n]["torch"]["peak_rss_mb"] for n in xs]}
+        top = max(max(s) for s in series.values()) * 1.15
+        body += panel(w + 20, "peak RSS, forward+backward, H=1, D=64", xs, series, top, "MB")
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w + 20}" height="{h}" font-family="sans-serif">',
+           '<rect width="100%" height="100%" fill="white"/>'] + body + ["</svg>"]
+    with open(path, "w") as f:
+        f.write("\n".join(svg) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="N=512 and 2048 only, 3 rounds, no memory runs")
+    ap.add_argument("--only", default="", help="run only the shapes whose label contains this text")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench-out"), help="directory for the JSON and SVG")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    subprocess.check_call(["cargo", "build", "--release", "-q", "-p", "attentive-cli"], cwd=ROOT)
+    before = peak()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ceiling before: {before}", flush=True)
+    ns = [512, 2048] if args.quick else [512, 2048, 8192]
+    rounds = lambda n: 3 if args.quick else (5 if n >= 8192 else 7)
+    few_heads = lambda h: [0, h - 1]
+    all_heads = lambda h: list(range(h))
+    plan = []
+    for backward in (False, True):
+        for d in (64, 128):
+            for n in ns:
+                for causal in (False, True):
+                    mode = "fwd+bwd" if backward else "forward"
+                    label = f"{mode} H=8 N={n} D={d}{' causal' if causal else ''}"
+                    plan.append((label, (1, 8, 8, n, n, d), causal, backward, False,
+                                 rounds(n), d == 64 and not causal and not backward,
+                                 few_heads if n >= 4096 else all_heads))
+    for backward in (False, True):
+        mode = "fwd+bwd" if backward else "forward"
+        plan.append((f"{mode} GQA Hq=32 Hkv=8 N=2048 D=128", (1, 32, 8, 2048, 2048, 128), False, backward, True,
+                     rounds(2048), False, few_heads))
+    plan.append(("decode 1 query, H=32, 32768 keys, D=128", (1, 32, 32, 1, 32768, 128), False, False, False,
+                 15, False, all_heads))
+    rows = []
+    print("| shape | torch ms | attentive ms | ratio | attentive GFLOP/s | error / allowed: attentive | torch |", flush=True)
+    print("|---|---|---|---|---|---|---|", flush=True)
+    for item in [p for p in plan if args.only in p[0]]:
+        r = time_shape(*item)
+        rows.append(r)
+        print(f"| {r['label']} | {r['median_ms']['torch']:.2f} | {r['median_ms']['attentive']:.2f} | "
+              f"{r['ratio']:.2f}x | {r['gflops']['attentive']:.1f} | "
+              f"{max(r['accuracy'].values()):.2f}{'' if r['accurate'] else ' FAIL'} | "
+              f"{max(r['accuracy_torch'].values()):.2f} |", flush=True)
+    mem = {}
+    if not args.quick:
+        for n in (4096, 16384, 65536):
+            mem[n] = {"attentive": memory(n, False), "torch": memory(n, True)}
+            print(f"memory N={n}: attentive {mem[n]['attentive']}, torch {mem[n]['torch']}", flush=True)
+    after = peak()
+    ceiling = min(before["fma_gflops"], after["fma_gflops"])
+    bandwidth = min(before["read_gbps"], after["read_gbps"])
+    print(f"ceiling after: {after}")
+    for r in rows:
+        if r["nq"] == 1:
+            gbps = r["bytes_kv"] / (r["median_ms"]["attentive"] / 1e3) / 1e9
+            r["attentive_read_gbps"] = gbps
+            print(f"decode: attentive reads K and V at {gbps:.1f} GB/s = {100 * gbps / bandwidth:.0f}% of "
+                  f"the measured {bandwidth:.1f} GB/s")
+        if r["dim"] == 128 and r["nq"] == 2048 and not r["causal"] and not r["backward"] and r["heads"] == 8:
+            print(f"efficiency, forward D=128 N=2048: {r['gflops']['attentive']:.1f} GFLOP/s = "
+                  f"{100 * r['gflops']['attentive'] / ceiling:.1f}% of the {ceiling:.1f} GFLOP/s ceiling")
+    result = {"torch": torch.__version__, "threads": THREADS, "peak_before": before, "peak_after": after,
+              "rows": rows, "memory": {str(n): m for n, m in mem.items()}}
+    with open(os.path.join(args.out, "compare_torch.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    svg_plot(rows, mem, ceiling, os.path.join(args.out, "compare_torch.svg"))
+    print(f"wrote {args.out}/compare_torch.json and compare_torch.svg")
+
+
+if __name__ == "__main__":
+    main()
