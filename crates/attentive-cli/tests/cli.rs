@@ -299,3 +299,97 @@ fn attend_with_a_pattern_and_documents_matches_the_oracle() {
     let (ok, err) = attentive(&[&base[..], &["--docs", &p("short.npy")]].concat());
     assert!(!ok && err.contains("docs"), "{err}");
 }
+
+#[test]
+fn bench_serves_timed_calls_on_inputs_from_a_directory() {
+    use std::io::{BufRead, BufReader, Write};
+    let d = dir("serve");
+    let (qs, ks) = ([1usize, 4, 70, 16], [1usize, 2, 70, 16]);
+    let (q, k, v, d_o) = (
+        values(4480, 5),
+        values(2240, 6),
+        values(2240, 7),
+        values(4480, 8),
+    );
+    let sh = |s: [usize; 4]| s.map(|x| x as u64);
+    for (name, shape, data) in [
+        ("q", qs, &q),
+        ("k", ks, &k),
+        ("v", ks, &v),
+        ("do", qs, &d_o),
+    ] {
+        write(&d.join(format!("{name}.npy")), &sh(shape), data);
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_attentive"))
+        .args([
+            "bench",
+            "--serve",
+            "--backward",
+            "--causal",
+            "top-left",
+            "--inputs",
+        ])
+        .arg(&d)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut ask = |line: &str| {
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+        let mut reply = String::new();
+        stdout.read_line(&mut reply).unwrap();
+        reply.trim().to_string()
+    };
+    for _ in 0..3 {
+        let secs: f64 = ask("run").parse().unwrap();
+        assert!(secs > 0.0 && secs < 10.0, "{secs}");
+    }
+    let secs: f64 = ask(&format!("save {}", d.display())).parse().unwrap();
+    assert!(secs > 0.0);
+    let rss: u64 = ask("rss").parse().unwrap();
+    assert!(rss > 1 << 20, "{rss}");
+    ask("quit");
+    assert!(child.wait().unwrap().success());
+
+    let opts = Options::new().causal(Causal::TopLeft);
+    let (qv, kv, vv) = (
+        View::contiguous(&q, &qs).unwrap(),
+        View::contiguous(&k, &ks).unwrap(),
+        View::contiguous(&v, &ks).unwrap(),
+    );
+    let want = reference::forward::<f64>(qv, kv, vv, &opts).unwrap();
+    let grads = reference::backward::<f64>(qv, kv, vv, View::contiguous(&d_o, &qs).unwrap(), &opts)
+        .unwrap();
+    for (file, expect) in [
+        ("o.npy", &want.o),
+        ("dq.npy", &grads.dq),
+        ("dk.npy", &grads.dk),
+        ("dv.npy", &grads.dv),
+    ] {
+        let (_, got) = read(&d.join(file));
+        assert_eq!(got.len(), expect.len(), "{file}");
+        for (g, w) in got.iter().zip(expect.iter()) {
+            assert!((*g as f64 - w).abs() < 1e-5, "{file}: {g} vs {w}");
+        }
+    }
+
+    // An unknown command is an error with a non-zero exit code.
+    let out = Command::new(env!("CARGO_BIN_EXE_attentive"))
+        .args(["bench", "--serve", "--inputs"])
+        .arg(&d)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(b"dance\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown command"));
+}
