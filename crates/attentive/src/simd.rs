@@ -747,20 +747,16 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn dot(a: *const f32, b: *const f32, k: usize) -> f32 {
-            // Eight f64 lanes per step, two accumulators for the FMA latency.
+            // Sixteen floats per step as two halves of eight f64 lanes (two accumulators for
+            // the FMA latency); the last step loads only the elements left.
             let (mut x, mut y) = (_mm512_setzero_pd(), _mm512_setzero_pd());
             let mut t = 0;
-            while t + 16 <= k {
-                let (u, v) = (_mm512_loadu_ps(a.add(t)), _mm512_loadu_ps(b.add(t)));
-                let (u0, v0) = (_mm512_castps512_ps256(u), _mm512_castps512_ps256(v));
-                let u1 = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(u)));
-                let v1 = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-                x = _mm512_fmadd_pd(_mm512_cvtps_pd(u0), _mm512_cvtps_pd(v0), x);
-                y = _mm512_fmadd_pd(_mm512_cvtps_pd(u1), _mm512_cvtps_pd(v1), y);
-                t += 16;
-            }
-            if t < k {
-                let m = ((1u32 << (k - t)) - 1) as u16;
+            while t < k {
+                let m = if k - t >= 16 {
+                    u16::MAX
+                } else {
+                    ((1u32 << (k - t)) - 1) as u16
+                };
                 let (u, v) = (
                     _mm512_maskz_loadu_ps(m, a.add(t)),
                     _mm512_maskz_loadu_ps(m, b.add(t)),
@@ -770,6 +766,7 @@ mod x86 {
                 let v1 = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
                 x = _mm512_fmadd_pd(_mm512_cvtps_pd(u0), _mm512_cvtps_pd(v0), x);
                 y = _mm512_fmadd_pd(_mm512_cvtps_pd(u1), _mm512_cvtps_pd(v1), y);
+                t += 16;
             }
             _mm512_reduce_add_pd(_mm512_add_pd(x, y)) as f32
         }
