@@ -289,9 +289,9 @@ struct BenchArgs {
     #[arg(long, value_name = "DIR")]
     inputs: Option<PathBuf>,
     /// Time on request, for a driver that interleaves another implementation with this one: read
-    /// commands from stdin, one per line. `run` runs once and prints the seconds it took; `save
-    /// DIR` runs once more and writes o.npy (and dq.npy, dk.npy, dv.npy with --backward) into DIR; `rss` prints the
-    /// peak resident set size in bytes; `quit` or end of input stops.
+    /// commands from stdin, one per line. `run` runs once and prints the seconds it took;
+    /// `save DIR` runs once more and writes o.npy (and dq.npy, dk.npy, dv.npy with --backward)
+    /// into DIR; `rss` prints the peak resident set size in bytes; `quit` or end of input stops.
     #[arg(long)]
     serve: bool,
 }
@@ -332,16 +332,18 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
             Ok((x.data, shape))
         };
         let ((q, qs), (k, ks), (v, vs)) = (read("q.npy")?, read("k.npy")?, read("v.npy")?);
-        let d_o = if a.backward {
-            read("do.npy")?.0
+        let (d_o, dos) = if a.backward {
+            read("do.npy")?
         } else {
-            vec![0.0; q.len()]
+            (vec![0.0; q.len()], qs)
         };
-        if vs != ks {
-            return Err(CliError::Input {
-                what: "v.npy".into(),
-                reason: format!("shape {vs:?} differs from k.npy's {ks:?}"),
-            });
+        for (name, shape, want, of) in [("v.npy", vs, ks, "k.npy"), ("do.npy", dos, qs, "q.npy")] {
+            if shape != want {
+                return Err(CliError::Input {
+                    what: name.into(),
+                    reason: format!("shape {shape:?} differs from {of}'s {want:?}"),
+                });
+            }
         }
         (qs, ks, q, k, v, d_o)
     } else {
@@ -467,18 +469,21 @@ fn serve(
             what: "stdin".into(),
             reason: e.to_string(),
         })?;
-        let mut words = line.split_whitespace();
-        let reply = match (words.next(), words.next()) {
-            (Some("run"), None) => format!("{}", run(None)?),
-            (Some("save"), Some(dir)) => format!("{}", run(Some(std::path::Path::new(dir)))?),
-            (Some("rss"), None) => format!("{}", rss().1),
-            (Some("quit"), None) | (None, _) => break,
-            _ => {
-                return Err(CliError::Input {
-                    what: "stdin".into(),
-                    reason: format!("unknown command {line:?} (run, save DIR, rss, quit)"),
-                })
-            }
+        let line = line.trim();
+        let reply = match line {
+            "" => continue,
+            "run" => format!("{}", run(None)?),
+            "rss" => format!("{}", rss().1),
+            "quit" => break,
+            _ => match line.strip_prefix("save ") {
+                Some(dir) => format!("{}", run(Some(std::path::Path::new(dir.trim())))?),
+                None => {
+                    return Err(CliError::Input {
+                        what: "stdin".into(),
+                        reason: format!("unknown command {line:?} (run, save DIR, rss, quit)"),
+                    })
+                }
+            },
         };
         writeln!(out, "{reply}")
             .and_then(|_| out.flush())

@@ -43,8 +43,6 @@ struct Scratch {
     kt: Vec<f32>,
     vt: Vec<f32>,
     k: Vec<f32>,
-    /// K rows gathered for dot-product scores when K's feature stride is not 1.
-    kbuf: Vec<f32>,
     q: Vec<f32>,
     d_o: Vec<f32>,
     s: Vec<f32>,
@@ -67,7 +65,6 @@ impl Scratch {
             kt: vec![0.0; p.d * BC],
             vt: vec![0.0; p.dv * BC],
             k: vec![0.0; BC * p.d],
-            kbuf: vec![0.0; BC * p.d],
             q: vec![0.0; BR * p.d],
             d_o: vec![0.0; BR * p.dv],
             s: vec![0.0; BR * BC],
@@ -280,15 +277,18 @@ fn key_tile(
 ) {
     let (d, dv, nq, kern) = (p.d, p.dv, p.nq, p.kern);
     let w = BC.min(p.nk - j0);
-    pack_transposed(&p.k, (b, kvh), (j0, w), BC, &mut scr.kt, kern);
     pack_transposed(&p.v, (b, kvh), (j0, w), BC, &mut scr.vt, kern);
     gather_rows(&p.k, (b, kvh), j0, w, &mut scr.k);
     scr.dk[..w * d].fill(0.0);
     scr.dv[..w * dv].fill(0.0);
     let (ilo, ihi) = p.rows_seeing(j0, j0 + w);
+    // Scores from K's rows (few queries, as the forward did) or from a packed Kᵀ tile.
     let keys_at = match Keys::unpacked(p) {
         Keys::Rows => Keys::Rows,
-        _ => Keys::Packed(scr.kt.as_ptr()),
+        _ => {
+            pack_transposed(&p.k, (b, kvh), (j0, w), BC, &mut scr.kt, kern);
+            Keys::Packed(scr.kt.as_ptr())
+        }
     };
     let mods = p.has_mods();
     let chain = p.has_chain();
@@ -310,7 +310,8 @@ fn key_tile(
                 s: &mut scr.s,
                 spans: &mut scr.spans,
                 hulls: &mut scr.hulls,
-                kbuf: &mut scr.kbuf,
+                // K's rows of this tile, already gathered: what `Keys::Rows` reads.
+                kbuf: &mut scr.k,
             };
             // S = Q·Kᵀ                                              // (rows, w)
             if score_tile(p, keys_at, (b, h), i0, rows, j0, (0, p.nk), blk, bufs).is_none() {

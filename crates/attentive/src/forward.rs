@@ -58,7 +58,8 @@ pub(crate) struct Scratch {
     pub alpha: Vec<f32>,
     /// The tile's P·V (`BR × Dv`), added to `o` after rescaling it.
     pub pv: Vec<f32>,
-    /// A Kᵀ tile packed on the fly (no packed copy of K: the decode path).
+    /// K of one tile when there is no packed copy: Kᵀ packed on the fly, or K's rows gathered
+    /// when their feature stride is not 1.
     pub kbuf: Vec<f32>,
     /// V rows gathered when V's feature stride is not 1.
     pub vt: Vec<f32>,
@@ -222,7 +223,8 @@ pub(crate) struct TileBufs<'s> {
     pub spans: &'s mut [Span],
     /// Per group of `GROUP` rows, the columns `[a, b)` its scores were computed for.
     pub hulls: &'s mut [(usize, usize)],
-    /// Room for the tile's Kᵀ (`D × BC`) when there is no packed copy.
+    /// Room for the tile's Kᵀ (`D × BC`) or gathered K rows (`BC × D`) when there is no packed
+    /// copy.
     pub kbuf: &'s mut [f32],
 }
 
@@ -254,8 +256,8 @@ impl Keys {
 /// Computes raw scores `S[r][c] = q_{i0+r}·k_{j0+c}` of one tile (row stride `BC`) and each row's
 /// span. Returns `None`, computing nothing, when every row's span is empty; otherwise whether
 /// the tile was ragged, computed group by group over `t.hulls` only (scores outside a group's
-/// hull are left undefined). `keys_at` says where K is read. `blk` is the tile's block-mask entry (rows
-/// `i0..i0 + rows` lie in one query tile).
+/// hull are left undefined). `keys_at` says where K is read. `blk` is the tile's block-mask
+/// entry (rows `i0..i0 + rows` lie in one query tile).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn score_tile(
     p: &Problem,
@@ -363,11 +365,6 @@ pub(crate) fn score_tile(
 }
 
 impl Scratch {
-    /// Gathers query rows `i0..i0 + rows` of `(b, h)`.
-    fn load_queries(&mut self, p: &Problem, bh: (usize, usize), i0: usize, rows: usize) {
-        gather_rows(&p.q, bh, i0, rows, &mut self.q);
-    }
-
     fn tile_bufs(&mut self) -> TileBufs<'_> {
         TileBufs {
             q: self.q.as_ptr(),
@@ -395,7 +392,7 @@ pub(crate) fn attend_rows(
 ) {
     let (dv, kern) = (p.dv, p.kern);
     let kvh = h / p.group;
-    scr.load_queries(p, (b, h), i0, rows);
+    gather_rows(&p.q, (b, h), i0, rows, &mut scr.q);
     scr.o[..rows * dv].fill(0.0);
     scr.m[..rows].fill(f32::NEG_INFINITY);
     scr.l[..rows].fill(0.0);
@@ -848,7 +845,7 @@ pub fn probabilities(q: View, k: View, opts: &Options) -> Result<Vec<f32>> {
             let (b, h) = (bh / p.hq, bh % p.hq);
             let i0 = t * BR;
             let rows = BR.min(p.nq - i0);
-            scr.load_queries(&p, (b, h), i0, rows);
+            gather_rows(&p.q, (b, h), i0, rows, &mut scr.q);
             for j0 in (0..p.nk).step_by(BC) {
                 let w = BC.min(p.nk - j0);
                 let Some(blk) = p.block((b, h), t, j0 / BC) else {

@@ -1149,6 +1149,24 @@ mod tests {
     }
 
     #[test]
+    fn scale_add_is_one_fused_multiply_add_per_element() {
+        for isa in Isa::all_available() {
+            let k = table(isa);
+            for n in [1, 15, 16, 17, 64, 130] {
+                let x0: Vec<f32> = (0..n + 1).map(|c| (c as f32 * 0.37).sin()).collect();
+                let y: Vec<f32> = (0..n).map(|c| (c as f32 * 1.3).cos()).collect();
+                let mut x = x0.clone();
+                // SAFETY: x holds n + 1 elements and y n.
+                unsafe { (k.scale_add)(x.as_mut_ptr(), y.as_ptr(), n, 0.7) };
+                for c in 0..n {
+                    assert_eq!(x[c], x0[c].mul_add(0.7, y[c]), "{isa:?} n={n} c={c}");
+                }
+                assert_eq!(x[n], x0[n], "{isa:?} wrote past n");
+            }
+        }
+    }
+
+    #[test]
     fn transpose_matches_the_scalar_path() {
         for isa in Isa::all_available() {
             let k = table(isa);
