@@ -365,11 +365,11 @@ pub(crate) fn score_tile(
 }
 
 impl Scratch {
-    fn tile_bufs(&mut self) -> TileBufs<'_> {
+    /// The tile buffers for query rows at `q` (row stride `q_rs`, unit column stride).
+    fn tile_bufs(&mut self, (q, q_rs): (*const f32, usize)) -> TileBufs<'_> {
         TileBufs {
-            q: self.q.as_ptr(),
-            // q holds BR rows of D.
-            q_rs: self.q.len() / BR,
+            q,
+            q_rs,
             s: &mut self.s,
             spans: &mut self.spans,
             hulls: &mut self.hulls,
@@ -378,9 +378,22 @@ impl Scratch {
     }
 }
 
+/// Attention a call continues from, computed over keys the call does not see: per row
+/// (`[B, Hq, Nq]`, row-major) the largest logit `m` and the sum `l` of exponentials relative to
+/// it, and the normalised output `o` (`[B, Hq, Nq, Dv]`, contiguous), read only where `l > 0`.
+/// The call's result is attention over the union of both key sets.
+#[derive(Clone, Copy)]
+pub(crate) struct Prior<'a> {
+    pub o: &'a [f32],
+    pub m: &'a [f32],
+    pub l: &'a [f32],
+}
+
 /// Attention of queries `i0..i0 + rows` of `(b, h)` over keys `keys.0..keys.1`: leaves the
 /// normalised output in `scr.o` (`rows × Dv`), each row's largest logit in `scr.m` and its sum
-/// of exponentials relative to it in `scr.l` (−∞ and 0 for a row that sees no key).
+/// of exponentials relative to it in `scr.l` (−∞ and 0 for a row that sees no key). With a
+/// `prior`, the rows start from its state instead of from no key.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_rows(
     p: &Problem,
     packed: Option<&PackedK>,
@@ -388,14 +401,30 @@ pub(crate) fn attend_rows(
     i0: usize,
     rows: usize,
     keys: (usize, usize),
+    prior: Option<Prior>,
     scr: &mut Scratch,
 ) {
     let (dv, kern) = (p.dv, p.kern);
     let kvh = h / p.group;
-    gather_rows(&p.q, (b, h), i0, rows, &mut scr.q);
+    let q = rows_ptr(&p.q, (b, h), i0, rows, &mut scr.q);
     scr.o[..rows * dv].fill(0.0);
     scr.m[..rows].fill(f32::NEG_INFINITY);
     scr.l[..rows].fill(0.0);
+    if let Some(pr) = prior {
+        let base = (b * p.hq + h) * p.nq + i0;
+        for r in 0..rows {
+            let l = pr.l[base + r];
+            if l > 0.0 {
+                // The unnormalised accumulator O·ℓ the online softmax carries.
+                let src = &pr.o[(base + r) * dv..(base + r + 1) * dv];
+                scr.o[r * dv..(r + 1) * dv]
+                    .iter_mut()
+                    .zip(src)
+                    .for_each(|(y, &x)| *y = x * l);
+                (scr.m[r], scr.l[r]) = (pr.m[base + r], l);
+            }
+        }
+    }
     // Key tiles any row can see: rows' spans are intervals, so their union's hull bounds the walk.
     let (mut lo, mut hi) = (keys.1, keys.0);
     for i in i0..i0 + rows {
@@ -410,17 +439,25 @@ pub(crate) fn attend_rows(
     for (kt, blk) in p.key_tiles((b, h), i0 / BR, (lo, hi)) {
         let j0 = kt * BC;
         let w = BC.min(p.nk - j0);
-        let kt = packed.map_or(Keys::Rows, |pk| Keys::Packed(pk.tile(b, kvh, p.hkv, j0)));
-        let Some(ragged) = score_tile(p, kt, (b, h), i0, rows, j0, keys, blk, scr.tile_bufs())
+        let kt = packed.map_or(Keys::unpacked(p), |pk| Keys::Packed(pk.tile(b, kvh, p.hkv, j0)));
+        let Some(ragged) = score_tile(p, kt, (b, h), i0, rows, j0, keys, blk, scr.tile_bufs(q))
         else {
             continue;
         };
-        let plain = !mods
-            && !ragged
-            && scr.spans[..rows]
-                .iter()
-                .all(|s| s.exact && s.a == 0 && s.b == w);
+        // Without score modifiers, and with every row's visible keys one interval, the tile
+        // takes the online-softmax kernel: keys outside a row's span become −∞ (weight exactly
+        // 0; with scale > 0 the scaled score stays −∞).
+        let plain = !mods && p.scale > 0.0 && scr.spans[..rows].iter().all(|s| s.exact);
         if plain {
+            for (r, span) in scr.spans[..rows].iter().enumerate() {
+                let srow = &mut scr.s[r * BC..r * BC + w];
+                if span.is_empty() {
+                    srow.fill(f32::NEG_INFINITY);
+                } else {
+                    srow[..span.a].fill(f32::NEG_INFINITY);
+                    srow[span.b..].fill(f32::NEG_INFINITY);
+                }
+            }
             // SAFETY: scr.s holds rows × BC ≥ rows × w scores; m, l and alpha hold BR ≥ rows.
             unsafe {
                 (kern.online_softmax)(&OnlineSoftmax {
@@ -626,15 +663,63 @@ pub(crate) fn run_max_sum(
 }
 
 fn run_stats(p: &Problem, out: RawOut, stats: Stats) {
+    run_from(p, out, stats, None)
+}
+
+fn run_from(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
     if p.nq <= DECODE_MAX_Q {
-        decode(p, out, stats);
+        decode(p, out, stats, prior);
     } else {
-        tiled(p, out, stats);
+        tiled(p, out, stats, prior);
     }
 }
 
-fn tiled(p: &Problem, out: RawOut, stats: Stats) {
-    let packed = PackedK::new(p);
+/// [`run`] continuing from `prior` (each of its arrays sized for `p`'s rows): the output and
+/// log-sum-exp of attention over `p`'s keys together with the prior's.
+pub(crate) fn run_after(
+    p: &Problem,
+    prior: Prior,
+    out: &mut ViewMut,
+    lse: Option<&mut [f32]>,
+) -> Result<()> {
+    p.check_out("out", out, [p.b, p.hq, p.nq, p.dv])?;
+    let rows = p.b * p.hq * p.nq;
+    crate::problem::expect_len("prior max", prior.m.len(), rows)?;
+    crate::problem::expect_len("prior sum", prior.l.len(), rows)?;
+    crate::problem::expect_len("prior output", prior.o.len(), rows * p.dv)?;
+    if let Some(l) = lse.as_deref() {
+        crate::problem::expect_len("lse", l.len(), rows)?;
+    }
+    let stats = lse.map_or(Stats::None, |l| Stats::Lse(RawSlice::new(l)));
+    run_from(p, out.raw(), stats, Some(prior));
+    Ok(())
+}
+
+/// Whether to pack all of Kᵀ before the tile loop. A packed tile is written once and read by
+/// every query tile (of every query head of its group) whose band reaches it; packing each tile
+/// on the fly into the L1-resident `Scratch::kbuf` instead costs one transpose per visit but no
+/// write and re-read of a copy through memory. Measured at N = 8192, D = 64: on the fly is 6%
+/// faster for a 128-key window (3 visits per tile), even at 8 visits, and 2% slower at 16.
+fn pack_up_front(p: &Problem) -> bool {
+    const MIN_VISITS: usize = 8;
+    // Row spans' ends never decrease with the row, so a tile's first and last rows bound it.
+    let visits: usize = (0..p.nq)
+        .step_by(BR)
+        .map(|i0| {
+            let (a, _) = p.row_span(i0);
+            let (_, e) = p.row_span((i0 + BR).min(p.nq) - 1);
+            if a < e {
+                e.div_ceil(BC) - a / BC
+            } else {
+                0
+            }
+        })
+        .sum();
+    visits * p.group >= MIN_VISITS * p.nk.div_ceil(BC)
+}
+
+fn tiled(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
+    let packed = pack_up_front(p).then(|| PackedK::new(p));
     let qt = p.nq.div_ceil(BR);
     (0..p.b * p.hq * qt).into_par_iter().for_each_init(
         || Scratch::new(p),
@@ -643,7 +728,7 @@ fn tiled(p: &Problem, out: RawOut, stats: Stats) {
             let (b, h) = (bh / p.hq, bh % p.hq);
             let i0 = t * BR;
             let rows = BR.min(p.nq - i0);
-            attend_rows(p, Some(&packed), (b, h), i0, rows, (0, p.nk), scr);
+            attend_rows(p, packed.as_ref(), (b, h), i0, rows, (0, p.nk), prior, scr);
             for r in 0..rows {
                 // SAFETY: task (b, h, t) alone writes rows i0..i0+rows of (b, h).
                 unsafe { out.write_row(b, h, i0 + r, &scr.o[r * p.dv..(r + 1) * p.dv]) };
@@ -664,7 +749,7 @@ fn tiled(p: &Problem, out: RawOut, stats: Stats) {
     );
 }
 
-fn decode(p: &Problem, out: RawOut, stats: Stats) {
+fn decode(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
     let chunks = p.nk.div_ceil(DECODE_CHUNK);
     let (nq, dv) = (p.nq, p.dv);
     // Every element is written by its chunk's task before the merge reads it.
@@ -680,7 +765,7 @@ fn decode(p: &Problem, out: RawOut, stats: Stats) {
                 let (bh, c) = (task / chunks, task % chunks);
                 let (b, h) = (bh / p.hq, bh % p.hq);
                 let keys = (c * DECODE_CHUNK, ((c + 1) * DECODE_CHUNK).min(p.nk));
-                attend_rows(p, None, (b, h), 0, nq, keys, scr);
+                attend_rows(p, None, (b, h), 0, nq, keys, None, scr);
                 to_lse(scr, nq);
                 po.copy_from_slice(&scr.o[..nq * dv]);
                 pl.copy_from_slice(&scr.m[..nq]);
@@ -696,6 +781,21 @@ fn decode(p: &Problem, out: RawOut, stats: Stats) {
             let (acc_l, rest_l) = pl.split_at_mut(nq);
             for (o, l) in rest_o.chunks(nq * dv).zip(rest_l.chunks(nq)) {
                 merge(acc_o, acc_l, o, l).expect("partials share one shape");
+            }
+            if let Some(pr) = prior {
+                let rows = bh * nq..(bh + 1) * nq;
+                let lse: Vec<f32> = rows
+                    .clone()
+                    .map(|r| {
+                        if pr.l[r] > 0.0 {
+                            pr.m[r] + pr.l[r].ln()
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                    .collect();
+                let o = &pr.o[rows.start * dv..rows.end * dv];
+                merge(acc_o, acc_l, o, &lse).expect("the prior has the rows' shape");
             }
             for r in 0..nq {
                 // SAFETY: this (b, h) is merged and written by this iteration alone.
@@ -845,13 +945,13 @@ pub fn probabilities(q: View, k: View, opts: &Options) -> Result<Vec<f32>> {
             let (b, h) = (bh / p.hq, bh % p.hq);
             let i0 = t * BR;
             let rows = BR.min(p.nq - i0);
-            gather_rows(&p.q, (b, h), i0, rows, &mut scr.q);
+            let q = rows_ptr(&p.q, (b, h), i0, rows, &mut scr.q);
             for j0 in (0..p.nk).step_by(BC) {
                 let w = BC.min(p.nk - j0);
                 let Some(blk) = p.block((b, h), t, j0 / BC) else {
                     continue;
                 };
-                let bufs = scr.tile_bufs();
+                let bufs = scr.tile_bufs(q);
                 if score_tile(
                     &p,
                     Keys::unpacked(&p),

@@ -17,13 +17,12 @@
 //! serves the pattern as it does every other.
 
 use crate::error::Result;
-use crate::forward::{run_max_sum, shares};
+use crate::forward::{run_after, run_max_sum, shares, Prior};
 use crate::options::Options;
 use crate::pattern::Pattern;
 use crate::problem::{expect_len, Problem};
 use crate::view::{View, ViewMut};
 use crate::workspace::Buffer;
-use rayon::prelude::*;
 
 /// How a call is split: into `classes` residue classes with the band `lo ≤ j' − p' ≤ hi`, and
 /// for a strided pattern also the band `[-(L−1), 0]` over the full views.
@@ -161,8 +160,8 @@ pub(crate) fn forward(
     let n = plan.classes;
     let rows = b * hq * nq;
     // Row statistics [B, Hq, Nq] and outputs [B, Hq, Nq, Dv] of the class part, written through
-    // folded views; then the local band's, if any.
-    let mut o_cls = Buffer::zeroed(rows * dv);
+    // folded views. A row no class covers keeps l = 0 and its output is never read.
+    let mut o_cls = Buffer::uninit(rows * dv);
     let (mut m_cls, mut l_cls) = (vec![f32::NEG_INFINITY; rows], vec![0.0f32; rows]);
     let row_stride = [hq * nq * dv, nq * dv, dv, 1];
     for gr in groups(n, nq, nk, full.off) {
@@ -194,43 +193,27 @@ pub(crate) fn forward(
             }
         }
     }
-    let local = plan
-        .local
-        .map(|l| {
-            let p = full.with_band(1 - l, 0);
-            let mut part = (
-                Buffer::uninit(rows * dv),
-                vec![0.0f32; rows],
-                vec![0.0f32; rows],
-            );
-            let o = &mut ViewMut::contiguous(&mut part.0, [b, hq, nq, dv])?;
-            run_max_sum(&p, o, &mut part.1, &mut part.2)?;
-            Ok::<_, crate::AttnError>(part)
-        })
-        .transpose()?;
-
-    // Each row: its class part merged with the local band's, if any.
-    let mut lse_rows = vec![0.0f32; rows]; //                       (B, Hq, Nq)
-    o_cls
-        .par_chunks_mut(dv)
-        .zip(lse_rows.par_iter_mut())
-        .enumerate()
-        .for_each(|(row, (o, lse))| {
-            let class = (m_cls[row], l_cls[row]);
-            let Some((lo, lm, ll)) = local.as_ref() else {
-                *lse = shares(&[class], &mut [0.0]);
-                return;
-            };
-            let mut w = [0.0f32; 2];
-            *lse = shares(&[class, (lm[row], ll[row])], &mut w);
-            let ob = &lo[row * dv..(row + 1) * dv];
-            o.iter_mut()
-                .zip(ob)
-                .for_each(|(y, &x)| *y = w[0] * *y + w[1] * x);
-        });
+    if let Some(l) = plan.local {
+        // The local band continues from the class part's row statistics and writes the result.
+        let prior = Prior {
+            o: &o_cls,
+            m: &m_cls,
+            l: &l_cls,
+        };
+        return run_after(&full.with_band(1 - l, 0), prior, out, lse);
+    }
+    let lse_rows: Vec<f32> = m_cls //                                  (B, Hq, Nq)
+        .iter()
+        .zip(&l_cls)
+        .map(|(&m, &l)| shares(&[(m, l)], &mut [0.0]))
+        .collect();
     out.for_each_row(|bi, h, i, dst| {
         let row = (bi * hq + h) * nq + i;
-        dst.copy_from_slice(&o_cls[row * dv..(row + 1) * dv]);
+        if l_cls[row] > 0.0 {
+            dst.copy_from_slice(&o_cls[row * dv..(row + 1) * dv]);
+        } else {
+            dst.fill(0.0);
+        }
     });
     if let Some(l) = lse {
         l.copy_from_slice(&lse_rows);

@@ -132,7 +132,8 @@ fn every_pattern_forward_and_backward_against_the_oracle() {
 }
 
 /// A lone dilated or strided pattern runs as dense problems over residue classes: classes of
-/// several tiles, unequal class sizes, Nq ≠ Nk both ways, GQA, strided layouts, softcap.
+/// several tiles, unequal class sizes, Nq ≠ Nk both ways, few queries, GQA, strided layouts,
+/// softcap.
 #[test]
 fn residue_classes_against_the_oracle() {
     let cases = [
@@ -155,6 +156,18 @@ fn residue_classes_against_the_oracle() {
         ),
         (513, 513, Pattern::Strided { stride: 7 }),
         (70, 200, Pattern::Strided { stride: 300 }),
+        // Few queries (the decode path continues from the class part), and rows of classes
+        // without keys.
+        (9, 700, Pattern::Strided { stride: 40 }),
+        (12, 30, Pattern::Strided { stride: 64 }),
+        (
+            50,
+            4,
+            Pattern::Dilated {
+                window: 3,
+                dilation: 6,
+            },
+        ),
     ];
     for (n, (nq, nk, p)) in cases.into_iter().enumerate() {
         let mut c = Case::plain(2, 4, 2, nq, nk, 16);
