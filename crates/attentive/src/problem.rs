@@ -64,6 +64,8 @@ pub(crate) struct Problem<'a> {
     /// Keys with `lo ≤ j − (i + Nk − Nq) ≤ hi` only: the bands a caller inside the crate
     /// splits one call into (Shaw's relative positions).
     band: Option<(i64, i64)>,
+    /// Walk the batch inside each head ([`Problem::heads_outer`]).
+    pub heads_outer: bool,
     softcap: Option<f32>,
     alibi: Option<&'a [f32]>,
     mask: Option<View<'a, bool>>,
@@ -248,6 +250,7 @@ impl<'a> Problem<'a> {
             causal: opts.causal,
             window: opts.window,
             band: None,
+            heads_outer: false,
             softcap: opts.softcap,
             alibi: opts.alibi_slopes,
             mask,
@@ -263,6 +266,14 @@ impl<'a> Problem<'a> {
     /// Restricts the problem to keys at relative positions `lo ≤ j − (i + Nk − Nq) ≤ hi`.
     pub fn with_band(mut self, lo: i64, hi: i64) -> Self {
         self.band = Some((lo, hi));
+        self
+    }
+
+    /// Has the forward take its tasks head by head, every batch entry of a head in turn,
+    /// instead of batch by batch: for a batch axis that steps one row (the residue classes),
+    /// consecutive tasks then read neighbouring rows, on pages the TLB already holds.
+    pub fn heads_outer(mut self) -> Self {
+        self.heads_outer = true;
         self
     }
 

@@ -172,7 +172,8 @@ pub(crate) fn forward(
                 fold(v, bi, gr.r0, gr.g, n, gr.nk_r)?,
                 &opts,
             )?
-            .with_band(plan.lo + gr.shift, plan.hi + gr.shift);
+            .with_band(plan.lo + gr.shift, plan.hi + gr.shift)
+            .heads_outer();
             let start = bi * row_stride[0] + gr.i0 * dv;
             let shape = [gr.g, hq, gr.nq_r, dv];
             let strides = [dv, row_stride[1], n * dv, 1];
