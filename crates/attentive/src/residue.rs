@@ -10,11 +10,18 @@
 //!
 //! `strided:L` is the band of $L$ keys $[p - L + 1, p]$ (a window on the full views) and, disjoint
 //! from it, the keys $j \equiv p \pmod L$ with $j \le p - L$: in a residue class, $j' \le p' - 1$.
-//! The two parts merge by their row statistics as [`merge`](crate::merge) does.
+//! The class part runs first; the band continues from its row statistics (max and sum of
+//! exponentials), so the result is attention over both key sets.
 //!
-//! The plan applies when the pattern is a lone dilated or strided rule and no other option
-//! depends on positions (the sub-problems renumber queries and keys); otherwise the block table
-//! serves the pattern as it does every other.
+//! A union of `strided:L` with windows and sink rules splits the same way: the other rules join
+//! the band (run through the block table), and the class part keeps only the class keys none of
+//! them sees. Those are a band in class indices too: a window reaching $W$ keys back sees the
+//! class keys $p - kL$ with $kL \le W$, so the class part keeps $k \ge \lfloor W/L\rfloor + 1$;
+//! $S$ sink tokens see the class keys $j < S$, which the class views skip.
+//!
+//! The plan applies when the pattern is one of these and no other option depends on positions
+//! (the sub-problems renumber queries and keys); otherwise the block table serves the pattern
+//! as it does every other.
 
 use crate::error::Result;
 use crate::forward::{run_after, run_max_sum, shares, Prior};
@@ -24,14 +31,25 @@ use crate::problem::{expect_len, Problem};
 use crate::view::{View, ViewMut};
 use crate::workspace::Buffer;
 
-/// How a call is split: into `classes` residue classes with the band `lo ≤ j' − p' ≤ hi`, and
-/// for a strided pattern also the band `[-(L−1), 0]` over the full views.
-#[derive(Clone, Copy, Debug)]
+/// How a call is split: into `classes` residue classes with the band `lo ≤ j' − p' ≤ hi` over
+/// the class keys `j ≥ first_key`, and for a strided pattern also the `local` part over the full
+/// views.
+#[derive(Clone, Debug)]
 pub(crate) struct Plan {
     classes: usize,
     lo: i64,
     hi: i64,
-    local: Option<i64>,
+    first_key: usize,
+    local: Option<Local>,
+}
+
+/// The part of a strided plan that runs on the full views.
+#[derive(Clone, Debug)]
+enum Local {
+    /// The keys `[p − L + 1, p]`.
+    Band(i64),
+    /// The band joined by the other rules of a union.
+    Pattern(Pattern),
 }
 
 /// The residue plan of `opts`, if its pattern has one and nothing else depends on positions.
@@ -49,59 +67,100 @@ pub(crate) fn plan(opts: &Options) -> Option<Plan> {
     if positional {
         return None;
     }
-    match *opts.pattern? {
-        Pattern::Dilated { window, dilation } if dilation > 1 => {
+    let strided = |l: usize| Plan {
+        classes: l,
+        lo: -(1 << 40),
+        hi: -1,
+        first_key: 0,
+        local: Some(Local::Band(l as i64)),
+    };
+    match opts.pattern? {
+        &Pattern::Dilated { window, dilation } if dilation > 1 => {
             let w = window.min(1 << 40) as i64;
             Some(Plan {
                 classes: dilation,
                 lo: -w,
                 hi: w,
+                first_key: 0,
                 local: None,
             })
         }
-        Pattern::Strided { stride } if stride > 1 => Some(Plan {
-            classes: stride,
-            lo: -(1 << 40),
-            hi: -1,
-            local: Some(stride as i64),
-        }),
+        &Pattern::Strided { stride } if stride > 1 => Some(strided(stride)),
+        Pattern::Union(parts) => {
+            // One strided part; every other a window or sink rule.
+            let mut l = None;
+            let mut others = Vec::new();
+            for part in parts {
+                match *part {
+                    Pattern::Strided { stride } if stride > 1 && l.is_none() => l = Some(stride),
+                    Pattern::Window { .. } | Pattern::Sink { .. } => others.push(part.clone()),
+                    _ => return None,
+                }
+            }
+            let l = l?;
+            let mut plan = strided(l);
+            // The class keys p − kL the other rules see: k ≤ back/L, and j < first_key.
+            for part in &others {
+                let back = match *part {
+                    Pattern::Window { left, .. } => left,
+                    Pattern::Sink { sinks, window } => {
+                        plan.first_key = plan.first_key.max(sinks);
+                        window.saturating_sub(1)
+                    }
+                    _ => unreachable!("only windows and sinks are kept"),
+                };
+                let k = (back / l).min(1 << 40) as i64;
+                plan.hi = plan.hi.min(-(k + 1));
+            }
+            others.push(Pattern::Window {
+                left: l - 1,
+                right: 0,
+            });
+            plan.local = Some(Local::Pattern(Pattern::Union(others)));
+            Some(plan)
+        }
         _ => None,
     }
 }
 
 /// Classes `r0..r0 + g` that run as one problem: for each batch, their queries, keys and
 /// values fold into a `[g, H, n_r, ·]` view whose first axis steps one row (class `r0 + c` starts
-/// at query row `i0 + c` and key row `r0 + c`), all with `nq_r` queries, `nk_r` keys and one
+/// at query row `i0 + c` and key row `k0 + c`), all with `nq_r` queries, `nk_r` keys and one
 /// band shift.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Group {
     r0: usize,
     g: usize,
     i0: usize,
+    k0: usize,
     nq_r: usize,
     nk_r: usize,
     shift: i64,
 }
 
 /// The classes of a problem with `nq` queries, `nk` keys and offset `off = nk − nq`, cut into
-/// runs that fold: class r holds the queries at $p \equiv r$ and the keys $j \equiv r$ (mod n),
-/// renumbered $p' = (p - r)/n$, $j' = (j - r)/n$.
-fn groups(n: usize, nq: usize, nk: usize, off: i64) -> Vec<Group> {
+/// runs that fold: class r holds the queries at $p \equiv r$ and the keys $j \equiv r$ (mod n)
+/// with $j \ge$ `first_key`, renumbered $p' = (p - r)/n$, $j' = (j - r)/n$.
+fn groups(n: usize, nq: usize, nk: usize, off: i64, first_key: usize) -> Vec<Group> {
     let mut out: Vec<Group> = Vec::new();
     for r in 0..n.min(nk) {
         let i0 = (r as i64 - off).rem_euclid(n as i64) as usize;
-        if i0 >= nq {
+        // The class's first key index j'₀ = ⌈(first_key − r)/n⌉ (0 when r ≥ first_key).
+        let skip = first_key.saturating_sub(r).div_ceil(n);
+        let k0 = r + n * skip;
+        if i0 >= nq || k0 >= nk {
             continue;
         }
-        let (nq_r, nk_r) = ((nq - 1 - i0) / n + 1, (nk - 1 - r) / n + 1);
+        let (nq_r, nk_r) = ((nq - 1 - i0) / n + 1, (nk - 1 - k0) / n + 1);
         let p0 = (i0 as i64 + off - r as i64).div_euclid(n as i64);
-        // The sub-problem aligns p' as its row index plus nk_r − nq_r; the band shifts by the
-        // difference to the true p'.
-        let shift = p0 - (nk_r as i64 - nq_r as i64);
+        // The sub-problem aligns its row i with key i + nk_r − nq_r, key 0 being j'₀; the band
+        // shifts by the difference to the true p' − j'₀.
+        let shift = p0 - skip as i64 - (nk_r as i64 - nq_r as i64);
         match out.last_mut() {
             Some(l)
                 if l.r0 + l.g == r
                     && l.i0 + l.g == i0
+                    && l.k0 + l.g == k0
                     && (l.nq_r, l.nk_r, l.shift) == (nq_r, nk_r, shift) =>
             {
                 l.g += 1
@@ -110,6 +169,7 @@ fn groups(n: usize, nq: usize, nk: usize, off: i64) -> Vec<Group> {
                 r0: r,
                 g: 1,
                 i0,
+                k0,
                 nq_r,
                 nk_r,
                 shift,
@@ -164,12 +224,12 @@ pub(crate) fn forward(
     let mut o_cls = Buffer::uninit(rows * dv);
     let (mut m_cls, mut l_cls) = (vec![f32::NEG_INFINITY; rows], vec![0.0f32; rows]);
     let row_stride = [hq * nq * dv, nq * dv, dv, 1];
-    for gr in groups(n, nq, nk, full.off) {
+    for gr in groups(n, nq, nk, full.off, plan.first_key) {
         for bi in 0..b {
             let p = Problem::new(
                 fold(q, bi, gr.i0, gr.g, n, gr.nq_r)?,
-                fold(k, bi, gr.r0, gr.g, n, gr.nk_r)?,
-                fold(v, bi, gr.r0, gr.g, n, gr.nk_r)?,
+                fold(k, bi, gr.k0, gr.g, n, gr.nk_r)?,
+                fold(v, bi, gr.k0, gr.g, n, gr.nk_r)?,
                 &opts,
             )?
             .with_band(plan.lo + gr.shift, plan.hi + gr.shift)
@@ -194,14 +254,23 @@ pub(crate) fn forward(
             }
         }
     }
-    if let Some(l) = plan.local {
-        // The local band continues from the class part's row statistics and writes the result.
+    if let Some(local) = &plan.local {
+        // The local part continues from the class part's row statistics and writes the result.
         let prior = Prior {
             o: &o_cls,
             m: &m_cls,
             l: &l_cls,
         };
-        return run_after(&full.with_band(1 - l, 0), prior, out, lse);
+        return match local {
+            Local::Band(l) => run_after(&full.with_band(1 - l, 0), prior, out, lse),
+            Local::Pattern(pat) => {
+                let opts = Options {
+                    pattern: Some(pat),
+                    ..opts
+                };
+                run_after(&Problem::new(q, k, v, &opts)?, prior, out, lse)
+            }
+        };
     }
     let lse_rows: Vec<f32> = m_cls //                                  (B, Hq, Nq)
         .iter()

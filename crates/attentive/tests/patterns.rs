@@ -131,9 +131,9 @@ fn every_pattern_forward_and_backward_against_the_oracle() {
     }
 }
 
-/// A lone dilated or strided pattern runs as dense problems over residue classes: classes of
-/// several tiles, unequal class sizes, Nq ≠ Nk both ways, few queries, GQA, strided layouts,
-/// softcap.
+/// A lone dilated or strided pattern, or strided joined with windows and sinks, runs as dense
+/// problems over residue classes: classes of several tiles, unequal class sizes, Nq ≠ Nk both
+/// ways, few queries, GQA, strided layouts, softcap.
 #[test]
 fn residue_classes_against_the_oracle() {
     let cases = [
@@ -167,6 +167,39 @@ fn residue_classes_against_the_oracle() {
                 window: 3,
                 dilation: 6,
             },
+        ),
+        // Unions of strided with windows and sinks: the class part drops the class keys the
+        // other rules see (sinks beyond one class row, windows reaching several class keys back).
+        (
+            300,
+            300,
+            Pattern::Sink {
+                sinks: 4,
+                window: 50,
+            } | Pattern::Strided { stride: 16 },
+        ),
+        (
+            200,
+            260,
+            Pattern::Strided { stride: 9 } | Pattern::Window { left: 40, right: 3 },
+        ),
+        (
+            333,
+            290,
+            Pattern::Window { left: 5, right: 0 }
+                | Pattern::Sink {
+                    sinks: 20,
+                    window: 33,
+                }
+                | Pattern::Strided { stride: 7 },
+        ),
+        (
+            7,
+            500,
+            Pattern::Sink {
+                sinks: 3,
+                window: 64,
+            } | Pattern::Strided { stride: 32 },
         ),
     ];
     for (n, (nq, nk, p)) in cases.into_iter().enumerate() {
