@@ -348,7 +348,9 @@ fn user_closure_equals_the_builtin_rule() {
         p.j <= p.i
             && (p.j < 4 || p.i - p.j < 40 || p.i - p.j < 50 || (p.i - p.j).is_multiple_of(50))
     };
-    let want = run(&Options::new().pattern(&builtin));
+    // The built-in rule through the block table, as a closure runs: the causal option on top
+    // changes no visible pair but keeps the call off the residue plan.
+    let want = run(&Options::new().pattern(&builtin).causal(Causal::TopLeft));
     assert_eq!(run(&Options::new().mask_rule(&closure)), want);
     let table = BlockMask::from_rule(&closure, b, h, n, n).unwrap();
     let (got, one) = (
@@ -360,11 +362,11 @@ fn user_closure_equals_the_builtin_rule() {
         [one.empty, one.full, one.partial].map(|x| x * b * h)
     );
     assert_eq!(run(&Options::new().block_mask(&table)), want);
-    // The same rule with the engine's causal option on top changes nothing.
-    assert_eq!(
-        run(&Options::new().pattern(&builtin).causal(Causal::TopLeft)),
-        want
-    );
+    // Alone, the built-in rule takes the residue plan: the same attention, summed in another
+    // order.
+    let (o, lse) = run(&Options::new().pattern(&builtin));
+    let far = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    assert!(far(&o, &want.0) < 1e-5 && far(&lse, &want.1) < 1e-5);
 }
 
 #[test]
