@@ -26,6 +26,8 @@ use crate::problem::{Problem, Span};
 use crate::simd::{Dots, Gemm, Kernels, OnlineSoftmax, Transpose};
 use crate::view::{RawOut, RawSlice, View, ViewMut};
 use crate::workspace::Buffer;
+use half::slice::HalfFloatSliceExt;
+use half::f16;
 use rayon::prelude::*;
 
 /// Queries per tile. With `BC` keys per tile the score tile is 64×64 f32 = 16 KiB; with the Kᵀ
@@ -103,6 +105,64 @@ pub(crate) fn rows_ptr(
         gather_rows(view, (b, h), n0, rows, buf);
         (buf.as_ptr(), width)
     }
+}
+
+/// Which of K and V a kernel reads.
+#[derive(Clone, Copy)]
+pub(crate) enum Kv {
+    K,
+    V,
+}
+
+/// Rows `j0..j0 + w` of K or V of `(b, kvh)` as f32 rows with unit column stride: as
+/// [`rows_ptr`] for f32 storage; f16 storage is converted into `buf`.
+pub(crate) fn kv_rows(
+    p: &Problem,
+    which: Kv,
+    (b, kvh): (usize, usize),
+    j0: usize,
+    w: usize,
+    buf: &mut [f32],
+) -> (*const f32, usize) {
+    let (x32, x16) = match which {
+        Kv::K => (&p.k, p.half_kv.map(|h| h.k)),
+        Kv::V => (&p.v, p.half_kv.map(|h| h.v)),
+    };
+    let Some(x) = x16 else {
+        return rows_ptr(x32, (b, kvh), j0, w, buf);
+    };
+    let (data, st, width) = (x.data(), x.strides(), x.shape()[3]);
+    for r in 0..w {
+        let o = x.offset(b, kvh, j0 + r, 0);
+        let dst = &mut buf[r * width..(r + 1) * width];
+        if st[3] == 1 {
+            // F16C where the CPU has it.
+            data[o..o + width].convert_to_f32_slice(dst);
+        } else {
+            for (c, y) in dst.iter_mut().enumerate() {
+                *y = data[o + c * st[3]].to_f32();
+            }
+        }
+    }
+    (buf.as_ptr(), width)
+}
+
+/// Kᵀ of keys `j0..j0 + w` of `(b, kvh)` into `dst` as [`pack_transposed`] writes it, from f32
+/// or f16 storage.
+pub(crate) fn pack_k(
+    p: &Problem,
+    (b, kvh): (usize, usize),
+    (j0, w): (usize, usize),
+    ld: usize,
+    dst: &mut [f32],
+) {
+    if p.half_kv.is_none() {
+        return pack_transposed(&p.k, (b, kvh), (j0, w), ld, dst, p.kern);
+    }
+    let mut rows = vec![0.0f32; w * p.d]; //                        (w, D)
+    kv_rows(p, Kv::K, (b, kvh), j0, w, &mut rows);
+    let view = View::new(&rows, [1, 1, w, p.d], [0, 0, p.d, 1]).expect("w rows of D");
+    pack_transposed(&view, (0, 0), (0, w), ld, dst, p.kern);
 }
 
 /// Copies rows `n0..n0 + rows` of `view[b, h]` into `buf` (row-major, `width` columns).
@@ -191,14 +251,7 @@ impl PackedK {
             .for_each(|(idx, dst)| {
                 let (bh, t) = (idx / tiles, idx % tiles);
                 let j0 = t * BC;
-                pack_transposed(
-                    &p.k,
-                    (bh / p.hkv, bh % p.hkv),
-                    (j0, BC.min(p.nk - j0)),
-                    BC,
-                    dst,
-                    p.kern,
-                );
+                pack_k(p, (bh / p.hkv, bh % p.hkv), (j0, BC.min(p.nk - j0)), BC, dst);
             });
         Self {
             data,
@@ -293,11 +346,11 @@ pub(crate) fn score_tile(
     let kt = match keys_at {
         Keys::Packed(kt) => kt,
         Keys::Pack => {
-            pack_transposed(&p.k, (b, h / p.group), (j0, w), BC, t.kbuf, p.kern);
+            pack_k(p, (b, h / p.group), (j0, w), BC, t.kbuf);
             t.kbuf.as_ptr()
         }
         Keys::Rows => {
-            let (kp, ldk) = rows_ptr(&p.k, (b, h / p.group), j0, w, t.kbuf);
+            let (kp, ldk) = kv_rows(p, Kv::K, (b, h / p.group), j0, w, t.kbuf);
             // SAFETY: kp addresses w rows of D floats at stride ldk (validated view or kbuf),
             // t.q `rows` rows of D at stride q_rs, and t.s holds rows×BC.
             unsafe {
@@ -513,7 +566,7 @@ pub(crate) fn attend_rows(
                 p.apply_dropout((b, h, i), j0 + a, &mut srow[a..e]);
             }
         }
-        let (vp, ldv) = rows_ptr(&p.v, (b, kvh), j0, w, &mut scr.vt);
+        let (vp, ldv) = kv_rows(p, Kv::V, (b, kvh), j0, w, &mut scr.vt);
         // T = P·V over the whole tile, or group by group over each group's hull (P is 0 outside
         // its rows' spans, so the skipped products add nothing); then O ← alpha·O + T. Each
         // output sums its keys in tiles of BC, not as one chain over every key.
@@ -632,6 +685,42 @@ pub fn forward(
         return crate::residue::forward(plan, q, k, v, opts, out, lse);
     }
     run(&Problem::new(q, k, v, opts)?, out, lse)
+}
+
+/// [`forward`] with K and V stored as f16: a KV cache at half the memory, which a decoding step
+/// (memory bound: it reads all of K and V once) streams in about half the time.
+///
+/// Each tile's K and V rows are converted to f32 (exactly: every f16 is an f32) as the kernels
+/// read them, and everything after is the f32 computation, so the result is bit for bit that of
+/// [`forward`] on `k` and `v` converted to f32. Takes every option [`forward`] takes; shapes and
+/// strides as there.
+///
+/// ```
+/// use attentive::{f16, forward, forward_half_kv, Options, View, ViewMut};
+/// let (n, d) = (4, 2);
+/// let q: Vec<f32> = (0..n * d).map(|x| (x as f32 * 0.3).cos()).collect();
+/// let kv: Vec<f16> = q.iter().map(|&x| f16::from_f32(x)).collect();
+/// let kv32: Vec<f32> = kv.iter().map(|x| x.to_f32()).collect();
+/// let (mut a, mut b) = (vec![0.0; n * d], vec![0.0; n * d]);
+/// let shape = [1, 1, n, d];
+/// let qv = View::contiguous(&q, &shape).unwrap();
+/// let h = View::contiguous(&kv, &shape).unwrap();
+/// forward_half_kv(qv, h, h, &Options::new(), &mut ViewMut::contiguous(&mut a, shape).unwrap(), None)
+///     .unwrap();
+/// let f = View::contiguous(&kv32, &shape).unwrap();
+/// forward(qv, f, f, &Options::new(), &mut ViewMut::contiguous(&mut b, shape).unwrap(), None)
+///     .unwrap();
+/// assert_eq!(a, b);
+/// ```
+pub fn forward_half_kv(
+    q: View,
+    k: View<f16>,
+    v: View<f16>,
+    opts: &Options,
+    out: &mut ViewMut,
+    lse: Option<&mut [f32]>,
+) -> Result<()> {
+    run(&Problem::with_half_kv(q, k, v, opts)?, out, lse)
 }
 
 /// The forward of a validated problem: checks the outputs, then runs the tiled or decode path.

@@ -57,7 +57,9 @@ pub use backward::{backward, backward_rule_params};
 pub use blocks::{BlockCounts, BlockMask};
 pub use dropout::Dropout;
 pub use error::{AttnError, Result};
-pub use forward::{forward, merge, probabilities, visible_pairs};
+pub use forward::{forward, forward_half_kv, merge, probabilities, visible_pairs};
+/// The f16 type K and V are stored in by [`forward_half_kv`].
+pub use half::f16;
 pub use options::{Causal, DocIds, MaskRule, Options, Pos, ScoreRule, Window};
 pub use pattern::{Pattern, PatternError};
 pub use simd::Isa;

@@ -11,7 +11,15 @@ use crate::options::{Causal, DocIds, Options, Pos, ScoreRule, Window};
 use crate::pattern::{ones, Compiled};
 use crate::simd::{Isa, Kernels};
 use crate::view::{View, ViewMut};
+use half::f16;
 use std::borrow::Cow;
+
+/// K and V stored as f16.
+#[derive(Clone, Copy)]
+pub(crate) struct HalfKv<'a> {
+    pub k: View<'a, f16>,
+    pub v: View<'a, f16>,
+}
 
 /// The part of a key tile one query row may see: columns `[a, b)` after causal, window, range and
 /// block-mask limits. `exact` is false when some column inside the span is masked: by `bits`
@@ -66,6 +74,9 @@ pub(crate) struct Problem<'a> {
     band: Option<(i64, i64)>,
     /// Walk the batch inside each head ([`Problem::heads_outer`]).
     pub heads_outer: bool,
+    /// K and V when stored as f16 ([`Problem::with_half_kv`]); `k` and `v` then carry only
+    /// their shapes.
+    pub half_kv: Option<HalfKv<'a>>,
     softcap: Option<f32>,
     alibi: Option<&'a [f32]>,
     mask: Option<View<'a, bool>>,
@@ -251,6 +262,7 @@ impl<'a> Problem<'a> {
             window: opts.window,
             band: None,
             heads_outer: false,
+            half_kv: None,
             softcap: opts.softcap,
             alibi: opts.alibi_slopes,
             mask,
@@ -261,6 +273,23 @@ impl<'a> Problem<'a> {
             dropout: opts.dropout.filter(|d| d.p > 0.0),
             kern,
         })
+    }
+
+    /// A problem whose K and V are stored as f16: validated as [`Problem::new`] validates f32
+    /// ones; the kernels convert each tile's rows to f32 where they read them
+    /// (`forward::pack_k`, `forward::kv_rows`).
+    pub fn with_half_kv(
+        q: View<'a>,
+        k: View<'a, f16>,
+        v: View<'a, f16>,
+        opts: &Options<'a>,
+    ) -> Result<Self> {
+        static ZERO: [f32; 1] = [0.0];
+        // Views of K's and V's shapes whose every element is one zero: nothing reads them.
+        let shape_of = |x: &View<f16>| View::new(&ZERO[..], x.shape(), [0; 4]);
+        let mut p = Problem::new(q, shape_of(&k)?, shape_of(&v)?, opts)?;
+        p.half_kv = Some(HalfKv { k, v });
+        Ok(p)
     }
 
     /// Restricts the problem to keys at relative positions `lo ≤ j − (i + Nk − Nq) ≤ hi`.
