@@ -3,7 +3,9 @@
 mod error;
 mod npy;
 
-use attentive::{backward, forward, visible_pairs, Causal, Options, Pattern, View, ViewMut};
+use attentive::{
+    backward, f16, forward, forward_half_kv, visible_pairs, Causal, Options, Pattern, View, ViewMut,
+};
 use clap::{Parser, Subcommand, ValueEnum};
 use error::CliError;
 mod g2p;
@@ -278,6 +280,9 @@ struct BenchArgs {
     /// Time forward plus backward.
     #[arg(long)]
     backward: bool,
+    /// Store K and V as f16 (a KV cache at half the memory; forward only).
+    #[arg(long, conflicts_with = "backward")]
+    half_kv: bool,
     /// Timed repetitions (default: as many as fit in about two seconds, at least 3).
     #[arg(long)]
     iters: Option<usize>,
@@ -375,6 +380,14 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
         View::contiguous(&k, &ks)?,
         View::contiguous(&v, &ks)?,
     );
+    let to_half = |x: &[f32]| -> Vec<f16> {
+        if a.half_kv {
+            x.iter().map(|&y| f16::from_f32(y)).collect()
+        } else {
+            Vec::new()
+        }
+    };
+    let (k16, v16) = (to_half(&k), to_half(&v));
     // Touch every output page now, so the baseline counts outputs as well as inputs.
     for buf in [&mut o, &mut lse, &mut dq, &mut dk, &mut dv] {
         buf.fill(1.0);
@@ -383,14 +396,13 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
     // One call (forward, and backward with --backward), timed; `save` writes its outputs.
     let mut run = |save: Option<&std::path::Path>| -> Result<f64, CliError> {
         let t = Instant::now();
-        forward(
-            qv,
-            kv,
-            vv,
-            &opts,
-            &mut ViewMut::contiguous(&mut o, qs)?,
-            Some(&mut lse),
-        )?;
+        let out = &mut ViewMut::contiguous(&mut o, qs)?;
+        if a.half_kv {
+            let (k, v) = (View::contiguous(&k16, &ks)?, View::contiguous(&v16, &ks)?);
+            forward_half_kv(qv, k, v, &opts, out, Some(&mut lse))?;
+        } else {
+            forward(qv, kv, vv, &opts, out, Some(&mut lse))?;
+        }
         if a.backward {
             backward(
                 qv,
@@ -430,12 +442,16 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
     let pairs = visible_pairs(qv, kv, &opts)?;
     let flops_per_pair = if a.backward { 14 } else { 4 } * d as u64;
     let gflops = (pairs * flops_per_pair) as f64 / median / 1e9;
+    // K and V read once: what bounds a decoding step.
+    let kv_bytes = (k.len() + v.len()) * if a.half_kv { 2 } else { 4 };
+    let kv_gbps = kv_bytes as f64 / median / 1e9;
     let mb = |x: u64| x as f64 / (1024.0 * 1024.0);
     println!(
-        "attention B={b} Hq={hq} Hkv={hkv} Nq={nq} Nk={nk} D={d}{}{}{}{}: median {:.3} ms over {iters} runs, {gflops:.1} GFLOP/s, peak RSS {:.1} MB ({:.1} MB beyond inputs and outputs), {} threads",
+        "attention B={b} Hq={hq} Hkv={hkv} Nq={nq} Nk={nk} D={d}{}{}{}{}{}: median {:.3} ms over {iters} runs, {gflops:.1} GFLOP/s, K and V read at {kv_gbps:.1} GB/s, peak RSS {:.1} MB ({:.1} MB beyond inputs and outputs), {} threads",
         a.causal.map_or(String::new(), |c| format!(" causal={}", c.to_possible_value().unwrap().get_name())),
         a.window.map_or(String::new(), |(l, r)| format!(" window={l},{r}")),
         a.pattern.as_ref().map_or(String::new(), |p| format!(" pattern={p}")),
+        if a.half_kv { " f16 K/V" } else { "" },
         if a.backward { " forward+backward" } else { " forward" },
         median * 1e3,
         mb(peak),
@@ -448,7 +464,7 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
             "causal": a.causal.map(|c| c.to_possible_value().unwrap().get_name().to_string()),
             "window": a.window.map(|(l, r)| [l, r]),
             "pattern": a.pattern.as_ref().map(|p| p.to_string()),
-            "backward": a.backward, "threads": rayon::current_num_threads(), "iters": iters,
+            "backward": a.backward, "half_kv": a.half_kv, "kv_gbps": kv_gbps, "threads": rayon::current_num_threads(), "iters": iters,
             "median_ms": median * 1e3, "min_ms": times[0] * 1e3, "gflops": gflops,
             "pairs": pairs, "peak_rss_mb": mb(peak), "extra_rss_mb": mb(peak.saturating_sub(base_rss)),
         });

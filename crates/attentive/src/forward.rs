@@ -26,7 +26,6 @@ use crate::problem::{Problem, Span};
 use crate::simd::{Dots, Gemm, Kernels, OnlineSoftmax, Transpose};
 use crate::view::{RawOut, RawSlice, View, ViewMut};
 use crate::workspace::Buffer;
-use half::slice::HalfFloatSliceExt;
 use half::f16;
 use rayon::prelude::*;
 
@@ -132,14 +131,27 @@ pub(crate) fn kv_rows(
         return rows_ptr(x32, (b, kvh), j0, w, buf);
     };
     let (data, st, width) = (x.data(), x.strides(), x.shape()[3]);
-    for r in 0..w {
-        let o = x.offset(b, kvh, j0 + r, 0);
-        let dst = &mut buf[r * width..(r + 1) * width];
-        if st[3] == 1 {
-            // F16C where the CPU has it.
-            data[o..o + width].convert_to_f32_slice(dst);
-        } else {
-            for (c, y) in dst.iter_mut().enumerate() {
+    let widen = |src: &[f16], dst: &mut [f32]| {
+        assert!(dst.len() >= src.len());
+        // SAFETY: just checked: dst holds src.len() floats.
+        unsafe { (p.kern.widen)(src.as_ptr(), dst.as_mut_ptr(), src.len()) }
+    };
+    if w == 0 {
+        return (buf.as_ptr(), width);
+    }
+    let o = x.offset(b, kvh, j0, 0);
+    if st[3] == 1 && st[2] == width {
+        // The rows are one contiguous run.
+        widen(&data[o..o + w * width], buf);
+    } else if st[3] == 1 {
+        for r in 0..w {
+            let o = x.offset(b, kvh, j0 + r, 0);
+            widen(&data[o..o + width], &mut buf[r * width..(r + 1) * width]);
+        }
+    } else {
+        for r in 0..w {
+            let o = x.offset(b, kvh, j0 + r, 0);
+            for (c, y) in buf[r * width..(r + 1) * width].iter_mut().enumerate() {
                 *y = data[o + c * st[3]].to_f32();
             }
         }
@@ -251,7 +263,13 @@ impl PackedK {
             .for_each(|(idx, dst)| {
                 let (bh, t) = (idx / tiles, idx % tiles);
                 let j0 = t * BC;
-                pack_k(p, (bh / p.hkv, bh % p.hkv), (j0, BC.min(p.nk - j0)), BC, dst);
+                pack_k(
+                    p,
+                    (bh / p.hkv, bh % p.hkv),
+                    (j0, BC.min(p.nk - j0)),
+                    BC,
+                    dst,
+                );
             });
         Self {
             data,
@@ -492,7 +510,9 @@ pub(crate) fn attend_rows(
     for (kt, blk) in p.key_tiles((b, h), i0 / BR, (lo, hi)) {
         let j0 = kt * BC;
         let w = BC.min(p.nk - j0);
-        let kt = packed.map_or(Keys::unpacked(p), |pk| Keys::Packed(pk.tile(b, kvh, p.hkv, j0)));
+        let kt = packed.map_or(Keys::unpacked(p), |pk| {
+            Keys::Packed(pk.tile(b, kvh, p.hkv, j0))
+        });
         let Some(ragged) = score_tile(p, kt, (b, h), i0, rows, j0, keys, blk, scr.tile_bufs(q))
         else {
             continue;

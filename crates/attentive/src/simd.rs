@@ -8,6 +8,7 @@
 //! per call from what the CPU reports.
 
 use crate::error::{AttnError, Result};
+use half::f16;
 
 /// An instruction set the kernels can run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -31,6 +32,7 @@ impl Isa {
             Isa::Avx2 => {
                 std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c")
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
@@ -81,6 +83,8 @@ pub(crate) trait Simd: Copy {
     unsafe fn load_part(p: *const f32, n: usize) -> Self::V;
     unsafe fn store(p: *mut f32, v: Self::V);
     unsafe fn store_part(p: *mut f32, v: Self::V, n: usize);
+    /// `LANES` f16 values widened to f32 (exactly).
+    unsafe fn load_f16(p: *const f16) -> Self::V;
     /// `a · b + c`, fused.
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
@@ -142,6 +146,8 @@ pub(crate) struct Kernels {
     pub online_softmax: unsafe fn(&OnlineSoftmax),
     /// See [`Dots`].
     pub dots: unsafe fn(&Dots),
+    /// `dst[c] ← src[c]` widened from f16 to f32 (exact), for `n` elements.
+    pub widen: unsafe fn(src: *const f16, dst: *mut f32, n: usize),
     /// `ds[c] ← (p[c]·(ds[c] − d))·scale`: the softmax gradient of one row, from the weights
     /// `p`, `dP` in `ds` and the row's `D = rowsum(dO∘O)`.
     pub softmax_grad: unsafe fn(p: *const f32, ds: *mut f32, n: usize, d: f32, scale: f32),
@@ -523,6 +529,19 @@ unsafe fn scale_add_generic<S: Simd>(x: *mut f32, y: *const f32, n: usize, a: f3
     }
 }
 
+#[inline(always)]
+unsafe fn widen_generic<S: Simd>(src: *const f16, dst: *mut f32, n: usize) {
+    let l = S::LANES;
+    let mut c = 0;
+    while c + l <= n {
+        S::store(dst.add(c), S::load_f16(src.add(c)));
+        c += l;
+    }
+    for t in c..n {
+        *dst.add(t) = (*src.add(t)).to_f32();
+    }
+}
+
 /// Instantiates every generic kernel for one instruction set inside `#[target_feature]` wrappers.
 macro_rules! kernel_table {
     ($name:ident, $S:ty, $($feat:literal),*) => {
@@ -551,6 +570,10 @@ macro_rules! kernel_table {
             $(#[target_feature(enable = $feat)])*
             pub(super) unsafe fn dots(g: &Dots) { dots_generic::<$S>(g) }
             $(#[target_feature(enable = $feat)])*
+            pub(super) unsafe fn widen(s: *const f16, d: *mut f32, n: usize) {
+                widen_generic::<$S>(s, d, n)
+            }
+            $(#[target_feature(enable = $feat)])*
             pub(super) unsafe fn online_softmax(t: &OnlineSoftmax) {
                 online_softmax_generic::<$S>(t)
             }
@@ -565,6 +588,7 @@ macro_rules! kernel_table {
             online_softmax: wrappers::online_softmax,
             dots: wrappers::dots,
             softmax_grad: wrappers::softmax_grad,
+            widen: wrappers::widen,
         };
     };
 }
@@ -595,6 +619,10 @@ impl Simd for Scalar {
     }
     #[inline(always)]
     unsafe fn store_part(_: *mut f32, _: f32, _: usize) {}
+    #[inline(always)]
+    unsafe fn load_f16(p: *const f16) -> f32 {
+        (*p).to_f32()
+    }
     #[inline(always)]
     unsafe fn fma(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
@@ -701,6 +729,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn store_part(p: *mut f32, v: __m512, n: usize) {
             _mm512_mask_storeu_ps(p, ((1u32 << n) - 1) as u16, v)
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const f16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
         }
         #[inline(always)]
         unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
@@ -847,6 +879,10 @@ mod x86 {
             _mm256_maskstore_ps(p, tail_mask(n), v)
         }
         #[inline(always)]
+        unsafe fn load_f16(p: *const f16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+        #[inline(always)]
         unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
             _mm256_fmadd_ps(a, b, c)
         }
@@ -964,7 +1000,7 @@ mod x86 {
     }
     mod avx2_table {
         use super::*;
-        kernel_table!(AVX2, Avx2, "avx2", "fma");
+        kernel_table!(AVX2, Avx2, "avx2", "fma", "f16c");
     }
     pub(crate) use avx2_table::AVX2;
     pub(crate) use avx512_table::AVX512;
@@ -976,6 +1012,27 @@ mod tests {
 
     fn table(isa: Isa) -> &'static Kernels {
         isa.kernels().unwrap()
+    }
+
+    #[test]
+    fn widen_is_exact_for_every_f16() {
+        // Every bit pattern (normals, subnormals, ±0, ±∞, NaNs), at an odd length so the tail
+        // runs too.
+        let src: Vec<f16> = (0..=u16::MAX)
+            .map(f16::from_bits)
+            .chain([f16::ONE])
+            .collect();
+        for isa in Isa::all_available() {
+            let mut dst = vec![0.0f32; src.len()];
+            unsafe { (table(isa).widen)(src.as_ptr(), dst.as_mut_ptr(), src.len()) };
+            for (x, y) in src.iter().zip(&dst) {
+                let want = x.to_f32();
+                assert!(
+                    y.to_bits() == want.to_bits() || (want.is_nan() && y.is_nan()),
+                    "{isa:?}: {x:?} widened to {y}"
+                );
+            }
+        }
     }
 
     #[test]

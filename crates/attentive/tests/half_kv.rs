@@ -29,7 +29,12 @@ impl Half {
     }
 
     fn view(&self) -> View<'_, f16> {
-        View::new(&self.h, self.f.shape, Tensor::strides(self.f.shape, self.f.layout)).unwrap()
+        View::new(
+            &self.h,
+            self.f.shape,
+            Tensor::strides(self.f.shape, self.f.layout),
+        )
+        .unwrap()
     }
 }
 
@@ -46,7 +51,12 @@ fn run(
     let [b, h, n, dv] = shape;
     let mut o = vec![0.0; b * h * n * dv];
     let mut lse = vec![0.0; b * h * n];
-    f(opts, &mut ViewMut::contiguous(&mut o, shape).unwrap(), &mut lse).unwrap();
+    f(
+        opts,
+        &mut ViewMut::contiguous(&mut o, shape).unwrap(),
+        &mut lse,
+    )
+    .unwrap();
     Run { o, lse }
 }
 
@@ -77,7 +87,10 @@ fn half_kv_equals_the_f32_path_bit_for_bit() {
             Options::new().softcap(5.0).alibi(&slopes[..hq]),
         ];
         for (m, opts) in options.iter().enumerate() {
-            for isa in [Isa::Avx512, Isa::Avx2, Isa::Scalar].into_iter().filter(|i| i.available()) {
+            for isa in [Isa::Avx512, Isa::Avx2, Isa::Scalar]
+                .into_iter()
+                .filter(|i| i.available())
+            {
                 let opts = opts.isa(isa);
                 let shape = [b, hq, nq, dv];
                 let want = run(shape, &opts, |o, out, l| {
@@ -95,14 +108,24 @@ fn half_kv_equals_the_f32_path_bit_for_bit() {
 
 /// Naive attention in half precision, as a framework computes it on f16 tensors: scores,
 /// weights and outputs each rounded to f16 (sums accumulated in f32). Row-major, `Hq = Hkv`.
-fn naive_f16(q: &[f32], k: &[f32], v: &[f32], [b, h, nq, nk, d]: [usize; 5], causal: bool) -> Vec<f32> {
+fn naive_f16(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    [b, h, nq, nk, d]: [usize; 5],
+    causal: bool,
+) -> Vec<f32> {
     let r = |x: f32| f16::from_f32(x).to_f32();
     let scale = 1.0 / (d as f32).sqrt();
     let mut out = vec![0.0; b * h * nq * d];
     for bh in 0..b * h {
         for i in 0..nq {
             let qi = &q[(bh * nq + i) * d..][..d];
-            let seen = if causal { (i + nk - nq + 1).min(nk) } else { nk };
+            let seen = if causal {
+                (i + nk - nq + 1).min(nk)
+            } else {
+                nk
+            };
             let s: Vec<f32> = (0..seen)
                 .map(|j| {
                     let kj = &k[(bh * nk + j) * d..][..d];
@@ -152,7 +175,10 @@ fn half_kv_meets_the_accuracy_rule() {
         let naive16 = naive_f16(&q.data, &k.f.data, &v.f.data, [b, h, nq, nk, d], causal);
         // The FlashAttention rule against the naive f16 baseline ...
         let (e, e16) = (max_err(&got.o, &ref64.o), max_err(&naive16, &ref64.o));
-        assert!(e <= 2.0 * e16, "N={nq}×{nk}: error {e:.2e} > 2 × naive f16's {e16:.2e}");
+        assert!(
+            e <= 2.0 * e16,
+            "N={nq}×{nk}: error {e:.2e} > 2 × naive f16's {e16:.2e}"
+        );
         // ... and, since only storage is f16, the f32 rule on the stored values.
         check_rule("o", &got.o, &naive32.o, &ref64.o, 2.0).unwrap();
         check_rule("lse", &got.lse, &naive32.lse, &ref64.lse, 2.0).unwrap();
@@ -172,7 +198,10 @@ fn half_kv_rejects_bad_shapes_with_typed_errors() {
     // Feature sizes differ.
     let k = View::contiguous(&kv, &[1, 2, 4, 3]).unwrap();
     let v = View::contiguous(&kv, &[1, 2, 3, 4]).unwrap();
-    assert!(matches!(call(k, v, &mut o), Err(AttnError::ShapeMismatch { .. })));
+    assert!(matches!(
+        call(k, v, &mut o),
+        Err(AttnError::ShapeMismatch { .. })
+    ));
     // 2 query heads over 3 KV heads.
     let k = View::contiguous(&kv[..3 * 4], &[1, 3, 1, 4]).unwrap();
     assert!(matches!(

@@ -365,7 +365,12 @@ fn user_closure_equals_the_builtin_rule() {
     // Alone, the built-in rule takes the residue plan: the same attention, summed in another
     // order.
     let (o, lse) = run(&Options::new().pattern(&builtin));
-    let far = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    let far = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    };
     assert!(far(&o, &want.0) < 1e-5 && far(&lse, &want.1) < 1e-5);
 }
 
