@@ -707,13 +707,14 @@ pub fn forward(
     run(&Problem::new(q, k, v, opts)?, out, lse)
 }
 
-/// [`forward`] with K and V stored as f16: a KV cache at half the memory, which a decoding step
-/// (memory bound: it reads all of K and V once) streams in about half the time.
+/// [`forward`] with K and V stored as f16: a KV cache at half the memory.
 ///
-/// Each tile's K and V rows are converted to f32 (exactly: every f16 is an f32) as the kernels
+/// Each tile's K and V rows are widened to f32 (exactly: every f16 is an f32) as the kernels
 /// read them, and everything after is the f32 computation, so the result is bit for bit that of
-/// [`forward`] on `k` and `v` converted to f32. Takes every option [`forward`] takes; shapes and
-/// strides as there.
+/// [`forward`] on `k` and `v` widened to f32. (One exception: a lone dilated or strided pattern,
+/// or a union of strided with windows and sinks, which [`forward`] splits over residue classes,
+/// runs here through the block table: the same attention, summed in another order.) Takes every
+/// option [`forward`] takes; shapes and strides as there.
 ///
 /// ```
 /// use attentive::{f16, forward, forward_half_kv, Options, View, ViewMut};
