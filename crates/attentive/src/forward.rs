@@ -60,9 +60,9 @@ pub(crate) struct Scratch {
     /// The tile's P·V (`BR × Dv`), added to `o` after rescaling it.
     pub pv: Vec<f32>,
     /// K of one tile when there is no packed copy: Kᵀ packed on the fly, or K's rows gathered
-    /// when their feature stride is not 1.
+    /// when their feature stride is not 1 or widened from f16.
     pub kbuf: Vec<f32>,
-    /// V rows gathered when V's feature stride is not 1.
+    /// V rows gathered when V's feature stride is not 1, or widened from f16.
     pub vt: Vec<f32>,
     pub spans: Vec<Span>,
     pub hulls: Vec<(usize, usize)>,
