@@ -312,6 +312,8 @@ fn key_tile(
                 hulls: &mut scr.hulls,
                 // K's rows of this tile, already gathered: what `Keys::Rows` reads.
                 kbuf: &mut scr.k,
+                // Never grown: the backward packs its Kᵀ tile itself, never `Keys::Pack`.
+                wide: &mut Vec::new(),
             };
             // S = Q·Kᵀ                                              // (rows, w)
             if score_tile(p, keys_at, (b, h), i0, rows, j0, (0, p.nk), blk, bufs).is_none() {

@@ -64,6 +64,8 @@ pub(crate) struct Scratch {
     pub kbuf: Vec<f32>,
     /// V rows gathered when V's feature stride is not 1, or widened from f16.
     pub vt: Vec<f32>,
+    /// K rows widened from f16 before they are packed as Kᵀ into `kbuf`.
+    pub wide: Vec<f32>,
     pub spans: Vec<Span>,
     pub hulls: Vec<(usize, usize)>,
 }
@@ -80,6 +82,7 @@ impl Scratch {
             pv: vec![0.0; BR * p.dv],
             kbuf: vec![0.0; BC * p.d],
             vt: vec![0.0; BC * p.dv],
+            wide: Vec::new(),
             spans: vec![Span::EMPTY; BR],
             hulls: vec![(0, 0); BR / GROUP],
         }
@@ -160,20 +163,23 @@ pub(crate) fn kv_rows(
 }
 
 /// Kᵀ of keys `j0..j0 + w` of `(b, kvh)` into `dst` as [`pack_transposed`] writes it, from f32
-/// or f16 storage.
+/// or f16 storage; f16 rows are widened into `rows` first (grown once, then reused).
 pub(crate) fn pack_k(
     p: &Problem,
     (b, kvh): (usize, usize),
     (j0, w): (usize, usize),
     ld: usize,
     dst: &mut [f32],
+    rows: &mut Vec<f32>,
 ) {
     if p.half_kv.is_none() {
         return pack_transposed(&p.k, (b, kvh), (j0, w), ld, dst, p.kern);
     }
-    let mut rows = vec![0.0f32; w * p.d]; //                        (w, D)
-    kv_rows(p, Kv::K, (b, kvh), j0, w, &mut rows);
-    let view = View::new(&rows, [1, 1, w, p.d], [0, 0, p.d, 1]).expect("w rows of D");
+    if rows.len() < w * p.d {
+        rows.resize(w * p.d, 0.0); //                                   (w, D)
+    }
+    kv_rows(p, Kv::K, (b, kvh), j0, w, rows);
+    let view = View::new(&rows[..w * p.d], [1, 1, w, p.d], [0, 0, p.d, 1]).expect("w rows of D");
     pack_transposed(&view, (0, 0), (0, w), ld, dst, p.kern);
 }
 
@@ -260,16 +266,11 @@ impl PackedK {
         let mut data = Buffer::uninit(p.b * p.hkv * tiles * tile);
         data.par_chunks_mut(tile)
             .enumerate()
-            .for_each(|(idx, dst)| {
+            .for_each_init(Vec::new, |rows, (idx, dst)| {
                 let (bh, t) = (idx / tiles, idx % tiles);
                 let j0 = t * BC;
-                pack_k(
-                    p,
-                    (bh / p.hkv, bh % p.hkv),
-                    (j0, BC.min(p.nk - j0)),
-                    BC,
-                    dst,
-                );
+                let keys = (j0, BC.min(p.nk - j0));
+                pack_k(p, (bh / p.hkv, bh % p.hkv), keys, BC, dst, rows);
             });
         Self {
             data,
@@ -297,6 +298,8 @@ pub(crate) struct TileBufs<'s> {
     /// Room for the tile's Kᵀ (`D × BC`) or gathered K rows (`BC × D`) when there is no packed
     /// copy.
     pub kbuf: &'s mut [f32],
+    /// Room for f16 K rows widened before packing (`Keys::Pack` only).
+    pub wide: &'s mut Vec<f32>,
 }
 
 /// Where [`score_tile`] finds K.
@@ -364,7 +367,7 @@ pub(crate) fn score_tile(
     let kt = match keys_at {
         Keys::Packed(kt) => kt,
         Keys::Pack => {
-            pack_k(p, (b, h / p.group), (j0, w), BC, t.kbuf);
+            pack_k(p, (b, h / p.group), (j0, w), BC, t.kbuf, t.wide);
             t.kbuf.as_ptr()
         }
         Keys::Rows => {
@@ -445,6 +448,7 @@ impl Scratch {
             spans: &mut self.spans,
             hulls: &mut self.hulls,
             kbuf: &mut self.kbuf,
+            wide: &mut self.wide,
         }
     }
 }
