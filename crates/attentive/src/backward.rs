@@ -76,7 +76,7 @@ impl Scratch {
             dv: vec![0.0; BC * p.dv],
             part: vec![0.0; BC.max(BR) * p.d.max(p.dv)],
             spans: vec![Span::EMPTY; BR],
-            hulls: vec![(0, 0); BR / GROUP],
+            hulls: vec![(0, 0); BR.div_ceil(GROUP)],
         }
     }
 }

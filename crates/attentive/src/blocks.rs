@@ -258,6 +258,11 @@ impl BlockMask {
         Ok(())
     }
 
+    /// Whether one table serves every batch entry and head.
+    pub(crate) fn shared(&self) -> bool {
+        self.batches == 1 && self.heads == 1
+    }
+
     fn table(&self, b: usize, h: usize) -> usize {
         (if self.batches == 1 { 0 } else { b }) * self.heads + if self.heads == 1 { 0 } else { h }
     }

@@ -84,7 +84,7 @@ impl Scratch {
             vt: vec![0.0; BC * p.dv],
             wide: Vec::new(),
             spans: vec![Span::EMPTY; BR],
-            hulls: vec![(0, 0); BR / GROUP],
+            hulls: vec![(0, 0); BR.div_ceil(GROUP)],
         }
     }
 }
@@ -453,15 +453,32 @@ impl Scratch {
     }
 }
 
-/// Attention a call continues from, computed over keys the call does not see: per row
-/// (`[B, Hq, Nq]`, row-major) the largest logit `m` and the sum `l` of exponentials relative to
-/// it, and the normalised output `o` (`[B, Hq, Nq, Dv]`, contiguous), read only where `l > 0`.
-/// The call's result is attention over the union of both key sets.
+/// Attention a call continues from, computed over keys the call does not see: per row the
+/// largest logit `m` and the sum `l` of exponentials relative to it (both `[B, Hq, Nq, 1]`), and
+/// the normalised output `o` (`[B, Hq, Nq, Dv]`, unit last stride), read only where `l > 0`.
+/// Any strides, so a residue class reads its rows of a full-size prior. The call's result is
+/// attention over the union of both key sets.
 #[derive(Clone, Copy)]
 pub(crate) struct Prior<'a> {
-    pub o: &'a [f32],
-    pub m: &'a [f32],
-    pub l: &'a [f32],
+    pub o: View<'a>,
+    pub m: View<'a>,
+    pub l: View<'a>,
+}
+
+impl Prior<'_> {
+    /// Row `(b, h, i)`'s `(m, l, o)`, if it saw a key.
+    #[inline]
+    fn row(&self, b: usize, h: usize, i: usize) -> Option<(f32, f32, &[f32])> {
+        let l = self.l.data()[self.l.offset(b, h, i, 0)];
+        (l > 0.0).then(|| {
+            let o = &self.o.data()[self.o.offset(b, h, i, 0)..];
+            (
+                self.m.data()[self.m.offset(b, h, i, 0)],
+                l,
+                &o[..self.o.shape()[3]],
+            )
+        })
+    }
 }
 
 /// Attention of queries `i0..i0 + rows` of `(b, h)` over keys `keys.0..keys.1`: leaves the
@@ -486,17 +503,14 @@ pub(crate) fn attend_rows(
     scr.m[..rows].fill(f32::NEG_INFINITY);
     scr.l[..rows].fill(0.0);
     if let Some(pr) = prior {
-        let base = (b * p.hq + h) * p.nq + i0;
         for r in 0..rows {
-            let l = pr.l[base + r];
-            if l > 0.0 {
+            if let Some((m, l, src)) = pr.row(b, h, i0 + r) {
                 // The unnormalised accumulator O·ℓ the online softmax carries.
-                let src = &pr.o[(base + r) * dv..(base + r + 1) * dv];
                 scr.o[r * dv..(r + 1) * dv]
                     .iter_mut()
                     .zip(src)
                     .for_each(|(y, &x)| *y = x * l);
-                (scr.m[r], scr.l[r]) = (pr.m[base + r], l);
+                (scr.m[r], scr.l[r]) = (m, l);
             }
         }
     }
@@ -798,9 +812,11 @@ pub(crate) fn run_after(
 ) -> Result<()> {
     p.check_out("out", out, [p.b, p.hq, p.nq, p.dv])?;
     let rows = p.b * p.hq * p.nq;
-    crate::problem::expect_len("prior max", prior.m.len(), rows)?;
-    crate::problem::expect_len("prior sum", prior.l.len(), rows)?;
-    crate::problem::expect_len("prior output", prior.o.len(), rows * p.dv)?;
+    let stat_shape = [p.b, p.hq, p.nq, 1];
+    crate::problem::expect_shape("prior max", prior.m.shape(), stat_shape)?;
+    crate::problem::expect_shape("prior sum", prior.l.shape(), stat_shape)?;
+    crate::problem::expect_shape("prior output", prior.o.shape(), [p.b, p.hq, p.nq, p.dv])?;
+    debug_assert_eq!(prior.o.strides()[3], 1, "prior rows are read as slices");
     if let Some(l) = lse.as_deref() {
         crate::problem::expect_len("lse", l.len(), rows)?;
     }
@@ -897,19 +913,17 @@ fn decode(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
                 merge(acc_o, acc_l, o, l).expect("partials share one shape");
             }
             if let Some(pr) = prior {
-                let rows = bh * nq..(bh + 1) * nq;
-                let lse: Vec<f32> = rows
-                    .clone()
-                    .map(|r| {
-                        if pr.l[r] > 0.0 {
-                            pr.m[r] + pr.l[r].ln()
-                        } else {
-                            f32::NEG_INFINITY
+                let mut o = vec![0.0f32; nq * dv];
+                let lse: Vec<f32> = (0..nq)
+                    .map(|r| match pr.row(b, h, r) {
+                        Some((m, l, src)) => {
+                            o[r * dv..(r + 1) * dv].copy_from_slice(src);
+                            m + l.ln()
                         }
+                        None => f32::NEG_INFINITY,
                     })
                     .collect();
-                let o = &pr.o[rows.start * dv..rows.end * dv];
-                merge(acc_o, acc_l, o, &lse).expect("the prior has the rows' shape");
+                merge(acc_o, acc_l, &o, &lse).expect("the prior has the rows' shape");
             }
             for r in 0..nq {
                 // SAFETY: this (b, h) is merged and written by this iteration alone.

@@ -298,6 +298,51 @@ impl<'a> Problem<'a> {
         self
     }
 
+    /// The same problem on batch entry `b` and query heads `h0..h0 + hc` (whole key/value
+    /// groups), or `None` when an input is indexed by batch or head (a mask, bias, ALiBi slopes,
+    /// document ids, a score rule, dropout, a per-head block table) or K and V are f16: calls
+    /// with a residue plan, which run a few heads at a time, have none of those.
+    pub fn heads(&self, b: usize, h0: usize, hc: usize) -> Option<Problem<'_>> {
+        let per_head = self.mask.is_some()
+            || self.bias.is_some()
+            || self.alibi.is_some()
+            || self.docs.is_some()
+            || self.score_rule.is_some()
+            || self.dropout.is_some()
+            || self.half_kv.is_some()
+            || self.blocks.as_ref().is_some_and(|t| !t.shared());
+        let g = self.group;
+        if per_head || h0 % g != 0 || hc % g != 0 || hc == 0 || h0 + hc > self.hq {
+            return None;
+        }
+        let sub = |x: &View<'a>, h0: usize, hc: usize| {
+            let [_, _, n, d] = x.shape();
+            View::new(
+                &x.data()[x.offset(b, h0, 0, 0)..],
+                [1, hc, n, d],
+                x.strides(),
+            )
+            .ok()
+        };
+        Some(Problem {
+            b: 1,
+            hq: hc,
+            hkv: hc / g,
+            q: sub(&self.q, h0, hc)?,
+            k: sub(&self.k, h0 / g, hc / g)?,
+            v: sub(&self.v, h0 / g, hc / g)?,
+            blocks: self.blocks.as_deref().map(Cow::Borrowed),
+            mask: None,
+            bias: None,
+            alibi: None,
+            docs: None,
+            score_rule: None,
+            dropout: None,
+            half_kv: None,
+            ..*self
+        })
+    }
+
     /// Has the forward take its tasks head by head, every batch entry of a head in turn,
     /// instead of batch by batch: for a batch axis that steps one row (the residue classes),
     /// consecutive tasks then read neighbouring rows, on pages the TLB already holds.

@@ -290,6 +290,23 @@ impl<'a> ViewMut<'a> {
         }
     }
 
+    /// Rows `first + c + n·t` (c < `g`, t < `rows`) of batch entry `b`, heads `h0..h0 + hc`,
+    /// as a `[g, hc, rows, D]` view: the residue classes `first..first + g` (mod `n ≥ g`).
+    pub(crate) fn fold_rows(
+        &mut self,
+        b: usize,
+        (h0, hc): (usize, usize),
+        (first, g, n, rows): (usize, usize, usize, usize),
+    ) -> Result<ViewMut<'_>> {
+        let s = self.strides;
+        let at = b * s[0] + h0 * s[1] + first * s[2];
+        let d = self.shape[3];
+        let data = self.data.get_mut(at..).unwrap_or_default();
+        // Distinct (c, t) give distinct rows first + c + n·t because g ≤ n.
+        debug_assert!(g <= n);
+        ViewMut::new_disjoint(data, [g, hc, rows, d], [s[2], s[1], s[2] * n, s[3]])
+    }
+
     pub(crate) fn raw(&mut self) -> RawOut {
         RawOut {
             ptr: self.data.as_mut_ptr(),
