@@ -312,7 +312,12 @@ impl<'a> Problem<'a> {
             || self.half_kv.is_some()
             || self.blocks.as_ref().is_some_and(|t| !t.shared());
         let g = self.group;
-        if per_head || h0 % g != 0 || hc % g != 0 || hc == 0 || h0 + hc > self.hq {
+        if per_head
+            || !h0.is_multiple_of(g)
+            || !hc.is_multiple_of(g)
+            || hc == 0
+            || h0 + hc > self.hq
+        {
             return None;
         }
         let sub = |x: &View<'a>, h0: usize, hc: usize| {
