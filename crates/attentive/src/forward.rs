@@ -540,30 +540,48 @@ pub(crate) fn attend_rows(
         // 0; with scale > 0 the scaled score stays −∞).
         let plain = !mods && p.scale > 0.0 && scr.spans[..rows].iter().all(|s| s.exact);
         if plain {
-            for (r, span) in scr.spans[..rows].iter().enumerate() {
-                let srow = &mut scr.s[r * BC..r * BC + w];
-                if span.is_empty() {
-                    srow.fill(f32::NEG_INFINITY);
-                } else {
-                    srow[..span.a].fill(f32::NEG_INFINITY);
-                    srow[span.b..].fill(f32::NEG_INFINITY);
-                }
-            }
-            // SAFETY: scr.s holds rows × BC ≥ rows × w scores; m, l and alpha hold BR ≥ rows.
-            unsafe {
-                (kern.online_softmax)(&OnlineSoftmax {
-                    s: scr.s.as_mut_ptr(),
-                    lds: BC,
-                    rows,
-                    n: w,
-                    scale: p.scale,
-                    m: scr.m.as_mut_ptr(),
-                    l: scr.l.as_mut_ptr(),
-                    alpha: scr.alpha.as_mut_ptr(),
-                })
+            // Each group of rows over its hull only (the whole tile when it is not ragged): P
+            // outside the hull is never read.
+            let one = [(0, w)];
+            let (hulls, size): (&[(usize, usize)], usize) = if ragged {
+                (&scr.hulls[..rows.div_ceil(GROUP)], GROUP)
+            } else {
+                (&one, rows)
             };
-            for r in 0..rows {
-                p.apply_dropout((b, h, i0 + r), j0, &mut scr.s[r * BC..r * BC + w]);
+            for (g, &(a, e)) in hulls.iter().enumerate() {
+                let (r0, r1) = (g * size, ((g + 1) * size).min(rows));
+                if a >= e {
+                    scr.alpha[r0..r1].fill(1.0);
+                    continue;
+                }
+                // Whole vectors of 16 lanes: a partial one costs lane-by-lane sums.
+                let (a, e) = (a / 16 * 16, e.next_multiple_of(16).min(w));
+                for (r, span) in scr.spans[r0..r1].iter().enumerate() {
+                    let srow = &mut scr.s[(r0 + r) * BC + a..(r0 + r) * BC + e];
+                    if span.is_empty() {
+                        srow.fill(f32::NEG_INFINITY);
+                    } else {
+                        srow[..span.a - a].fill(f32::NEG_INFINITY);
+                        srow[span.b - a..].fill(f32::NEG_INFINITY);
+                    }
+                }
+                // SAFETY: rows r0..r1 and columns a..e ≤ w of scr.s (rows × BC) hold scores;
+                // m, l and alpha hold BR ≥ r1 entries.
+                unsafe {
+                    (kern.online_softmax)(&OnlineSoftmax {
+                        s: scr.s[r0 * BC + a..].as_mut_ptr(),
+                        lds: BC,
+                        rows: r1 - r0,
+                        n: e - a,
+                        scale: p.scale,
+                        m: scr.m[r0..].as_mut_ptr(),
+                        l: scr.l[r0..].as_mut_ptr(),
+                        alpha: scr.alpha[r0..].as_mut_ptr(),
+                    })
+                };
+                for r in r0..r1 {
+                    p.apply_dropout((b, h, i0 + r), j0 + a, &mut scr.s[r * BC + a..r * BC + e]);
+                }
             }
         } else {
             scr.alpha[..rows].fill(1.0);
