@@ -308,6 +308,7 @@ fn key_tile(
                 q: qp,
                 q_rs: ldq,
                 s: &mut scr.s,
+                lds: BC,
                 spans: &mut scr.spans,
                 hulls: &mut scr.hulls,
                 // K's rows of this tile, already gathered: what `Keys::Rows` reads.

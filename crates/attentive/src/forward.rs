@@ -74,17 +74,17 @@ impl Scratch {
     pub fn new(p: &Problem) -> Self {
         Self {
             q: vec![0.0; BR * p.d],
-            s: vec![0.0; BR * BC],
+            s: vec![0.0; BR * SW],
             o: vec![0.0; BR * p.dv],
             m: vec![0.0; BR],
             l: vec![0.0; BR],
             alpha: vec![1.0; BR],
             pv: vec![0.0; BR * p.dv],
             kbuf: vec![0.0; BC * p.d],
-            vt: vec![0.0; BC * p.dv],
+            vt: vec![0.0; SW * p.dv],
             wide: Vec::new(),
-            spans: vec![Span::EMPTY; BR],
-            hulls: vec![(0, 0); BR.div_ceil(GROUP)],
+            spans: vec![Span::EMPTY; RUN * BR],
+            hulls: vec![(0, 0); RUN * NG],
         }
     }
 }
@@ -290,8 +290,9 @@ pub(crate) struct TileBufs<'s> {
     /// Query rows, `rows × D` with row stride `q_rs` and unit column stride.
     pub q: *const f32,
     pub q_rs: usize,
-    /// Raw scores out, `rows × BC`.
+    /// Raw scores out, `rows × BC` at row stride `lds`.
     pub s: &'s mut [f32],
+    pub lds: usize,
     pub spans: &'s mut [Span],
     /// Per group of `GROUP` rows, the columns `[a, b)` its scores were computed for.
     pub hulls: &'s mut [(usize, usize)],
@@ -373,7 +374,7 @@ pub(crate) fn score_tile(
         Keys::Rows => {
             let (kp, ldk) = kv_rows(p, Kv::K, (b, h / p.group), j0, w, t.kbuf);
             // SAFETY: kp addresses w rows of D floats at stride ldk (validated view or kbuf),
-            // t.q `rows` rows of D at stride q_rs, and t.s holds rows×BC.
+            // t.q `rows` rows of D at stride q_rs, and t.s holds rows×w at stride lds.
             unsafe {
                 (p.kern.dots)(&Dots {
                     m: rows,
@@ -384,7 +385,7 @@ pub(crate) fn score_tile(
                     b: kp,
                     ldb: ldk,
                     c: t.s.as_mut_ptr(),
-                    ldc: BC,
+                    ldc: t.lds,
                 })
             };
             t.hulls[..rows.div_ceil(GROUP)].fill((0, w));
@@ -418,7 +419,8 @@ pub(crate) fn score_tile(
             continue;
         }
         // SAFETY: the Kᵀ tile holds D rows of BC floats, t.q `rows` rows of D (row stride
-        // q_rs) and t.s rows×BC; the group's rows and columns a..e ≤ w lie inside them.
+        // q_rs) and t.s rows×w at stride lds; the group's rows and columns a..e ≤ w lie inside
+        // them.
         unsafe {
             (p.kern.gemm)(&Gemm {
                 m: group_rows.min(rows - g * group_rows),
@@ -429,8 +431,8 @@ pub(crate) fn score_tile(
                 a_ks: 1,
                 b: kt.add(a),
                 ldb: BC,
-                c: t.s[g * group_rows * BC + a..].as_mut_ptr(),
-                ldc: BC,
+                c: t.s[g * group_rows * t.lds + a..].as_mut_ptr(),
+                ldc: t.lds,
                 accumulate: false,
             })
         }
@@ -439,14 +441,16 @@ pub(crate) fn score_tile(
 }
 
 impl Scratch {
-    /// The tile buffers for query rows at `q` (row stride `q_rs`, unit column stride).
-    fn tile_bufs(&mut self, (q, q_rs): (*const f32, usize)) -> TileBufs<'_> {
+    /// The tile buffers for query rows at `q` (row stride `q_rs`, unit column stride), for tile
+    /// `u` of a run, whose scores start at column `col`.
+    fn tile_bufs(&mut self, (q, q_rs): (*const f32, usize), u: usize, col: usize) -> TileBufs<'_> {
         TileBufs {
             q,
             q_rs,
-            s: &mut self.s,
-            spans: &mut self.spans,
-            hulls: &mut self.hulls,
+            s: &mut self.s[col..],
+            lds: SW,
+            spans: &mut self.spans[u * BR..],
+            hulls: &mut self.hulls[u * NG..],
             kbuf: &mut self.kbuf,
             wide: &mut self.wide,
         }
@@ -496,7 +500,7 @@ pub(crate) fn attend_rows(
     prior: Option<Prior>,
     scr: &mut Scratch,
 ) {
-    let (dv, kern) = (p.dv, p.kern);
+    let dv = p.dv;
     let kvh = h / p.group;
     let q = rows_ptr(&p.q, (b, h), i0, rows, &mut scr.q);
     scr.o[..rows * dv].fill(0.0);
@@ -524,153 +528,46 @@ pub(crate) fn attend_rows(
             hi = hi.max(e);
         }
     }
-    let mods = p.has_mods();
+    // Without score modifiers a tile whose rows each see one interval of its keys is plain: keys
+    // outside a row's span become −∞ (weight exactly 0; with scale > 0 the scaled score stays
+    // −∞). Up to RUN consecutive plain tiles are scored side by side and take one softmax step
+    // and one P·V product; any other tile goes row by row on its own.
+    let can_run = !p.has_mods() && p.scale > 0.0;
+    let mut run = Run::default();
+    let ng = rows.div_ceil(GROUP);
     for (kt, blk) in p.key_tiles((b, h), i0 / BR, (lo, hi)) {
         let j0 = kt * BC;
         let w = BC.min(p.nk - j0);
+        if run.tiles > 0 && (run.tiles == RUN || j0 != run.j0 + run.w) {
+            flush_run(p, (b, h, kvh), i0, rows, &mut run, scr);
+        }
         let kt = packed.map_or(Keys::unpacked(p), |pk| {
             Keys::Packed(pk.tile(b, kvh, p.hkv, j0))
         });
-        let Some(ragged) = score_tile(p, kt, (b, h), i0, rows, j0, keys, blk, scr.tile_bufs(q))
-        else {
+        let (u, col) = (run.tiles, run.w);
+        let bufs = scr.tile_bufs(q, u, col);
+        let Some(ragged) = score_tile(p, kt, (b, h), i0, rows, j0, keys, blk, bufs) else {
             continue;
         };
-        // Without score modifiers, and with every row's visible keys one interval, the tile
-        // takes the online-softmax kernel: keys outside a row's span become −∞ (weight exactly
-        // 0; with scale > 0 the scaled score stays −∞).
-        let plain = !mods && p.scale > 0.0 && scr.spans[..rows].iter().all(|s| s.exact);
-        if plain {
-            // Each group of rows over its hull only (the whole tile when it is not ragged): P
-            // outside the hull is never read.
-            let one = [(0, w)];
-            let (hulls, size): (&[(usize, usize)], usize) = if ragged {
-                (&scr.hulls[..rows.div_ceil(GROUP)], GROUP)
-            } else {
-                (&one, rows)
-            };
-            for (g, &(a, e)) in hulls.iter().enumerate() {
-                let (r0, r1) = (g * size, ((g + 1) * size).min(rows));
-                if a >= e {
-                    scr.alpha[r0..r1].fill(1.0);
-                    continue;
-                }
-                // Whole vectors of 16 lanes: a partial one costs lane-by-lane sums.
-                let (a, e) = (a / 16 * 16, e.next_multiple_of(16).min(w));
-                for (r, span) in scr.spans[r0..r1].iter().enumerate() {
-                    let srow = &mut scr.s[(r0 + r) * BC + a..(r0 + r) * BC + e];
-                    if span.is_empty() {
-                        srow.fill(f32::NEG_INFINITY);
-                    } else {
-                        srow[..span.a - a].fill(f32::NEG_INFINITY);
-                        srow[span.b - a..].fill(f32::NEG_INFINITY);
-                    }
-                }
-                // SAFETY: rows r0..r1 and columns a..e ≤ w of scr.s (rows × BC) hold scores;
-                // m, l and alpha hold BR ≥ r1 entries.
-                unsafe {
-                    (kern.online_softmax)(&OnlineSoftmax {
-                        s: scr.s[r0 * BC + a..].as_mut_ptr(),
-                        lds: BC,
-                        rows: r1 - r0,
-                        n: e - a,
-                        scale: p.scale,
-                        m: scr.m[r0..].as_mut_ptr(),
-                        l: scr.l[r0..].as_mut_ptr(),
-                        alpha: scr.alpha[r0..].as_mut_ptr(),
-                    })
-                };
-                for r in r0..r1 {
-                    p.apply_dropout((b, h, i0 + r), j0 + a, &mut scr.s[r * BC + a..r * BC + e]);
-                }
+        let spans = &scr.spans[u * BR..u * BR + rows];
+        if can_run && spans.iter().all(|s| s.exact) {
+            if run.tiles == 0 {
+                run.j0 = j0;
             }
+            if !ragged {
+                scr.hulls[u * NG..u * NG + ng].fill((0, w));
+            }
+            run.ragged |= ragged;
+            run.widths[u] = w;
+            run.tiles += 1;
+            run.w += w;
         } else {
-            scr.alpha[..rows].fill(1.0);
-            for r in 0..rows {
-                let span = scr.spans[r];
-                let srow = &mut scr.s[r * BC..r * BC + w];
-                if span.is_empty() {
-                    srow.fill(0.0);
-                    continue;
-                }
-                let i = i0 + r;
-                let (a, e) = (span.a, span.b);
-                // SAFETY (kernel calls below): every pointer/length pair lies inside srow or the
-                // output row r of scr.o.
-                let (scale, tile_max) = if mods || !span.exact {
-                    p.logits((b, h, i), j0, srow, span, None);
-                    (1.0, unsafe { (kern.max)(srow[a..].as_ptr(), e - a) })
-                } else {
-                    let mx = unsafe { (kern.max)(srow[a..].as_ptr(), e - a) };
-                    (p.scale, p.scale * mx)
-                };
-                let m_old = scr.m[r];
-                let m_new = m_old.max(tile_max);
-                if m_new == f32::NEG_INFINITY {
-                    srow.fill(0.0);
-                    continue;
-                }
-                srow[..a].fill(0.0);
-                srow[e..].fill(0.0);
-                let sum = unsafe { (kern.exp_sum)(srow[a..].as_mut_ptr(), e - a, scale, m_new) };
-                if m_old != m_new && m_old != f32::NEG_INFINITY {
-                    let alpha = (m_old - m_new).exp();
-                    scr.l[r] *= alpha;
-                    scr.alpha[r] = alpha;
-                }
-                scr.l[r] += sum;
-                scr.m[r] = m_new;
-                p.apply_dropout((b, h, i), j0 + a, &mut srow[a..e]);
-            }
-        }
-        let (vp, ldv) = kv_rows(p, Kv::V, (b, kvh), j0, w, &mut scr.vt);
-        // T = P·V over the whole tile, or group by group over each group's hull (P is 0 outside
-        // its rows' spans, so the skipped products add nothing); then O ← alpha·O + T. Each
-        // output sums its keys in tiles of BC, not as one chain over every key.
-        let groups: &[(usize, usize)] = if ragged {
-            &scr.hulls[..rows.div_ceil(GROUP)]
-        } else {
-            &[(0, 0)]
-        };
-        for (g, &(a, e)) in groups.iter().enumerate() {
-            let (r0, m, a, e) = if ragged {
-                (g * GROUP, GROUP.min(rows - g * GROUP), a, e)
-            } else {
-                (0, rows, 0, w)
-            };
-            if a >= e {
-                scr.pv[r0 * dv..(r0 + m) * dv].fill(0.0);
-                continue;
-            }
-            // SAFETY: P is rows×w at stride BC in scr.s, V is w rows of Dv at stride ldv, T is
-            // rows×Dv in scr.pv; rows r0..r0+m and columns a..e lie inside them.
-            unsafe {
-                (kern.gemm)(&Gemm {
-                    m,
-                    n: dv,
-                    k: e - a,
-                    a: scr.s[r0 * BC + a..].as_ptr(),
-                    a_rs: BC,
-                    a_ks: 1,
-                    b: vp.add(a * ldv),
-                    ldb: ldv,
-                    c: scr.pv[r0 * dv..].as_mut_ptr(),
-                    ldc: dv,
-                    accumulate: false,
-                })
-            };
-        }
-        for r in 0..rows {
-            // SAFETY: row r of scr.o and of scr.pv hold dv elements each.
-            unsafe {
-                (kern.scale_add)(
-                    scr.o[r * dv..].as_mut_ptr(),
-                    scr.pv[r * dv..].as_ptr(),
-                    dv,
-                    scr.alpha[r],
-                )
-            };
+            flush_run(p, (b, h, kvh), i0, rows, &mut run, scr);
+            tile_by_rows(p, (b, h, kvh), i0, rows, (j0, w, col), ragged, scr);
         }
     }
+    flush_run(p, (b, h, kvh), i0, rows, &mut run, scr);
+    let kern = p.kern;
     for r in 0..rows {
         let l = scr.l[r];
         let orow = &mut scr.o[r * dv..(r + 1) * dv];
@@ -683,6 +580,228 @@ pub(crate) fn attend_rows(
             scr.l[r] = 0.0;
         }
     }
+}
+
+/// Plain tiles per run: 192 keys, whose scores (`BR × 192`, 48 KiB) stay in L2 next to the
+/// tile's Kᵀ and V. A run's softmax step and P·V product replace one per tile: fewer rescalings
+/// of O, and products summed over 192 keys before they join it.
+pub(crate) const RUN: usize = 3;
+/// Row stride of the scores of a run.
+pub(crate) const SW: usize = RUN * BC;
+/// Groups per query tile.
+const NG: usize = BR.div_ceil(GROUP);
+
+/// Consecutive plain tiles scored side by side: keys `j0..j0 + w` in score columns `0..w`, tile
+/// `u` of `widths[u]` keys at column `64·u`, its rows' spans in `Scratch::spans[u·BR..]` and its
+/// groups' hulls in `Scratch::hulls[u·NG..]`.
+#[derive(Default)]
+struct Run {
+    j0: usize,
+    w: usize,
+    tiles: usize,
+    widths: [usize; RUN],
+    ragged: bool,
+}
+
+/// The softmax step and P·V product of a run's tiles, then an empty run.
+fn flush_run(
+    p: &Problem,
+    (b, h, kvh): (usize, usize, usize),
+    i0: usize,
+    rows: usize,
+    run: &mut Run,
+    scr: &mut Scratch,
+) {
+    if run.tiles == 0 {
+        return;
+    }
+    let kern = p.kern;
+    let ng = rows.div_ceil(GROUP);
+    // Each group of rows over the union of its hulls (every row at once when no tile is ragged):
+    // scores outside it are never read.
+    let mut hulls = [(0usize, 0usize); NG];
+    let (groups, size) = if run.ragged {
+        for (g, hull) in hulls[..ng].iter_mut().enumerate() {
+            let (mut a, mut e) = (run.w, 0);
+            for u in 0..run.tiles {
+                let (ha, he) = scr.hulls[u * NG + g];
+                if ha < he {
+                    a = a.min(u * BC + ha);
+                    e = e.max(u * BC + he);
+                }
+            }
+            *hull = (a, e.max(a));
+        }
+        (ng, GROUP)
+    } else {
+        hulls[0] = (0, run.w);
+        (1, rows)
+    };
+    for (g, &(a, e)) in hulls[..groups].iter().enumerate() {
+        let (r0, r1) = (g * size, ((g + 1) * size).min(rows));
+        if a >= e {
+            scr.alpha[r0..r1].fill(1.0);
+            continue;
+        }
+        // Whole vectors of 16 lanes: a partial one costs lane-by-lane sums.
+        let (a, e) = (a / 16 * 16, e.next_multiple_of(16).min(run.w));
+        for r in r0..r1 {
+            for u in 0..run.tiles {
+                let (c0, c1) = ((u * BC).max(a), (u * BC + run.widths[u]).min(e));
+                if c0 >= c1 {
+                    continue;
+                }
+                let span = scr.spans[u * BR + r];
+                let row = &mut scr.s[r * SW..];
+                if span.is_empty() {
+                    row[c0..c1].fill(f32::NEG_INFINITY);
+                } else {
+                    row[c0..(u * BC + span.a).max(c0)].fill(f32::NEG_INFINITY);
+                    row[(u * BC + span.b).min(c1)..c1].fill(f32::NEG_INFINITY);
+                }
+            }
+        }
+        // SAFETY: rows r0..r1 and columns a..e ≤ run.w of scr.s (BR × SW) hold scores; m, l
+        // and alpha hold BR ≥ r1 entries.
+        unsafe {
+            (kern.online_softmax)(&OnlineSoftmax {
+                s: scr.s[r0 * SW + a..].as_mut_ptr(),
+                lds: SW,
+                rows: r1 - r0,
+                n: e - a,
+                scale: p.scale,
+                m: scr.m[r0..].as_mut_ptr(),
+                l: scr.l[r0..].as_mut_ptr(),
+                alpha: scr.alpha[r0..].as_mut_ptr(),
+            })
+        };
+        for r in r0..r1 {
+            p.apply_dropout(
+                (b, h, i0 + r),
+                run.j0 + a,
+                &mut scr.s[r * SW + a..r * SW + e],
+            );
+        }
+    }
+    let (vp, ldv) = kv_rows(p, Kv::V, (b, kvh), run.j0, run.w, &mut scr.vt);
+    pv_and_add(p, rows, (vp, ldv), &hulls[..groups], size, 0, scr);
+    *run = Run::default();
+}
+
+/// T = P·V for each group of `size` rows over its hull of score columns (P is 0 outside its
+/// rows' spans, so the skipped products add nothing), V's rows starting at score column
+/// `col`; then O ← alpha·O + T. Each output sums its keys in runs of at most [`SW`], not as one
+/// chain over every key.
+fn pv_and_add(
+    p: &Problem,
+    rows: usize,
+    (vp, ldv): (*const f32, usize),
+    hulls: &[(usize, usize)],
+    size: usize,
+    col: usize,
+    scr: &mut Scratch,
+) {
+    let (dv, kern) = (p.dv, p.kern);
+    for (g, &(a, e)) in hulls.iter().enumerate() {
+        let (r0, m) = (g * size, size.min(rows - g * size));
+        if a >= e {
+            scr.pv[r0 * dv..(r0 + m) * dv].fill(0.0);
+            continue;
+        }
+        // SAFETY: P is rows × (col + e) at stride SW in scr.s, V holds the rows of score
+        // columns col.. at stride ldv, T is rows × Dv in scr.pv; rows r0..r0 + m and columns
+        // col + a..col + e lie inside them.
+        unsafe {
+            (kern.gemm)(&Gemm {
+                m,
+                n: dv,
+                k: e - a,
+                a: scr.s[r0 * SW + col + a..].as_ptr(),
+                a_rs: SW,
+                a_ks: 1,
+                b: vp.add(a * ldv),
+                ldb: ldv,
+                c: scr.pv[r0 * dv..].as_mut_ptr(),
+                ldc: dv,
+                accumulate: false,
+            })
+        };
+    }
+    for r in 0..rows {
+        // SAFETY: row r of scr.o and of scr.pv hold dv elements each.
+        unsafe {
+            (kern.scale_add)(
+                scr.o[r * dv..].as_mut_ptr(),
+                scr.pv[r * dv..].as_ptr(),
+                dv,
+                scr.alpha[r],
+            )
+        };
+    }
+}
+
+/// A tile that is not plain (score modifiers, per-element masks, scale ≤ 0), row by row: keys
+/// `j0..j0 + w`, scored at column `col` of `scr.s` with their spans in `scr.spans[u·BR..]`
+/// (`u = col / BC`) and hulls in `scr.hulls[u·NG..]`.
+fn tile_by_rows(
+    p: &Problem,
+    (b, h, kvh): (usize, usize, usize),
+    i0: usize,
+    rows: usize,
+    (j0, w, col): (usize, usize, usize),
+    ragged: bool,
+    scr: &mut Scratch,
+) {
+    let (mods, kern) = (p.has_mods(), p.kern);
+    let u = col / BC;
+    scr.alpha[..rows].fill(1.0);
+    for r in 0..rows {
+        let span = scr.spans[u * BR + r];
+        let srow = &mut scr.s[r * SW + col..r * SW + col + w];
+        if span.is_empty() {
+            srow.fill(0.0);
+            continue;
+        }
+        let i = i0 + r;
+        let (a, e) = (span.a, span.b);
+        // SAFETY (kernel calls below): every pointer/length pair lies inside srow or the
+        // output row r of scr.o.
+        let (scale, tile_max) = if mods || !span.exact {
+            p.logits((b, h, i), j0, srow, span, None);
+            (1.0, unsafe { (kern.max)(srow[a..].as_ptr(), e - a) })
+        } else {
+            let mx = unsafe { (kern.max)(srow[a..].as_ptr(), e - a) };
+            (p.scale, p.scale * mx)
+        };
+        let m_old = scr.m[r];
+        let m_new = m_old.max(tile_max);
+        if m_new == f32::NEG_INFINITY {
+            srow.fill(0.0);
+            continue;
+        }
+        srow[..a].fill(0.0);
+        srow[e..].fill(0.0);
+        let sum = unsafe { (kern.exp_sum)(srow[a..].as_mut_ptr(), e - a, scale, m_new) };
+        if m_old != m_new && m_old != f32::NEG_INFINITY {
+            let alpha = (m_old - m_new).exp();
+            scr.l[r] *= alpha;
+            scr.alpha[r] = alpha;
+        }
+        scr.l[r] += sum;
+        scr.m[r] = m_new;
+        p.apply_dropout((b, h, i), j0 + a, &mut srow[a..e]);
+    }
+    let ng = rows.div_ceil(GROUP);
+    let mut hulls = [(0usize, 0usize); NG];
+    let (groups, size) = if ragged {
+        hulls[..ng].copy_from_slice(&scr.hulls[u * NG..u * NG + ng]);
+        (ng, GROUP)
+    } else {
+        hulls[0] = (0, w);
+        (1, rows)
+    };
+    let (vp, ldv) = kv_rows(p, Kv::V, (b, kvh), j0, w, &mut scr.vt);
+    pv_and_add(p, rows, (vp, ldv), &hulls[..groups], size, col, scr);
 }
 
 /// Turns the `(max, sum)` statistics [`attend_rows`] leaves in `scr.m`/`scr.l` into each row's
@@ -1097,7 +1216,7 @@ pub fn probabilities(q: View, k: View, opts: &Options) -> Result<Vec<f32>> {
                 let Some(blk) = p.block((b, h), t, j0 / BC) else {
                     continue;
                 };
-                let bufs = scr.tile_bufs(q);
+                let bufs = scr.tile_bufs(q, 0, 0);
                 if score_tile(
                     &p,
                     Keys::unpacked(&p),
@@ -1119,7 +1238,7 @@ pub fn probabilities(q: View, k: View, opts: &Options) -> Result<Vec<f32>> {
                     if span.is_empty() || l == f32::NEG_INFINITY {
                         continue;
                     }
-                    let srow = &mut scr.s[r * BC..r * BC + w];
+                    let srow = &mut scr.s[r * SW..r * SW + w];
                     p.logits((b, h, i0 + r), j0, srow, span, None);
                     let out = &mut dst[r * p.nk + j0..r * p.nk + j0 + w];
                     for (x, &s) in out.iter_mut().zip(srow.iter()) {
