@@ -10,8 +10,9 @@
 //!
 //! `strided:L` is the band of $L$ keys $[p - L + 1, p]$ (a window on the full views) and, disjoint
 //! from it, the keys $j \equiv p \pmod L$ with $j \le p - L$: in a residue class, $j' \le p' - 1$.
-//! The class part runs first; the band continues from its row statistics (max and sum of
-//! exponentials), so the result is attention over both key sets.
+//! The band runs first, a chunk of heads at a time; the classes then continue from its row
+//! statistics (max and sum of exponentials) and output, so the result is attention over both
+//! key sets, and read their rows (a page or more apart) while the band has left them in L3.
 //!
 //! A union of `strided:L` with windows and sink rules splits the same way: the other rules join
 //! the band (run through the block table), and the class part keeps only the class keys none of

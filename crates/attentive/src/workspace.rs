@@ -9,8 +9,9 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::Mutex;
 
-/// Most buffers the pool keeps; a call holds at most three at a time (the residue path: its
-/// two parts' outputs and the packed Kᵀ of the part running).
+/// Most buffers the pool keeps; a call holds at most three at a time (the residue path: the
+/// band's output for a chunk of heads, the decode path's partials and the packed Kᵀ of the
+/// part running).
 const KEEP: usize = 4;
 
 static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
