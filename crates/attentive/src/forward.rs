@@ -59,6 +59,8 @@ pub(crate) struct Scratch {
     pub alpha: Vec<f32>,
     /// The tile's P·V (`BR × Dv`), added to `o` after rescaling it.
     pub pv: Vec<f32>,
+    /// `o` holds no product yet: the next P·V is written into it directly.
+    pub fresh: bool,
     /// K of one tile when there is no packed copy: Kᵀ packed on the fly, or K's rows gathered
     /// when their feature stride is not 1 or widened from f16.
     pub kbuf: Vec<f32>,
@@ -80,6 +82,7 @@ impl Scratch {
             l: vec![0.0; BR],
             alpha: vec![1.0; BR],
             pv: vec![0.0; BR * p.dv],
+            fresh: true,
             kbuf: vec![0.0; BC * p.d],
             vt: vec![0.0; SW * p.dv],
             wide: Vec::new(),
@@ -469,10 +472,10 @@ pub(crate) struct Prior<'a> {
     pub l: View<'a>,
 }
 
-impl Prior<'_> {
+impl<'a> Prior<'a> {
     /// Row `(b, h, i)`'s `(m, l, o)`, if it saw a key.
     #[inline]
-    fn row(&self, b: usize, h: usize, i: usize) -> Option<(f32, f32, &[f32])> {
+    fn row(&self, b: usize, h: usize, i: usize) -> Option<(f32, f32, &'a [f32])> {
         let l = self.l.data()[self.l.offset(b, h, i, 0)];
         (l > 0.0).then(|| {
             let o = &self.o.data()[self.o.offset(b, h, i, 0)..];
@@ -503,17 +506,14 @@ pub(crate) fn attend_rows(
     let dv = p.dv;
     let kvh = h / p.group;
     let q = rows_ptr(&p.q, (b, h), i0, rows, &mut scr.q);
-    scr.o[..rows * dv].fill(0.0);
+    scr.fresh = true;
     scr.m[..rows].fill(f32::NEG_INFINITY);
     scr.l[..rows].fill(0.0);
+    // The prior's rows start the running max and sum; its output joins at the end, weighted by
+    // e^{m_prior − m}·ℓ_prior, the factor every rescaling of the running sum applied to it.
     if let Some(pr) = prior {
         for r in 0..rows {
-            if let Some((m, l, src)) = pr.row(b, h, i0 + r) {
-                // The unnormalised accumulator O·ℓ the online softmax carries.
-                scr.o[r * dv..(r + 1) * dv]
-                    .iter_mut()
-                    .zip(src)
-                    .for_each(|(y, &x)| *y = x * l);
+            if let Some((m, l, _)) = pr.row(b, h, i0 + r) {
                 (scr.m[r], scr.l[r]) = (m, l);
             }
         }
@@ -572,8 +572,17 @@ pub(crate) fn attend_rows(
         let l = scr.l[r];
         let orow = &mut scr.o[r * dv..(r + 1) * dv];
         if l > 0.0 {
-            // SAFETY: orow has dv elements.
-            unsafe { (kern.scale)(orow.as_mut_ptr(), dv, 1.0 / l) };
+            let inv = 1.0 / l;
+            if scr.fresh {
+                orow.fill(0.0);
+            } else {
+                // SAFETY: orow has dv elements.
+                unsafe { (kern.scale)(orow.as_mut_ptr(), dv, inv) };
+            }
+            if let Some((m, lp, src)) = prior.and_then(|pr| pr.row(b, h, i0 + r)) {
+                let w = lp * (m - scr.m[r]).exp() * inv;
+                orow.iter_mut().zip(src).for_each(|(y, &x)| *y += w * x);
+            }
         } else {
             orow.fill(0.0);
             scr.m[r] = f32::NEG_INFINITY;
@@ -703,15 +712,18 @@ fn pv_and_add(
     scr: &mut Scratch,
 ) {
     let (dv, kern) = (p.dv, p.kern);
+    // The first product is O itself (O is 0 and alpha multiplies nothing).
+    let fresh = std::mem::replace(&mut scr.fresh, false);
     for (g, &(a, e)) in hulls.iter().enumerate() {
         let (r0, m) = (g * size, size.min(rows - g * size));
+        let t = if fresh { &mut scr.o } else { &mut scr.pv };
         if a >= e {
-            scr.pv[r0 * dv..(r0 + m) * dv].fill(0.0);
+            t[r0 * dv..(r0 + m) * dv].fill(0.0);
             continue;
         }
         // SAFETY: P is rows × (col + e) at stride SW in scr.s, V holds the rows of score
-        // columns col.. at stride ldv, T is rows × Dv in scr.pv; rows r0..r0 + m and columns
-        // col + a..col + e lie inside them.
+        // columns col.. at stride ldv, T is rows × Dv in scr.pv (or scr.o); rows r0..r0 + m
+        // and columns col + a..col + e lie inside them.
         unsafe {
             (kern.gemm)(&Gemm {
                 m,
@@ -722,11 +734,14 @@ fn pv_and_add(
                 a_ks: 1,
                 b: vp.add(a * ldv),
                 ldb: ldv,
-                c: scr.pv[r0 * dv..].as_mut_ptr(),
+                c: t[r0 * dv..].as_mut_ptr(),
                 ldc: dv,
                 accumulate: false,
             })
         };
+    }
+    if fresh {
+        return;
     }
     for r in 0..rows {
         // SAFETY: row r of scr.o and of scr.pv hold dv elements each.
