@@ -1001,14 +1001,25 @@ fn pack_up_front(p: &Problem) -> bool {
     visits * p.group >= MIN_VISITS * p.nk.div_ceil(BC)
 }
 
+/// Task `task` of [`tiled`] as `(batch, head, query tile)`: batch-major, or head-major for
+/// [`Problem::heads_outer`].
+fn task_of(p: &Problem, qt: usize, task: usize) -> (usize, usize, usize) {
+    let (outer, t) = (task / qt, task % qt);
+    if p.heads_outer {
+        (outer % p.b, outer / p.b, t)
+    } else {
+        (outer / p.hq, outer % p.hq, t)
+    }
+}
+
 fn tiled(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
     let packed = pack_up_front(p).then(|| PackedK::new(p));
     let qt = p.nq.div_ceil(BR);
     (0..p.b * p.hq * qt).into_par_iter().for_each_init(
         || Scratch::new(p),
         |scr, task| {
-            let (bh, t) = (task / qt, task % qt);
-            let (b, h) = (bh / p.hq, bh % p.hq);
+            let (b, h, t) = task_of(p, qt, task);
+            let bh = b * p.hq + h;
             let i0 = t * BR;
             let rows = BR.min(p.nq - i0);
             attend_rows(p, packed.as_ref(), (b, h), i0, rows, (0, p.nk), prior, scr);
