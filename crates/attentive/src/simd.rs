@@ -446,9 +446,11 @@ unsafe fn gemm_generic<S: Simd>(g: &Gemm) {
         let cols = block.min(g.n - j0);
         let v = cols.div_ceil(l);
         let tail = cols % l;
+        // Rows in passes of as equal a size as MR allows (8 rows: 4 + 4, not 6 + 2).
+        let passes = g.m.div_ceil(MR);
         let mut i0 = 0;
-        while i0 < g.m {
-            let r = MR.min(g.m - i0);
+        for pass in 0..passes {
+            let r = (g.m - i0).div_ceil(passes - pass);
             dispatch_micro!(S, g, i0, j0, r, v, tail, [1, 2, 3, 4, 5, 6], [1, 2, 3, 4]);
             i0 += r;
         }
