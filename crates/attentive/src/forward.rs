@@ -165,6 +165,36 @@ pub(crate) fn kv_rows(
     (buf.as_ptr(), width)
 }
 
+/// V's rows for a P·V product: f32 rows (in place, gathered or widened), or f16 rows in place,
+/// which the f16 GEMM widens as it loads them.
+#[derive(Clone, Copy)]
+pub(crate) enum VRows {
+    F32(*const f32, usize),
+    F16(*const f16, usize),
+}
+
+/// Rows `j0..j0 + w` of V of `(b, kvh)`: f16 rows with unit feature stride stay where they
+/// are; everything else as [`kv_rows`] gives it.
+pub(crate) fn v_rows(
+    p: &Problem,
+    (b, kvh): (usize, usize),
+    j0: usize,
+    w: usize,
+    buf: &mut [f32],
+) -> VRows {
+    match p.half_kv {
+        Some(hk) if hk.v.strides()[3] == 1 && w > 0 => {
+            // In bounds: the view was validated to lie inside its slice.
+            let rows = &hk.v.data()[hk.v.offset(b, kvh, j0, 0)..];
+            VRows::F16(rows.as_ptr(), hk.v.strides()[2])
+        }
+        _ => {
+            let (vp, ldv) = kv_rows(p, Kv::V, (b, kvh), j0, w, buf);
+            VRows::F32(vp, ldv)
+        }
+    }
+}
+
 /// Kᵀ of keys `j0..j0 + w` of `(b, kvh)` into `dst` as [`pack_transposed`] writes it, from f32
 /// or f16 storage; f16 rows are widened into `rows` first (grown once, then reused).
 pub(crate) fn pack_k(
@@ -375,6 +405,26 @@ pub(crate) fn score_tile(
             t.kbuf.as_ptr()
         }
         Keys::Rows => {
+            if let Some(hk) = p.half_kv.filter(|hk| hk.k.strides()[3] == 1) {
+                let (rows_n, rows) = (rows, &hk.k.data()[hk.k.offset(b, h / p.group, j0, 0)..]);
+                // SAFETY: `rows` holds w rows of D f16 at the view's row stride (validated
+                // view), t.q `rows` rows of D at stride q_rs, and t.s rows×w at stride lds.
+                unsafe {
+                    (p.kern.dots_f16)(&Dots {
+                        m: rows_n,
+                        n: w,
+                        k: p.d,
+                        a: t.q,
+                        lda: t.q_rs,
+                        b: rows.as_ptr(),
+                        ldb: hk.k.strides()[2],
+                        c: t.s.as_mut_ptr(),
+                        ldc: t.lds,
+                    })
+                };
+                t.hulls[..rows_n.div_ceil(GROUP)].fill((0, w));
+                return Some(false);
+            }
             let (kp, ldk) = kv_rows(p, Kv::K, (b, h / p.group), j0, w, t.kbuf);
             // SAFETY: kp addresses w rows of D floats at stride ldk (validated view or kbuf),
             // t.q `rows` rows of D at stride q_rs, and t.s holds rows×w at stride lds.
@@ -693,8 +743,8 @@ fn flush_run(
             );
         }
     }
-    let (vp, ldv) = kv_rows(p, Kv::V, (b, kvh), run.j0, run.w, &mut scr.vt);
-    pv_and_add(p, rows, (vp, ldv), &hulls[..groups], size, 0, scr);
+    let vr = v_rows(p, (b, kvh), run.j0, run.w, &mut scr.vt);
+    pv_and_add(p, rows, vr, &hulls[..groups], size, 0, scr);
     *run = Run::default();
 }
 
@@ -705,7 +755,7 @@ fn flush_run(
 fn pv_and_add(
     p: &Problem,
     rows: usize,
-    (vp, ldv): (*const f32, usize),
+    vr: VRows,
     hulls: &[(usize, usize)],
     size: usize,
     col: usize,
@@ -721,23 +771,42 @@ fn pv_and_add(
             t[r0 * dv..(r0 + m) * dv].fill(0.0);
             continue;
         }
+        let (a_ptr, c) = (
+            scr.s[r0 * SW + col + a..].as_ptr(),
+            t[r0 * dv..].as_mut_ptr(),
+        );
         // SAFETY: P is rows × (col + e) at stride SW in scr.s, V holds the rows of score
         // columns col.. at stride ldv, T is rows × Dv in scr.pv (or scr.o); rows r0..r0 + m
         // and columns col + a..col + e lie inside them.
         unsafe {
-            (kern.gemm)(&Gemm {
-                m,
-                n: dv,
-                k: e - a,
-                a: scr.s[r0 * SW + col + a..].as_ptr(),
-                a_rs: SW,
-                a_ks: 1,
-                b: vp.add(a * ldv),
-                ldb: ldv,
-                c: t[r0 * dv..].as_mut_ptr(),
-                ldc: dv,
-                accumulate: false,
-            })
+            match vr {
+                VRows::F32(vp, ldv) => (kern.gemm)(&Gemm {
+                    m,
+                    n: dv,
+                    k: e - a,
+                    a: a_ptr,
+                    a_rs: SW,
+                    a_ks: 1,
+                    b: vp.add(a * ldv),
+                    ldb: ldv,
+                    c,
+                    ldc: dv,
+                    accumulate: false,
+                }),
+                VRows::F16(vp, ldv) => (kern.gemm_f16)(&Gemm {
+                    m,
+                    n: dv,
+                    k: e - a,
+                    a: a_ptr,
+                    a_rs: SW,
+                    a_ks: 1,
+                    b: vp.add(a * ldv),
+                    ldb: ldv,
+                    c,
+                    ldc: dv,
+                    accumulate: false,
+                }),
+            }
         };
     }
     if fresh {
@@ -816,8 +885,8 @@ fn tile_by_rows(
         hulls[0] = (0, w);
         (1, rows)
     };
-    let (vp, ldv) = kv_rows(p, Kv::V, (b, kvh), j0, w, &mut scr.vt);
-    pv_and_add(p, rows, (vp, ldv), &hulls[..groups], size, col, scr);
+    let vr = v_rows(p, (b, kvh), j0, w, &mut scr.vt);
+    pv_and_add(p, rows, vr, &hulls[..groups], size, col, scr);
 }
 
 /// Turns the `(max, sum)` statistics [`attend_rows`] leaves in `scr.m`/`scr.l` into each row's

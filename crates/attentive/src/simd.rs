@@ -107,9 +107,10 @@ pub(crate) trait Simd: Copy {
 pub(crate) const MR: usize = 6;
 
 /// `C (m×n) = [C +] A·B`, where A is read element by element through two strides (so A or Aᵀ
-/// of any layout works) and B and C are row-major with unit column stride.
+/// of any layout works) and B and C are row-major with unit column stride. B is f32, or f16
+/// widened exactly as it is loaded (the same products as on B widened beforehand).
 #[derive(Clone, Copy)]
-pub(crate) struct Gemm {
+pub(crate) struct Gemm<E = f32> {
     pub m: usize,
     pub n: usize,
     pub k: usize,
@@ -118,7 +119,7 @@ pub(crate) struct Gemm {
     pub a_rs: usize,
     /// Stride of A along the reduction.
     pub a_ks: usize,
-    pub b: *const f32,
+    pub b: *const E,
     pub ldb: usize,
     pub c: *mut f32,
     pub ldc: usize,
@@ -130,6 +131,8 @@ pub(crate) struct Gemm {
 pub(crate) struct Kernels {
     /// See [`Gemm`].
     pub gemm: unsafe fn(&Gemm),
+    /// [`Gemm`] with B stored as f16.
+    pub gemm_f16: unsafe fn(&Gemm<f16>),
     /// `max_c x[c]` over `n` elements (−∞ for none).
     pub max: unsafe fn(x: *const f32, n: usize) -> f32,
     /// `x[c] ← exp(scale·x[c] − m)` and returns `Σ_c x[c]`. The product is rounded before the
@@ -146,6 +149,8 @@ pub(crate) struct Kernels {
     pub online_softmax: unsafe fn(&OnlineSoftmax),
     /// See [`Dots`].
     pub dots: unsafe fn(&Dots),
+    /// [`Dots`] with B stored as f16.
+    pub dots_f16: unsafe fn(&Dots<f16>),
     /// `dst[c] ← src[c]` widened from f16 to f32 (exact), for `n` elements.
     pub widen: unsafe fn(src: *const f16, dst: *mut f32, n: usize),
     /// `ds[c] ← (p[c]·(ds[c] − d))·scale`: the softmax gradient of one row, from the weights
@@ -208,13 +213,14 @@ unsafe fn softmax_grad_generic<S: Simd>(p: *const f32, ds: *mut f32, n: usize, d
 /// order, with no packing; the f64 sum makes each score the correctly rounded value up to a
 /// rare tie, at a cost the memory-bound decode does not notice.
 #[derive(Clone, Copy)]
-pub(crate) struct Dots {
+pub(crate) struct Dots<E = f32> {
     pub m: usize,
     pub n: usize,
     pub k: usize,
     pub a: *const f32,
     pub lda: usize,
-    pub b: *const f32,
+    /// B's rows, f32 or f16 (each row widened exactly just before its dot products).
+    pub b: *const E,
     pub ldb: usize,
     pub c: *mut f32,
     pub ldc: usize,
@@ -226,6 +232,19 @@ unsafe fn dots_generic<S: Simd>(g: &Dots) {
         let b = g.b.add(j * g.ldb);
         for r in 0..g.m {
             *g.c.add(r * g.ldc + j) = S::dot(g.a.add(r * g.lda), b, g.k);
+        }
+    }
+}
+
+/// [`Dots`] over f16 rows of B, each widened into L1 right before its products: the loads of
+/// the cache's rows interleave with the arithmetic, as the f32 kernel's do.
+#[inline(always)]
+unsafe fn dots_f16_generic<S: Simd>(g: &Dots<f16>) {
+    let mut row = vec![0.0f32; g.k];
+    for j in 0..g.n {
+        widen_generic::<S>(g.b.add(j * g.ldb), row.as_mut_ptr(), g.k);
+        for r in 0..g.m {
+            *g.c.add(r * g.ldc + j) = S::dot(g.a.add(r * g.lda), row.as_ptr(), g.k);
         }
     }
 }
@@ -357,9 +376,42 @@ unsafe fn transpose_generic<S: Simd>(t: &Transpose) {
     }
 }
 
+/// How a kernel loads an operand stored as f32 or as f16 (widened exactly).
+pub(crate) trait Elem: Copy {
+    unsafe fn load<S: Simd>(p: *const Self) -> S::V;
+    /// The first `n < LANES` elements, zero-filling the rest, without touching memory past them.
+    unsafe fn load_part<S: Simd>(p: *const Self, n: usize) -> S::V;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    unsafe fn load<S: Simd>(p: *const f32) -> S::V {
+        S::load(p)
+    }
+    #[inline(always)]
+    unsafe fn load_part<S: Simd>(p: *const f32, n: usize) -> S::V {
+        S::load_part(p, n)
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    unsafe fn load<S: Simd>(p: *const f16) -> S::V {
+        S::load_f16(p)
+    }
+    #[inline(always)]
+    unsafe fn load_part<S: Simd>(p: *const f16, n: usize) -> S::V {
+        let mut w = [0.0f32; 16];
+        for (t, x) in w.iter_mut().enumerate().take(n) {
+            *x = (*p.add(t)).to_f32();
+        }
+        S::load_part(w.as_ptr(), n)
+    }
+}
+
 #[inline(always)]
-unsafe fn micro<S: Simd, const R: usize, const V: usize, const TAIL: bool>(
-    g: &Gemm,
+unsafe fn micro<S: Simd, E: Elem, const R: usize, const V: usize, const TAIL: bool>(
+    g: &Gemm<E>,
     i0: usize,
     j0: usize,
     tail: usize,
@@ -384,9 +436,9 @@ unsafe fn micro<S: Simd, const R: usize, const V: usize, const TAIL: bool>(
         let mut bv = [S::splat(0.0); V];
         for (v, x) in bv.iter_mut().enumerate() {
             *x = if TAIL && v == V - 1 {
-                S::load_part(b.add(v * l), tail)
+                E::load_part::<S>(b.add(v * l), tail)
             } else {
-                S::load(b.add(v * l))
+                E::load::<S>(b.add(v * l))
             };
         }
         for (r, row) in acc.iter_mut().enumerate() {
@@ -411,23 +463,23 @@ unsafe fn micro<S: Simd, const R: usize, const V: usize, const TAIL: bool>(
 }
 
 macro_rules! dispatch_micro {
-    ($S:ty, $g:expr, $i0:expr, $j0:expr, $r:expr, $v:expr, $tail:expr, [$($R:literal),*], $Vs:tt) => {
+    ($S:ty, $E:ty, $g:expr, $i0:expr, $j0:expr, $r:expr, $v:expr, $tail:expr, [$($R:literal),*], $Vs:tt) => {
         match $r {
-            $( $R => dispatch_micro!(@v $S, $g, $i0, $j0, $R, $v, $tail, $Vs), )*
+            $( $R => dispatch_micro!(@v $S, $E, $g, $i0, $j0, $R, $v, $tail, $Vs), )*
             _ => unreachable!(),
         }
     };
-    (@v $S:ty, $g:expr, $i0:expr, $j0:expr, $R:literal, $v:expr, $tail:expr, [$($V:literal),*]) => {
+    (@v $S:ty, $E:ty, $g:expr, $i0:expr, $j0:expr, $R:literal, $v:expr, $tail:expr, [$($V:literal),*]) => {
         match ($v, $tail) {
-            $( ($V, 0) => micro::<$S, $R, $V, false>($g, $i0, $j0, 0),
-               ($V, t) => micro::<$S, $R, $V, true>($g, $i0, $j0, t), )*
+            $( ($V, 0) => micro::<$S, $E, $R, $V, false>($g, $i0, $j0, 0),
+               ($V, t) => micro::<$S, $E, $R, $V, true>($g, $i0, $j0, t), )*
             _ => unreachable!(),
         }
     };
 }
 
 #[inline(always)]
-unsafe fn gemm_generic<S: Simd>(g: &Gemm) {
+unsafe fn gemm_generic<S: Simd, E: Elem>(g: &Gemm<E>) {
     if g.m == 0 || g.n == 0 {
         return;
     }
@@ -451,7 +503,18 @@ unsafe fn gemm_generic<S: Simd>(g: &Gemm) {
         let mut i0 = 0;
         for pass in 0..passes {
             let r = (g.m - i0).div_ceil(passes - pass);
-            dispatch_micro!(S, g, i0, j0, r, v, tail, [1, 2, 3, 4, 5, 6], [1, 2, 3, 4]);
+            dispatch_micro!(
+                S,
+                E,
+                g,
+                i0,
+                j0,
+                r,
+                v,
+                tail,
+                [1, 2, 3, 4, 5, 6],
+                [1, 2, 3, 4]
+            );
             i0 += r;
         }
         j0 += cols;
@@ -550,7 +613,9 @@ macro_rules! kernel_table {
         mod wrappers {
             use super::*;
             $(#[target_feature(enable = $feat)])*
-            pub(super) unsafe fn gemm(g: &Gemm) { gemm_generic::<$S>(g) }
+            pub(super) unsafe fn gemm(g: &Gemm) { gemm_generic::<$S, f32>(g) }
+            $(#[target_feature(enable = $feat)])*
+            pub(super) unsafe fn gemm_f16(g: &Gemm<f16>) { gemm_generic::<$S, f16>(g) }
             $(#[target_feature(enable = $feat)])*
             pub(super) unsafe fn max(x: *const f32, n: usize) -> f32 { max_generic::<$S>(x, n) }
             $(#[target_feature(enable = $feat)])*
@@ -572,6 +637,8 @@ macro_rules! kernel_table {
             $(#[target_feature(enable = $feat)])*
             pub(super) unsafe fn dots(g: &Dots) { dots_generic::<$S>(g) }
             $(#[target_feature(enable = $feat)])*
+            pub(super) unsafe fn dots_f16(g: &Dots<f16>) { dots_f16_generic::<$S>(g) }
+            $(#[target_feature(enable = $feat)])*
             pub(super) unsafe fn widen(s: *const f16, d: *mut f32, n: usize) {
                 widen_generic::<$S>(s, d, n)
             }
@@ -582,6 +649,7 @@ macro_rules! kernel_table {
         }
         pub(crate) static $name: Kernels = Kernels {
             gemm: wrappers::gemm,
+            gemm_f16: wrappers::gemm_f16,
             max: wrappers::max,
             exp_sum: wrappers::exp_sum,
             scale: wrappers::scale,
@@ -589,6 +657,7 @@ macro_rules! kernel_table {
             transpose: wrappers::transpose,
             online_softmax: wrappers::online_softmax,
             dots: wrappers::dots,
+            dots_f16: wrappers::dots_f16,
             softmax_grad: wrappers::softmax_grad,
             widen: wrappers::widen,
         };
@@ -1310,6 +1379,85 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// f16 operands widened as they are loaded give the same bits as the f32 kernels on the
+    /// widened values: the GEMM's B (tails included) and the dot products' rows.
+    #[test]
+    fn f16_operands_equal_the_f32_kernels_on_widened_values() {
+        let half = |n: usize, seed: u32| -> Vec<f16> {
+            (0..n)
+                .map(|i| {
+                    f16::from_f32(
+                        ((((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 - 1000.0)
+                            / 317.0,
+                    )
+                })
+                .collect()
+        };
+        let wide = |x: &[f16]| -> Vec<f32> { x.iter().map(|v| v.to_f32()).collect() };
+        for isa in Isa::all_available() {
+            let k = table(isa);
+            for &(m, n, kk) in &[
+                (1, 1, 1),
+                (1, 128, 700),
+                (7, 33, 5),
+                (6, 64, 64),
+                (16, 80, 143),
+            ] {
+                let a: Vec<f32> = wide(&half(m * kk, 7));
+                let b16 = half(kk * (n + 3), 11);
+                let b32 = wide(&b16);
+                let mut c16 = vec![0.5f32; m * n];
+                let mut c32 = c16.clone();
+                fn gemm<E>(
+                    a: &[f32],
+                    b: *const E,
+                    c: &mut [f32],
+                    (m, n, kk): (usize, usize, usize),
+                ) -> Gemm<E> {
+                    Gemm {
+                        m,
+                        n,
+                        k: kk,
+                        a: a.as_ptr(),
+                        a_rs: kk,
+                        a_ks: 1,
+                        b,
+                        ldb: n + 3,
+                        c: c.as_mut_ptr(),
+                        ldc: n,
+                        accumulate: true,
+                    }
+                }
+                unsafe { (k.gemm)(&gemm(&a, b32.as_ptr(), &mut c32, (m, n, kk))) };
+                unsafe { (k.gemm_f16)(&gemm(&a, b16.as_ptr(), &mut c16, (m, n, kk))) };
+                assert_eq!(c16, c32, "{isa:?} gemm {m}x{n}x{kk}");
+                fn dots<E>(
+                    a: &[f32],
+                    b: *const E,
+                    c: &mut [f32],
+                    (m, n, kk): (usize, usize, usize),
+                ) -> Dots<E> {
+                    Dots {
+                        m,
+                        n,
+                        k: kk,
+                        a: a.as_ptr(),
+                        lda: kk,
+                        b,
+                        ldb: kk,
+                        c: c.as_mut_ptr(),
+                        ldc: n,
+                    }
+                }
+                let (mut d16, mut d32) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
+                let (r16, r32) = (half(n * kk, 13), wide(&half(n * kk, 13)));
+                unsafe { (k.dots)(&dots(&a, r32.as_ptr(), &mut d32, (m, n, kk))) };
+                unsafe { (k.dots_f16)(&dots(&a, r16.as_ptr(), &mut d16, (m, n, kk))) };
+                assert_eq!(d16, d32, "{isa:?} dots {m}x{n}x{kk}");
             }
         }
     }
