@@ -242,6 +242,25 @@ unsafe fn dots_generic<S: Simd>(g: &Dots) {
     }
 }
 
+/// Rows ahead of its loads that `dots_f16` asks the cache for: 16 rows of 256 bytes (D = 128)
+/// are 4 KiB, one page, which the hardware prefetcher does not cross by itself. Measured at
+/// H = 32, 32768 keys, D = 128: 23.4 → 21.3 ms; the same hint in the GEMM's V loads was slower.
+const PREFETCH_ROWS: usize = 16;
+
+/// Asks the cache for the `bytes` from `p` on (a hint: it reads nothing and cannot fault).
+#[inline(always)]
+fn prefetch<T>(p: *const T, bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..bytes).step_by(64) {
+        // SAFETY: a prefetch never faults, whatever the address; no memory is read.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                p.cast::<i8>().wrapping_add(off),
+            )
+        };
+    }
+}
+
 /// [`Dots`] over f16 rows of B, four at a time widened into L1 right before their products:
 /// the loads of the cache's rows interleave with the arithmetic, as the f32 kernel's do.
 #[inline(always)]
@@ -251,11 +270,9 @@ unsafe fn dots_f16_generic<S: Simd>(g: &Dots<f16>) {
     while j < g.n {
         let q = 4.min(g.n - j);
         for i in 0..q {
-            widen_generic::<S>(
-                g.b.add((j + i) * g.ldb),
-                rows.as_mut_ptr().add(i * g.k),
-                g.k,
-            );
+            let src = g.b.add((j + i) * g.ldb);
+            prefetch(src.wrapping_add(PREFETCH_ROWS * g.ldb), g.k * 2);
+            widen_generic::<S>(src, rows.as_mut_ptr().add(i * g.k), g.k);
         }
         if q == 4 {
             let b = std::array::from_fn(|i| rows.as_ptr().add(i * g.k));
