@@ -105,6 +105,12 @@ pub(crate) trait Simd: Copy {
     unsafe fn dot4(a: *const f32, b: [*const f32; 4], k: usize) -> [f32; 4] {
         b.map(|b| Self::dot(a, b, k))
     }
+    /// [`Simd::dot4`] of `a` with four f16 rows, each widened in registers (the bits of `dot4`
+    /// on the widened rows), where the instruction set does it directly; `None` otherwise.
+    #[inline(always)]
+    unsafe fn dot4_f16(_a: *const f32, _b: [*const f16; 4], _k: usize) -> Option<[f32; 4]> {
+        None
+    }
 }
 
 /// Rows of the output held in registers by the matrix micro-kernel: 6 rows × `NV` vectors of
@@ -269,6 +275,20 @@ unsafe fn dots_f16_generic<S: Simd>(g: &Dots<f16>) {
     let mut j = 0;
     while j < g.n {
         let q = 4.min(g.n - j);
+        if q == 4 && g.m == 1 {
+            // One query: widen in registers, with no trip through memory.
+            let b = std::array::from_fn(|i| g.b.add((j + i) * g.ldb));
+            for &p in &b {
+                prefetch(p.wrapping_add(PREFETCH_ROWS * g.ldb), g.k * 2);
+            }
+            if let Some(d) = S::dot4_f16(g.a, b, g.k) {
+                for (i, &x) in d.iter().enumerate() {
+                    *g.c.add(j + i) = x;
+                }
+                j += 4;
+                continue;
+            }
+        }
         for i in 0..q {
             let src = g.b.add((j + i) * g.ldb);
             prefetch(src.wrapping_add(PREFETCH_ROWS * g.ldb), g.k * 2);
@@ -919,6 +939,34 @@ mod x86 {
             _mm512_reduce_add_pd(_mm512_add_pd(x, y)) as f32
         }
         #[inline(always)]
+        unsafe fn dot4_f16(a: *const f32, b: [*const f16; 4], k: usize) -> Option<[f32; 4]> {
+            // Whole vectors only: a masked load of f16 lanes needs AVX512BW.
+            if k % 16 != 0 {
+                return None;
+            }
+            let mut x = [_mm512_setzero_pd(); 4];
+            let mut y = [_mm512_setzero_pd(); 4];
+            for t in (0..k).step_by(16) {
+                let u = _mm512_loadu_ps(a.add(t));
+                let u0 = _mm512_cvtps_pd(_mm512_castps512_ps256(u));
+                let u1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                    _mm512_castps_pd(u),
+                )));
+                for i in 0..4 {
+                    let v = Self::load_f16(b[i].add(t));
+                    let v0 = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+                    let v1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                        _mm512_castps_pd(v),
+                    )));
+                    x[i] = _mm512_fmadd_pd(u0, v0, x[i]);
+                    y[i] = _mm512_fmadd_pd(u1, v1, y[i]);
+                }
+            }
+            Some(std::array::from_fn(|i| {
+                _mm512_reduce_add_pd(_mm512_add_pd(x[i], y[i])) as f32
+            }))
+        }
+        #[inline(always)]
         unsafe fn dot4(a: *const f32, b: [*const f32; 4], k: usize) -> [f32; 4] {
             // As `dot`, for four rows in step: each row keeps its own two accumulators and
             // order, so its bits are `dot`'s.
@@ -1479,6 +1527,7 @@ mod tests {
             for &(m, n, kk) in &[
                 (1, 1, 1),
                 (1, 128, 700),
+                (1, 33, 128),
                 (7, 33, 5),
                 (6, 64, 64),
                 (16, 80, 143),
