@@ -941,7 +941,7 @@ mod x86 {
         #[inline(always)]
         unsafe fn dot4_f16(a: *const f32, b: [*const f16; 4], k: usize) -> Option<[f32; 4]> {
             // Whole vectors only: a masked load of f16 lanes needs AVX512BW.
-            if k % 16 != 0 {
+            if !k.is_multiple_of(16) {
                 return None;
             }
             let mut x = [_mm512_setzero_pd(); 4];
