@@ -568,16 +568,11 @@ pub(crate) fn attend_rows(
             }
         }
     }
-    // Key tiles any row can see: rows' spans are intervals, so their union's hull bounds the walk.
-    let (mut lo, mut hi) = (keys.1, keys.0);
-    for i in i0..i0 + rows {
-        let (a, e) = p.row_span(i);
-        let (a, e) = (a.max(keys.0), e.min(keys.1));
-        if a < e {
-            lo = lo.min(a);
-            hi = hi.max(e);
-        }
-    }
+    // Key tiles any row can see: rows' spans are intervals whose ends never decrease with the
+    // row, so the first row's start and the last row's end bound the walk (a row with no key
+    // only widens it, and a tile no row sees is skipped after its spans).
+    let lo = p.row_span(i0).0.clamp(keys.0, keys.1);
+    let hi = p.row_span(i0 + rows - 1).1.clamp(lo, keys.1);
     // Without score modifiers a tile whose rows each see one interval of its keys is plain: keys
     // outside a row's span become −∞ (weight exactly 0; with scale > 0 the scaled score stays
     // −∞). Up to RUN consecutive plain tiles are scored side by side and take one softmax step
