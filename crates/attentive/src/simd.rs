@@ -255,6 +255,7 @@ const PREFETCH_ROWS: usize = 16;
 
 /// Asks the cache for the `bytes` from `p` on (a hint: it reads nothing and cannot fault).
 #[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn prefetch<T>(p: *const T, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
     for off in (0..bytes).step_by(64) {
