@@ -775,32 +775,12 @@ fn pv_and_add(
         // and columns col + a..col + e lie inside them.
         unsafe {
             match vr {
-                VRows::F32(vp, ldv) => (kern.gemm)(&Gemm {
-                    m,
-                    n: dv,
-                    k: e - a,
-                    a: a_ptr,
-                    a_rs: SW,
-                    a_ks: 1,
-                    b: vp.add(a * ldv),
-                    ldb: ldv,
-                    c,
-                    ldc: dv,
-                    accumulate: false,
-                }),
-                VRows::F16(vp, ldv) => (kern.gemm_f16)(&Gemm {
-                    m,
-                    n: dv,
-                    k: e - a,
-                    a: a_ptr,
-                    a_rs: SW,
-                    a_ks: 1,
-                    b: vp.add(a * ldv),
-                    ldb: ldv,
-                    c,
-                    ldc: dv,
-                    accumulate: false,
-                }),
+                VRows::F32(vp, ldv) => {
+                    (kern.gemm)(&pv_gemm((m, dv, e - a), a_ptr, (vp.add(a * ldv), ldv), c))
+                }
+                VRows::F16(vp, ldv) => {
+                    (kern.gemm_f16)(&pv_gemm((m, dv, e - a), a_ptr, (vp.add(a * ldv), ldv), c))
+                }
             }
         };
     }
@@ -817,6 +797,29 @@ fn pv_and_add(
                 scr.alpha[r],
             )
         };
+    }
+}
+
+/// `C (m × n) = P·V` over `k` keys: P at row stride [`SW`], V's rows at stride `ldv` as f32 or
+/// f16, C at row stride `n`.
+fn pv_gemm<E>(
+    (m, n, k): (usize, usize, usize),
+    p: *const f32,
+    (v, ldv): (*const E, usize),
+    c: *mut f32,
+) -> Gemm<E> {
+    Gemm {
+        m,
+        n,
+        k,
+        a: p,
+        a_rs: SW,
+        a_ks: 1,
+        b: v,
+        ldb: ldv,
+        c,
+        ldc: n,
+        accumulate: false,
     }
 }
 
