@@ -8,17 +8,22 @@
 //! in their own indices $p' = (p - r)/D$, $j' = (j - r)/D$ the rule is the band
 //! $|j' - p'| \le W$, which the kernel runs at the speed of a plain sliding window.
 //!
-//! `strided:L` is the band of $L$ keys $[p - L + 1, p]$ (a window on the full views) and, disjoint
-//! from it, the keys $j \equiv p \pmod L$ with $j \le p - L$: in a residue class, $j' \le p' - 1$.
-//! The band runs first, a chunk of heads at a time; the classes then continue from its row
-//! statistics (max and sum of exponentials) and output, so the result is attention over both
-//! key sets, and read their rows (a page or more apart) while the band has left them in L3.
+//! `strided:L` is the band of $L$ keys $[p - L + 1, p]$ and, disjoint from it, the keys
+//! $j \equiv p \pmod L$ with $j \le p - L$. The plan runs the band $[p - L, p]$ (a window on the
+//! full views): its first key is the nearest class key, which the band's tiles score anyway (a
+//! 16-row group spans 16 + L − 1 keys or one more, the same 16-lane vectors when L is a
+//! multiple of 16), so the classes keep $j \le p - 2L$:
+//! in a residue class, $j' \le p' - 2$. The band runs first, a chunk of heads at a time; the
+//! classes then continue from its row statistics (max and sum of exponentials) and output, so
+//! the result is attention over both key sets, and read their rows (a page or more apart) while
+//! the band has left them in L3.
 //!
 //! A union of `strided:L` with windows and sink rules splits the same way: the other rules join
 //! the band (run through the block table), and the class part keeps only the class keys none of
 //! them sees. Those are a band in class indices too: a window reaching $W$ keys back sees the
-//! class keys $p - kL$ with $kL \le W$, so the class part keeps $k \ge \lfloor W/L\rfloor + 1$;
-//! $S$ sink tokens see the class keys $j < S$, which the class views skip.
+//! class keys $p - kL$ with $kL \le W$, so the class part keeps
+//! $k \ge \max(2, \lfloor W/L\rfloor + 1)$; $S$ sink tokens see the class keys $j < S$, which
+//! the class views skip.
 //!
 //! The plan applies when the pattern is one of these and no other option depends on positions
 //! (the sub-problems renumber queries and keys); otherwise the block table serves the pattern
@@ -47,7 +52,7 @@ pub(crate) struct Plan {
 /// The part of a strided plan that runs on the full views.
 #[derive(Clone, Debug)]
 enum Local {
-    /// The keys `[p − L + 1, p]`.
+    /// The keys `[p − L, p]`: the strided band and the nearest class key.
     Band(i64),
     /// The band joined by the other rules of a union.
     Pattern(Pattern),
@@ -71,7 +76,7 @@ pub(crate) fn plan(opts: &Options) -> Option<Plan> {
     let strided = |l: usize| Plan {
         classes: l,
         lo: -(1 << 40),
-        hi: -1,
+        hi: -2,
         first_key: 0,
         local: Some(Local::Band(l as i64)),
     };
@@ -113,10 +118,7 @@ pub(crate) fn plan(opts: &Options) -> Option<Plan> {
                 let k = (back / l).min(1 << 40) as i64;
                 plan.hi = plan.hi.min(-(k + 1));
             }
-            others.push(Pattern::Window {
-                left: l - 1,
-                right: 0,
-            });
+            others.push(Pattern::Window { left: l, right: 0 });
             plan.local = Some(Local::Pattern(Pattern::Union(others)));
             Some(plan)
         }
@@ -227,7 +229,7 @@ pub(crate) fn forward(
         None => classes_only(&plan, &groups, &full, &opts, out, lse),
         Some(local) => {
             let band = match local {
-                Local::Band(l) => full.with_band(1 - l, 0),
+                Local::Band(l) => full.with_band(-l, 0),
                 Local::Pattern(pat) => {
                     let opts = Options {
                         pattern: Some(pat),
@@ -436,7 +438,7 @@ mod tests {
             let plan = plan(&with).unwrap();
             let opts = Options::new();
             let band = match plan.local.as_ref().unwrap() {
-                Local::Band(l) => Problem::new(q, k, v, &opts).unwrap().with_band(1 - l, 0),
+                Local::Band(l) => Problem::new(q, k, v, &opts).unwrap().with_band(-l, 0),
                 Local::Pattern(p) => Problem::new(q, k, v, &Options::new().pattern(p)).unwrap(),
             };
             let groups = groups(plan.classes, nq, nk, band.off, plan.first_key);
