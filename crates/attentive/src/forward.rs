@@ -51,13 +51,14 @@ pub(crate) const GROUP: usize = 16;
 /// Per-thread buffers of the tile loop, allocated once per thread and reused for every task.
 pub(crate) struct Scratch {
     pub q: Vec<f32>,
+    /// Raw scores, then weights, of up to [`RUN`] tiles side by side (`BR × SW`).
     pub s: Vec<f32>,
     pub o: Vec<f32>,
     pub m: Vec<f32>,
     pub l: Vec<f32>,
     /// Each row's rescaling `e^{m − m'}` of the last online-softmax step.
     pub alpha: Vec<f32>,
-    /// The tile's P·V (`BR × Dv`), added to `o` after rescaling it.
+    /// A run's (or row-by-row tile's) P·V (`BR × Dv`), added to `o` after rescaling it.
     pub pv: Vec<f32>,
     /// `o` holds no product yet: the next P·V is written into it directly.
     pub fresh: bool,
@@ -361,7 +362,7 @@ impl Keys {
     }
 }
 
-/// Computes raw scores `S[r][c] = q_{i0+r}·k_{j0+c}` of one tile (row stride `BC`) and each row's
+/// Computes raw scores `S[r][c] = q_{i0+r}·k_{j0+c}` of one tile (row stride `t.lds`) and each row's
 /// span. Returns `None`, computing nothing, when every row's span is empty; otherwise whether
 /// the tile was ragged, computed group by group over `t.hulls` only (scores outside a group's
 /// hull are left undefined). `keys_at` says where K is read. `blk` is the tile's block-mask

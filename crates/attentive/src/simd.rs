@@ -272,7 +272,16 @@ fn prefetch<T>(p: *const T, bytes: usize) {
 /// the loads of the cache's rows interleave with the arithmetic, as the f32 kernel's do.
 #[inline(always)]
 unsafe fn dots_f16_generic<S: Simd>(g: &Dots<f16>) {
-    let mut rows = vec![0.0f32; 4 * g.k];
+    // Four widened rows: on the stack for D ≤ 256, allocated once per call beyond (only when
+    // the rows are not widened in registers).
+    let mut stack = [0.0f32; 4 * 256];
+    let mut heap = Vec::new();
+    let rows: &mut [f32] = if 4 * g.k <= stack.len() {
+        &mut stack[..4 * g.k]
+    } else {
+        heap.resize(4 * g.k, 0.0);
+        &mut heap
+    };
     let mut j = 0;
     while j < g.n {
         let q = 4.min(g.n - j);
