@@ -23,7 +23,7 @@ use crate::blocks::Block;
 use crate::error::{AttnError, Result};
 use crate::options::Options;
 use crate::problem::{Problem, Span};
-use crate::simd::{Dots, Gemm, Kernels, OnlineSoftmax, Transpose};
+use crate::simd::{Dots, Gemm, Kernels, OnlineSoftmax, Transpose, CLASS_TILES};
 use crate::view::{RawOut, RawSlice, View, ViewMut};
 use crate::workspace::Buffer;
 use half::f16;
@@ -71,6 +71,15 @@ pub(crate) struct Scratch {
     pub wide: Vec<f32>,
     pub spans: Vec<Span>,
     pub hulls: Vec<(usize, usize)>,
+    /// For problems with [`Problem::class_keys`] (grown on first use): Qᵀ of one group of rows
+    /// per tile (`CLASS_TILES × D × lanes`), the scores of their class keys, and each tile's
+    /// rows' state after them (`CLASS_TILES × BR` of max and sum, `CLASS_TILES × BR × Dv` of
+    /// output).
+    pub qt: Vec<f32>,
+    pub cls: Vec<f32>,
+    pub cls_m: Vec<f32>,
+    pub cls_l: Vec<f32>,
+    pub cls_o: Vec<f32>,
 }
 
 impl Scratch {
@@ -89,6 +98,11 @@ impl Scratch {
             wide: Vec::new(),
             spans: vec![Span::EMPTY; RUN * BR],
             hulls: vec![(0, 0); RUN * NG],
+            qt: Vec::new(),
+            cls: Vec::new(),
+            cls_m: Vec::new(),
+            cls_l: Vec::new(),
+            cls_o: Vec::new(),
         }
     }
 }
@@ -552,6 +566,7 @@ pub(crate) fn attend_rows(
     rows: usize,
     keys: (usize, usize),
     prior: Option<Prior>,
+    seed: Option<usize>,
     scr: &mut Scratch,
 ) {
     let dv = p.dv;
@@ -568,6 +583,14 @@ pub(crate) fn attend_rows(
                 (scr.m[r], scr.l[r]) = (m, l);
             }
         }
+    }
+    // Rows whose class keys ran first (slot `u` of the class buffers) continue from them.
+    if let Some(u) = seed {
+        let (r0, dv) = (u * BR, p.dv);
+        scr.m[..rows].copy_from_slice(&scr.cls_m[r0..r0 + rows]);
+        scr.l[..rows].copy_from_slice(&scr.cls_l[r0..r0 + rows]);
+        scr.o[..rows * dv].copy_from_slice(&scr.cls_o[r0 * dv..(r0 + rows) * dv]);
+        scr.fresh = false;
     }
     // Key tiles any row can see: rows' spans are intervals whose ends never decrease with the
     // row, so the first row's start and the last row's end bound the walk (a row with no key
@@ -1011,6 +1034,18 @@ pub(crate) fn run_max_sum(
     Ok(())
 }
 
+/// [`run`] on the tiled path whatever the number of queries: the path that computes
+/// [`Problem::class_keys`].
+pub(crate) fn run_tiled(p: &Problem, out: &mut ViewMut, lse: Option<&mut [f32]>) -> Result<()> {
+    p.check_out("out", out, [p.b, p.hq, p.nq, p.dv])?;
+    if let Some(l) = lse.as_deref() {
+        crate::problem::expect_len("lse", l.len(), p.b * p.hq * p.nq)?;
+    }
+    let stats = lse.map_or(Stats::None, |l| Stats::Lse(RawSlice::new(l)));
+    tiled(p, out.raw(), stats, None);
+    Ok(())
+}
+
 fn run_stats(p: &Problem, out: RawOut, stats: Stats) {
     run_from(p, out, stats, None)
 }
@@ -1081,32 +1116,64 @@ fn task_of(p: &Problem, qt: usize, task: usize) -> (usize, usize, usize) {
 }
 
 fn tiled(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
-    let packed = pack_up_front(p).then(|| PackedK::new(p));
+    // Class keys read Kᵀ tiles of every earlier stretch of keys: they need the packed copy.
+    let packed = (pack_up_front(p) || p.class_keys.is_some()).then(|| PackedK::new(p));
     let qt = p.nq.div_ceil(BR);
+    let emit = |scr: &mut Scratch, (b, h): (usize, usize), i0: usize, rows: usize| {
+        let bh = b * p.hq + h;
+        for r in 0..rows {
+            // SAFETY: the task of (b, h) and this query tile alone writes rows i0..i0+rows.
+            unsafe { out.write_row(b, h, i0 + r, &scr.o[r * p.dv..(r + 1) * p.dv]) };
+        }
+        // SAFETY: as above, for the statistics of those rows.
+        match stats {
+            Stats::None => {}
+            Stats::Lse(l) => {
+                to_lse(scr, rows);
+                unsafe { l.write(bh * p.nq + i0, &scr.m[..rows]) };
+            }
+            Stats::MaxSum(m, l) => unsafe {
+                m.write(bh * p.nq + i0, &scr.m[..rows]);
+                l.write(bh * p.nq + i0, &scr.l[..rows]);
+            },
+        }
+    };
+    if let (Some(steps), Some(pk)) = (p.class_keys, packed.as_ref()) {
+        // Tasks of up to CLASS_TILES query tiles one stride apart, whose class keys share their
+        // loads: the tiles ρ, ρ + per, ρ + 2·per, … taken a few at a time.
+        let per = steps.stride / BR;
+        let sets: Vec<(usize, usize)> = (0..per.min(qt))
+            .flat_map(|rho| {
+                let n = (qt - rho).div_ceil(per);
+                (0..n)
+                    .step_by(CLASS_TILES)
+                    .map(move |c| (rho + c * per, CLASS_TILES.min(n - c)))
+            })
+            .collect();
+        (0..p.b * p.hq * sets.len()).into_par_iter().for_each_init(
+            || Scratch::new(p),
+            |scr, task| {
+                let (bh, (t0, count)) = (task / sets.len(), sets[task % sets.len()]);
+                let (b, h) = (bh / p.hq, bh % p.hq);
+                let tiles: Vec<usize> = (0..count).map(|u| t0 + u * per).collect();
+                crate::residue::class_tiles(p, pk, (b, h), &tiles, steps, scr);
+                for (u, &t) in tiles.iter().enumerate() {
+                    let (i0, rows) = (t * BR, BR.min(p.nq - t * BR));
+                    attend_rows(p, Some(pk), (b, h), i0, rows, (0, p.nk), None, Some(u), scr);
+                    emit(scr, (b, h), i0, rows);
+                }
+            },
+        );
+        return;
+    }
     (0..p.b * p.hq * qt).into_par_iter().for_each_init(
         || Scratch::new(p),
         |scr, task| {
             let (b, h, t) = task_of(p, qt, task);
-            let bh = b * p.hq + h;
             let i0 = t * BR;
             let rows = BR.min(p.nq - i0);
-            attend_rows(p, packed.as_ref(), (b, h), i0, rows, (0, p.nk), prior, scr);
-            for r in 0..rows {
-                // SAFETY: task (b, h, t) alone writes rows i0..i0+rows of (b, h).
-                unsafe { out.write_row(b, h, i0 + r, &scr.o[r * p.dv..(r + 1) * p.dv]) };
-            }
-            // SAFETY: as above, for the statistics of those rows.
-            match stats {
-                Stats::None => {}
-                Stats::Lse(l) => {
-                    to_lse(scr, rows);
-                    unsafe { l.write(bh * p.nq + i0, &scr.m[..rows]) };
-                }
-                Stats::MaxSum(m, l) => unsafe {
-                    m.write(bh * p.nq + i0, &scr.m[..rows]);
-                    l.write(bh * p.nq + i0, &scr.l[..rows]);
-                },
-            }
+            attend_rows(p, packed.as_ref(), (b, h), i0, rows, (0, p.nk), prior, None, scr);
+            emit(scr, (b, h), i0, rows);
         },
     );
 }
@@ -1127,7 +1194,7 @@ fn decode(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
                 let (bh, c) = (task / chunks, task % chunks);
                 let (b, h) = (bh / p.hq, bh % p.hq);
                 let keys = (c * DECODE_CHUNK, ((c + 1) * DECODE_CHUNK).min(p.nk));
-                attend_rows(p, None, (b, h), 0, nq, keys, None, scr);
+                attend_rows(p, None, (b, h), 0, nq, keys, None, None, scr);
                 to_lse(scr, nq);
                 po.copy_from_slice(&scr.o[..nq * dv]);
                 pl.copy_from_slice(&scr.m[..nq]);

@@ -51,6 +51,15 @@ pub(crate) struct TileDocs {
     uniform: bool,
 }
 
+/// The keys `p − k·stride` (`k ≥ k_min`, key index `≥ key_lo`) of a strided pattern that a
+/// query at position `p` sees beyond its band.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ClassSteps {
+    pub stride: usize,
+    pub k_min: usize,
+    pub key_lo: usize,
+}
+
 pub(crate) struct Problem<'a> {
     pub b: usize,
     pub hq: usize,
@@ -74,6 +83,9 @@ pub(crate) struct Problem<'a> {
     band: Option<(i64, i64)>,
     /// Walk the batch inside each head ([`Problem::heads_outer`]).
     pub heads_outer: bool,
+    /// Keys a strided pattern adds beyond the rest of the problem's rule (set by its residue
+    /// plan, [`Problem::with_class_keys`]).
+    pub class_keys: Option<ClassSteps>,
     /// K and V when stored as f16 ([`Problem::with_half_kv`]); `k` and `v` then carry only
     /// their shapes.
     pub half_kv: Option<HalfKv<'a>>,
@@ -262,6 +274,7 @@ impl<'a> Problem<'a> {
             window: opts.window,
             band: None,
             heads_outer: false,
+            class_keys: None,
             half_kv: None,
             softcap: opts.softcap,
             alibi: opts.alibi_slopes,
@@ -346,6 +359,14 @@ impl<'a> Problem<'a> {
             half_kv: None,
             ..*self
         })
+    }
+
+    /// The same problem where query `p` also sees the keys `p − k·stride` for `k ≥ k_min` at or
+    /// beyond `key_lo` ([`ClassSteps`]): the tiled forward computes them with
+    /// [`Kernels::class_keys`](crate::simd::Kernels) before the rest of each row's keys.
+    pub fn with_class_keys(mut self, steps: ClassSteps) -> Self {
+        self.class_keys = Some(steps);
+        self
     }
 
     /// Has the forward take its tasks head by head, every batch entry of a head in turn,

@@ -30,10 +30,13 @@
 //! as it does every other.
 
 use crate::error::Result;
-use crate::forward::{run_after, run_max_sum, shares, Prior};
+use crate::forward::{run_after, run_max_sum, run_tiled, shares, PackedK, Prior, Scratch};
+use crate::forward::BC;
+use crate::forward::BR;
+use crate::simd::{ClassKeys, Transpose, CLASS_TILES};
 use crate::options::Options;
 use crate::pattern::Pattern;
-use crate::problem::{expect_len, Problem};
+use crate::problem::{expect_len, ClassSteps, Problem};
 use crate::view::{View, ViewMut};
 use crate::workspace::Buffer;
 
@@ -238,6 +241,23 @@ pub(crate) fn forward(
                     Problem::new(q, k, v, &opts)?
                 }
             };
+            // The class keys within each row task when their steps keep whole vectors of
+            // consecutive rows on consecutive keys; otherwise as residue-class problems.
+            let lanes = band.kern.lanes;
+            let fused = !band.has_mods()
+                && band.off.rem_euclid(lanes as i64) == 0
+                && plan.classes.is_multiple_of(BR)
+                && band.q.strides()[3] == 1
+                && band.v.strides()[3] == 1
+                && band.half_kv.is_none();
+            if fused {
+                let steps = ClassSteps {
+                    stride: plan.classes,
+                    k_min: (-plan.hi) as usize,
+                    key_lo: plan.first_key,
+                };
+                return run_tiled(&band.with_class_keys(steps), out, lse);
+            }
             let chunk = chunk_heads(&band);
             band_then_classes(&plan, &groups, &band, &opts, chunk, out, lse)
         }
@@ -402,6 +422,107 @@ fn band_then_classes(
         }
     }
     Ok(())
+}
+
+/// The class keys ([`Problem::class_keys`]) of the query tiles `tiles` of `(b, h)` (at most
+/// [`CLASS_TILES`], one stride apart), a group of `lanes` rows of every tile at a time
+/// ([`ClassKeys`]): leaves each tile's rows' largest logit, sum of exponentials and unnormalised
+/// output in slot `u` of `scr.cls_m`, `scr.cls_l` and `scr.cls_o`, from which the rows' other
+/// keys continue. Needs Q's last stride to be 1, `Nk − Nq` a multiple of the lanes and the
+/// stride a multiple of the tile.
+pub(crate) fn class_tiles(
+    p: &Problem,
+    packed: &PackedK,
+    (b, h): (usize, usize),
+    tiles: &[usize],
+    steps: ClassSteps,
+    scr: &mut Scratch,
+) {
+    const CT: usize = CLASS_TILES;
+    let (lanes, d, dv, kern) = (p.kern.lanes, p.d, p.dv, p.kern);
+    let kvh = h / p.group;
+    // At most nk/stride + 1 steps, and the partial one.
+    let cap = p.nk / steps.stride + 2;
+    let grow = |x: &mut Vec<f32>, n: usize| {
+        if x.len() < n {
+            x.resize(n, 0.0);
+        }
+    };
+    grow(&mut scr.cls, CT * cap * lanes); //                              (CT, cap, lanes)
+    grow(&mut scr.qt, CT * d * lanes); //                                 (CT, D, lanes)
+    grow(&mut scr.cls_m, CT * BR); //                                     (CT, BR)
+    grow(&mut scr.cls_l, CT * BR); //                                     (CT, BR)
+    grow(&mut scr.cls_o, CT * BR * dv); //                                (CT, BR, Dv)
+    let count = tiles.len();
+    let v = &p.v.data()[p.v.offset(b, kvh, 0, 0)..];
+    let q = &p.q.data()[p.q.offset(b, h, 0, 0)..];
+    let q_rs = p.q.strides()[2];
+    for g0 in (0..BR).step_by(lanes) {
+        let mut call = ClassKeys {
+            qt: [std::ptr::null(); CT],
+            first: [cap; CT],
+            rows: [0; CT],
+            d,
+            kt: packed.tile(b, kvh, p.hkv, 0),
+            ldk: BC,
+            tile: d * BC,
+            v: v.as_ptr(),
+            ldv: p.v.strides()[2],
+            dv,
+            j0: 0,
+            stride: steps.stride,
+            full: 0,
+            key_lo: steps.key_lo,
+            scale: p.scale,
+            s: scr.cls.as_mut_ptr(),
+            cap,
+            m: [std::ptr::null_mut(); CT],
+            l: [std::ptr::null_mut(); CT],
+            o: [std::ptr::null_mut(); CT],
+        };
+        for u in 0..CT {
+            let qt = &mut scr.qt[u * d * lanes..(u + 1) * d * lanes];
+            let i0 = tiles.get(u).map_or(p.nq, |&t| t * BR + g0);
+            let n = lanes.min(p.nq.saturating_sub(i0));
+            if n < lanes {
+                qt.fill(0.0);
+            }
+            if n > 0 {
+                // SAFETY: Q's rows i0..i0 + n of (b, h) hold D floats each (unit last stride,
+                // checked by the plan); qt holds D × lanes.
+                unsafe {
+                    (kern.transpose)(&Transpose {
+                        src: q[(i0 * q_rs)..].as_ptr(),
+                        lds: q_rs,
+                        rows: n,
+                        cols: d,
+                        dst: qt.as_mut_ptr(),
+                        ldd: lanes,
+                    })
+                };
+                call.rows[u] = n;
+                call.first[u] = count - 1 - u;
+            }
+            call.qt[u] = qt.as_ptr();
+            let r0 = u * BR + g0;
+            call.m[u] = scr.cls_m[r0..].as_mut_ptr();
+            call.l[u] = scr.cls_l[r0..].as_mut_ptr();
+            call.o[u] = scr.cls_o[r0 * dv..].as_mut_ptr();
+        }
+        // Lane 0's key at the last tile's first step, and how many steps have every lane's key.
+        let pos = (tiles[count - 1] * BR + g0) as i64 + p.off;
+        call.j0 = pos - (steps.k_min * steps.stride) as i64;
+        let lo = steps.key_lo as i64;
+        if call.j0 >= lo {
+            call.full = ((call.j0 - lo) as usize) / steps.stride + 1;
+        }
+        // SAFETY: the packed tiles hold every key of (b, kvh) and V its nk rows of dv floats
+        // (unit last stride, checked by the plan); the steps' keys lie in 0..nk (from key_lo
+        // ≥ 0 up to a position minus 2·stride, where a stride is at least one tile; the partial
+        // step lane by lane). scr.cls holds CT × cap steps, and the class slots each group's
+        // lanes and rows.
+        unsafe { (kern.class_keys)(&call) };
+    }
 }
 
 #[cfg(test)]

@@ -212,6 +212,60 @@ fn residue_classes_against_the_oracle() {
     }
 }
 
+/// A strided pattern whose stride is a whole number of query tiles (64 rows) computes its class
+/// keys inside each row task, a vector of consecutive rows per instruction and several tiles
+/// one stride apart at once: partial last tiles and vectors, Nk − Nq a multiple of the vector
+/// width, GQA, sinks that cut a step's vector, windows that move the first class step, widths
+/// that are not multiples of a vector, a small scale, few queries.
+#[test]
+fn strided_class_keys_against_the_oracle() {
+    let cases = [
+        (700, 700, 16, 16, Pattern::Strided { stride: 64 }),
+        (300, 556, 20, 12, Pattern::Strided { stride: 128 }),
+        (1000, 1000, 8, 24, Pattern::Strided { stride: 192 }),
+        (
+            650,
+            650,
+            16,
+            16,
+            Pattern::Sink {
+                sinks: 5,
+                window: 70,
+            } | Pattern::Strided { stride: 64 },
+        ),
+        (
+            520,
+            520,
+            16,
+            16,
+            Pattern::Window {
+                left: 200,
+                right: 2,
+            } | Pattern::Strided { stride: 64 },
+        ),
+        (10, 522, 16, 16, Pattern::Strided { stride: 64 }),
+        (
+            777,
+            777,
+            32,
+            32,
+            Pattern::Sink {
+                sinks: 40,
+                window: 1,
+            } | Pattern::Strided { stride: 128 },
+        ),
+    ];
+    for (n, (nq, nk, d, dv, p)) in cases.into_iter().enumerate() {
+        let mut c = Case::plain(2, 4, 1 + n % 2 * 3, nq, nk, d);
+        c.dv = dv;
+        c.pattern = Some(p);
+        c.layout = [Layout::Bhnd, Layout::Bnhd][n % 2];
+        c.scale = (n == 4).then_some(0.05);
+        c.seed = 300 + n as u64;
+        check_case(&c, false).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    }
+}
+
 #[test]
 fn patterns_compose_with_every_option() {
     // Random problems that all carry a pattern: causal, GQA, dropout, documents, biases, rules.
