@@ -450,6 +450,9 @@ unsafe fn class_pv<S: Simd, const V: usize, const TAIL: bool>(
     let mut acc = [[S::splat(0.0); V]; G];
     for t in 0..steps {
         let x = row(t);
+        // The next lane's row of this step: steps lie a stride of rows apart, across pages
+        // the hardware prefetcher does not follow, while lanes are neighbouring rows.
+        prefetch(x.wrapping_add(c.ldv), V * l * 4);
         let xv: [S::V; V] = std::array::from_fn(|v| load(x, v));
         for (g, a) in acc.iter_mut().enumerate() {
             let p = S::splat(*c.score(g, t, l).add(r));
