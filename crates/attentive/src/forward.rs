@@ -73,13 +73,13 @@ pub(crate) struct Scratch {
     pub hulls: Vec<(usize, usize)>,
     /// For problems with [`Problem::class_keys`] (grown on first use): Qᵀ of one group of rows
     /// per tile (`CLASS_TILES × D × lanes`), the scores of their class keys, and each tile's
-    /// rows' state after them (`CLASS_TILES × BR` of max and sum, `CLASS_TILES × BR × Dv` of
-    /// output).
+    /// rows' state after them (max and sum, `BR` each, and output, `BR × Dv`), which a tile's
+    /// `m`, `l` and `o` take by swapping buffers.
     pub qt: Vec<f32>,
     pub cls: Vec<f32>,
-    pub cls_m: Vec<f32>,
-    pub cls_l: Vec<f32>,
-    pub cls_o: Vec<f32>,
+    pub cls_m: [Vec<f32>; CLASS_TILES],
+    pub cls_l: [Vec<f32>; CLASS_TILES],
+    pub cls_o: [Vec<f32>; CLASS_TILES],
 }
 
 impl Scratch {
@@ -100,9 +100,9 @@ impl Scratch {
             hulls: vec![(0, 0); RUN * NG],
             qt: Vec::new(),
             cls: Vec::new(),
-            cls_m: Vec::new(),
-            cls_l: Vec::new(),
-            cls_o: Vec::new(),
+            cls_m: Default::default(),
+            cls_l: Default::default(),
+            cls_o: Default::default(),
         }
     }
 }
@@ -586,10 +586,9 @@ pub(crate) fn attend_rows(
     }
     // Rows whose class keys ran first (slot `u` of the class buffers) continue from them.
     if let Some(u) = seed {
-        let (r0, dv) = (u * BR, p.dv);
-        scr.m[..rows].copy_from_slice(&scr.cls_m[r0..r0 + rows]);
-        scr.l[..rows].copy_from_slice(&scr.cls_l[r0..r0 + rows]);
-        scr.o[..rows * dv].copy_from_slice(&scr.cls_o[r0 * dv..(r0 + rows) * dv]);
+        std::mem::swap(&mut scr.m, &mut scr.cls_m[u]);
+        std::mem::swap(&mut scr.l, &mut scr.cls_l[u]);
+        std::mem::swap(&mut scr.o, &mut scr.cls_o[u]);
         scr.fresh = false;
     }
     // Key tiles any row can see: rows' spans are intervals whose ends never decrease with the

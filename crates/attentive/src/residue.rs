@@ -427,7 +427,7 @@ fn band_then_classes(
 /// The class keys ([`Problem::class_keys`]) of the query tiles `tiles` of `(b, h)` (at most
 /// [`CLASS_TILES`], one stride apart), a group of `lanes` rows of every tile at a time
 /// ([`ClassKeys`]): leaves each tile's rows' largest logit, sum of exponentials and unnormalised
-/// output in slot `u` of `scr.cls_m`, `scr.cls_l` and `scr.cls_o`, from which the rows' other
+/// output in `scr.cls_m[u]`, `scr.cls_l[u]` and `scr.cls_o[u]`, from which the rows' other
 /// keys continue. Needs Q's last stride to be 1, `Nk − Nq` a multiple of the lanes and the
 /// stride a multiple of the tile.
 pub(crate) fn class_tiles(
@@ -450,9 +450,11 @@ pub(crate) fn class_tiles(
     };
     grow(&mut scr.cls, CT * cap * lanes); //                              (CT, cap, lanes)
     grow(&mut scr.qt, CT * d * lanes); //                                 (CT, D, lanes)
-    grow(&mut scr.cls_m, CT * BR); //                                     (CT, BR)
-    grow(&mut scr.cls_l, CT * BR); //                                     (CT, BR)
-    grow(&mut scr.cls_o, CT * BR * dv); //                                (CT, BR, Dv)
+    for u in 0..CT {
+        grow(&mut scr.cls_m[u], BR);
+        grow(&mut scr.cls_l[u], BR);
+        grow(&mut scr.cls_o[u], BR * dv); //                              (BR, Dv)
+    }
     let count = tiles.len();
     let v = &p.v.data()[p.v.offset(b, kvh, 0, 0)..];
     let q = &p.q.data()[p.q.offset(b, h, 0, 0)..];
@@ -504,10 +506,9 @@ pub(crate) fn class_tiles(
                 call.first[u] = count - 1 - u;
             }
             call.qt[u] = qt.as_ptr();
-            let r0 = u * BR + g0;
-            call.m[u] = scr.cls_m[r0..].as_mut_ptr();
-            call.l[u] = scr.cls_l[r0..].as_mut_ptr();
-            call.o[u] = scr.cls_o[r0 * dv..].as_mut_ptr();
+            call.m[u] = scr.cls_m[u][g0..].as_mut_ptr();
+            call.l[u] = scr.cls_l[u][g0..].as_mut_ptr();
+            call.o[u] = scr.cls_o[u][g0 * dv..].as_mut_ptr();
         }
         // Lane 0's key at the last tile's first step, and how many steps have every lane's key.
         let pos = (tiles[count - 1] * BR + g0) as i64 + p.off;
