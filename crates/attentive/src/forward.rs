@@ -556,7 +556,8 @@ impl<'a> Prior<'a> {
 /// Attention of queries `i0..i0 + rows` of `(b, h)` over keys `keys.0..keys.1`: leaves the
 /// normalised output in `scr.o` (`rows × Dv`), each row's largest logit in `scr.m` and its sum
 /// of exponentials relative to it in `scr.l` (−∞ and 0 for a row that sees no key). With a
-/// `prior`, the rows start from its state instead of from no key.
+/// `prior`, the rows start from its state instead of from no key; with `seed = Some(u)`, from
+/// the class keys [`residue::class_tiles`](crate::residue::class_tiles) left in slot `u`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_rows(
     p: &Problem,
@@ -1171,7 +1172,17 @@ fn tiled(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
             let (b, h, t) = task_of(p, qt, task);
             let i0 = t * BR;
             let rows = BR.min(p.nq - i0);
-            attend_rows(p, packed.as_ref(), (b, h), i0, rows, (0, p.nk), prior, None, scr);
+            attend_rows(
+                p,
+                packed.as_ref(),
+                (b, h),
+                i0,
+                rows,
+                (0, p.nk),
+                prior,
+                None,
+                scr,
+            );
             emit(scr, (b, h), i0, rows);
         },
     );

@@ -13,10 +13,19 @@
 //! full views): its first key is the nearest class key, which the band's tiles score anyway (a
 //! 16-row group spans 16 + L − 1 keys or one more, the same 16-lane vectors when L is a
 //! multiple of 16), so the classes keep $j \le p - 2L$:
-//! in a residue class, $j' \le p' - 2$. The band runs first, a chunk of heads at a time; the
-//! classes then continue from its row statistics (max and sum of exponentials) and output, so
-//! the result is attention over both key sets, and read their rows (a page or more apart) while
-//! the band has left them in L3.
+//! in a residue class, $j' \le p' - 2$.
+//!
+//! When $L$ is a multiple of the 64-row query tile, the class keys need no classes at all: the
+//! keys a group of 16 consecutive rows sees $k$ steps back, $p_r - kL$, are 16 consecutive keys,
+//! one per row, so the scores of a step are one vector FMA per feature over packed Kᵀ
+//! ([`ClassKeys`]). The call then runs as one problem, the band plus
+//! [`Problem::class_keys`]: each task computes the class keys of 4 query tiles one stride apart
+//! (which see the same steps and share every load) and then each tile's band continues from
+//! their max, sum and output.
+//!
+//! Otherwise the band runs first, a chunk of heads at a time; the classes then continue from its
+//! row statistics (max and sum of exponentials) and output, so the result is attention over
+//! both key sets, and read their rows (a page or more apart) while the band has left them in L3.
 //!
 //! A union of `strided:L` with windows and sink rules splits the same way: the other rules join
 //! the band (run through the block table), and the class part keeps only the class keys none of
@@ -30,13 +39,11 @@
 //! as it does every other.
 
 use crate::error::Result;
-use crate::forward::{run_after, run_max_sum, run_tiled, shares, PackedK, Prior, Scratch};
-use crate::forward::BC;
-use crate::forward::BR;
-use crate::simd::{ClassKeys, Transpose, CLASS_TILES};
+use crate::forward::{run_after, run_max_sum, run_tiled, shares, PackedK, Prior, Scratch, BC, BR};
 use crate::options::Options;
 use crate::pattern::Pattern;
 use crate::problem::{expect_len, ClassSteps, Problem};
+use crate::simd::{ClassKeys, Transpose, CLASS_TILES};
 use crate::view::{View, ViewMut};
 use crate::workspace::Buffer;
 
