@@ -1008,13 +1008,18 @@ pub fn forward_half_kv(
 
 /// The forward of a validated problem: checks the outputs, then runs the tiled or decode path.
 pub(crate) fn run(p: &Problem, out: &mut ViewMut, lse: Option<&mut [f32]>) -> Result<()> {
+    let stats = checked_lse(p, out, lse)?;
+    run_stats(p, out.raw(), stats);
+    Ok(())
+}
+
+/// Checks the output view and log-sum-exp length of `p`'s forward.
+fn checked_lse(p: &Problem, out: &ViewMut, lse: Option<&mut [f32]>) -> Result<Stats> {
     p.check_out("out", out, [p.b, p.hq, p.nq, p.dv])?;
     if let Some(l) = lse.as_deref() {
         crate::problem::expect_len("lse", l.len(), p.b * p.hq * p.nq)?;
     }
-    let stats = lse.map_or(Stats::None, |l| Stats::Lse(RawSlice::new(l)));
-    run_stats(p, out.raw(), stats);
-    Ok(())
+    Ok(lse.map_or(Stats::None, |l| Stats::Lse(RawSlice::new(l))))
 }
 
 /// [`run`], writing each row's largest logit `m` and its sum of exponentials `l` (both
@@ -1037,11 +1042,7 @@ pub(crate) fn run_max_sum(
 /// [`run`] on the tiled path whatever the number of queries: the path that computes
 /// [`Problem::class_keys`].
 pub(crate) fn run_tiled(p: &Problem, out: &mut ViewMut, lse: Option<&mut [f32]>) -> Result<()> {
-    p.check_out("out", out, [p.b, p.hq, p.nq, p.dv])?;
-    if let Some(l) = lse.as_deref() {
-        crate::problem::expect_len("lse", l.len(), p.b * p.hq * p.nq)?;
-    }
-    let stats = lse.map_or(Stats::None, |l| Stats::Lse(RawSlice::new(l)));
+    let stats = checked_lse(p, out, lse)?;
     tiled(p, out.raw(), stats, None);
     Ok(())
 }
@@ -1155,8 +1156,9 @@ fn tiled(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
             |scr, task| {
                 let (bh, (t0, count)) = (task / sets.len(), sets[task % sets.len()]);
                 let (b, h) = (bh / p.hq, bh % p.hq);
-                let tiles: Vec<usize> = (0..count).map(|u| t0 + u * per).collect();
-                crate::residue::class_tiles(p, pk, (b, h), &tiles, steps, scr);
+                let all: [usize; CLASS_TILES] = std::array::from_fn(|u| t0 + u * per);
+                let tiles = &all[..count];
+                crate::residue::class_tiles(p, pk, (b, h), tiles, steps, scr);
                 for (u, &t) in tiles.iter().enumerate() {
                     let (i0, rows) = (t * BR, BR.min(p.nq - t * BR));
                     attend_rows(p, Some(pk), (b, h), i0, rows, (0, p.nk), None, Some(u), scr);
