@@ -261,6 +261,8 @@ pub(crate) struct PackedK {
     data: Buffer,
     tiles: usize,
     d: usize,
+    /// The first key head packed (`b·Hkv + kvh`).
+    first: usize,
 }
 
 /// Writes rows `j0..j0 + w` of `view[b, h]` transposed into `dst` as `[width][ld]`, columns
@@ -309,13 +311,18 @@ pub(crate) fn pack_transposed(
 
 impl PackedK {
     pub fn new(p: &Problem) -> Self {
+        Self::heads(p, 0..p.b * p.hkv)
+    }
+
+    /// Kᵀ of the key heads `b·Hkv + kvh` in `heads` only.
+    fn heads(p: &Problem, heads: std::ops::Range<usize>) -> Self {
         let tiles = p.nk.div_ceil(BC);
         let tile = p.d * BC;
-        let mut data = Buffer::uninit(p.b * p.hkv * tiles * tile);
+        let mut data = Buffer::uninit(heads.len() * tiles * tile);
         data.par_chunks_mut(tile)
             .enumerate()
             .for_each_init(Vec::new, |rows, (idx, dst)| {
-                let (bh, t) = (idx / tiles, idx % tiles);
+                let (bh, t) = (heads.start + idx / tiles, idx % tiles);
                 let j0 = t * BC;
                 let keys = (j0, BC.min(p.nk - j0));
                 pack_k(p, (bh / p.hkv, bh % p.hkv), keys, BC, dst, rows);
@@ -324,11 +331,12 @@ impl PackedK {
             data,
             tiles,
             d: p.d,
+            first: heads.start,
         }
     }
 
     pub fn tile(&self, b: usize, hkv: usize, hkvs: usize, j0: usize) -> *const f32 {
-        let idx = (b * hkvs + hkv) * self.tiles + j0 / BC;
+        let idx = (b * hkvs + hkv - self.first) * self.tiles + j0 / BC;
         self.data[idx * self.d * BC..].as_ptr()
     }
 }
@@ -1117,8 +1125,7 @@ fn task_of(p: &Problem, qt: usize, task: usize) -> (usize, usize, usize) {
 }
 
 fn tiled(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
-    // Class keys read Kᵀ tiles of every earlier stretch of keys: they need the packed copy.
-    let packed = (pack_up_front(p) || p.class_keys.is_some()).then(|| PackedK::new(p));
+    let packed = (pack_up_front(p) && p.class_keys.is_none()).then(|| PackedK::new(p));
     let qt = p.nq.div_ceil(BR);
     let emit = |scr: &mut Scratch, (b, h): (usize, usize), i0: usize, rows: usize| {
         let bh = b * p.hq + h;
@@ -1139,7 +1146,7 @@ fn tiled(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
             },
         }
     };
-    if let (Some(steps), Some(pk)) = (p.class_keys, packed.as_ref()) {
+    if let Some(steps) = p.class_keys {
         // Tasks of up to CLASS_TILES query tiles one stride apart, whose class keys share their
         // loads: the tiles ρ, ρ + per, ρ + 2·per, … taken a few at a time.
         let per = steps.stride / BR;
@@ -1151,21 +1158,38 @@ fn tiled(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
                     .map(move |c| (rho + c * per, CLASS_TILES.min(n - c)))
             })
             .collect();
-        (0..p.b * p.hq * sets.len()).into_par_iter().for_each_init(
-            || Scratch::new(p),
-            |scr, task| {
-                let (bh, (t0, count)) = (task / sets.len(), sets[task % sets.len()]);
-                let (b, h) = (bh / p.hq, bh % p.hq);
-                let all: [usize; CLASS_TILES] = std::array::from_fn(|u| t0 + u * per);
-                let tiles = &all[..count];
-                crate::residue::class_tiles(p, pk, (b, h), tiles, steps, scr);
-                for (u, &t) in tiles.iter().enumerate() {
-                    let (i0, rows) = (t * BR, BR.min(p.nq - t * BR));
-                    attend_rows(p, Some(pk), (b, h), i0, rows, (0, p.nk), None, Some(u), scr);
-                    emit(scr, (b, h), i0, rows);
-                }
-            },
-        );
+        let run_head = |pk: &PackedK, bkv: usize| {
+            let (b, kvh) = (bkv / p.hkv, bkv % p.hkv);
+            (0..p.group * sets.len()).into_par_iter().for_each_init(
+                || Scratch::new(p),
+                |scr, task| {
+                    let h = kvh * p.group + task / sets.len();
+                    let (t0, count) = sets[task % sets.len()];
+                    let all: [usize; CLASS_TILES] = std::array::from_fn(|u| t0 + u * per);
+                    let tiles = &all[..count];
+                    crate::residue::class_tiles(p, pk, (b, h), tiles, steps, scr);
+                    for (u, &t) in tiles.iter().enumerate() {
+                        let (i0, rows) = (t * BR, BR.min(p.nq - t * BR));
+                        attend_rows(p, Some(pk), (b, h), i0, rows, (0, p.nk), None, Some(u), scr);
+                        emit(scr, (b, h), i0, rows);
+                    }
+                },
+            );
+        };
+        // Class keys read Kᵀ tiles of every earlier stretch of keys, so every tile is packed:
+        // one key head at a time, the next one's (memory-bound) while this one's tasks run.
+        let heads = p.b * p.hkv;
+        let mut cur = PackedK::heads(p, 0..1);
+        for bkv in 0..heads {
+            let (next, ()) = rayon::join(
+                || (bkv + 1 < heads).then(|| PackedK::heads(p, bkv + 1..bkv + 2)),
+                || run_head(&cur, bkv),
+            );
+            match next {
+                Some(n) => cur = n,
+                None => break,
+            }
+        }
         return;
     }
     (0..p.b * p.hq * qt).into_par_iter().for_each_init(
