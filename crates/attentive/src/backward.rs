@@ -287,7 +287,7 @@ fn key_tile(
         Keys::Rows => Keys::Rows,
         _ => {
             pack_transposed(&p.k, (b, kvh), (j0, w), BC, &mut scr.kt, kern);
-            Keys::Packed(scr.kt.as_ptr())
+            Keys::Packed(scr.kt.as_ptr(), BC)
         }
     };
     let mods = p.has_mods();
@@ -370,6 +370,7 @@ fn key_tile(
                     a_ks: BC,
                     b: dop,
                     ldb: ldo,
+                    b_vs: kern.lanes,
                     c: scr.part.as_mut_ptr(),
                     ldc: dv,
                     accumulate: false,
@@ -385,6 +386,7 @@ fn key_tile(
                     a_ks: 1,
                     b: scr.vt.as_ptr(),
                     ldb: BC,
+                    b_vs: kern.lanes,
                     c: scr.dp.as_mut_ptr(),
                     ldc: BC,
                     accumulate: false,
@@ -434,6 +436,7 @@ fn key_tile(
                     a_ks: BC,
                     b: qp,
                     ldb: ldq,
+                    b_vs: kern.lanes,
                     c: scr.part.as_mut_ptr(),
                     ldc: d,
                     accumulate: false,
@@ -449,6 +452,7 @@ fn key_tile(
                     a_ks: 1,
                     b: scr.k.as_ptr(),
                     ldb: d,
+                    b_vs: kern.lanes,
                     c: scr.part.as_mut_ptr(),
                     ldc: d,
                     accumulate: false,

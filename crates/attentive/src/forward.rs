@@ -263,6 +263,8 @@ pub(crate) struct PackedK {
     d: usize,
     /// The first key head packed (`b·Hkv + kvh`).
     first: usize,
+    /// Keys per panel of a tile ([`Keys::Packed`]).
+    pub panel: usize,
 }
 
 /// Writes rows `j0..j0 + w` of `view[b, h]` transposed into `dst` as `[width][ld]`, columns
@@ -311,27 +313,29 @@ pub(crate) fn pack_transposed(
 
 impl PackedK {
     pub fn new(p: &Problem) -> Self {
-        Self::heads(p, 0..p.b * p.hkv)
+        Self::heads(p, 0..p.b * p.hkv, BC)
     }
 
-    /// Kᵀ of the key heads `b·Hkv + kvh` in `heads` only.
-    fn heads(p: &Problem, heads: std::ops::Range<usize>) -> Self {
+    /// Kᵀ of the key heads `b·Hkv + kvh` in `heads` only, each tile in panels of `panel` keys
+    /// (`BC`, or the lanes of a vector: [`Keys::Packed`]).
+    fn heads(p: &Problem, heads: std::ops::Range<usize>, panel: usize) -> Self {
         let tiles = p.nk.div_ceil(BC);
-        let tile = p.d * BC;
-        let mut data = Buffer::uninit(heads.len() * tiles * tile);
-        data.par_chunks_mut(tile)
+        let mut data = Buffer::uninit(heads.len() * tiles * p.d * BC);
+        data.par_chunks_mut(p.d * panel)
             .enumerate()
             .for_each_init(Vec::new, |rows, (idx, dst)| {
-                let (bh, t) = (heads.start + idx / tiles, idx % tiles);
-                let j0 = t * BC;
-                let keys = (j0, BC.min(p.nk - j0));
-                pack_k(p, (bh / p.hkv, bh % p.hkv), keys, BC, dst, rows);
+                let per = BC / panel;
+                let (bh, t) = (heads.start + idx / (tiles * per), idx % (tiles * per));
+                let j0 = (t * panel).min(p.nk);
+                let keys = (j0, panel.min(p.nk - j0));
+                pack_k(p, (bh / p.hkv, bh % p.hkv), keys, panel, dst, rows);
             });
         Self {
             data,
             tiles,
             d: p.d,
             first: heads.start,
+            panel,
         }
     }
 
@@ -362,8 +366,9 @@ pub(crate) struct TileBufs<'s> {
 /// Where [`score_tile`] finds K.
 #[derive(Clone, Copy)]
 pub(crate) enum Keys {
-    /// A tile of packed Kᵀ (`D × BC`).
-    Packed(*const f32),
+    /// A tile of packed Kᵀ: `D × BC` row-major for a panel of `BC` ([`PackedK`]), or
+    /// `BC / panel` panels of `D × panel` one after another.
+    Packed(*const f32, usize),
     /// Pack the tile into `TileBufs::kbuf` first, then as `Packed`.
     Pack,
     /// Dot products with K's rows where they lie (few queries: decoding).
@@ -421,11 +426,11 @@ pub(crate) fn score_tile(
             return None;
         }
     }
-    let kt = match keys_at {
-        Keys::Packed(kt) => kt,
+    let (kt, panel) = match keys_at {
+        Keys::Packed(kt, panel) => (kt, panel),
         Keys::Pack => {
             pack_k(p, (b, h / p.group), (j0, w), BC, t.kbuf, t.wide);
-            t.kbuf.as_ptr()
+            (t.kbuf.as_ptr(), BC)
         }
         Keys::Rows => {
             if let Some(hk) = p.half_kv.filter(|hk| hk.k.strides()[3] == 1) {
@@ -490,13 +495,21 @@ pub(crate) fn score_tile(
     } else {
         (&one, rows)
     };
+    // Vectors of a row of Kᵀ: side by side, or one per panel (a GEMM then starts at a panel).
+    let lanes = p.kern.lanes;
+    let (ldb, b_vs, align) = if panel == BC {
+        (BC, lanes, 1)
+    } else {
+        (panel, p.d * panel, panel)
+    };
     for (g, &(a, e)) in groups.iter().enumerate() {
         if a >= e {
             continue;
         }
-        // SAFETY: the Kᵀ tile holds D rows of BC floats, t.q `rows` rows of D (row stride
-        // q_rs) and t.s rows×w at stride lds; the group's rows and columns a..e ≤ w lie inside
-        // them.
+        let a = a / align * align;
+        // SAFETY: the Kᵀ tile holds D rows of BC floats (as one block or in panels), t.q
+        // `rows` rows of D (row stride q_rs) and t.s rows×w at stride lds; the group's rows
+        // and columns a..e ≤ w lie inside them.
         unsafe {
             (p.kern.gemm)(&Gemm {
                 m: group_rows.min(rows - g * group_rows),
@@ -505,8 +518,9 @@ pub(crate) fn score_tile(
                 a: t.q.add(g * group_rows * t.q_rs),
                 a_rs: t.q_rs,
                 a_ks: 1,
-                b: kt.add(a),
-                ldb: BC,
+                b: kt.add(a / ldb * p.d * ldb + a % ldb),
+                ldb,
+                b_vs,
                 c: t.s[g * group_rows * t.lds + a..].as_mut_ptr(),
                 ldc: t.lds,
                 accumulate: false,
@@ -619,7 +633,7 @@ pub(crate) fn attend_rows(
             flush_run(p, (b, h, kvh), i0, rows, &mut run, scr);
         }
         let kt = packed.map_or(Keys::unpacked(p), |pk| {
-            Keys::Packed(pk.tile(b, kvh, p.hkv, j0))
+            Keys::Packed(pk.tile(b, kvh, p.hkv, j0), pk.panel)
         });
         let (u, col) = (run.tiles, run.w);
         let bufs = scr.tile_bufs(q, u, col);
@@ -807,12 +821,18 @@ fn pv_and_add(
         // and columns col + a..col + e lie inside them.
         unsafe {
             match vr {
-                VRows::F32(vp, ldv) => {
-                    (kern.gemm)(&pv_gemm((m, dv, e - a), a_ptr, (vp.add(a * ldv), ldv), c))
-                }
-                VRows::F16(vp, ldv) => {
-                    (kern.gemm_f16)(&pv_gemm((m, dv, e - a), a_ptr, (vp.add(a * ldv), ldv), c))
-                }
+                VRows::F32(vp, ldv) => (kern.gemm)(&pv_gemm(
+                    (m, dv, e - a),
+                    a_ptr,
+                    (vp.add(a * ldv), ldv, kern.lanes),
+                    c,
+                )),
+                VRows::F16(vp, ldv) => (kern.gemm_f16)(&pv_gemm(
+                    (m, dv, e - a),
+                    a_ptr,
+                    (vp.add(a * ldv), ldv, kern.lanes),
+                    c,
+                )),
             }
         };
     }
@@ -832,12 +852,12 @@ fn pv_and_add(
     }
 }
 
-/// `C (m × n) = P·V` over `k` keys: P at row stride [`SW`], V's rows at stride `ldv` as f32 or
-/// f16, C at row stride `n`.
+/// `C (m × n) = P·V` over `k` keys: P at row stride [`SW`], V's rows (contiguous, `lanes` per
+/// vector) at stride `ldv` as f32 or f16, C at row stride `n`.
 fn pv_gemm<E>(
     (m, n, k): (usize, usize, usize),
     p: *const f32,
-    (v, ldv): (*const E, usize),
+    (v, ldv, lanes): (*const E, usize, usize),
     c: *mut f32,
 ) -> Gemm<E> {
     Gemm {
@@ -849,6 +869,7 @@ fn pv_gemm<E>(
         a_ks: 1,
         b: v,
         ldb: ldv,
+        b_vs: lanes,
         c,
         ldc: n,
         accumulate: false,
@@ -1179,10 +1200,12 @@ fn tiled(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
         // Class keys read Kᵀ tiles of every earlier stretch of keys, so every tile is packed:
         // one key head at a time, the next one's (memory-bound) while this one's tasks run.
         let heads = p.b * p.hkv;
-        let mut cur = PackedK::heads(p, 0..1);
+        // In panels one vector wide: a step's keys for a vector of rows are then contiguous.
+        let panel = p.kern.lanes;
+        let mut cur = PackedK::heads(p, 0..1, panel);
         for bkv in 0..heads {
             let (next, ()) = rayon::join(
-                || (bkv + 1 < heads).then(|| PackedK::heads(p, bkv + 1..bkv + 2)),
+                || (bkv + 1 < heads).then(|| PackedK::heads(p, bkv + 1..bkv + 2, panel)),
                 || run_head(&cur, bkv),
             );
             match next {

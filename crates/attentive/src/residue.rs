@@ -39,7 +39,7 @@
 //! as it does every other.
 
 use crate::error::Result;
-use crate::forward::{run_after, run_max_sum, run_tiled, shares, PackedK, Prior, Scratch, BC, BR};
+use crate::forward::{run_after, run_max_sum, run_tiled, shares, PackedK, Prior, Scratch, BR};
 use crate::options::Options;
 use crate::pattern::Pattern;
 use crate::problem::{expect_len, ClassSteps, Problem};
@@ -473,8 +473,8 @@ pub(crate) fn class_tiles(
             rows: [0; CT],
             d,
             kt: packed.tile(b, kvh, p.hkv, 0),
-            ldk: BC,
-            tile: d * BC,
+            ldk: packed.panel,
+            tile: d * packed.panel,
             v: v.as_ptr(),
             ldv: p.v.strides()[2],
             dv,

@@ -133,6 +133,9 @@ pub(crate) struct Gemm<E = f32> {
     pub a_ks: usize,
     pub b: *const E,
     pub ldb: usize,
+    /// Elements from one vector of a row of B to the next: `LANES` for a contiguous row, more
+    /// for B stored in panels one vector wide (each panel `k × LANES` with row stride `ldb`).
+    pub b_vs: usize,
     pub c: *mut f32,
     pub ldc: usize,
     /// Add to C instead of overwriting it.
@@ -742,14 +745,14 @@ unsafe fn micro<S: Simd, E: Elem, const R: usize, const V: usize, const TAIL: bo
         }
     }
     let mut a = g.a.add(i0 * g.a_rs);
-    let mut b = g.b.add(j0);
+    let mut b = g.b.add(j0 / l * g.b_vs);
     for _ in 0..g.k {
         let mut bv = [S::splat(0.0); V];
         for (v, x) in bv.iter_mut().enumerate() {
             *x = if TAIL && v == V - 1 {
-                E::load_part::<S>(b.add(v * l), tail)
+                E::load_part::<S>(b.add(v * g.b_vs), tail)
             } else {
-                E::load::<S>(b.add(v * l))
+                E::load::<S>(b.add(v * g.b_vs))
             };
         }
         for (r, row) in acc.iter_mut().enumerate() {
@@ -1733,11 +1736,32 @@ mod tests {
                         a_ks,
                         b: b.as_ptr(),
                         ldb: n + 3,
+                        b_vs: k.lanes,
                         c: c.as_mut_ptr(),
                         ldc: n + 1,
                         accumulate: acc,
                     };
                     unsafe { (k.gemm)(&g) };
+                    // B in panels one vector wide (each kk × lanes, row stride lanes, zero
+                    // past n): the same products in the same order, so the same bits.
+                    let l = k.lanes;
+                    let panels = n.div_ceil(l);
+                    let mut bp = vec![0.0f32; panels * kk * l];
+                    for p in 0..kk {
+                        for j in 0..n {
+                            bp[(j / l) * kk * l + p * l + j % l] = b[p * (n + 3) + j];
+                        }
+                    }
+                    let mut cp = c0.clone();
+                    let gp = Gemm {
+                        b: bp.as_ptr(),
+                        ldb: l,
+                        b_vs: kk * l,
+                        c: cp.as_mut_ptr(),
+                        ..g
+                    };
+                    unsafe { (k.gemm)(&gp) };
+                    assert_eq!(cp, c, "{isa:?} {m}x{n}x{kk} in panels");
                     for i in 0..m {
                         for j in 0..n + 1 {
                             let got = c[i * (n + 1) + j];
@@ -1791,7 +1815,7 @@ mod tests {
                     a: &[f32],
                     b: *const E,
                     c: &mut [f32],
-                    (m, n, kk): (usize, usize, usize),
+                    (m, n, kk, lanes): (usize, usize, usize, usize),
                 ) -> Gemm<E> {
                     Gemm {
                         m,
@@ -1802,13 +1826,15 @@ mod tests {
                         a_ks: 1,
                         b,
                         ldb: n + 3,
+                        b_vs: lanes,
                         c: c.as_mut_ptr(),
                         ldc: n,
                         accumulate: true,
                     }
                 }
-                unsafe { (k.gemm)(&gemm(&a, b32.as_ptr(), &mut c32, (m, n, kk))) };
-                unsafe { (k.gemm_f16)(&gemm(&a, b16.as_ptr(), &mut c16, (m, n, kk))) };
+                let dims = (m, n, kk, k.lanes);
+                unsafe { (k.gemm)(&gemm(&a, b32.as_ptr(), &mut c32, dims)) };
+                unsafe { (k.gemm_f16)(&gemm(&a, b16.as_ptr(), &mut c16, dims)) };
                 assert_eq!(c16, c32, "{isa:?} gemm {m}x{n}x{kk}");
                 fn dots<E>(
                     a: &[f32],
