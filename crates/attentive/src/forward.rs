@@ -320,8 +320,9 @@ impl PackedK {
     /// (`BC`, or the lanes of a vector: [`Keys::Packed`]).
     fn heads(p: &Problem, heads: std::ops::Range<usize>, panel: usize) -> Self {
         let tiles = p.nk.div_ceil(BC);
-        let mut data = Buffer::uninit(heads.len() * tiles * p.d * BC);
-        data.par_chunks_mut(p.d * panel)
+        let stride = panel_stride(p.d, panel);
+        let mut data = Buffer::uninit(heads.len() * tiles * BC / panel * stride);
+        data.par_chunks_mut(stride)
             .enumerate()
             .for_each_init(Vec::new, |rows, (idx, dst)| {
                 let per = BC / panel;
@@ -341,7 +342,18 @@ impl PackedK {
 
     pub fn tile(&self, b: usize, hkv: usize, hkvs: usize, j0: usize) -> *const f32 {
         let idx = (b * hkvs + hkv - self.first) * self.tiles + j0 / BC;
-        self.data[idx * self.d * BC..].as_ptr()
+        self.data[idx * BC / self.panel * panel_stride(self.d, self.panel)..].as_ptr()
+    }
+}
+
+/// Floats from one panel of a packed Kᵀ tile to the next: `D × panel`, and for panels narrower
+/// than the tile one cache line more, so that the vectors of one row of Kᵀ, one per panel, do
+/// not all fall in one set of the 8-way L1 (panels of 4 KiB would put them 4 KiB apart).
+pub(crate) fn panel_stride(d: usize, panel: usize) -> usize {
+    if panel == BC {
+        d * BC
+    } else {
+        d * panel + 16
     }
 }
 
@@ -367,7 +379,7 @@ pub(crate) struct TileBufs<'s> {
 #[derive(Clone, Copy)]
 pub(crate) enum Keys {
     /// A tile of packed Kᵀ: `D × BC` row-major for a panel of `BC` ([`PackedK`]), or
-    /// `BC / panel` panels of `D × panel` one after another.
+    /// `BC / panel` panels of `D × panel` one after another ([`panel_stride`] apart).
     Packed(*const f32, usize),
     /// Pack the tile into `TileBufs::kbuf` first, then as `Packed`.
     Pack,
@@ -500,7 +512,7 @@ pub(crate) fn score_tile(
     let (ldb, b_vs, align) = if panel == BC {
         (BC, lanes, 1)
     } else {
-        (panel, p.d * panel, panel)
+        (panel, panel_stride(p.d, panel), panel)
     };
     for (g, &(a, e)) in groups.iter().enumerate() {
         if a >= e {
@@ -518,7 +530,7 @@ pub(crate) fn score_tile(
                 a: t.q.add(g * group_rows * t.q_rs),
                 a_rs: t.q_rs,
                 a_ks: 1,
-                b: kt.add(a / ldb * p.d * ldb + a % ldb),
+                b: kt.add(a / ldb * panel_stride(p.d, ldb) + a % ldb),
                 ldb,
                 b_vs,
                 c: t.s[g * group_rows * t.lds + a..].as_mut_ptr(),

@@ -474,7 +474,7 @@ pub(crate) fn class_tiles(
             d,
             kt: packed.tile(b, kvh, p.hkv, 0),
             ldk: packed.panel,
-            tile: d * packed.panel,
+            tile: crate::forward::panel_stride(d, packed.panel),
             v: v.as_ptr(),
             ldv: p.v.strides()[2],
             dv,
