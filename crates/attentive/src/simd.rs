@@ -726,8 +726,7 @@ impl Elem for f16 {
 #[inline(always)]
 unsafe fn micro<S: Simd, E: Elem, const R: usize, const V: usize, const TAIL: bool>(
     g: &Gemm<E>,
-    i0: usize,
-    j0: usize,
+    (i0, j0, b0): (usize, usize, usize),
     tail: usize,
 ) {
     let l = S::LANES;
@@ -745,14 +744,14 @@ unsafe fn micro<S: Simd, E: Elem, const R: usize, const V: usize, const TAIL: bo
         }
     }
     let mut a = g.a.add(i0 * g.a_rs);
-    let mut b = g.b.add(j0 / l * g.b_vs);
+    let mut b = g.b.add(b0);
     for _ in 0..g.k {
         let mut bv = [S::splat(0.0); V];
         for (v, x) in bv.iter_mut().enumerate() {
             *x = if TAIL && v == V - 1 {
-                E::load_part::<S>(b.add(v * g.b_vs), tail)
+                E::load_part::<S>(b.add(v * l), tail)
             } else {
-                E::load::<S>(b.add(v * g.b_vs))
+                E::load::<S>(b.add(v * l))
             };
         }
         for (r, row) in acc.iter_mut().enumerate() {
@@ -777,16 +776,16 @@ unsafe fn micro<S: Simd, E: Elem, const R: usize, const V: usize, const TAIL: bo
 }
 
 macro_rules! dispatch_micro {
-    ($S:ty, $E:ty, $g:expr, $i0:expr, $j0:expr, $r:expr, $v:expr, $tail:expr, [$($R:literal),*], $Vs:tt) => {
+    ($S:ty, $E:ty, $g:expr, $pos:expr, $r:expr, $v:expr, $tail:expr, [$($R:literal),*], $Vs:tt) => {
         match $r {
-            $( $R => dispatch_micro!(@v $S, $E, $g, $i0, $j0, $R, $v, $tail, $Vs), )*
+            $( $R => dispatch_micro!(@v $S, $E, $g, $pos, $R, $v, $tail, $Vs), )*
             _ => unreachable!(),
         }
     };
-    (@v $S:ty, $E:ty, $g:expr, $i0:expr, $j0:expr, $R:literal, $v:expr, $tail:expr, [$($V:literal),*]) => {
+    (@v $S:ty, $E:ty, $g:expr, $pos:expr, $R:literal, $v:expr, $tail:expr, [$($V:literal),*]) => {
         match ($v, $tail) {
-            $( ($V, 0) => micro::<$S, $E, $R, $V, false>($g, $i0, $j0, 0),
-               ($V, t) => micro::<$S, $E, $R, $V, true>($g, $i0, $j0, t), )*
+            $( ($V, 0) => micro::<$S, $E, $R, $V, false>($g, $pos, 0),
+               ($V, t) => micro::<$S, $E, $R, $V, true>($g, $pos, t), )*
             _ => unreachable!(),
         }
     };
@@ -806,7 +805,12 @@ unsafe fn gemm_generic<S: Simd, E: Elem>(g: &Gemm<E>) {
         return;
     }
     let l = S::LANES;
-    let block = S::NV * l;
+    // B in panels one vector wide: one vector (one panel, contiguous in itself) per pass. A
+    // single-vector pass is still bound by its FMAs (one load of B and R broadcasts for R FMAs),
+    // and its loop keeps few enough addresses to stay in registers.
+    let panels = g.b_vs != l;
+    let block = if panels { l } else { S::NV * l };
+    let b0 = |j0: usize| if panels { j0 / l * g.b_vs } else { j0 };
     let mut j0 = 0;
     while j0 < g.n {
         let cols = block.min(g.n - j0);
@@ -821,8 +825,7 @@ unsafe fn gemm_generic<S: Simd, E: Elem>(g: &Gemm<E>) {
                 S,
                 E,
                 g,
-                i0,
-                j0,
+                (i0, j0, b0(j0)),
                 r,
                 v,
                 tail,
