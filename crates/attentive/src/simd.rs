@@ -133,8 +133,9 @@ pub(crate) struct Gemm<E = f32> {
     pub a_ks: usize,
     pub b: *const E,
     pub ldb: usize,
-    /// Elements from one vector of a row of B to the next: `LANES` for a contiguous row, more
-    /// for B stored in panels one vector wide (each panel `k × LANES` with row stride `ldb`).
+    /// Elements from one vector of a row of B to the next: `LANES` for a contiguous row; any
+    /// other value means B is stored in panels one vector wide (each `k × LANES`, row stride
+    /// `ldb`) this far apart, which the GEMM takes one panel per pass.
     pub b_vs: usize,
     pub c: *mut f32,
     pub ldc: usize,
@@ -359,8 +360,9 @@ pub(crate) struct ClassKeys {
     pub first: [usize; CLASS_TILES],
     pub rows: [usize; CLASS_TILES],
     pub d: usize,
-    /// Kᵀ in tiles: feature `e` of key `j` at `kt + (j / ldk)·tile + e·ldk + j % ldk`. A step's
-    /// `LANES` keys lie in one tile (`j0`, `stride` and `ldk` are multiples of `LANES`).
+    /// Kᵀ in panels of `ldk` keys, `tile` floats apart: feature `e` of key `j` at
+    /// `kt + (j / ldk)·tile + e·ldk + j % ldk`. A step's `LANES` keys lie in one panel (`j0`,
+    /// `stride` and `ldk` are multiples of `LANES`; with `ldk = LANES` they are contiguous).
     pub kt: *const f32,
     pub ldk: usize,
     pub tile: usize,
