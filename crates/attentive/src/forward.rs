@@ -258,14 +258,25 @@ pub(crate) fn gather_rows(
 /// Kᵀ in tiles: `[B·Hkv][ceil(Nk/BC)][D][BC]`, zero-padded past `Nk`, so the score GEMM streams
 /// contiguous `BC`-wide rows whatever the strides of K.
 pub(crate) struct PackedK {
-    data: Buffer,
+    /// Owns the memory `base` points into; not read through after construction (readers of
+    /// one head and the packing of another share it only through `base`).
+    _data: Buffer,
+    base: *mut f32,
+    len: usize,
     tiles: usize,
     d: usize,
-    /// The first key head packed (`b·Hkv + kvh`).
-    first: usize,
     /// Keys per panel of a tile ([`Keys::Packed`]).
     pub panel: usize,
+    /// Per key head `b·Hkv + kvh`, set once it is packed ([`PackedK::lazy`]); empty when every
+    /// head was packed on construction.
+    ready: Vec<std::sync::OnceLock<()>>,
 }
+
+// SAFETY: `base` points into the owned buffer. Its elements are written only by `new` before
+// the value is shared, or by `head` under that head's OnceLock, for that head's region alone,
+// which no reader touches before the lock is set (readers call `head` first).
+unsafe impl Send for PackedK {}
+unsafe impl Sync for PackedK {}
 
 /// Writes rows `j0..j0 + w` of `view[b, h]` transposed into `dst` as `[width][ld]`, columns
 /// `w..ld` zeroed: a Kᵀ (or Vᵀ) tile whose rows the GEMM streams as contiguous vectors.
@@ -313,36 +324,72 @@ pub(crate) fn pack_transposed(
 
 impl PackedK {
     pub fn new(p: &Problem) -> Self {
-        Self::heads(p, 0..p.b * p.hkv, BC)
-    }
-
-    /// Kᵀ of the key heads `b·Hkv + kvh` in `heads` only, each tile in panels of `panel` keys
-    /// (`BC`, or the lanes of a vector: [`Keys::Packed`]).
-    fn heads(p: &Problem, heads: std::ops::Range<usize>, panel: usize) -> Self {
-        let tiles = p.nk.div_ceil(BC);
-        let stride = panel_stride(p.d, panel);
-        let mut data = Buffer::uninit(heads.len() * tiles * BC / panel * stride);
-        data.par_chunks_mut(stride)
+        let mut pk = Self::unpacked(p, BC);
+        let (tiles, stride) = (pk.tiles, panel_stride(p.d, BC));
+        // SAFETY: `base` addresses the whole buffer, which nothing else references yet.
+        let all = unsafe { std::slice::from_raw_parts_mut(pk.base, pk.len) };
+        all.par_chunks_mut(stride)
             .enumerate()
             .for_each_init(Vec::new, |rows, (idx, dst)| {
-                let per = BC / panel;
-                let (bh, t) = (heads.start + idx / (tiles * per), idx % (tiles * per));
-                let j0 = (t * panel).min(p.nk);
-                let keys = (j0, panel.min(p.nk - j0));
-                pack_k(p, (bh / p.hkv, bh % p.hkv), keys, panel, dst, rows);
+                let (bh, t) = (idx / tiles, idx % tiles);
+                let keys = (t * BC, BC.min(p.nk - t * BC));
+                pack_k(p, (bh / p.hkv, bh % p.hkv), keys, BC, dst, rows);
             });
+        pk.ready.clear();
+        pk
+    }
+
+    /// Room for every key head, in panels of `panel` keys (`BC`, or the lanes of a vector:
+    /// [`Keys::Packed`]); each head is packed by the first [`PackedK::head`] call for it, by
+    /// the task that needs it, just before it reads it.
+    pub fn lazy(p: &Problem, panel: usize) -> Self {
+        Self::unpacked(p, panel)
+    }
+
+    fn unpacked(p: &Problem, panel: usize) -> Self {
+        let tiles = p.nk.div_ceil(BC);
+        let heads = p.b * p.hkv;
+        let len = heads * tiles * BC / panel * panel_stride(p.d, panel);
+        let mut data = Buffer::uninit(len);
         Self {
-            data,
+            base: data.as_mut_ptr(),
+            len,
+            _data: data,
             tiles,
             d: p.d,
-            first: heads.start,
             panel,
+            ready: (0..heads).map(|_| std::sync::OnceLock::new()).collect(),
         }
     }
 
+    /// Packs key head `b·Hkv + kvh` of a [`PackedK::lazy`] copy if no task has yet (one
+    /// thread packs, any other caller for that head waits); every head of an eager copy is.
+    pub fn head(&self, p: &Problem, (b, kvh): (usize, usize)) {
+        let Some(ready) = self.ready.get(b * p.hkv + kvh) else {
+            return;
+        };
+        ready.get_or_init(|| {
+            let (per, stride) = (BC / self.panel, panel_stride(self.d, self.panel));
+            let len = self.tiles * per * stride;
+            // SAFETY: head (b, kvh)'s region of the buffer, written here under its lock and
+            // read by no one before the lock is set.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(self.base.add((b * p.hkv + kvh) * len), len)
+            };
+            let mut rows = Vec::new();
+            for (t, dst) in dst.chunks_mut(stride).enumerate() {
+                let j0 = (t * self.panel).min(p.nk);
+                let keys = (j0, self.panel.min(p.nk - j0));
+                pack_k(p, (b, kvh), keys, self.panel, dst, &mut rows);
+            }
+        });
+    }
+
     pub fn tile(&self, b: usize, hkv: usize, hkvs: usize, j0: usize) -> *const f32 {
-        let idx = (b * hkvs + hkv - self.first) * self.tiles + j0 / BC;
-        self.data[idx * BC / self.panel * panel_stride(self.d, self.panel)..].as_ptr()
+        let idx = (b * hkvs + hkv) * self.tiles + j0 / BC;
+        let off = idx * BC / self.panel * panel_stride(self.d, self.panel);
+        assert!(off < self.len, "tile {idx} outside the packed copy");
+        self.base.wrapping_add(off).cast_const()
     }
 }
 
@@ -1191,40 +1238,38 @@ fn tiled(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
                     .map(move |c| (rho + c * per, CLASS_TILES.min(n - c)))
             })
             .collect();
-        let run_head = |pk: &PackedK, bkv: usize| {
-            let (b, kvh) = (bkv / p.hkv, bkv % p.hkv);
-            (0..p.group * sets.len()).into_par_iter().for_each_init(
-                || Scratch::new(p),
-                |scr, task| {
-                    let h = kvh * p.group + task / sets.len();
-                    let (t0, count) = sets[task % sets.len()];
-                    let all: [usize; CLASS_TILES] = std::array::from_fn(|u| t0 + u * per);
-                    let tiles = &all[..count];
-                    crate::residue::class_tiles(p, pk, (b, h), tiles, steps, scr);
-                    for (u, &t) in tiles.iter().enumerate() {
-                        let (i0, rows) = (t * BR, BR.min(p.nq - t * BR));
-                        attend_rows(p, Some(pk), (b, h), i0, rows, (0, p.nk), None, Some(u), scr);
-                        emit(scr, (b, h), i0, rows);
-                    }
-                },
-            );
-        };
-        // Class keys read Kᵀ tiles of every earlier stretch of keys, so every tile is packed:
-        // one key head at a time, the next one's (memory-bound) while this one's tasks run.
-        let heads = p.b * p.hkv;
-        // In panels one vector wide: a step's keys for a vector of rows are then contiguous.
-        let panel = p.kern.lanes;
-        let mut cur = PackedK::heads(p, 0..1, panel);
-        for bkv in 0..heads {
-            let (next, ()) = rayon::join(
-                || (bkv + 1 < heads).then(|| PackedK::heads(p, bkv + 1..bkv + 2, panel)),
-                || run_head(&cur, bkv),
-            );
-            match next {
-                Some(n) => cur = n,
-                None => break,
-            }
-        }
+        // Class keys read Kᵀ tiles of every earlier stretch of keys, so every tile is packed,
+        // in panels one vector wide (a step's keys for a vector of rows are then contiguous);
+        // each key head by the first task that reads it, while it is about to be read, in one
+        // parallel loop (a loop per head would make every thread wait for the slowest task of
+        // each head, and wake again).
+        let pk = PackedK::lazy(p, p.kern.lanes);
+        (0..p.b * p.hq * sets.len()).into_par_iter().for_each_init(
+            || Scratch::new(p),
+            |scr, task| {
+                let (bh, (t0, count)) = (task / sets.len(), sets[task % sets.len()]);
+                let (b, h) = (bh / p.hq, bh % p.hq);
+                pk.head(p, (b, h / p.group));
+                let all: [usize; CLASS_TILES] = std::array::from_fn(|u| t0 + u * per);
+                let tiles = &all[..count];
+                crate::residue::class_tiles(p, &pk, (b, h), tiles, steps, scr);
+                for (u, &t) in tiles.iter().enumerate() {
+                    let (i0, rows) = (t * BR, BR.min(p.nq - t * BR));
+                    attend_rows(
+                        p,
+                        Some(&pk),
+                        (b, h),
+                        i0,
+                        rows,
+                        (0, p.nk),
+                        None,
+                        Some(u),
+                        scr,
+                    );
+                    emit(scr, (b, h), i0, rows);
+                }
+            },
+        );
         return;
     }
     (0..p.b * p.hq * qt).into_par_iter().for_each_init(
