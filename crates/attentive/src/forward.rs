@@ -73,8 +73,8 @@ pub(crate) struct Scratch {
     pub hulls: Vec<(usize, usize)>,
     /// For problems with [`Problem::class_keys`] (grown on first use): Qᵀ of one group of rows
     /// per tile (`CLASS_TILES × D × lanes`), the scores of their class keys, and each tile's
-    /// rows' state after them (max and sum, `BR` each, and output, `BR × Dv`), which a tile's
-    /// `m`, `l` and `o` take by swapping buffers.
+    /// rows' state (max and sum, `BR` each, and output, `BR × Dv`), which a tile's `m`, `l`
+    /// and `o` are swapped with.
     pub qt: Vec<f32>,
     pub cls: Vec<f32>,
     pub cls_m: [Vec<f32>; CLASS_TILES],
@@ -637,8 +637,7 @@ impl<'a> Prior<'a> {
 /// Attention of queries `i0..i0 + rows` of `(b, h)` over keys `keys.0..keys.1`: leaves the
 /// normalised output in `scr.o` (`rows × Dv`), each row's largest logit in `scr.m` and its sum
 /// of exponentials relative to it in `scr.l` (−∞ and 0 for a row that sees no key). With a
-/// `prior`, the rows start from its state instead of from no key; with `seed = Some(u)`, from
-/// the class keys [`residue::class_tiles`](crate::residue::class_tiles) left in slot `u`.
+/// `prior`, the rows start from its state instead of from no key.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_rows(
     p: &Problem,
@@ -648,7 +647,6 @@ pub(crate) fn attend_rows(
     rows: usize,
     keys: (usize, usize),
     prior: Option<Prior>,
-    seed: Option<usize>,
     scr: &mut Scratch,
 ) {
     let dv = p.dv;
@@ -665,13 +663,6 @@ pub(crate) fn attend_rows(
                 (scr.m[r], scr.l[r]) = (m, l);
             }
         }
-    }
-    // Rows whose class keys ran first (slot `u` of the class buffers) continue from them.
-    if let Some(u) = seed {
-        std::mem::swap(&mut scr.m, &mut scr.cls_m[u]);
-        std::mem::swap(&mut scr.l, &mut scr.cls_l[u]);
-        std::mem::swap(&mut scr.o, &mut scr.cls_o[u]);
-        scr.fresh = false;
     }
     // Key tiles any row can see: rows' spans are intervals whose ends never decrease with the
     // row, so the first row's start and the last row's end bound the walk (a row with no key
@@ -1252,21 +1243,23 @@ fn tiled(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
                 pk.head(p, (b, h / p.group));
                 let all: [usize; CLASS_TILES] = std::array::from_fn(|u| t0 + u * per);
                 let tiles = &all[..count];
-                crate::residue::class_tiles(p, &pk, (b, h), tiles, steps, scr);
+                // Each tile's band, its state set aside in the class slots (by swapping buffers),
+                // then the class keys of all of them, which join that state, then the output.
+                let swap = |scr: &mut Scratch, u: usize| {
+                    std::mem::swap(&mut scr.m, &mut scr.cls_m[u]);
+                    std::mem::swap(&mut scr.l, &mut scr.cls_l[u]);
+                    std::mem::swap(&mut scr.o, &mut scr.cls_o[u]);
+                };
+                crate::residue::grow_class_buffers(p, steps, scr);
                 for (u, &t) in tiles.iter().enumerate() {
                     let (i0, rows) = (t * BR, BR.min(p.nq - t * BR));
-                    attend_rows(
-                        p,
-                        Some(&pk),
-                        (b, h),
-                        i0,
-                        rows,
-                        (0, p.nk),
-                        None,
-                        Some(u),
-                        scr,
-                    );
-                    emit(scr, (b, h), i0, rows);
+                    attend_rows(p, Some(&pk), (b, h), i0, rows, (0, p.nk), None, scr);
+                    swap(scr, u);
+                }
+                crate::residue::class_tiles(p, &pk, (b, h), tiles, steps, scr);
+                for (u, &t) in tiles.iter().enumerate() {
+                    swap(scr, u);
+                    emit(scr, (b, h), t * BR, BR.min(p.nq - t * BR));
                 }
             },
         );
@@ -1278,17 +1271,7 @@ fn tiled(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
             let (b, h, t) = task_of(p, qt, task);
             let i0 = t * BR;
             let rows = BR.min(p.nq - i0);
-            attend_rows(
-                p,
-                packed.as_ref(),
-                (b, h),
-                i0,
-                rows,
-                (0, p.nk),
-                prior,
-                None,
-                scr,
-            );
+            attend_rows(p, packed.as_ref(), (b, h), i0, rows, (0, p.nk), prior, scr);
             emit(scr, (b, h), i0, rows);
         },
     );
@@ -1310,7 +1293,7 @@ fn decode(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
                 let (bh, c) = (task / chunks, task % chunks);
                 let (b, h) = (bh / p.hq, bh % p.hq);
                 let keys = (c * DECODE_CHUNK, ((c + 1) * DECODE_CHUNK).min(p.nk));
-                attend_rows(p, None, (b, h), 0, nq, keys, None, None, scr);
+                attend_rows(p, None, (b, h), 0, nq, keys, None, scr);
                 to_lse(scr, nq);
                 po.copy_from_slice(&scr.o[..nq * dv]);
                 pl.copy_from_slice(&scr.m[..nq]);

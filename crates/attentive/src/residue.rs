@@ -431,12 +431,35 @@ fn band_then_classes(
     Ok(())
 }
 
+/// Sizes the class-key buffers of `scr` for `p` (grown once per thread).
+pub(crate) fn grow_class_buffers(p: &Problem, steps: ClassSteps, scr: &mut Scratch) {
+    let (lanes, d, dv) = (p.kern.lanes, p.d, p.dv);
+    let grow = |x: &mut Vec<f32>, n: usize| {
+        if x.len() < n {
+            x.resize(n, 0.0);
+        }
+    };
+    grow(&mut scr.cls, CLASS_TILES * class_cap(p, steps) * lanes); //     (CT, cap, lanes)
+    grow(&mut scr.qt, CLASS_TILES * d * lanes); //                        (CT, D, lanes)
+    for u in 0..CLASS_TILES {
+        grow(&mut scr.cls_m[u], BR);
+        grow(&mut scr.cls_l[u], BR);
+        grow(&mut scr.cls_o[u], BR * dv); //                              (BR, Dv)
+    }
+}
+
+/// Steps a row can have: at most Nk/stride + 1 full ones, and the partial one.
+fn class_cap(p: &Problem, steps: ClassSteps) -> usize {
+    p.nk / steps.stride + 2
+}
+
 /// The class keys ([`Problem::class_keys`]) of the query tiles `tiles` of `(b, h)` (at most
 /// [`CLASS_TILES`], one stride apart), a group of `lanes` rows of every tile at a time
-/// ([`ClassKeys`]): leaves each tile's rows' largest logit, sum of exponentials and unnormalised
-/// output in `scr.cls_m[u]`, `scr.cls_l[u]` and `scr.cls_o[u]`, from which the rows' other
-/// keys continue. Needs Q's last stride to be 1, `Nk − Nq` a multiple of the lanes and the
-/// stride a multiple of the tile.
+/// ([`ClassKeys`]), joined to the attention of the rows over their other keys, which
+/// `scr.cls_m[u]`, `scr.cls_l[u]` and `scr.cls_o[u]` hold for tile `u` (max, sum, normalised
+/// output) and hold over both key sets on return. Needs Q's last stride to be 1, `Nk − Nq` a
+/// multiple of the lanes, the stride a multiple of the tile, and the buffers sized by
+/// [`grow_class_buffers`].
 pub(crate) fn class_tiles(
     p: &Problem,
     packed: &PackedK,
@@ -448,20 +471,7 @@ pub(crate) fn class_tiles(
     const CT: usize = CLASS_TILES;
     let (lanes, d, dv, kern) = (p.kern.lanes, p.d, p.dv, p.kern);
     let kvh = h / p.group;
-    // At most nk/stride + 1 steps, and the partial one.
-    let cap = p.nk / steps.stride + 2;
-    let grow = |x: &mut Vec<f32>, n: usize| {
-        if x.len() < n {
-            x.resize(n, 0.0);
-        }
-    };
-    grow(&mut scr.cls, CT * cap * lanes); //                              (CT, cap, lanes)
-    grow(&mut scr.qt, CT * d * lanes); //                                 (CT, D, lanes)
-    for u in 0..CT {
-        grow(&mut scr.cls_m[u], BR);
-        grow(&mut scr.cls_l[u], BR);
-        grow(&mut scr.cls_o[u], BR * dv); //                              (BR, Dv)
-    }
+    let cap = class_cap(p, steps);
     let count = tiles.len();
     let v = &p.v.data()[p.v.offset(b, kvh, 0, 0)..];
     let q = &p.q.data()[p.q.offset(b, h, 0, 0)..];

@@ -350,9 +350,12 @@ pub(crate) const CLASS_TILES: usize = 4;
 /// o_u[r] = Σ_t e^{s_u[t][r] − m_u[r]} · v_{j_t + r}
 /// ```
 ///
-/// (`m = −∞`, `l = 0` and `o = 0` for a row that sees no key). Steps `0..full` have every lane's
-/// key (`j_t ≥ key_lo`); step `full`, if any lane's key `j_full + r ≥ key_lo` there, has the
-/// lanes from that key on. Lanes at or beyond `rows[u]` are not rows and see nothing.
+/// (`m = −∞`, `l = 0` and `o = 0` for a row that sees no key), joined to the row's attention over
+/// its other keys: on entry `m`, `l` and `o` hold that attention's max logit, sum of
+/// exponentials and normalised output (−∞, 0 and 0 for none); on return, the same over both key
+/// sets. Steps `0..full` have every lane's key (`j_t ≥ key_lo`); step `full`, if any lane's key
+/// `j_full + r ≥ key_lo` there, has the lanes from that key on. Lanes at or beyond `rows[u]`
+/// are not rows and see nothing.
 #[derive(Clone, Copy)]
 pub(crate) struct ClassKeys {
     /// Qᵀ of each group: `d` rows of `LANES` floats.
@@ -378,7 +381,7 @@ pub(crate) struct ClassKeys {
     /// Scratch for the scores: group `u`'s step `t` at `s + (u·cap + t)·LANES`, `cap > full`.
     pub s: *mut f32,
     pub cap: usize,
-    /// Out, per group: `m`, `l` (`LANES` each) and `o` (`rows × dv`, row stride `dv`).
+    /// In and out, per group: `m`, `l` (`LANES` each) and `o` (`rows × dv`, row stride `dv`).
     pub m: [*mut f32; CLASS_TILES],
     pub l: [*mut f32; CLASS_TILES],
     pub o: [*mut f32; CLASS_TILES],
@@ -434,6 +437,7 @@ unsafe fn class_scores<S: Simd, const NB: usize>(c: &ClassKeys, t: usize) {
 #[inline(always)]
 unsafe fn class_pv<S: Simd, const V: usize, const TAIL: bool>(
     c: &ClassKeys,
+    (alpha, inv): (&[[f32; 16]; CLASS_TILES], &[[f32; 16]; CLASS_TILES]),
     r: usize,
     e0: usize,
     tail: usize,
@@ -470,12 +474,15 @@ unsafe fn class_pv<S: Simd, const V: usize, const TAIL: bool>(
         if r >= c.rows[g] {
             continue;
         }
+        // o ← (α·o + Σ_t p_t·v_t) / ℓ'.
         let o = c.o[g].add(r * c.dv + e0);
+        let (w, iv) = (S::splat(alpha[g][r]), S::splat(inv[g][r]));
         for (v, &x) in a.iter().enumerate() {
             if TAIL && v == V - 1 {
-                S::store_part(o.add(v * l), x, tail)
+                let y = S::mul(S::fma(w, load(o, v), x), iv);
+                S::store_part(o.add(v * l), y, tail)
             } else {
-                S::store(o.add(v * l), x)
+                S::store(o.add(v * l), S::mul(S::fma(w, load(o, v), x), iv))
             }
         }
     }
@@ -485,6 +492,9 @@ unsafe fn class_pv<S: Simd, const V: usize, const TAIL: bool>(
 unsafe fn class_keys_generic<S: Simd>(c: &ClassKeys) {
     const NB: usize = 4;
     let l = S::LANES;
+    // Per group and lane: the weight of the other keys' output, and 1 / the new sum.
+    let mut alpha = [[0.0f32; 16]; CLASS_TILES];
+    let mut inv = [[0.0f32; 16]; CLASS_TILES];
     let mut t = 0;
     while t + NB <= c.full {
         class_scores::<S, NB>(c, t);
@@ -524,12 +534,14 @@ unsafe fn class_keys_generic<S: Simd>(c: &ClassKeys) {
                 }
             }
         }
-        let mut mx = S::splat(f32::NEG_INFINITY);
+        // The rows' max over their other keys and these.
+        let mut mx = S::load(c.m[g]);
         for t in 0..steps {
             mx = S::max(mx, S::load(c.score(g, t, l)));
         }
-        // A lane with no key subtracts 0 instead of −∞: its weights e^{−∞} are 0.
+        let m_band = S::load(c.m[g]);
         S::store(c.m[g], mx);
+        // A lane with no key subtracts 0 instead of −∞: its weights e^{−∞} are 0.
         let mut neg = [0.0f32; 16];
         for (r, x) in neg.iter_mut().enumerate().take(l) {
             let m = *c.m[g].add(r);
@@ -542,7 +554,15 @@ unsafe fn class_keys_generic<S: Simd>(c: &ClassKeys) {
             S::store(c.score(g, t, l), p);
             sum = S::add(sum, p);
         }
-        S::store(c.l[g], sum);
+        // The other keys' share, ℓ·e^{m − m'} (0 for a row that saw none), and the new sum.
+        let a = S::mul(S::load(c.l[g]), S::exp(S::add(m_band, nv)));
+        let total = S::add(a, sum);
+        S::store(alpha[g].as_mut_ptr(), a);
+        S::store(c.l[g], total);
+        for r in 0..l {
+            let t = *c.l[g].add(r);
+            inv[g][r] = if t > 0.0 { 1.0 / t } else { 0.0 };
+        }
     }
     let block = S::NV * l;
     let rows = c.rows.iter().copied().max().unwrap_or(0);
@@ -551,14 +571,14 @@ unsafe fn class_keys_generic<S: Simd>(c: &ClassKeys) {
         while e0 < c.dv {
             let cols = block.min(c.dv - e0);
             match (cols.div_ceil(l), cols % l) {
-                (4, 0) => class_pv::<S, 4, false>(c, r, e0, 0),
-                (4, t) => class_pv::<S, 4, true>(c, r, e0, t),
-                (3, 0) => class_pv::<S, 3, false>(c, r, e0, 0),
-                (3, t) => class_pv::<S, 3, true>(c, r, e0, t),
-                (2, 0) => class_pv::<S, 2, false>(c, r, e0, 0),
-                (2, t) => class_pv::<S, 2, true>(c, r, e0, t),
-                (_, 0) => class_pv::<S, 1, false>(c, r, e0, 0),
-                (_, t) => class_pv::<S, 1, true>(c, r, e0, t),
+                (4, 0) => class_pv::<S, 4, false>(c, (&alpha, &inv), r, e0, 0),
+                (4, t) => class_pv::<S, 4, true>(c, (&alpha, &inv), r, e0, t),
+                (3, 0) => class_pv::<S, 3, false>(c, (&alpha, &inv), r, e0, 0),
+                (3, t) => class_pv::<S, 3, true>(c, (&alpha, &inv), r, e0, t),
+                (2, 0) => class_pv::<S, 2, false>(c, (&alpha, &inv), r, e0, 0),
+                (2, t) => class_pv::<S, 2, true>(c, (&alpha, &inv), r, e0, t),
+                (_, 0) => class_pv::<S, 1, false>(c, (&alpha, &inv), r, e0, 0),
+                (_, t) => class_pv::<S, 1, true>(c, (&alpha, &inv), r, e0, t),
             }
             e0 += cols;
         }
