@@ -559,9 +559,9 @@ unsafe fn class_keys_generic<S: Simd>(c: &ClassKeys) {
         let total = S::add(a, sum);
         S::store(alpha[g].as_mut_ptr(), a);
         S::store(c.l[g], total);
-        for r in 0..l {
+        for (r, x) in inv[g].iter_mut().enumerate().take(l) {
             let t = *c.l[g].add(r);
-            inv[g][r] = if t > 0.0 { 1.0 / t } else { 0.0 };
+            *x = if t > 0.0 { 1.0 / t } else { 0.0 };
         }
     }
     let block = S::NV * l;
