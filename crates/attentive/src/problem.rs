@@ -363,7 +363,7 @@ impl<'a> Problem<'a> {
 
     /// The same problem where query `p` also sees the keys `p − k·stride` for `k ≥ k_min` at or
     /// beyond `key_lo` ([`ClassSteps`]): the tiled forward computes them with
-    /// [`Kernels::class_keys`](crate::simd::Kernels) before the rest of each row's keys.
+    /// [`Kernels::class_keys`](crate::simd::Kernels) after the rest of each row's keys.
     pub fn with_class_keys(mut self, steps: ClassSteps) -> Self {
         self.class_keys = Some(steps);
         self

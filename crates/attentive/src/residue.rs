@@ -19,9 +19,9 @@
 //! keys a group of 16 consecutive rows sees $k$ steps back, $p_r - kL$, are 16 consecutive keys,
 //! one per row, so the scores of a step are one vector FMA per feature over packed Kᵀ
 //! ([`ClassKeys`]). The call then runs as one problem, the band plus
-//! [`Problem::class_keys`]: each task computes the class keys of 4 query tiles one stride apart
-//! (which see the same steps and share every load) and then each tile's band continues from
-//! their max, sum and output.
+//! [`Problem::class_keys`]: each task runs the bands of 4 query tiles one stride apart, then
+//! their class keys (the tiles see the same steps and share every load), which join the bands'
+//! max, sum and output.
 //!
 //! Otherwise the band runs first, a chunk of heads at a time; the classes then continue from its
 //! row statistics (max and sum of exponentials) and output, so the result is attention over
