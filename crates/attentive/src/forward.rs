@@ -256,7 +256,9 @@ pub(crate) fn gather_rows(
 }
 
 /// Kᵀ in tiles: `[B·Hkv][ceil(Nk/BC)][D][BC]`, zero-padded past `Nk`, so the score GEMM streams
-/// contiguous `BC`-wide rows whatever the strides of K.
+/// contiguous `BC`-wide rows whatever the strides of K; or each tile as `BC / panel` panels
+/// `[D][panel]`, [`panel_stride`] apart (the class keys of strided patterns read a vector's
+/// keys of a panel as contiguous memory).
 pub(crate) struct PackedK {
     /// Owns the memory `base` points into; not read through after construction (readers of
     /// one head and the packing of another share it only through `base`).
