@@ -326,7 +326,7 @@ pub(crate) fn pack_transposed(
 
 impl PackedK {
     pub fn new(p: &Problem) -> Self {
-        let mut pk = Self::unpacked(p, BC);
+        let mut pk = Self::lazy(p, BC);
         let (tiles, stride) = (pk.tiles, panel_stride(p.d, BC));
         // SAFETY: `base` addresses the whole buffer, which nothing else references yet.
         let all = unsafe { std::slice::from_raw_parts_mut(pk.base, pk.len) };
@@ -345,10 +345,6 @@ impl PackedK {
     /// [`Keys::Packed`]); each head is packed by the first [`PackedK::head`] call for it, by
     /// the task that needs it, just before it reads it.
     pub fn lazy(p: &Problem, panel: usize) -> Self {
-        Self::unpacked(p, panel)
-    }
-
-    fn unpacked(p: &Problem, panel: usize) -> Self {
         let tiles = p.nk.div_ceil(BC);
         let heads = p.b * p.hkv;
         let len = heads * tiles * BC / panel * panel_stride(p.d, panel);

@@ -535,11 +535,11 @@ unsafe fn class_keys_generic<S: Simd>(c: &ClassKeys) {
             }
         }
         // The rows' max over their other keys and these.
-        let mut mx = S::load(c.m[g]);
+        let m_band = S::load(c.m[g]);
+        let mut mx = m_band;
         for t in 0..steps {
             mx = S::max(mx, S::load(c.score(g, t, l)));
         }
-        let m_band = S::load(c.m[g]);
         S::store(c.m[g], mx);
         // A lane with no key subtracts 0 instead of −∞: its weights e^{−∞} are 0.
         let mut neg = [0.0f32; 16];
