@@ -29,7 +29,7 @@ use crate::options::Options;
 use crate::problem::{Problem, Span};
 use crate::simd::Gemm;
 use crate::view::{RawOut, RawSlice, View, ViewMut};
-use crate::workspace::Buffer;
+use crate::workspace::{AVec, Buffer};
 use rayon::prelude::*;
 
 /// Fewest tasks the backward aims for: enough to balance two to eight threads. When
@@ -40,21 +40,21 @@ const MIN_TASKS: usize = 8;
 const MAX_SPLITS: usize = 4;
 
 struct Scratch {
-    kt: Vec<f32>,
-    vt: Vec<f32>,
-    k: Vec<f32>,
-    q: Vec<f32>,
-    d_o: Vec<f32>,
-    s: Vec<f32>,
-    pd: Vec<f32>,
-    dp: Vec<f32>,
-    chain: Vec<f32>,
-    z: Vec<f32>,
-    dk: Vec<f32>,
-    dv: Vec<f32>,
+    kt: AVec,
+    vt: AVec,
+    k: AVec,
+    q: AVec,
+    d_o: AVec,
+    s: AVec,
+    pd: AVec,
+    dp: AVec,
+    chain: AVec,
+    z: AVec,
+    dk: AVec,
+    dv: AVec,
     /// One query tile's share of dK, dV (`BC × D(v)`) or dQ (`BR × D`) before it is added:
     /// long sums are summed a tile at a time, not as one chain.
-    part: Vec<f32>,
+    part: AVec,
     spans: Vec<Span>,
     hulls: Vec<(usize, usize)>,
 }
@@ -62,19 +62,19 @@ struct Scratch {
 impl Scratch {
     fn new(p: &Problem) -> Self {
         Self {
-            kt: vec![0.0; p.d * BC],
-            vt: vec![0.0; p.dv * BC],
-            k: vec![0.0; BC * p.d],
-            q: vec![0.0; BR * p.d],
-            d_o: vec![0.0; BR * p.dv],
-            s: vec![0.0; BR * BC],
-            pd: vec![0.0; BR * BC],
-            dp: vec![0.0; BR * BC],
-            chain: vec![1.0; BR * BC],
-            z: vec![1.0; BR * BC],
-            dk: vec![0.0; BC * p.d],
-            dv: vec![0.0; BC * p.dv],
-            part: vec![0.0; BC.max(BR) * p.d.max(p.dv)],
+            kt: AVec::filled(p.d * BC, 0.0),
+            vt: AVec::filled(p.dv * BC, 0.0),
+            k: AVec::filled(BC * p.d, 0.0),
+            q: AVec::filled(BR * p.d, 0.0),
+            d_o: AVec::filled(BR * p.dv, 0.0),
+            s: AVec::filled(BR * BC, 0.0),
+            pd: AVec::filled(BR * BC, 0.0),
+            dp: AVec::filled(BR * BC, 0.0),
+            chain: AVec::filled(BR * BC, 1.0),
+            z: AVec::filled(BR * BC, 1.0),
+            dk: AVec::filled(BC * p.d, 0.0),
+            dv: AVec::filled(BC * p.dv, 0.0),
+            part: AVec::filled(BC.max(BR) * p.d.max(p.dv), 0.0),
             spans: vec![Span::EMPTY; BR],
             hulls: vec![(0, 0); BR.div_ceil(GROUP)],
         }

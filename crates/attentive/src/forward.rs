@@ -25,7 +25,7 @@ use crate::options::Options;
 use crate::problem::{Problem, Span};
 use crate::simd::{Dots, Gemm, Kernels, OnlineSoftmax, Transpose, CLASS_TILES};
 use crate::view::{RawOut, RawSlice, View, ViewMut};
-use crate::workspace::Buffer;
+use crate::workspace::{AVec, Buffer};
 use half::f16;
 use rayon::prelude::*;
 
@@ -50,23 +50,23 @@ pub(crate) const GROUP: usize = 16;
 
 /// Per-thread buffers of the tile loop, allocated once per thread and reused for every task.
 pub(crate) struct Scratch {
-    pub q: Vec<f32>,
+    pub q: AVec,
     /// Raw scores, then weights, of up to [`RUN`] tiles side by side (`BR × SW`).
-    pub s: Vec<f32>,
-    pub o: Vec<f32>,
+    pub s: AVec,
+    pub o: AVec,
     pub m: Vec<f32>,
     pub l: Vec<f32>,
     /// Each row's rescaling `e^{m − m'}` of the last online-softmax step.
     pub alpha: Vec<f32>,
     /// A run's (or row-by-row tile's) P·V (`BR × Dv`), added to `o` after rescaling it.
-    pub pv: Vec<f32>,
+    pub pv: AVec,
     /// `o` holds no product yet: the next P·V is written into it directly.
     pub fresh: bool,
     /// K of one tile when there is no packed copy: Kᵀ packed on the fly, or K's rows gathered
     /// when their feature stride is not 1 or widened from f16.
-    pub kbuf: Vec<f32>,
+    pub kbuf: AVec,
     /// V rows gathered when V's feature stride is not 1, or widened from f16.
-    pub vt: Vec<f32>,
+    pub vt: AVec,
     /// K rows widened from f16 before they are packed as Kᵀ into `kbuf`.
     pub wide: Vec<f32>,
     pub spans: Vec<Span>,
@@ -75,31 +75,31 @@ pub(crate) struct Scratch {
     /// per tile (`CLASS_TILES × D × lanes`), the scores of their class keys, and each tile's
     /// rows' state (max and sum, `BR` each, and output, `BR × Dv`), which a tile's `m`, `l`
     /// and `o` are swapped with.
-    pub qt: Vec<f32>,
-    pub cls: Vec<f32>,
+    pub qt: AVec,
+    pub cls: AVec,
     pub cls_m: [Vec<f32>; CLASS_TILES],
     pub cls_l: [Vec<f32>; CLASS_TILES],
-    pub cls_o: [Vec<f32>; CLASS_TILES],
+    pub cls_o: [AVec; CLASS_TILES],
 }
 
 impl Scratch {
     pub fn new(p: &Problem) -> Self {
         Self {
-            q: vec![0.0; BR * p.d],
-            s: vec![0.0; BR * SW],
-            o: vec![0.0; BR * p.dv],
+            q: AVec::filled(BR * p.d, 0.0),
+            s: AVec::filled(BR * SW, 0.0),
+            o: AVec::filled(BR * p.dv, 0.0),
             m: vec![0.0; BR],
             l: vec![0.0; BR],
             alpha: vec![1.0; BR],
-            pv: vec![0.0; BR * p.dv],
+            pv: AVec::filled(BR * p.dv, 0.0),
             fresh: true,
-            kbuf: vec![0.0; BC * p.d],
-            vt: vec![0.0; SW * p.dv],
+            kbuf: AVec::filled(BC * p.d, 0.0),
+            vt: AVec::filled(SW * p.dv, 0.0),
             wide: Vec::new(),
             spans: vec![Span::EMPTY; RUN * BR],
             hulls: vec![(0, 0); RUN * NG],
-            qt: Vec::new(),
-            cls: Vec::new(),
+            qt: AVec::default(),
+            cls: AVec::default(),
             cls_m: Default::default(),
             cls_l: Default::default(),
             cls_o: Default::default(),
@@ -258,7 +258,8 @@ pub(crate) fn gather_rows(
 /// Kᵀ in tiles: `[B·Hkv][ceil(Nk/BC)][D][BC]`, zero-padded past `Nk`, so the score GEMM streams
 /// contiguous `BC`-wide rows whatever the strides of K; or each tile as `BC / panel` panels
 /// `[D][panel]`, [`panel_stride`] apart (the class keys of strided patterns read a vector's
-/// keys of a panel as contiguous memory).
+/// keys of a panel as contiguous memory). An eager copy ([`PackedK::new`]) also holds V's rows
+/// on cache-line boundaries when V's own rows are not.
 pub(crate) struct PackedK {
     /// Owns the memory `base` points into; not read through after construction (readers of
     /// one head and the packing of another share it only through `base`).
@@ -272,6 +273,11 @@ pub(crate) struct PackedK {
     /// Per key head `b·Hkv + kvh`, set once it is packed ([`PackedK::lazy`]); empty when every
     /// head was packed on construction.
     ready: Vec<std::sync::OnceLock<()>>,
+    /// V's rows re-laid so that each starts a cache line (`[B·Hkv][Nk][ld]`, `ld` = Dv rounded
+    /// up to 16 floats) and its row stride in floats, when V's own rows do not (`PackedK::new`
+    /// only): the P·V micro-kernel loads V as whole vectors, and a vector straddling two lines
+    /// costs two loads.
+    v: Option<(Buffer, usize)>,
 }
 
 // SAFETY: `base` points into the owned buffer. Its elements are written only by `new` before
@@ -324,6 +330,29 @@ pub(crate) fn pack_transposed(
     }
 }
 
+/// V of every key head copied row by row onto cache-line boundaries, with its row stride, when
+/// f32 V rows with a unit feature stride do not already start on them; `None` otherwise (they
+/// do, or V is f16 or gathered per tile anyway).
+fn pack_v(p: &Problem) -> Option<(Buffer, usize)> {
+    let (st, base) = (p.v.strides(), p.v.data().as_ptr());
+    let aligned = |x: usize| x.is_multiple_of(16);
+    if p.half_kv.is_some() || st[3] != 1 || (aligned(base as usize / 4) && aligned(st[2])) {
+        return None;
+    }
+    let ld = p.dv.next_multiple_of(16);
+    let mut buf = Buffer::uninit(p.b * p.hkv * p.nk * ld); //               (B·Hkv, Nk, ld)
+    buf.par_chunks_mut(p.nk * ld)
+        .enumerate()
+        .for_each(|(bh, dst)| {
+            let (b, kvh) = (bh / p.hkv, bh % p.hkv);
+            for (j, row) in dst.chunks_mut(ld).enumerate() {
+                let o = p.v.offset(b, kvh, j, 0);
+                row[..p.dv].copy_from_slice(&p.v.data()[o..o + p.dv]);
+            }
+        });
+    Some((buf, ld))
+}
+
 impl PackedK {
     pub fn new(p: &Problem) -> Self {
         let mut pk = Self::lazy(p, BC);
@@ -338,7 +367,17 @@ impl PackedK {
                 pack_k(p, (bh / p.hkv, bh % p.hkv), keys, BC, dst, rows);
             });
         pk.ready.clear();
+        pk.v = pack_v(p);
         pk
+    }
+
+    /// Rows `j0..` of V of `(b, kvh)` from the cache-line copy, if there is one.
+    pub fn v_rows(&self, p: &Problem, (b, kvh): (usize, usize), j0: usize) -> Option<VRows> {
+        let (buf, ld) = self.v.as_ref()?;
+        Some(VRows::F32(
+            buf[((b * p.hkv + kvh) * p.nk + j0) * ld..].as_ptr(),
+            *ld,
+        ))
     }
 
     /// Room for every key head, in panels of `panel` keys (`BC`, or the lanes of a vector:
@@ -357,6 +396,7 @@ impl PackedK {
             d: p.d,
             panel,
             ready: (0..heads).map(|_| std::sync::OnceLock::new()).collect(),
+            v: None,
         }
     }
 
@@ -678,7 +718,7 @@ pub(crate) fn attend_rows(
         let j0 = kt * BC;
         let w = BC.min(p.nk - j0);
         if run.tiles > 0 && (run.tiles == RUN || j0 != run.j0 + run.w) {
-            flush_run(p, (b, h, kvh), i0, rows, &mut run, scr);
+            flush_run(p, packed, (b, h, kvh), i0, rows, &mut run, scr);
         }
         let kt = packed.map_or(Keys::unpacked(p), |pk| {
             Keys::Packed(pk.tile(b, kvh, p.hkv, j0), pk.panel)
@@ -701,11 +741,11 @@ pub(crate) fn attend_rows(
             run.tiles += 1;
             run.w += w;
         } else {
-            flush_run(p, (b, h, kvh), i0, rows, &mut run, scr);
-            tile_by_rows(p, (b, h, kvh), i0, rows, (j0, w, col), ragged, scr);
+            flush_run(p, packed, (b, h, kvh), i0, rows, &mut run, scr);
+            tile_by_rows(p, packed, (b, h, kvh), i0, rows, (j0, w, col), ragged, scr);
         }
     }
-    flush_run(p, (b, h, kvh), i0, rows, &mut run, scr);
+    flush_run(p, packed, (b, h, kvh), i0, rows, &mut run, scr);
     let kern = p.kern;
     for r in 0..rows {
         let l = scr.l[r];
@@ -755,6 +795,7 @@ struct Run {
 /// The softmax step and P·V product of a run's tiles, then an empty run.
 fn flush_run(
     p: &Problem,
+    packed: Option<&PackedK>,
     (b, h, kvh): (usize, usize, usize),
     i0: usize,
     rows: usize,
@@ -832,7 +873,9 @@ fn flush_run(
             );
         }
     }
-    let vr = v_rows(p, (b, kvh), run.j0, run.w, &mut scr.vt);
+    let vr = packed
+        .and_then(|pk| pk.v_rows(p, (b, kvh), run.j0))
+        .unwrap_or_else(|| v_rows(p, (b, kvh), run.j0, run.w, &mut scr.vt));
     pv_and_add(p, rows, vr, &hulls[..groups], size, 0, scr);
     *run = Run::default();
 }
@@ -927,8 +970,10 @@ fn pv_gemm<E>(
 /// A tile that is not plain (score modifiers, per-element masks, scale ≤ 0), row by row: keys
 /// `j0..j0 + w`, scored at column `col` of `scr.s` with their spans in `scr.spans[u·BR..]`
 /// (`u = col / BC`) and hulls in `scr.hulls[u·NG..]`.
+#[allow(clippy::too_many_arguments)]
 fn tile_by_rows(
     p: &Problem,
+    packed: Option<&PackedK>,
     (b, h, kvh): (usize, usize, usize),
     i0: usize,
     rows: usize,
@@ -984,7 +1029,9 @@ fn tile_by_rows(
         hulls[0] = (0, w);
         (1, rows)
     };
-    let vr = v_rows(p, (b, kvh), j0, w, &mut scr.vt);
+    let vr = packed
+        .and_then(|pk| pk.v_rows(p, (b, kvh), j0))
+        .unwrap_or_else(|| v_rows(p, (b, kvh), j0, w, &mut scr.vt));
     pv_and_add(p, rows, vr, &hulls[..groups], size, col, scr);
 }
 

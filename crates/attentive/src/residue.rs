@@ -45,6 +45,7 @@ use crate::pattern::Pattern;
 use crate::problem::{expect_len, ClassSteps, Problem};
 use crate::simd::{ClassKeys, Transpose, CLASS_TILES};
 use crate::view::{View, ViewMut};
+use crate::workspace::AVec;
 use crate::workspace::Buffer;
 
 /// How a call is split: into `classes` residue classes with the band `lo ≤ j' − p' ≤ hi` over
@@ -434,7 +435,12 @@ fn band_then_classes(
 /// Sizes the class-key buffers of `scr` for `p` (grown once per thread).
 pub(crate) fn grow_class_buffers(p: &Problem, steps: ClassSteps, scr: &mut Scratch) {
     let (lanes, d, dv) = (p.kern.lanes, p.d, p.dv);
-    let grow = |x: &mut Vec<f32>, n: usize| {
+    let grow = |x: &mut AVec, n: usize| {
+        if x.len() < n {
+            x.resize(n, 0.0);
+        }
+    };
+    let grow_row = |x: &mut Vec<f32>, n: usize| {
         if x.len() < n {
             x.resize(n, 0.0);
         }
@@ -442,8 +448,8 @@ pub(crate) fn grow_class_buffers(p: &Problem, steps: ClassSteps, scr: &mut Scrat
     grow(&mut scr.cls, CLASS_TILES * class_cap(p, steps) * lanes); //     (CT, cap, lanes)
     grow(&mut scr.qt, CLASS_TILES * d * lanes); //                        (CT, D, lanes)
     for u in 0..CLASS_TILES {
-        grow(&mut scr.cls_m[u], BR);
-        grow(&mut scr.cls_l[u], BR);
+        grow_row(&mut scr.cls_m[u], BR);
+        grow_row(&mut scr.cls_l[u], BR);
         grow(&mut scr.cls_o[u], BR * dv); //                              (BR, Dv)
     }
 }

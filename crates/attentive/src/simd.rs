@@ -1109,6 +1109,9 @@ mod expc {
     pub const LO: f32 = -87.336_55;
     /// Above this, $e^x$ overflows; inputs are clamped (softmax arguments are ≤ 0 anyway).
     pub const HI: f32 = 88.376_26;
+    /// 1.5·2²³: adding it to a float of magnitude below 2²² rounds it to an integer (to
+    /// nearest, ties to even), and subtracting it again leaves that integer exactly.
+    pub const ROUND: f32 = 12_582_912.0;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1176,10 +1179,10 @@ mod x86 {
         unsafe fn exp(x: __m512) -> __m512 {
             let under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(LO), _CMP_LT_OQ);
             let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(LO)), _mm512_set1_ps(HI));
-            let n = _mm512_roundscale_ps(
-                _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
-                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-            );
+            // n = round(x·log2 e) by adding and subtracting 1.5·2²³ (two instructions on the
+            // FMA ports, where a multiply and a round-to-integer take three).
+            let magic = _mm512_set1_ps(ROUND);
+            let n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(LOG2E), magic), magic);
             let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
             let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
             let mut y = _mm512_set1_ps(P[0]);
@@ -1189,7 +1192,7 @@ mod x86 {
             // e^r = 1 + (r + r²·p(r)): one rounding at the final addition, not two.
             let r2 = _mm512_mul_ps(r, r);
             y = _mm512_add_ps(_mm512_fmadd_ps(y, r2, r), _mm512_set1_ps(1.0));
-            _mm512_maskz_mov_ps(!under, _mm512_scalef_ps(y, n))
+            _mm512_maskz_scalef_ps(!under, y, n)
         }
         #[inline(always)]
         unsafe fn dot(a: *const f32, b: *const f32, k: usize) -> f32 {

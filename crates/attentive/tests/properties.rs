@@ -251,6 +251,61 @@ fn same_bits_with_one_and_two_threads() {
 }
 
 #[test]
+fn where_the_inputs_lie_in_memory_changes_no_bit() {
+    // The kernels copy operands that do not start a cache line (V's rows for the P·V product)
+    // onto one; the copy must not change the arithmetic. Each tensor is placed at every float
+    // offset within a 64-byte line, with Dv both a whole number of vectors and not.
+    let mut rng = Rng::new(11);
+    // Enough query tiles per key tile that the kernel packs K and V once, up front.
+    for (nq, nk, d, dv, causal) in [
+        (520, 130, 64, 64, None),
+        (600, 70, 24, 40, Some(Causal::TopLeft)),
+    ] {
+        let (b, h) = (1, 2);
+        let q = rng.vec(b * h * nq * d);
+        let k = rng.vec(b * h * nk * d);
+        let v = rng.vec(b * h * nk * dv);
+        let d_o = rng.vec(b * h * nq * dv);
+        let opts = match causal {
+            Some(c) => Options::new().causal(c),
+            None => Options::new(),
+        };
+        let at = |x: &[f32], off: usize| {
+            let mut y = vec![0.0; off];
+            y.extend_from_slice(x);
+            y
+        };
+        let run = |off: usize| {
+            let (q2, k2, v2, o2) = (at(&q, off), at(&k, off), at(&v, off), at(&d_o, off));
+            fn view(x: &[f32], off: usize, [b, h, n, w]: [usize; 4]) -> View<'_> {
+                View::new(&x[off..], [b, h, n, w], [h * n * w, n * w, w, 1]).unwrap()
+            }
+            let qv = view(&q2, off, [b, h, nq, d]);
+            let (kv, vv) = (
+                view(&k2, off, [b, h, nk, d]),
+                view(&v2, off, [b, h, nk, dv]),
+            );
+            let dov = view(&o2, off, [b, h, nq, dv]);
+            (fwd(qv, kv, vv, &opts), bwd(qv, kv, vv, dov, &opts))
+        };
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let base = run(0);
+        for off in 1..16 {
+            let other = run(off);
+            assert_eq!(bits(&base.0 .0), bits(&other.0 .0), "output, offset {off}");
+            assert_eq!(bits(&base.0 .1), bits(&other.0 .1), "LSE, offset {off}");
+            for g in 0..3 {
+                assert_eq!(
+                    bits(&base.1[g]),
+                    bits(&other.1[g]),
+                    "gradient {g}, offset {off}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn fully_masked_row_gives_zero_output_minus_infinity_lse_and_zero_gradients() {
     let (n, d) = (70, 16);
     let mut rng = Rng::new(9);
