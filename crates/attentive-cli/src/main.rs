@@ -299,6 +299,11 @@ struct BenchArgs {
     /// into DIR; `rss` prints the peak resident set size in bytes; `quit` or end of input stops.
     #[arg(long)]
     serve: bool,
+    /// Thread scaling: time the same call with 1, 2, 4, … threads up to every core (and every
+    /// core itself), and report each count's speedup over one thread and its parallel
+    /// efficiency (speedup / threads).
+    #[arg(long, conflicts_with = "serve")]
+    scaling: bool,
 }
 
 /// Resident set size now and its high-water mark, in bytes (Linux; 0 elsewhere).
@@ -431,16 +436,63 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
     if a.serve {
         return serve(&mut run);
     }
-    let first = run(None)?;
-    let iters = a
-        .iters
-        .unwrap_or_else(|| ((2.0 / first.max(1e-9)) as usize).clamp(3, 1000));
-    let mut times: Vec<f64> = (0..iters).map(|_| run(None)).collect::<Result<_, _>>()?;
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    let (_, peak) = rss();
+    // A first call, then as many as fit in about two seconds (or --iters), sorted.
+    let measure = |run: &mut dyn FnMut(Option<&std::path::Path>) -> Result<f64, CliError>| {
+        let first = run(None)?;
+        let iters = a
+            .iters
+            .unwrap_or_else(|| ((2.0 / first.max(1e-9)) as usize).clamp(3, 1000));
+        let mut times: Vec<f64> = (0..iters).map(|_| run(None)).collect::<Result<_, _>>()?;
+        times.sort_by(f64::total_cmp);
+        Ok::<_, CliError>(times)
+    };
     let pairs = visible_pairs(qv, kv, &opts)?;
     let flops_per_pair = if a.backward { 14 } else { 4 } * d as u64;
+    if a.scaling {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut counts: Vec<usize> = std::iter::successors(Some(1), |&t| Some(2 * t))
+            .take_while(|&t| t < cores)
+            .collect();
+        counts.push(cores);
+        let mut rows = Vec::new();
+        for &t in &counts {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .map_err(|e| CliError::Input {
+                    what: "thread pool".into(),
+                    reason: e.to_string(),
+                })?;
+            let times = pool.install(|| measure(&mut run))?;
+            let median = times[times.len() / 2];
+            let one: f64 = rows.first().map_or(median, |&(_, m)| m);
+            let speedup = one / median;
+            println!(
+                "{t:>3} threads: median {:9.3} ms, {:8.1} GFLOP/s, speedup {speedup:5.2}x, parallel efficiency {:5.1}%",
+                median * 1e3,
+                (pairs * flops_per_pair) as f64 / median / 1e9,
+                100.0 * speedup / t as f64,
+            );
+            rows.push((t, median));
+        }
+        if a.json {
+            let j: Vec<_> = rows
+                .iter()
+                .map(|&(t, m)| {
+                    serde_json::json!({
+                        "threads": t, "median_ms": m * 1e3,
+                        "gflops": (pairs * flops_per_pair) as f64 / m / 1e9,
+                        "speedup": rows[0].1 / m, "efficiency": rows[0].1 / m / t as f64,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::json!({ "scaling": j }));
+        }
+        return Ok(());
+    }
+    let times = measure(&mut run)?;
+    let (iters, median) = (times.len(), times[times.len() / 2]);
+    let (_, peak) = rss();
     let gflops = (pairs * flops_per_pair) as f64 / median / 1e9;
     // K and V read once: what bounds a decoding step.
     let kv_bytes = (k.len() + v.len()) * if a.half_kv { 2 } else { 4 };

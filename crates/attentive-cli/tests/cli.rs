@@ -231,6 +231,39 @@ fn bench_prints_json() {
 }
 
 #[test]
+fn bench_scaling_reports_every_thread_count_up_to_all_cores() {
+    let out = Command::new(env!("CARGO_BIN_EXE_attentive"))
+        .args(["bench", "--heads", "4", "--seq", "200", "--dim", "32"])
+        .args(["--iters", "3", "--scaling", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let j: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let rows = j["scaling"].as_array().unwrap();
+    let threads: Vec<u64> = rows
+        .iter()
+        .map(|r| r["threads"].as_u64().unwrap())
+        .collect();
+    let cores = std::thread::available_parallelism().unwrap().get() as u64;
+    // 1, 2, 4, … below the core count, then the core count itself.
+    let mut want: Vec<u64> = std::iter::successors(Some(1), |t| Some(2 * t))
+        .take_while(|&t| t < cores)
+        .collect();
+    want.push(cores);
+    assert_eq!(threads, want);
+    assert_eq!(rows[0]["speedup"].as_f64(), Some(1.0));
+    for r in rows {
+        let (t, s, e) = (
+            r["threads"].as_f64().unwrap(),
+            r["speedup"].as_f64().unwrap(),
+            r["efficiency"].as_f64().unwrap(),
+        );
+        assert!((e - s / t).abs() < 1e-9 && s > 0.0 && r["gflops"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
 fn attend_with_a_pattern_and_documents_matches_the_oracle() {
     let d = dir("pattern");
     let p = |n: &str| d.join(n).to_str().unwrap().to_string();
