@@ -862,7 +862,17 @@ unsafe fn gemm_generic<S: Simd, E: Elem, const PF: usize>(g: &Gemm<E>) {
     // single-vector pass is still bound by its FMAs (one load of B and R broadcasts for R FMAs),
     // and its loop keeps few enough addresses to stay in registers.
     let panels = g.b_vs != l;
-    let block = if panels { l } else { S::NV * l };
+    // At most two rows (decoding's P·V): a pass over up to twice as many vectors, so that each
+    // row of B (V's rows, streamed from memory once) is read in one pass, not two half-rows in
+    // two passes.
+    let wide = g.m <= 2 && !panels;
+    let block = if panels {
+        l
+    } else if wide {
+        2 * S::NV * l
+    } else {
+        S::NV * l
+    };
     let b0 = |j0: usize| if panels { j0 / l * g.b_vs } else { j0 };
     let mut j0 = 0;
     while j0 < g.n {
@@ -874,18 +884,33 @@ unsafe fn gemm_generic<S: Simd, E: Elem, const PF: usize>(g: &Gemm<E>) {
         let mut i0 = 0;
         for pass in 0..passes {
             let r = (g.m - i0).div_ceil(passes - pass);
-            dispatch_micro!(
-                S,
-                E,
-                PF,
-                g,
-                (i0, j0, b0(j0)),
-                r,
-                v,
-                tail,
-                [1, 2, 3, 4, 5, 6],
-                [1, 2, 3, 4]
-            );
+            if v > S::NV {
+                dispatch_micro!(
+                    S,
+                    E,
+                    PF,
+                    g,
+                    (i0, j0, b0(j0)),
+                    r,
+                    v,
+                    tail,
+                    [1, 2],
+                    [3, 4, 5, 6, 7, 8]
+                );
+            } else {
+                dispatch_micro!(
+                    S,
+                    E,
+                    PF,
+                    g,
+                    (i0, j0, b0(j0)),
+                    r,
+                    v,
+                    tail,
+                    [1, 2, 3, 4, 5, 6],
+                    [1, 2, 3, 4]
+                );
+            }
             i0 += r;
         }
         j0 += cols;
@@ -1799,6 +1824,10 @@ mod tests {
                 (13, 64, 64),
                 (6, 17, 3),
                 (64, 80, 40),
+                // One or two rows take passes twice as wide (tails included).
+                (1, 128, 33),
+                (2, 150, 9),
+                (1, 37, 4),
             ] {
                 for &(trans, acc) in &[(false, false), (true, true)] {
                     let a: Vec<f32> = (0..m * kk).map(|_| rnd()).collect();
