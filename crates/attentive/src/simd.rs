@@ -94,7 +94,9 @@ pub(crate) trait Simd: Copy {
     unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn reduce_add(v: Self::V) -> f32;
     unsafe fn reduce_max(v: Self::V) -> f32;
-    /// $e^x$ lane-wise; exactly 0 for $x < -87.3$ (and for $-\infty$).
+    /// $e^x$ lane-wise for the $x \le 0$ of a softmax (a logit less its row's maximum or
+    /// log-sum-exp); exactly 0 for $x < -87.3$ (and for $-\infty$). Up to $x = 2^{22}$ an
+    /// overflowing result is $+\infty$ (or, on some paths, the largest float).
     unsafe fn exp(v: Self::V) -> Self::V;
     /// `dst[c·ldd + r] = src[r·lds + c]` for a block of `LANES × LANES`.
     unsafe fn transpose_block(src: *const f32, lds: usize, dst: *mut f32, ldd: usize);
@@ -1234,8 +1236,10 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn exp(x: __m512) -> __m512 {
-            let under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(LO), _CMP_LT_OQ);
-            let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(LO)), _mm512_set1_ps(HI));
+            // Lanes to keep: x ≥ LO, or NaN (as `!(x < LO)`, in one comparison). Above HI the
+            // scaling below overflows to +∞, which is e^x rounded; NaN becomes e^LO.
+            let keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(LO), _CMP_NLT_UQ);
+            let x = _mm512_max_ps(x, _mm512_set1_ps(LO));
             // n = round(x·log2 e) by adding and subtracting 1.5·2²³ (two instructions on the
             // FMA ports, where a multiply and a round-to-integer take three).
             let magic = _mm512_set1_ps(ROUND);
@@ -1246,10 +1250,10 @@ mod x86 {
             for &c in &P[1..] {
                 y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
             }
-            // e^r = 1 + (r + r²·p(r)): one rounding at the final addition, not two.
-            let r2 = _mm512_mul_ps(r, r);
-            y = _mm512_add_ps(_mm512_fmadd_ps(y, r2, r), _mm512_set1_ps(1.0));
-            _mm512_maskz_scalef_ps(!under, y, n)
+            // e^r = 1 + r·(1 + r·p(r)): two fused steps, each rounded once.
+            let one = _mm512_set1_ps(1.0);
+            y = _mm512_fmadd_ps(_mm512_fmadd_ps(y, r, one), r, one);
+            _mm512_maskz_scalef_ps(keep, y, n)
         }
         #[inline(always)]
         unsafe fn dot(a: *const f32, b: *const f32, k: usize) -> f32 {
@@ -1620,6 +1624,104 @@ mod tests {
             let s = unsafe { (k.exp_sum)(inf.as_mut_ptr(), 19, 1.0, 0.0) };
             assert_eq!(s, 0.0);
             assert!(inf.iter().all(|&x| x == 0.0));
+        }
+    }
+
+    /// The roofline of the forward on this core, measured: the fastest instruction set's GEMM on
+    /// the forward's two shapes (QKᵀ of a 64-row tile against a 64-key tile, P·V of 64 rows over
+    /// 256 keys) and its online softmax over a 64 × 256 tile, each with its operands already in
+    /// the core's caches, then the bound they set on one (query, key) pair. A benchmark, not a
+    /// check: `cargo test --release -p attentive --lib roofline -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn roofline() {
+        use crate::workspace::AVec;
+        let k = table(Isa::best());
+        let best = |f: &mut dyn FnMut(), reps: usize| {
+            (0..9)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    (0..reps).for_each(|_| f());
+                    t.elapsed().as_secs_f64() / reps as f64
+                })
+                .fold(f64::MAX, f64::min)
+        };
+        println!(
+            "instruction set {:?}, one thread, operands in cache",
+            Isa::best()
+        );
+        for d in [64usize, 128] {
+            let (q, kt, v) = (
+                AVec::filled(64 * d, 0.01),
+                AVec::filled(d * 64, 0.02),
+                AVec::filled(256 * d, 0.03),
+            );
+            let (mut s, mut o) = (AVec::filled(64 * 256, 0.0), AVec::filled(64 * d, 0.0));
+            let gemm = |m, n, kk, a: &AVec, a_rs, b: &AVec, ldb, c: &mut AVec, ldc| Gemm {
+                m,
+                n,
+                k: kk,
+                a: a.as_ptr(),
+                a_rs,
+                a_ks: 1,
+                b: b.as_ptr(),
+                ldb,
+                b_vs: k.lanes,
+                c: c.as_mut_ptr(),
+                ldc,
+                accumulate: false,
+            };
+            let qk = gemm(64, 64, d, &q, d, &kt, 64, &mut s, 256);
+            let pv = gemm(64, d, 256, &s, 256, &v, d, &mut o, d);
+            // SAFETY: every operand above holds the rows and columns its GEMM reads or writes.
+            let t_qk = best(&mut || unsafe { (k.gemm)(&qk) }, 200);
+            let t_pv = best(&mut || unsafe { (k.gemm)(&pv) }, 50);
+            let (mut m, mut l, mut alpha) = (vec![0.0f32; 64], vec![0.0f32; 64], vec![0.0f32; 64]);
+            let mut p = AVec::filled(64 * 256, 0.0);
+            let t_sm = best(
+                &mut || {
+                    p.iter_mut()
+                        .enumerate()
+                        .for_each(|(i, x)| *x = (i % 97) as f32 * 0.01);
+                    m.fill(f32::NEG_INFINITY);
+                    l.fill(0.0);
+                    // SAFETY: p holds 64 rows of 256 scores; m, l and alpha 64 rows.
+                    unsafe {
+                        (k.online_softmax)(&OnlineSoftmax {
+                            s: p.as_mut_ptr(),
+                            lds: 256,
+                            rows: 64,
+                            n: 256,
+                            scale: 0.125,
+                            m: m.as_mut_ptr(),
+                            l: l.as_mut_ptr(),
+                            alpha: alpha.as_mut_ptr(),
+                        })
+                    }
+                },
+                50,
+            );
+            let t_fill = best(
+                &mut || {
+                    p.iter_mut()
+                        .enumerate()
+                        .for_each(|(i, x)| *x = (i % 97) as f32 * 0.01)
+                },
+                50,
+            );
+            let gf = |flops: f64, t: f64| flops / t / 1e9;
+            let pairs_qk = 64.0 * 64.0;
+            let pairs = 64.0 * 256.0;
+            let per_pair = t_qk / pairs_qk + t_pv / pairs + (t_sm - t_fill).max(0.0) / pairs;
+            println!(
+                "D = {d}: QKᵀ {:.1} GFLOP/s, P·V {:.1} GFLOP/s, softmax {:.2} ns per score; \
+                 bound {:.1} GFLOP/s per core (softmax {:.0}% of a pair's time)",
+                gf(2.0 * pairs_qk * d as f64, t_qk),
+                gf(2.0 * pairs * d as f64, t_pv),
+                1e9 * (t_sm - t_fill).max(0.0) / pairs,
+                gf(4.0 * d as f64, per_pair),
+                100.0 * (t_sm - t_fill).max(0.0) / pairs / per_pair,
+            );
         }
     }
 
