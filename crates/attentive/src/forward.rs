@@ -54,8 +54,8 @@ pub(crate) struct Scratch {
     /// Raw scores, then weights, of up to [`RUN`] tiles side by side (`BR × SW`).
     pub s: AVec,
     pub o: AVec,
-    pub m: Vec<f32>,
-    pub l: Vec<f32>,
+    pub m: AVec,
+    pub l: AVec,
     /// Each row's rescaling `e^{m − m'}` of the last online-softmax step.
     pub alpha: Vec<f32>,
     /// A run's (or row-by-row tile's) P·V (`BR × Dv`), added to `o` after rescaling it.
@@ -77,8 +77,8 @@ pub(crate) struct Scratch {
     /// and `o` are swapped with.
     pub qt: AVec,
     pub cls: AVec,
-    pub cls_m: [Vec<f32>; CLASS_TILES],
-    pub cls_l: [Vec<f32>; CLASS_TILES],
+    pub cls_m: [AVec; CLASS_TILES],
+    pub cls_l: [AVec; CLASS_TILES],
     pub cls_o: [AVec; CLASS_TILES],
 }
 
@@ -88,8 +88,8 @@ impl Scratch {
             q: AVec::filled(BR * p.d, 0.0),
             s: AVec::filled(BR * SW, 0.0),
             o: AVec::filled(BR * p.dv, 0.0),
-            m: vec![0.0; BR],
-            l: vec![0.0; BR],
+            m: AVec::filled(BR, 0.0),
+            l: AVec::filled(BR, 0.0),
             alpha: vec![1.0; BR],
             pv: AVec::filled(BR * p.dv, 0.0),
             fresh: true,
@@ -273,7 +273,7 @@ pub(crate) struct PackedK {
     /// Per key head `b·Hkv + kvh`, set once it is packed ([`PackedK::lazy`]); empty when every
     /// head was packed on construction.
     ready: Vec<std::sync::OnceLock<()>>,
-    /// V's rows re-laid so that each starts a cache line (`[B·Hkv][Nk][ld]`, `ld` = Dv rounded
+    /// V's rows copied so that each starts a cache line (`[B·Hkv][Nk][ld]`, `ld` = Dv rounded
     /// up to 16 floats) and its row stride in floats, when V's own rows do not (`PackedK::new`
     /// only): the P·V micro-kernel loads V as whole vectors, and a vector straddling two lines
     /// costs two loads.
@@ -334,9 +334,11 @@ pub(crate) fn pack_transposed(
 /// f32 V rows with a unit feature stride do not already start on them; `None` otherwise (they
 /// do, or V is f16 or gathered per tile anyway).
 fn pack_v(p: &Problem) -> Option<(Buffer, usize)> {
-    let (st, base) = (p.v.strides(), p.v.data().as_ptr());
-    let aligned = |x: usize| x.is_multiple_of(16);
-    if p.half_kv.is_some() || st[3] != 1 || (aligned(base as usize / 4) && aligned(st[2])) {
+    let (st, base) = (p.v.strides(), p.v.data().as_ptr() as usize);
+    // Every row starts a line when the data does and every stride that reaches a row is a
+    // whole number of lines (16 floats).
+    let on_lines = base.is_multiple_of(64) && st[..3].iter().all(|s| s.is_multiple_of(16));
+    if p.half_kv.is_some() || st[3] != 1 || on_lines {
         return None;
     }
     let ld = p.dv.next_multiple_of(16);

@@ -45,8 +45,7 @@ use crate::pattern::Pattern;
 use crate::problem::{expect_len, ClassSteps, Problem};
 use crate::simd::{ClassKeys, Transpose, CLASS_TILES};
 use crate::view::{View, ViewMut};
-use crate::workspace::AVec;
-use crate::workspace::Buffer;
+use crate::workspace::{AVec, Buffer};
 
 /// How a call is split: into `classes` residue classes with the band `lo ≤ j' − p' ≤ hi` over
 /// the class keys `j ≥ first_key`, and for a strided pattern also the `local` part over the full
@@ -440,16 +439,11 @@ pub(crate) fn grow_class_buffers(p: &Problem, steps: ClassSteps, scr: &mut Scrat
             x.resize(n, 0.0);
         }
     };
-    let grow_row = |x: &mut Vec<f32>, n: usize| {
-        if x.len() < n {
-            x.resize(n, 0.0);
-        }
-    };
     grow(&mut scr.cls, CLASS_TILES * class_cap(p, steps) * lanes); //     (CT, cap, lanes)
     grow(&mut scr.qt, CLASS_TILES * d * lanes); //                        (CT, D, lanes)
     for u in 0..CLASS_TILES {
-        grow_row(&mut scr.cls_m[u], BR);
-        grow_row(&mut scr.cls_l[u], BR);
+        grow(&mut scr.cls_m[u], BR);
+        grow(&mut scr.cls_l[u], BR);
         grow(&mut scr.cls_o[u], BR * dv); //                              (BR, Dv)
     }
 }
