@@ -739,6 +739,7 @@ pub(crate) fn attend_rows(
                 scr.hulls[u * NG..u * NG + ng].fill((0, w));
             }
             run.ragged |= ragged;
+            run.partial |= spans.iter().any(|s| s.a != 0 || s.b != w);
             run.widths[u] = w;
             run.tiles += 1;
             run.w += w;
@@ -792,6 +793,8 @@ struct Run {
     tiles: usize,
     widths: [usize; RUN],
     ragged: bool,
+    /// Some row of some tile does not see all of the tile's keys.
+    partial: bool,
 }
 
 /// The softmax step and P·V product of a run's tiles, then an empty run.
@@ -837,7 +840,8 @@ fn flush_run(
         }
         // Whole vectors of 16 lanes: a partial one costs lane-by-lane sums.
         let (a, e) = (a / 16 * 16, e.next_multiple_of(16).min(run.w));
-        for r in r0..r1 {
+        // Keys outside a row's span become −∞ (none when every row sees its tiles whole).
+        for r in (r0..r1).filter(|_| run.partial) {
             for u in 0..run.tiles {
                 let (c0, c1) = ((u * BC).max(a), (u * BC + run.widths[u]).min(e));
                 if c0 >= c1 {
