@@ -414,7 +414,7 @@ def svg_plot(rows, mem, ceiling, path):
         xs = [r["nq"] for r in fwd]
         keys = [k for k in colors if any(k in r["gflops"] for r in fwd)]
         series = {k: [r["gflops"].get(k) for r in fwd] for k in keys}
-        body += panel(0, "forward, B=1, H=8, D=64, fp32, 2 threads", xs, series, ceiling * 1.1, "GFLOP/s",
+        body += panel(0, "forward, B=1, H=8, D=64, fp32, 2 threads", xs, series, ceiling * 1.35, "GFLOP/s",
                       (ceiling, f"FMA ceiling {ceiling:.0f}"))
     if mem:
         xs = sorted(mem)
