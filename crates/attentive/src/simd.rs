@@ -868,12 +868,17 @@ unsafe fn gemm_generic<S: Simd, E: Elem, const PF: usize>(g: &Gemm<E>) {
     // row of B (V's rows, streamed from memory once) is read in one pass, not two half-rows in
     // two passes.
     let wide = g.m <= 2 && !panels;
-    let block = if panels {
-        l
+    // At most two vectors of columns (V's panels, small heads): passes of twice the rows, so
+    // that 24 accumulators are in flight and each row of B serves 12 rows of A.
+    let narrow = !panels && !wide && g.n <= 2 * l && g.m > MR && S::NV >= 2;
+    let (block, mr) = if panels {
+        (l, MR)
     } else if wide {
-        2 * S::NV * l
+        (2 * S::NV * l, MR)
+    } else if narrow {
+        (2 * l, 2 * MR)
     } else {
-        S::NV * l
+        (S::NV * l, MR)
     };
     let b0 = |j0: usize| if panels { j0 / l * g.b_vs } else { j0 };
     let mut j0 = 0;
@@ -882,11 +887,24 @@ unsafe fn gemm_generic<S: Simd, E: Elem, const PF: usize>(g: &Gemm<E>) {
         let v = cols.div_ceil(l);
         let tail = cols % l;
         // Rows in passes of as equal a size as MR allows (8 rows: 4 + 4, not 6 + 2).
-        let passes = g.m.div_ceil(MR);
+        let passes = g.m.div_ceil(mr);
         let mut i0 = 0;
         for pass in 0..passes {
             let r = (g.m - i0).div_ceil(passes - pass);
-            if v > S::NV {
+            if r > MR {
+                dispatch_micro!(
+                    S,
+                    E,
+                    PF,
+                    g,
+                    (i0, j0, b0(j0)),
+                    r,
+                    v,
+                    tail,
+                    [7, 8, 9, 10, 11, 12],
+                    [1, 2]
+                );
+            } else if v > S::NV {
                 dispatch_micro!(
                     S,
                     E,
@@ -1943,6 +1961,10 @@ mod tests {
                 (1, 128, 33),
                 (2, 150, 9),
                 (1, 37, 4),
+                // At most two vectors of columns take passes of up to twelve rows.
+                (30, 32, 17),
+                (64, 20, 300),
+                (7, 9, 3),
             ] {
                 for &(trans, acc) in &[(false, false), (true, true)] {
                     let a: Vec<f32> = (0..m * kk).map(|_| rnd()).collect();

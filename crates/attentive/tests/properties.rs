@@ -257,9 +257,11 @@ fn where_the_inputs_lie_in_memory_changes_no_bit() {
     // offset within a 64-byte line, with Dv both a whole number of vectors and not.
     let mut rng = Rng::new(11);
     // Enough query tiles per key tile that the kernel packs K and V once, up front.
+    // Dv > 64 copies V into panels of 32 columns, the last one partial here.
     for (nq, nk, d, dv, causal) in [
         (520, 130, 64, 64, None),
         (600, 70, 24, 40, Some(Causal::TopLeft)),
+        (530, 140, 32, 100, Some(Causal::BottomRight)),
     ] {
         let (b, h) = (1, 2);
         let q = rng.vec(b * h * nq * d);
