@@ -869,8 +869,9 @@ unsafe fn gemm_generic<S: Simd, E: Elem, const PF: usize>(g: &Gemm<E>) {
     // two passes.
     let wide = g.m <= 2 && !panels;
     // At most two vectors of columns (V's panels, small heads): passes of twice the rows, so
-    // that 24 accumulators are in flight and each row of B serves 12 rows of A.
-    let narrow = !panels && !wide && g.n <= 2 * l && g.m > MR && S::NV >= 2;
+    // that 24 accumulators are in flight and each row of B serves 12 rows of A (where there are
+    // registers for them: AVX-512's 32, not AVX2's 16).
+    let narrow = !panels && !wide && g.n <= 2 * l && g.m > MR && S::NV >= 4;
     let (block, mr) = if panels {
         (l, MR)
     } else if wide {
