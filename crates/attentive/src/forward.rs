@@ -348,11 +348,11 @@ fn pack_v(p: &Problem) -> Option<(Buffer, usize, usize)> {
     // Every row starts a line when the data does and every stride that reaches a row is a
     // whole number of lines (16 floats).
     let on_lines = base.is_multiple_of(64) && st[..3].iter().all(|s| s.is_multiple_of(16));
-    let narrow = p.dv > 64;
-    if p.half_kv.is_some() || st[3] != 1 || (on_lines && !narrow) {
+    let in_panels = p.dv > 64;
+    if p.half_kv.is_some() || st[3] != 1 || (on_lines && !in_panels) {
         return None;
     }
-    let width = if narrow {
+    let width = if in_panels {
         V_PANEL
     } else {
         p.dv.next_multiple_of(16)
