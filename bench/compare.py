@@ -213,6 +213,7 @@ class Torch:
 
     def __init__(self, arr, causal, backward, gqa):
         self.args = [torch.from_numpy(arr[n]) for n in ("q", "k", "v", "do")] + [causal, backward, gqa]
+        self.backward = backward
         self.op = "scaled_dot_product_attention"
 
     def run(self):
@@ -221,7 +222,7 @@ class Torch:
 
     def outputs(self):
         out = {"o": self.o.detach().numpy()}
-        if self.args[5]:
+        if self.backward:
             q, k, v = self.grads
             out.update(dq=q.grad.numpy(), dk=k.grad.numpy(), dv=v.grad.numpy())
         return out

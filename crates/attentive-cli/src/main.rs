@@ -448,6 +448,7 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
     };
     let pairs = visible_pairs(qv, kv, &opts)?;
     let flops_per_pair = if a.backward { 14 } else { 4 } * d as u64;
+    let flops = (pairs * flops_per_pair) as f64;
     if a.scaling {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut counts: Vec<usize> = std::iter::successors(Some(1), |&t| Some(2 * t))
@@ -470,7 +471,7 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
             println!(
                 "{t:>3} threads: median {:9.3} ms, {:8.1} GFLOP/s, speedup {speedup:5.2}x, parallel efficiency {:5.1}%",
                 median * 1e3,
-                (pairs * flops_per_pair) as f64 / median / 1e9,
+                flops / median / 1e9,
                 100.0 * speedup / t as f64,
             );
             rows.push((t, median));
@@ -481,7 +482,7 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
                 .map(|&(t, m)| {
                     serde_json::json!({
                         "threads": t, "median_ms": m * 1e3,
-                        "gflops": (pairs * flops_per_pair) as f64 / m / 1e9,
+                        "gflops": flops / m / 1e9,
                         "speedup": rows[0].1 / m, "efficiency": rows[0].1 / m / t as f64,
                     })
                 })
@@ -493,7 +494,7 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
     let times = measure(&mut run)?;
     let (iters, median) = (times.len(), times[times.len() / 2]);
     let (_, peak) = rss();
-    let gflops = (pairs * flops_per_pair) as f64 / median / 1e9;
+    let gflops = flops / median / 1e9;
     // K and V read once: what bounds a decoding step.
     let kv_bytes = (k.len() + v.len()) * if a.half_kv { 2 } else { 4 };
     let kv_gbps = kv_bytes as f64 / median / 1e9;

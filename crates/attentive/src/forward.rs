@@ -198,15 +198,18 @@ pub(crate) enum VRows {
 /// vectors are faster (36.0 against 37.5 ms), so Dv ≤ 64 keeps its rows.
 pub(crate) const V_PANEL: usize = 32;
 
-/// Rows `j0..j0 + w` of V of `(b, kvh)`: f16 rows with unit feature stride stay where they
-/// are; everything else as [`kv_rows`] gives it.
+/// Rows `j0..j0 + w` of V of `(b, kvh)`: from the packed copy when the call made one; f16
+/// rows with unit feature stride where they are; everything else as [`kv_rows`] gives it.
 pub(crate) fn v_rows(
     p: &Problem,
+    packed: Option<&PackedK>,
     (b, kvh): (usize, usize),
-    j0: usize,
-    w: usize,
+    (j0, w): (usize, usize),
     buf: &mut [f32],
 ) -> VRows {
+    if let Some(vr) = packed.and_then(|pk| pk.v_rows(p, (b, kvh), j0)) {
+        return vr;
+    }
     match p.half_kv {
         Some(hk) if hk.v.strides()[3] == 1 && w > 0 => {
             // In bounds: the view was validated to lie inside its slice.
@@ -268,8 +271,8 @@ pub(crate) fn gather_rows(
 /// Kᵀ in tiles: `[B·Hkv][ceil(Nk/BC)][D][BC]`, zero-padded past `Nk`, so the score GEMM streams
 /// contiguous `BC`-wide rows whatever the strides of K; or each tile as `BC / panel` panels
 /// `[D][panel]`, [`panel_stride`] apart (the class keys of strided patterns read a vector's
-/// keys of a panel as contiguous memory). An eager copy ([`PackedK::new`]) also holds V's rows
-/// on cache-line boundaries when V's own rows are not.
+/// keys of a panel as contiguous memory). An eager copy ([`PackedK::new`]) may also hold a copy
+/// of V (see `v`).
 pub(crate) struct PackedK {
     /// Owns the memory `base` points into; not read through after construction (readers of
     /// one head and the packing of another share it only through `base`).
@@ -862,7 +865,8 @@ fn flush_run(
         // Whole vectors of 16 lanes: a partial one costs lane-by-lane sums.
         let (a, e) = (a / 16 * 16, e.next_multiple_of(16).min(run.w));
         // Keys outside a row's span become −∞ (none when every row sees its tiles whole).
-        for r in (r0..r1).filter(|_| run.partial) {
+        let fill_rows = if run.partial { r0..r1 } else { r0..r0 };
+        for r in fill_rows {
             for u in 0..run.tiles {
                 let (c0, c1) = ((u * BC).max(a), (u * BC + run.widths[u]).min(e));
                 if c0 >= c1 {
@@ -900,9 +904,7 @@ fn flush_run(
             );
         }
     }
-    let vr = packed
-        .and_then(|pk| pk.v_rows(p, (b, kvh), run.j0))
-        .unwrap_or_else(|| v_rows(p, (b, kvh), run.j0, run.w, &mut scr.vt));
+    let vr = v_rows(p, packed, (b, kvh), (run.j0, run.w), &mut scr.vt);
     pv_and_add(p, rows, vr, &hulls[..groups], size, 0, scr);
     *run = Run::default();
 }
@@ -1068,9 +1070,7 @@ fn tile_by_rows(
         hulls[0] = (0, w);
         (1, rows)
     };
-    let vr = packed
-        .and_then(|pk| pk.v_rows(p, (b, kvh), j0))
-        .unwrap_or_else(|| v_rows(p, (b, kvh), j0, w, &mut scr.vt));
+    let vr = v_rows(p, packed, (b, kvh), (j0, w), &mut scr.vt);
     pv_and_add(p, rows, vr, &hulls[..groups], size, col, scr);
 }
 
