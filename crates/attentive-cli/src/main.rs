@@ -4,7 +4,8 @@ mod error;
 mod npy;
 
 use attentive::{
-    backward, f16, forward, forward_half_kv, visible_pairs, Causal, Options, Pattern, View, ViewMut,
+    backward, f16, forward, forward_half_kv, visible_pairs, Causal, HugeVec, Options, Pattern,
+    View, ViewMut,
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use error::CliError;
@@ -320,32 +321,46 @@ fn rss() -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// Bytes of this process's memory on transparent huge pages now (Linux; 0 elsewhere).
+fn huge_pages() -> u64 {
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    rollup
+        .lines()
+        .find(|l| l.starts_with("AnonHugePages:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
 fn bench(a: BenchArgs) -> Result<(), CliError> {
     let (b, hq, d) = (a.batch, a.heads, a.dim);
     let hkv = a.kv_heads.unwrap_or(hq);
     let (nq, nk) = (a.seq, a.kv_seq.unwrap_or(a.seq));
     let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut fill = |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
+    // Inputs and outputs live on huge pages where the system offers them, as NumPy's and
+    // PyTorch's large arrays do (`HugeVec`): the peers of bench/compare.py read theirs so.
+    let mut fill = |n: usize| -> Result<HugeVec<f32>, CliError> {
+        let mut x = HugeVec::zeroed(n)?;
+        for y in x.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *y = (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+        }
+        Ok(x)
     };
+    let zeros = |n: usize| HugeVec::<f32>::zeroed(n);
     let (qs, ks, q, k, v, d_o) = if let Some(dir) = &a.inputs {
-        let read = |name: &str| -> Result<(Vec<f32>, [usize; 4]), CliError> {
+        let read = |name: &str| -> Result<(HugeVec<f32>, [usize; 4]), CliError> {
             let x = npy::read_f32(&dir.join(name))?;
             let shape = rank4(name, &x)?;
-            Ok((x.data, shape))
+            Ok((HugeVec::from_slice(&x.data)?, shape))
         };
         let ((q, qs), (k, ks), (v, vs)) = (read("q.npy")?, read("k.npy")?, read("v.npy")?);
         let (d_o, dos) = if a.backward {
             read("do.npy")?
         } else {
-            (vec![0.0; q.len()], qs)
+            (zeros(q.len())?, qs)
         };
         for (name, shape, want, of) in [("v.npy", vs, ks, "k.npy"), ("do.npy", dos, qs, "q.npy")] {
             if shape != want {
@@ -358,21 +373,17 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
         (qs, ks, q, k, v, d_o)
     } else {
         let (qs, ks) = ([b, hq, nq, d], [b, hkv, nk, d]);
-        let (q, k) = (fill(qs.iter().product()), fill(ks.iter().product()));
-        let (v, d_o) = (fill(ks.iter().product()), fill(qs.iter().product()));
+        let (q, k) = (fill(qs.iter().product())?, fill(ks.iter().product())?);
+        let (v, d_o) = (fill(ks.iter().product())?, fill(qs.iter().product())?);
         (qs, ks, q, k, v, d_o)
     };
     let ([b, hq, nq, d], [_, hkv, nk, _]) = (qs, ks);
-    let mut o = vec![0.0f32; q.len()];
-    let mut lse = vec![0.0f32; b * hq * nq];
+    let mut o = zeros(q.len())?;
+    let mut lse = zeros(b * hq * nq)?;
     let (mut dq, mut dk, mut dv) = if a.backward {
-        (
-            vec![0.0f32; q.len()],
-            vec![0.0f32; k.len()],
-            vec![0.0f32; v.len()],
-        )
+        (zeros(q.len())?, zeros(k.len())?, zeros(v.len())?)
     } else {
-        (vec![], vec![], vec![])
+        (zeros(0)?, zeros(0)?, zeros(0)?)
     };
     let mut opts = Options::new();
     opts.causal = a.causal.map(Into::into);
@@ -385,14 +396,14 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
         View::contiguous(&k, &ks)?,
         View::contiguous(&v, &ks)?,
     );
-    let to_half = |x: &[f32]| -> Vec<f16> {
-        if a.half_kv {
-            x.iter().map(|&y| f16::from_f32(y)).collect()
-        } else {
-            Vec::new()
+    let to_half = |x: &[f32]| -> Result<HugeVec<f16>, CliError> {
+        let mut h = HugeVec::zeroed(if a.half_kv { x.len() } else { 0 })?;
+        for (h, &y) in h.iter_mut().zip(x) {
+            *h = f16::from_f32(y);
         }
+        Ok(h)
     };
-    let (k16, v16) = (to_half(&k), to_half(&v));
+    let (k16, v16) = (to_half(&k)?, to_half(&v)?);
     // Touch every output page now, so the baseline counts outputs as well as inputs.
     for buf in [&mut o, &mut lse, &mut dq, &mut dk, &mut dv] {
         buf.fill(1.0);
@@ -520,6 +531,7 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
             "backward": a.backward, "half_kv": a.half_kv, "kv_gbps": kv_gbps, "threads": rayon::current_num_threads(), "iters": iters,
             "median_ms": median * 1e3, "min_ms": times[0] * 1e3, "gflops": gflops,
             "pairs": pairs, "peak_rss_mb": mb(peak), "extra_rss_mb": mb(peak.saturating_sub(base_rss)),
+            "huge_pages_mb": mb(huge_pages()),
         });
         println!("{j}");
     }

@@ -70,6 +70,10 @@ pub enum AttnError {
         expected: usize,
         got: usize,
     },
+    /// A buffer ([`HugeVec`](crate::HugeVec)) larger than the address space or than the memory
+    /// the system would give.
+    #[error("could not allocate {elements} elements of {elem_bytes} bytes")]
+    OutOfMemory { elements: usize, elem_bytes: usize },
 }
 
 /// Result of the engine's calls.

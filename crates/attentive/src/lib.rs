@@ -19,6 +19,8 @@
 //!   [`probabilities`] — the weights themselves, when you want to look.
 //! * [`merge`] — combine attention computed over disjoint key sets (decode splits, ring attention).
 //! * [`reference`](mod@reference) — the naive oracle of every option, in f64 or f32, to test against.
+//! * [`HugeVec`] — a buffer on 2 MiB pages for large inputs such as a KV cache, which decoding
+//!   streams faster from there than from a `Vec`'s small pages.
 //!
 //! Tensors enter as [`View`]s: a slice, a shape `[B, H, N, D]` and any strides, so `[B, N, H, D]`
 //! storage needs no copy. Every call validates its inputs first and returns an [`AttnError`]
@@ -64,3 +66,4 @@ pub use options::{Causal, DocIds, MaskRule, Options, Pos, ScoreRule, Window};
 pub use pattern::{Pattern, PatternError};
 pub use simd::Isa;
 pub use view::{contiguous_strides, View, ViewMut};
+pub use workspace::{Element, HugeVec};

@@ -1,4 +1,5 @@
-//! Scratch memory: buffers aligned to cache lines, and large ones reused from call to call.
+//! Memory: buffers aligned to cache lines, large ones reused from call to call, and
+//! [`HugeVec`], on huge pages, for large inputs.
 //!
 //! Every kernel buffer is an [`AVec`], whose first element starts a 64-byte cache line: a
 //! 512-bit load that straddles two lines costs two loads, and on cores with two 512-bit FMA
@@ -47,7 +48,16 @@ impl AVec {
     /// Sets the length to `len`; elements past the old length are `x`.
     pub fn resize(&mut self, len: usize, x: f32) {
         let old = self.len;
-        self.lines.resize(len.div_ceil(LINE), Line([0.0; LINE]));
+        let n = len.div_ceil(LINE);
+        // A buffer of several huge pages (a packed Kᵀ or V copy, the backward's partials) is
+        // advised onto them before its first write, as `HugeVec` is: GQA forward Hq=32 Hkv=8
+        // N=2048 D=128 271.9 → 268.6 ms and causal N=4096 D=64 74.4 → 71.0 ms on the Xeon
+        // (medians of 8 and 6, alternating; faster in 7 of 8 and 5 of 6 pairs).
+        if n > self.lines.capacity() && n * 64 >= 2 * HUGE_PAGE {
+            self.lines.reserve_exact(n - self.lines.len());
+            advise_huge(self.lines.as_mut_ptr().cast(), self.lines.capacity() * 64);
+        }
+        self.lines.resize(n, Line([0.0; LINE]));
         self.len = len;
         if len > old {
             self[old..].fill(x);
@@ -128,5 +138,213 @@ impl Deref for Buffer {
 impl DerefMut for Buffer {
     fn deref_mut(&mut self) -> &mut [f32] {
         &mut self.0
+    }
+}
+
+/// Bytes of one transparent huge page on x86-64 and most aarch64 Linux systems.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// A fixed-length buffer for large inputs, a KV cache above all, placed on 2 MiB pages where the
+/// operating system offers them.
+///
+/// Decoding reads all of K and V once per token, so its speed is the memory's read rate. On
+/// 4 KiB pages every page is a new TLB entry and a point where the hardware prefetcher stops,
+/// and a stream slows at each; on 2 MiB pages it does not. Measured on an Intel Xeon, 2 threads
+/// (1 query, 32 heads, 32768 keys, D = 128, K and V 1 GiB together): 56.1 ms with K and V in a
+/// `Vec`, 47.1 ms in a `HugeVec` (median of 6, alternating). NumPy and PyTorch advise the kernel
+/// the same way for their large arrays.
+///
+/// Buffers of 2 MiB or more start on a 2 MiB boundary and, on Linux, are advised as
+/// `MADV_HUGEPAGE`, which transparent huge pages honour in both their `always` and `madvise`
+/// modes; smaller ones start on a 64-byte cache line. Elsewhere, or where the kernel declines,
+/// the pages are ordinary and the buffer still works.
+///
+/// ```
+/// use attentive::{forward, HugeVec, Options, View, ViewMut};
+/// let (h, n, d) = (4, 4096, 64);
+/// // A KV cache: allocate once, write each token's keys and values into it.
+/// let mut k = HugeVec::<f32>::zeroed(h * n * d)?;
+/// let mut v = HugeVec::<f32>::zeroed(h * n * d)?;
+/// for (i, (k, v)) in k.iter_mut().zip(v.iter_mut()).enumerate() {
+///     (*k, *v) = ((i % 7) as f32 * 0.1, (i % 5) as f32);
+/// }
+/// let q = vec![0.5f32; h * d];
+/// let mut o = vec![0.0f32; h * d];
+/// forward(
+///     View::contiguous(&q, &[1, h, 1, d])?,
+///     View::contiguous(&k, &[1, h, n, d])?,
+///     View::contiguous(&v, &[1, h, n, d])?,
+///     &Options::new(),
+///     &mut ViewMut::contiguous(&mut o, [1, h, 1, d])?,
+///     None,
+/// )?;
+/// # Ok::<(), attentive::AttnError>(())
+/// ```
+pub struct HugeVec<T: Element> {
+    ptr: std::ptr::NonNull<T>,
+    len: usize,
+    layout: std::alloc::Layout,
+}
+
+/// Element types of a [`HugeVec`]: plain numbers whose all-zero bits are zero.
+pub trait Element: Copy + private::Sealed {}
+impl Element for f32 {}
+impl Element for half::f16 {}
+mod private {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+}
+
+// SAFETY: a HugeVec owns its elements as a Vec does; f32 and f16 are Send and Sync.
+unsafe impl<T: Element + Send> Send for HugeVec<T> {}
+// SAFETY: as above; shared access hands out only `&[T]`.
+unsafe impl<T: Element + Sync> Sync for HugeVec<T> {}
+
+impl<T: Element> HugeVec<T> {
+    /// `len` zeros.
+    ///
+    /// # Errors
+    /// [`AttnError::OutOfMemory`](crate::AttnError::OutOfMemory) when `len` elements exceed the
+    /// address space or the system refuses the memory.
+    pub fn zeroed(len: usize) -> crate::Result<Self> {
+        let size = std::mem::size_of::<T>();
+        let refuse = crate::AttnError::OutOfMemory {
+            elements: len,
+            elem_bytes: size,
+        };
+        let bytes = len.checked_mul(size).ok_or(refuse.clone())?;
+        let (align, bytes) = if bytes >= HUGE_PAGE {
+            let whole = bytes.checked_next_multiple_of(HUGE_PAGE);
+            (HUGE_PAGE, whole.ok_or(refuse.clone())?)
+        } else {
+            (64, bytes.max(1))
+        };
+        let layout =
+            std::alloc::Layout::from_size_align(bytes, align).map_err(|_| refuse.clone())?;
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let ptr = std::ptr::NonNull::new(raw.cast::<T>()).ok_or(refuse)?;
+        advise_huge(raw, bytes);
+        // Zeroed after the advice: the first write maps each page, and an allocator's own
+        // zeroing (`alloc_zeroed` at this alignment) would map them all as small pages first.
+        // SAFETY: `raw` holds `bytes` writable bytes.
+        unsafe { std::ptr::write_bytes(raw, 0, bytes) };
+        Ok(Self { ptr, len, layout })
+    }
+
+    /// A copy of `src`.
+    ///
+    /// # Errors
+    /// As [`HugeVec::zeroed`].
+    pub fn from_slice(src: &[T]) -> crate::Result<Self> {
+        let mut v = Self::zeroed(src.len())?;
+        v.copy_from_slice(src);
+        Ok(v)
+    }
+}
+
+impl<T: Element> Drop for HugeVec<T> {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout, and freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), self.layout) };
+    }
+}
+
+impl<T: Element> Deref for HugeVec<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: the allocation holds `len` zero-initialised or written elements of T, for
+        // which all-zero bits are a valid value.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: Element> DerefMut for HugeVec<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as in `deref`, and `self` is borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: Element> Clone for HugeVec<T> {
+    fn clone(&self) -> Self {
+        Self::from_slice(self).unwrap_or_else(|_| std::alloc::handle_alloc_error(self.layout))
+    }
+}
+
+impl<T: Element + std::fmt::Debug> std::fmt::Debug for HugeVec<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// Advises the whole 2 MiB pages inside `[p, p + bytes)`, an allocation of the caller's, as
+/// huge pages (Linux; elsewhere nothing). Pages already written keep their backing.
+#[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
+fn advise_huge(p: *mut u8, bytes: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        let start = (p as usize).next_multiple_of(HUGE_PAGE);
+        let end = (p as usize + bytes) / HUGE_PAGE * HUGE_PAGE;
+        if end > start {
+            // SAFETY: whole pages inside one live allocation. The advice changes how the kernel
+            // backs them, never their contents; where it fails (no transparent huge pages) the
+            // pages stay ordinary, so its result is not needed.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_vec_holds_zeros_then_what_is_written() {
+        for len in [
+            0,
+            1,
+            17,
+            HUGE_PAGE / 4 - 1,
+            HUGE_PAGE / 4,
+            3 * HUGE_PAGE / 4 + 5,
+        ] {
+            let mut v = HugeVec::<f32>::zeroed(len).unwrap();
+            assert_eq!(v.len(), len);
+            assert!(v.iter().all(|&x| x == 0.0));
+            let align = if len * 4 >= HUGE_PAGE { HUGE_PAGE } else { 64 };
+            assert_eq!(v.as_ptr() as usize % align, 0, "len {len}");
+            for (i, x) in v.iter_mut().enumerate() {
+                *x = i as f32;
+            }
+            let w = v.clone();
+            assert!(w.iter().enumerate().all(|(i, &x)| x == i as f32));
+            assert_eq!(&*HugeVec::from_slice(&w).unwrap(), &*w);
+        }
+        let h = HugeVec::from_slice(&[half::f16::ONE; 3]).unwrap();
+        assert_eq!(&*h, &[half::f16::ONE; 3]);
+    }
+
+    #[test]
+    fn huge_vec_refuses_impossible_sizes() {
+        for len in [usize::MAX, usize::MAX / 4 + 1, isize::MAX as usize / 4] {
+            assert_eq!(
+                HugeVec::<f32>::zeroed(len).unwrap_err(),
+                crate::AttnError::OutOfMemory {
+                    elements: len,
+                    elem_bytes: 4
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn pooled_buffers_start_on_cache_lines_at_every_size() {
+        for len in [1, 100, HUGE_PAGE, 3 * HUGE_PAGE / 4 + 7] {
+            let b = Buffer::zeroed(len);
+            assert_eq!(b.as_ptr() as usize % 64, 0);
+            assert!(b.iter().all(|&x| x == 0.0));
+        }
     }
 }
