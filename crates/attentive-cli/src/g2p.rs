@@ -15,6 +15,7 @@ pub struct TrainArgs {
     /// Wall-clock minutes to train for.
     #[arg(long, default_value_t = 80.0)]
     minutes: f64,
+    /// Seed of the initial weights and of the order of the training words.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Where the checkpoint (model.safetensors, config.json) goes.
@@ -116,7 +117,7 @@ pub fn train(a: TrainArgs) -> Result<(), CliError> {
         what: path.display().to_string(),
         reason: e.to_string(),
     })?;
-    println!(
+    out!(
         "checkpoint written to {}; test set: PER {per:.2}%, WER {wer:.2}%",
         a.out.display()
     );
@@ -146,7 +147,7 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
     let test = g2p::load(Split::Test);
     if a.list_test_words {
         for e in &test {
-            println!("{}", e.word);
+            out!("{}", e.word);
         }
         return Ok(());
     }
@@ -187,7 +188,7 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
         };
         let align = model.alignment(&code, &phones).map_err(nn_err)?;
         let names: Vec<&str> = phones.iter().map(|&p| phone_name(p)).collect();
-        println!("{w:>16}  {}", names.join(" "));
+        out!("{w:>16}  {}", names.join(" "));
         let svg = heatmap_svg(w, &names, &align);
         let file = a.out.join(format!("{}.svg", sanitize(w)));
         std::fs::write(&file, &svg).map_err(|e| CliError::Input {
@@ -201,7 +202,7 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
         results.push((w.clone(), names.join(" ")));
     }
     let (per, wer) = evaluate(&model, &test)?;
-    println!(
+    out!(
         "test set: {} words, PER {per:.2}%, WER {wer:.2}% (greedy), {:.1} s",
         test.len(),
         t0.elapsed().as_secs_f64()
@@ -215,7 +216,7 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
         what: html.display().to_string(),
         reason: e.to_string(),
     })?;
-    println!(
+    out!(
         "alignments: {} (one SVG per word and {})",
         a.out.display(),
         html.display()
@@ -227,7 +228,7 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
             "test_words": test.len(),
             "transcriptions": results.iter().map(|(w, p)| serde_json::json!({"word": w, "phones": p})).collect::<Vec<_>>(),
         });
-        println!("{obj}");
+        out!("{obj}");
     }
     Ok(())
 }

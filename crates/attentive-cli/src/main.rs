@@ -9,6 +9,26 @@ use attentive::{
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use error::CliError;
+
+/// `println!` that ends the program quietly (status 0) when standard output's reader has gone,
+/// as `attentive demo --list-test-words | head` does after ten lines, instead of panicking.
+macro_rules! out {
+    ($($t:tt)*) => { $crate::emit(format_args!($($t)*)) };
+}
+
+/// One line to standard output (see [`out!`]).
+fn emit(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(line).and_then(|()| o.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        let _ = writeln!(std::io::stderr(), "error: standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
 mod g2p;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,14 +83,19 @@ impl From<CausalArg> for Causal {
     }
 }
 
-/// Parses "L,R" (either side may be "inf") into a window.
+/// Help for `--window`, shared by `attend` and `bench`.
+const WINDOW_HELP: &str = "Sliding window L,R aligned bottom-right: query i sees keys \
+[i+Nk−Nq−L, i+Nk−Nq+R]. A side written inf or -1 is open (FlashAttention's window_size=(-1, 0) \
+is --window -1,0: causal with no left limit)";
+
+/// Parses "L,R" (a side "inf" or "-1" is open) into a window.
 fn parse_window(s: &str) -> Result<(usize, usize), String> {
     let side = |x: &str| -> Result<usize, String> {
         match x.trim() {
-            "inf" => Ok(usize::MAX),
+            "inf" | "-1" => Ok(usize::MAX),
             t => t
                 .parse()
-                .map_err(|_| format!("'{t}' is not a count of keys or 'inf'")),
+                .map_err(|_| format!("'{t}' is not a count of keys, 'inf' or -1 (open)")),
         }
     };
     let (l, r) = s
@@ -122,10 +147,10 @@ struct AttendArgs {
     /// Score scale (default 1/√D).
     #[arg(long)]
     scale: Option<f32>,
+    /// Causal mask, aligned top-left or bottom-right.
     #[arg(long, value_enum)]
     causal: Option<CausalArg>,
-    /// Sliding window L,R aligned bottom-right: query i sees keys [i+Nk−Nq−L, i+Nk−Nq+R].
-    #[arg(long, value_parser = parse_window)]
+    #[arg(long, value_parser = parse_window, help = WINDOW_HELP, allow_hyphen_values = true)]
     window: Option<(usize, usize)>,
     /// Soft cap c: scores become c·tanh(s/c).
     #[arg(long)]
@@ -133,6 +158,8 @@ struct AttendArgs {
     /// ALiBi slopes, float32 [Hq].
     #[arg(long)]
     alibi_slopes: Option<PathBuf>,
+    /// Structured sparse pattern (window, dilated, strided, fixed, longformer, bigbird, prefix,
+    /// sink; unions and intersections); --help lists each rule.
     #[arg(long, value_parser = parse_pattern, long_help = PATTERN_HELP)]
     pattern: Option<Pattern>,
     /// Document ids of the queries, integers [Nq] or [B, Nq]: query i sees key j only when their
@@ -157,10 +184,13 @@ struct AttendArgs {
     /// Gradient of the loss with respect to the output, [B, Hq, Nq, Dv]: computes dQ, dK, dV.
     #[arg(long, requires_all = ["dq", "dk", "dv"])]
     grad_out: Option<PathBuf>,
+    /// Where dQ goes, [B, Hq, Nq, D].
     #[arg(long, requires = "grad_out")]
     dq: Option<PathBuf>,
+    /// Where dK goes, [B, Hkv, Nk, D].
     #[arg(long, requires = "grad_out")]
     dk: Option<PathBuf>,
+    /// Where dV goes, [B, Hkv, Nk, Dv].
     #[arg(long, requires = "grad_out")]
     dv: Option<PathBuf>,
 }
@@ -257,8 +287,10 @@ fn attend(a: AttendArgs) -> Result<(), CliError> {
 
 #[derive(clap::Args)]
 struct BenchArgs {
+    /// Batch size B.
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// Query heads Hq.
     #[arg(long, default_value_t = 8)]
     heads: usize,
     /// Key/value heads (default: --heads).
@@ -270,12 +302,15 @@ struct BenchArgs {
     /// Key sequence length (default: --seq).
     #[arg(long)]
     kv_seq: Option<usize>,
+    /// Features per head D (of queries, keys and values).
     #[arg(long, default_value_t = 64)]
     dim: usize,
+    /// Causal mask, aligned top-left or bottom-right.
     #[arg(long, value_enum)]
     causal: Option<CausalArg>,
-    #[arg(long, value_parser = parse_window)]
+    #[arg(long, value_parser = parse_window, help = WINDOW_HELP, allow_hyphen_values = true)]
     window: Option<(usize, usize)>,
+    /// Structured sparse pattern; --help lists each rule.
     #[arg(long, value_parser = parse_pattern, long_help = PATTERN_HELP)]
     pattern: Option<Pattern>,
     /// Time forward plus backward.
@@ -479,7 +514,7 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
             let median = times[times.len() / 2];
             let one: f64 = rows.first().map_or(median, |&(_, m)| m);
             let speedup = one / median;
-            println!(
+            out!(
                 "{t:>3} threads: median {:9.3} ms, {:8.1} GFLOP/s, speedup {speedup:5.2}x, parallel efficiency {:5.1}%",
                 median * 1e3,
                 flops / median / 1e9,
@@ -498,7 +533,7 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
                     })
                 })
                 .collect();
-            println!("{}", serde_json::json!({ "scaling": j }));
+            out!("{}", serde_json::json!({ "scaling": j }));
         }
         return Ok(());
     }
@@ -510,10 +545,13 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
     let kv_bytes = (k.len() + v.len()) * if a.half_kv { 2 } else { 4 };
     let kv_gbps = kv_bytes as f64 / median / 1e9;
     let mb = |x: u64| x as f64 / (1024.0 * 1024.0);
-    println!(
+    out!(
         "attention B={b} Hq={hq} Hkv={hkv} Nq={nq} Nk={nk} D={d}{}{}{}{}{}: median {:.3} ms over {iters} runs, {gflops:.1} GFLOP/s, K and V read at {kv_gbps:.1} GB/s, peak RSS {:.1} MB ({:.1} MB beyond inputs and outputs), {} threads",
         a.causal.map_or(String::new(), |c| format!(" causal={}", c.to_possible_value().unwrap().get_name())),
-        a.window.map_or(String::new(), |(l, r)| format!(" window={l},{r}")),
+        a.window.map_or(String::new(), |(l, r)| {
+            let side = |x: usize| if x == usize::MAX { "inf".to_string() } else { x.to_string() };
+            format!(" window={},{}", side(l), side(r))
+        }),
         a.pattern.as_ref().map_or(String::new(), |p| format!(" pattern={p}")),
         if a.half_kv { " f16 K/V" } else { "" },
         if a.backward { " forward+backward" } else { " forward" },
@@ -533,7 +571,7 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
             "pairs": pairs, "peak_rss_mb": mb(peak), "extra_rss_mb": mb(peak.saturating_sub(base_rss)),
             "huge_pages_mb": mb(huge_pages()),
         });
-        println!("{j}");
+        out!("{j}");
     }
     Ok(())
 }
@@ -587,7 +625,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            use std::io::Write;
+            // A closed standard error has nowhere to say so; the status still says it.
+            let _ = writeln!(std::io::stderr(), "error: {e}");
             ExitCode::FAILURE
         }
     }

@@ -426,3 +426,74 @@ fn bench_serves_timed_calls_on_inputs_from_a_directory() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown command"));
 }
+
+/// Every subcommand's output piped into a reader that goes away, once after its first line and
+/// once before the program writes anything: the program ends with status 0 (or a clean error),
+/// never a panic.
+#[test]
+fn a_closed_output_pipe_ends_each_subcommand_quietly() {
+    use std::io::{BufRead, BufReader};
+    let d = dir("pipe");
+    let (q, kv) = (values(2 * 3 * 8, 1), values(2 * 5 * 8, 2));
+    write(&d.join("q.npy"), &[1, 2, 3, 8], &q);
+    write(&d.join("k.npy"), &[1, 2, 5, 8], &kv);
+    write(&d.join("v.npy"), &[1, 2, 5, 8], &kv);
+    let s = |p: &str| d.join(p).to_str().unwrap().to_string();
+    let (qp, kp, vp, op, demo) = (s("q.npy"), s("k.npy"), s("v.npy"), s("o.npy"), s("demo"));
+    let train_out = s("model");
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["--help"],
+        vec!["--version"],
+        vec!["attend", "--q", &qp, "--k", &kp, "--v", &vp, "--out", &op],
+        vec!["bench", "--heads", "1", "--seq", "64", "--iters", "3"],
+        vec![
+            "bench", "--heads", "1", "--seq", "64", "--iters", "3", "--json",
+        ],
+        vec![
+            "bench",
+            "--heads",
+            "1",
+            "--seq",
+            "64",
+            "--iters",
+            "3",
+            "--scaling",
+        ],
+        vec!["demo", "--list-test-words"],
+        vec!["demo", "--out", &demo, "--json"],
+        vec!["train", "g2p", "--minutes", "0.02", "--out", &train_out],
+    ];
+    for args in &commands {
+        for early in [true, false] {
+            let (reader, writer) = std::io::pipe().unwrap();
+            let reader = if early {
+                drop(reader);
+                None
+            } else {
+                Some(reader)
+            };
+            let child = Command::new(env!("CARGO_BIN_EXE_attentive"))
+                .args(args)
+                .stdout(writer)
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            if let Some(r) = reader {
+                let mut line = String::new();
+                BufReader::new(r).read_line(&mut line).unwrap();
+            }
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !err.contains("panicked"),
+                "{args:?} (closed early: {early}): {err}"
+            );
+            assert!(
+                out.status.success()
+                    || (out.status.code() == Some(1) && err.starts_with("error: ")),
+                "{args:?} (closed early: {early}): {:?} {err}",
+                out.status
+            );
+        }
+    }
+}
