@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 /// How a new parameter is filled.
 #[derive(Clone, Copy, Debug)]
 pub enum Init {
-    /// Glorot & Bengio's uniform: $U(-a, a)$ with $a = \sqrt{6/(\text{fan}_\text{in} + \text{fan}_\text{out})}$.
+    /// Glorot & Bengio's uniform: $U(-a, a)$ with $a = \sqrt{6/(\text{fan}\_\text{in} + \text{fan}\_\text{out})}$.
     Xavier {
         fan_in: usize,
         fan_out: usize,
@@ -213,7 +213,7 @@ impl Embedding {
 }
 
 /// Layer normalisation over the last axis,
-/// $y = \gamma\,(x - \mu)/\sqrt{\sigma^2 + \epsilon} + \beta$, composed of differentiable
+/// $y = \gamma\\,(x - \mu)/\sqrt{\sigma^2 + \epsilon} + \beta$, composed of differentiable
 /// operations (candle's fused layer norm has no backward).
 #[derive(Clone, Debug)]
 pub struct LayerNorm {

@@ -2,7 +2,7 @@
 //! incremental decoding, and position schemes that act inside attention (RoPE, ALiBi).
 //!
 //! With $H_q$ query heads over $H_{kv}$ key/value heads of width $d_h$,
-//! $$\mathrm{MHA}(X, Y) = \mathrm{concat}_h\big(\mathrm{attn}(XW^Q_h, YW^K_{g(h)}, YW^V_{g(h)})\big)W^O,
+//! $$\mathrm{MHA}(X, Y) = \mathrm{concat}\_h\big(\mathrm{attn}(XW^Q_h, YW^K_{g(h)}, YW^V_{g(h)})\big)W^O,
 //! \quad g(h) = \lfloor h / (H_q/H_{kv}) \rfloor,$$
 //! where `attn` is the fused kernel ([`crate::op::attention`]). Self-attention is $Y = X$.
 

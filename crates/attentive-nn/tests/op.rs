@@ -170,7 +170,7 @@ fn fused_op_matches_the_unfused_composition() {
     }
 }
 
-/// A nonlinear rule with a position-dependent term: $f(s) = s + 0.1\tanh(s)\,(h + 1) - 0.05|i - j|$.
+/// A nonlinear rule with a position-dependent term: $f(s) = s + 0.1\tanh(s)\\,(h + 1) - 0.05|i - j|$.
 struct Relative;
 
 impl ScoreRule for Relative {

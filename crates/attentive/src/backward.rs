@@ -125,7 +125,7 @@ pub fn backward(
 
 /// [`backward`], and also the gradient of the score rule's learnable parameters (a T5 bias
 /// table, say), written into `d_params` ([`ScoreRule::params`](crate::ScoreRule::params) long):
-/// $\partial L/\partial\theta = \sum_{b,h,i,j} \partial L/\partial x_{bhij}\;
+/// $\partial L/\partial\theta = \sum_{b,h,i,j} \partial L/\partial x_{bhij}\\;
 /// \partial x_{bhij}/\partial\theta$, summed in a fixed order (deterministic).
 /// An empty `d_params` skips it.
 #[allow(clippy::too_many_arguments)]

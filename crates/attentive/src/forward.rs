@@ -1433,7 +1433,7 @@ fn decode(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
 ///
 /// `acc_o`/`acc_lse` and `o`/`lse` each hold rows of normalised output (`rows × Dv`) and their
 /// log-sum-exp (`rows`). Attention over the union of both key sets is
-/// $$L = \log(e^{L_a} + e^{L_b}),\qquad O = e^{L_a - L}\,O_a + e^{L_b - L}\,O_b,$$
+/// $$L = \log(e^{L_a} + e^{L_b}),\qquad O = e^{L_a - L}\\,O_a + e^{L_b - L}\\,O_b,$$
 /// written into the accumulator. A part with $L = -\infty$ (no visible key) contributes nothing.
 /// This is how the decode path combines its key chunks, and what sequence-parallel and ring
 /// attention need to combine shards.

@@ -1,7 +1,7 @@
 //! # attentive: exact attention on the CPU
 //!
 //! Attention lets each query weigh every key by relevance:
-//! $$O = \mathrm{softmax}\!\left(\text{scale}\cdot QK^\top + \text{bias}\right) V,$$
+//! $$O = \mathrm{softmax}\\!\left(\text{scale}\cdot QK^\top + \text{bias}\right) V,$$
 //! with scale $1/\sqrt{D}$ by default. This crate computes it exactly, fused and tiled so memory
 //! stays O(N) (the N×N weights are never stored), forward and backward, for multi-head, grouped-
 //! query and multi-query layouts, with causal and sliding-window masks, document masks for packed

@@ -4,7 +4,7 @@
 //!
 //! 1. $s = \text{scale}\cdot q_i\cdot k_j$ (scale defaults to $1/\sqrt{D}$);
 //! 2. softcap: $s \leftarrow c\tanh(s/c)$;
-//! 3. biases: ALiBi $-m_h\,|i + N_k - N_q - j|$, then the dense bias $B[b,h,i,j]$;
+//! 3. biases: ALiBi $-m_h\\,|i + N_k - N_q - j|$, then the dense bias $B[b,h,i,j]$;
 //! 4. the user's [`ScoreRule`] $s \leftarrow f(s, b, h, i, j)$;
 //! 5. masks (causal, window, documents, dense boolean mask, a [`Pattern`], the user's
 //!    [`MaskRule`], a prebuilt [`BlockMask`]): a masked pair gets $-\infty$; the mask is their
@@ -108,7 +108,7 @@ pub trait ScoreRule: Sync {
     fn params(&self) -> usize {
         0
     }
-    /// Adds $g\,\partial f/\partial\theta$ into `grad` (length [`params`](Self::params)), where
+    /// Adds $g\\,\partial f/\partial\theta$ into `grad` (length [`params`](Self::params)), where
     /// $g = \partial L/\partial f$ at `at`. [`backward_rule_params`](crate::backward_rule_params)
     /// calls it for every visible pair.
     fn param_grad(&self, _g: f32, _at: Pos, _grad: &mut [f32]) {}

@@ -24,7 +24,7 @@
 //!   paper's $t = \max(0, i - L)$ would give $L + 1$. The released code is what trained models saw.
 //! * **Fixed** takes the last $C$ positions of each block of $L$ as its summary columns
 //!   ($j \bmod L \in [L-C, L)$, $C$ columns, as the paper's prose and OpenAI's block layout have
-//!   it). Reading the paper's set $\{t, \dots, l\}$ literally adds column $0$ of every block
+//!   it). Reading the paper's set $\\{t, \dots, l\\}$ literally adds column $0$ of every block
 //!   (Long Range Arena's `== 0`), $C + 1$ columns.
 //! * **Sink** (StreamingLLM) keeps $S$ sink keys and a window of $W$ keys ending at the query
 //!   itself, $W$ keys as a rolling cache of size $W$ holds.

@@ -109,7 +109,7 @@ pub enum RopePairs {
 }
 
 /// Rotary position embedding (Su et al.): rotates pair $i$ of the first `dims` features of a
-/// vector at position $m$ by the angle $m\,\theta_i$, $\theta_i = \text{base}^{-2i/\text{dims}}$.
+/// vector at position $m$ by the angle $m\\,\theta_i$, $\theta_i = \text{base}^{-2i/\text{dims}}$.
 /// Then $\langle R_m q, R_n k\rangle$ depends on $m - n$ only, so attention sees relative
 /// positions. Features past `dims` are left alone (partial rotary, as in GPT-J and NeoX).
 ///

@@ -283,16 +283,16 @@ pub fn probabilities<T: Real>(q: View, k: View, opts: &Options) -> Result<Vec<T>
 }
 
 /// Gradients of $\sum O \circ dO$ with respect to q, k and v, naively:
-/// $dP_{ij} = Z_{ij}\, dO_i\cdot v_j$, $dX_{ij} = P_{ij}(dP_{ij} - \sum_l P_{il} dP_{il})$,
+/// $dP_{ij} = Z_{ij}\\, dO_i\cdot v_j$, $dX_{ij} = P_{ij}(dP_{ij} - \sum_l P_{il} dP_{il})$,
 /// then through the score rule and softcap to $ds_{ij}$, and
 /// $dq_i = \text{scale}\sum_j ds_{ij} k_j$, $dk_j = \text{scale}\sum_i ds_{ij} q_i$,
-/// $dv_j = \sum_i P_{ij} Z_{ij}\, dO_i$; key/value gradients sum over each query group.
+/// $dv_j = \sum_i P_{ij} Z_{ij}\\, dO_i$; key/value gradients sum over each query group.
 pub fn backward<T: Real>(q: View, k: View, v: View, d_o: View, opts: &Options) -> Result<Grads<T>> {
     backward_impl(q, k, v, d_o, opts, None)
 }
 
 /// The same gradients by FlashAttention-2's formulas, naively: the weights are recomputed from a
-/// given log-sum-exp, $P_{ij} = e^{x_{ij} - \mathrm{LSE}_i}$, and $\sum_l P_{il} dP_{il}$ is taken
+/// given log-sum-exp, $P_{ij} = e^{x_{ij} - \mathrm{LSE}\_i}$, and $\sum_l P_{il} dP_{il}$ is taken
 /// as $D_i = dO_i \cdot O_i$ from a given output. In exact arithmetic this equals [`backward`];
 /// in f32 it is the naive baseline of the fused backward kernel, which computes exactly this.
 pub fn backward_from_output<T: Real>(
@@ -401,7 +401,7 @@ pub struct ShawGrads<T> {
 
 impl Oracle<'_, '_> {
     /// Row (b, h, i) of Shaw attention: logits and each key's bucket. The key term
-    /// $\text{scale}\,q_i\cdot a^K_r$ is added to every visible logit.
+    /// $\text{scale}\\,q_i\cdot a^K_r$ is added to every visible logit.
     fn shaw_row<T: Real>(
         &self,
         shaw: &Shaw,
@@ -430,7 +430,7 @@ impl Oracle<'_, '_> {
 }
 
 /// The weights and chain factors of a row: by softmax, or recomputed from a given log-sum-exp
-/// as FlashAttention-2 does, $P_{ij} = e^{x_{ij} - \mathrm{LSE}_i}$.
+/// as FlashAttention-2 does, $P_{ij} = e^{x_{ij} - \mathrm{LSE}\_i}$.
 fn row_weights<T: Real>(logits: &[Logit<T>], lse: Option<T>) -> (Vec<T>, Vec<T>) {
     match lse {
         None => {
@@ -450,7 +450,7 @@ fn row_weights<T: Real>(logits: &[Logit<T>], lse: Option<T>) -> (Vec<T>, Vec<T>)
     }
 }
 
-/// $\sum_j P_{ij}\,dP_{ij}$, or $\sum_c dO_{ic} O_{ic}$ from a given output row `o`.
+/// $\sum_j P_{ij}\\,dP_{ij}$, or $\sum_c dO_{ic} O_{ic}$ from a given output row `o`.
 fn row_delta<T: Real>(p: &[T], dp: &[T], o: Option<&[T]>, d_o: impl Fn(usize) -> T) -> T {
     let mut di = T::ZERO;
     match o {
@@ -486,7 +486,7 @@ fn softmax_row<T: Real>(logits: &[Logit<T>]) -> (Vec<T>, Vec<T>, T) {
 }
 
 /// Shaw et al.'s relative positions ([`crate::shaw`]), naively: for each pair, the bucket
-/// $r = \mathrm{clip}(j - p_i, -c, c) + c$, the logit plus $\text{scale}\,q_i\cdot a^K_r$, and
+/// $r = \mathrm{clip}(j - p_i, -c, c) + c$, the logit plus $\text{scale}\\,q_i\cdot a^K_r$, and
 /// $o_i = \sum_j w_{ij}(v_j + a^V_r)$.
 pub fn shaw_forward<T: Real>(
     q: View,
@@ -525,9 +525,9 @@ pub fn shaw_forward<T: Real>(
 }
 
 /// Gradients of $\sum o\circ dO$ for [`shaw_forward`], by the chain rule on each pair:
-/// $dP_{ij} = z_{ij}\,dO_i\cdot(v_j + a^V_r)$, $dx_{ij} = P_{ij}(dP_{ij} - \sum_l P_{il}dP_{il})$;
+/// $dP_{ij} = z_{ij}\\,dO_i\cdot(v_j + a^V_r)$, $dx_{ij} = P_{ij}(dP_{ij} - \sum_l P_{il}dP_{il})$;
 /// $dx$ reaches q and k through the content score (times its chain factor) and q and $a^K$
-/// through the key term; $dv_j$ and $da^V_r$ both receive $P_{ij}z_{ij}\,dO_i$.
+/// through the key term; $dv_j$ and $da^V_r$ both receive $P_{ij}z_{ij}\\,dO_i$.
 pub fn shaw_backward<T: Real>(
     q: View,
     k: View,

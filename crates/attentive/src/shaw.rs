@@ -4,15 +4,15 @@
 //! For query $i$ at position $p_i = i + N_k - N_q$ (bottom-right, as everywhere in the engine)
 //! and key $j$, the bucket is $r_{ij} = \mathrm{clip}(j - p_i, -c, c) + c \in [0, 2c]$. With the
 //! tables $a^K$ (`[2c+1, D]`) and $a^V$ (`[2c+1, Dv]`),
-//! $$x_{ij} = \text{scale}\,\bigl(q_i\cdot k_j + q_i\cdot a^K_{r_{ij}}\bigr),\qquad
-//!   o_i = \sum_j w_{ij}\,\bigl(v_j + a^V_{r_{ij}}\bigr),$$
+//! $$x_{ij} = \text{scale}\\,\bigl(q_i\cdot k_j + q_i\cdot a^K_{r_{ij}}\bigr),\qquad
+//!   o_i = \sum_j w_{ij}\\,\bigl(v_j + a^V_{r_{ij}}\bigr),$$
 //! where every other rule of the call (masks, biases, ALiBi, softcap on the $q_i\cdot k_j$ part)
 //! applies to $x$ as in [`options`](crate::Options), and $w$ are the softmax weights after
-//! dropout. The value term is $\sum_r A_{ir}\,a^V_r$, where $A_{ir} = \sum_{j : r_{ij} = r} w_{ij}$
+//! dropout. The value term is $\sum_r A_{ir}\\,a^V_r$, where $A_{ir} = \sum_{j : r_{ij} = r} w_{ij}$
 //! is the weight row $i$ puts on relative distance $r - c$ ([`ShawSaved::mass`]).
 //!
 //! # How it runs on the fused kernel
-//! The key term is a score rule adding $R_{ir} = \text{scale}\,q_i\cdot a^K_r$, a table of
+//! The key term is a score rule adding $R_{ir} = \text{scale}\\,q_i\cdot a^K_r$, a table of
 //! $N_q(2c+1)$ numbers per head. Each row's keys split into three bands by $j - p_i$:
 //! $(-\infty, -c]$ (bucket $0$), $(-c, c)$ (buckets $1 \dots 2c-1$, one key each) and
 //! $[c, \infty)$ (bucket $2c$). The kernel attends over each outer band alone with a column of
@@ -21,14 +21,14 @@
 //! [`merge`](crate::merge) does. The bands partition the pairs: the cost is one forward pass plus
 //! $O(N c D)$.
 //!
-//! The backward uses $dP_{ij} = z_{ij}\, dO_i\cdot(v_j + a^V_{r_{ij}})$ ($z$ the dropout factor).
+//! The backward uses $dP_{ij} = z_{ij}\\, dO_i\cdot(v_j + a^V_{r_{ij}})$ ($z$ the dropout factor).
 //! Over an outer band, $dO_i\cdot a^V_r$ is one number per row: appended to $dO$ (against the
 //! ones appended to $V$) it makes the kernel's $dP$ exactly this. The inner band is done directly.
 //! The table gradient $dR_{ir} = \sum_{j: r_{ij} = r} dx_{ij}$ over an outer band $\mathcal B$ is
-//! $dO'_i\cdot\bar O'_{\mathcal B i} - D_i\,\beta_{\mathcal B i}$, where $\bar O'$ is the band's
+//! $dO'\_i\cdot\bar O'\_{\mathcal B i} - D_i\\,\beta_{\mathcal B i}$, where $\bar O'$ is the band's
 //! share of the output and $\beta$ its share of the undropped weight (both saved by the forward)
-//! and $D_i = dO_i\cdot o_i$. Then $dq_i \mathrel{+}= \text{scale}\sum_r dR_{ir}\,a^K_r$,
-//! $da^K_r = \text{scale}\sum_i dR_{ir}\,q_i$ and $da^V_r = \sum_i A_{ir}\,dO_i$.
+//! and $D_i = dO_i\cdot o_i$. Then $dq_i \mathrel{+}= \text{scale}\sum_r dR_{ir}\\,a^K_r$,
+//! $da^K_r = \text{scale}\sum_i dR_{ir}\\,q_i$ and $da^V_r = \sum_i A_{ir}\\,dO_i$.
 //!
 //! ```
 //! use attentive::shaw::Shaw;
@@ -201,7 +201,7 @@ impl Shaw<'_> {
         Ok((p, dims))
     }
 
-    /// $R_{ir} = \text{scale}\, q_i\cdot a^K_r$ for every row, `[B·Hq·Nq, 2c+1]`.
+    /// $R_{ir} = \text{scale}\\, q_i\cdot a^K_r$ for every row, `[B·Hq·Nq, 2c+1]`.
     fn key_table(&self, q: &[f32], dims: Dims) -> Vec<f32> {
         let (d, nb) = (dims.d, dims.nb);
         let mut r = vec![0.0f32; dims.rows() * nb];
@@ -560,7 +560,7 @@ impl Shaw<'_> {
 
 /// Logits of row `(b, h, i)` over the keys the problem's rules let it see, by the kernel's rules
 /// (the problem carries the inner band): fills `x` for keys `[lo, lo + x.len())`, −∞ where masked,
-/// and with `chain` also $\partial x/\partial(\text{scale}\,q\cdot k)$. Returns `lo`.
+/// and with `chain` also $\partial x/\partial(\text{scale}\\,q\cdot k)$. Returns `lo`.
 fn inner_logits(
     p: &Problem,
     qc: &[f32],

@@ -130,7 +130,7 @@ impl OutBuf {
     }
 }
 
-/// A score rule with a non-trivial derivative: $f(s) = s + 0.3\sin s + 0.05\,(j - i)/8$.
+/// A score rule with a non-trivial derivative: $f(s) = s + 0.3\sin s + 0.05\\,(j - i)/8$.
 pub struct Wobble;
 
 impl ScoreRule for Wobble {
