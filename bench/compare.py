@@ -17,12 +17,12 @@ the `attentive` CLI, and for every shape:
     command), the peers in this process; each sample repeats the call until it lasts about
     0.2 s;
   * checks every implementation's output (and gradients) against an f64 reference by the
-    accuracy rule of LIMITS.md: max|out - ref| <= 2x (3x for gradients) max|naive f32 - ref|
+    accuracy rule (BENCHMARKS.md, Method): max|out - ref| <= 2x (3x for gradients) max|naive f32 - ref|
     plus a 4-ulp floor of the largest reference value;
   * prints the medians and the ratios (peer time / attentive time: above 1 is faster).
 
 Then peak memory in separate processes (forward+backward, H=1, D=64), the CPU model, the FMA
-ceiling and read bandwidth from ../shared/tools/peak.sh before and after, a JSON file of every
+ceiling and read bandwidth from `attentive peak` before and after, a JSON file of every
 figure, and an SVG plot of GFLOP/s and peak memory against N.
 
 Usage: python3 bench/compare.py [--quick] [--only TEXT] [--peers torch,ort,openvino] [--out bench-out]
@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,10 +46,46 @@ THREADS = 2
 PACKAGES = ["numpy", "torch", "onnx", "onnxruntime", "openvino"]
 
 
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="N=2048 (and causal N=4096 D=64), GQA and decode only, 5 rounds, no memory runs")
+    ap.add_argument("--only", default="", help="run only the shapes whose label contains this text")
+    ap.add_argument("--peers", default="torch,ort,openvino",
+                    help="comma-separated peers to time beside attentive (torch, ort, openvino)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench-out"), help="directory for the JSON and SVG")
+    args = ap.parse_args()
+    unknown = {p for p in args.peers.split(",") if p} - {"torch", "ort", "openvino"}
+    if unknown:
+        ap.error(f"unknown peers {sorted(unknown)} (torch, ort, openvino)")
+    return args
+
+
+def preflight():
+    """Everything but the peers, checked before anything is downloaded: the arguments, cargo,
+    the attentive CLI (built here), its ceiling probe, Python's venv and pip, and the disk room
+    the peers need."""
+    parse_args()
+    if not shutil.which("cargo"):
+        sys.exit("compare.py: cargo is not on PATH (install Rust 1.89 or later: https://rustup.rs)")
+    subprocess.check_call(["cargo", "build", "--release", "-q", "-p", "attentive-cli"], cwd=ROOT)
+    subprocess.check_call([os.path.join(ROOT, "target", "release", "attentive"), "peak", "--read-mib", "16"],
+                          stdout=subprocess.DEVNULL)
+    if not os.path.exists(VPY):
+        for module in ("venv", "ensurepip"):
+            if subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode:
+                sys.exit(f"compare.py: this Python lacks the '{module}' module "
+                         "(on Debian and Ubuntu: apt install python3-venv)")
+        free = shutil.disk_usage(HERE).free / 2**30
+        if free < 8:
+            sys.exit(f"compare.py: the peers need about 8 GiB in {HERE}; {free:.1f} GiB are free")
+
+
 def ensure_venv():
     """Re-executes this script with the venv's Python, creating the venv on first use."""
     if os.path.realpath(sys.prefix) == os.path.realpath(VENV):
         return
+    preflight()
     if not os.path.exists(VPY):
         print("creating bench/.venv and installing the peers from PyPI (once) ...", flush=True)
         subprocess.check_call([sys.executable, "-m", "venv", VENV])
@@ -77,7 +114,7 @@ BIN = os.path.join(ROOT, "target", "release", "attentive")
 
 
 def peak():
-    out = subprocess.check_output(["sh", os.path.join(ROOT, "..", "shared", "tools", "peak.sh"), str(THREADS)])
+    out = subprocess.check_output([BIN, "peak", "--threads", str(THREADS)])
     return json.loads(out)
 
 
@@ -444,18 +481,8 @@ def cpu_model():
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="N=2048 (and causal N=4096 D=64), GQA and decode only, 5 rounds, no memory runs")
-    ap.add_argument("--only", default="", help="run only the shapes whose label contains this text")
-    ap.add_argument("--peers", default="torch,ort,openvino",
-                    help="comma-separated peers to time beside attentive (torch, ort, openvino)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench-out"), help="directory for the JSON and SVG")
-    args = ap.parse_args()
+    args = parse_args()
     peer_names = [p for p in args.peers.split(",") if p]
-    unknown = set(peer_names) - {"torch", "ort", "openvino"}
-    if unknown:
-        ap.error(f"unknown peers {sorted(unknown)} (torch, ort, openvino)")
     os.makedirs(args.out, exist_ok=True)
     subprocess.check_call(["cargo", "build", "--release", "-q", "-p", "attentive-cli"], cwd=ROOT)
     cpu = cpu_model()

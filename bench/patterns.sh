@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 cargo build --release -q -p attentive-cli
 bin=./target/release/attentive
 n=${1:-8192}
-peak=$(sh ../shared/tools/peak.sh 2)
+peak=$($bin peak --threads 2)
 fma=$(echo "$peak" | sed 's/.*"fma_gflops": *\([0-9.]*\).*/\1/')
 echo "ceiling: $peak"
 dense=""

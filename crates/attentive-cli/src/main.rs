@@ -30,6 +30,7 @@ fn emit(line: std::fmt::Arguments) {
 }
 
 mod g2p;
+mod peak;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -52,6 +53,9 @@ enum Command {
     Attend(Box<AttendArgs>),
     /// Times the fused kernel on random inputs of a given shape.
     Bench(BenchArgs),
+    /// This machine's ceilings, measured now: the f32 FMA rate (GFLOP/s) and the memory read
+    /// bandwidth (GB/s), as one JSON line; benchmarks divide by them.
+    Peak(peak::PeakArgs),
     /// Trains a model from scratch.
     #[command(subcommand)]
     Train(TrainCommand),
@@ -619,6 +623,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Attend(a) => attend(*a),
         Command::Bench(a) => bench(a),
+        Command::Peak(a) => peak::peak(a),
         Command::Train(TrainCommand::G2p(a)) => g2p::train(a),
         Command::Demo(a) => g2p::demo(a),
     };

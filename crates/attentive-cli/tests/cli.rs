@@ -459,6 +459,7 @@ fn a_closed_output_pipe_ends_each_subcommand_quietly() {
             "3",
             "--scaling",
         ],
+        vec!["peak", "--read-mib", "16"],
         vec!["demo", "--list-test-words"],
         vec!["demo", "--out", &demo, "--json"],
         vec!["train", "g2p", "--minutes", "0.02", "--out", &train_out],
@@ -495,5 +496,22 @@ fn a_closed_output_pipe_ends_each_subcommand_quietly() {
                 out.status
             );
         }
+    }
+}
+
+#[test]
+fn peak_measures_both_ceilings() {
+    let out = Command::new(env!("CARGO_BIN_EXE_attentive"))
+        .args(["peak", "--threads", "1", "--read-mib", "32"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["threads"], 1);
+    // A core of any machine this runs on does more than 1 GFLOP/s and reads more than 0.1 GB/s;
+    // a probe that measured nothing (or was optimised away) would print 0 or infinity.
+    for (key, floor) in [("fma_gflops", 1.0), ("read_gbps", 0.1)] {
+        let x = j[key].as_f64().unwrap();
+        assert!(x > floor && x < 1e5, "{key} = {x}");
     }
 }

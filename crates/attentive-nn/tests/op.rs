@@ -1,5 +1,5 @@
 //! The fused op against candle's unfused composition, forward and gradients, by the accuracy
-//! rule of LIMITS.md: the fused error against an f64 oracle (the unfused composition run in
+//! rule of BENCHMARKS.md: the fused error against an f64 oracle (the unfused composition run in
 //! f64) is at most 2× (forward) or 3× (gradients) that of the unfused composition in f32, plus a
 //! floor of 4 ulps of the largest oracle value.
 
