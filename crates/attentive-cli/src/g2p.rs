@@ -31,15 +31,18 @@ pub struct TrainArgs {
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
-    /// Words to transcribe (default: a few examples).
+    /// Words to transcribe (default: six words of the held-out test split, which the model
+    /// never saw in training).
     words: Vec<String>,
-    /// Beam width (1 = greedy).
+    /// Beam width (1 = greedy decoding).
     #[arg(long, default_value_t = 1)]
     beam: usize,
-    /// Print one JSON object as the last line: per, wer and the transcriptions.
+    /// Print one JSON object as the last line: the test score, the decoding, and each word's
+    /// transcription beside the dictionary's.
     #[arg(long)]
     json: bool,
-    /// Directory for the alignment heatmaps (one SVG per word) and the HTML page.
+    /// Directory for the alignment heatmaps (one SVG per word) and the HTML page; each run
+    /// replaces it whole.
     #[arg(long, default_value = "g2p-demo")]
     out: PathBuf,
     /// Print the test words and exit.
@@ -48,7 +51,21 @@ pub struct DemoArgs {
     /// A checkpoint directory to use instead of the shipped model.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Score the test split again even when a score of this checkpoint is cached.
+    #[arg(long)]
+    rescore: bool,
 }
+
+/// The default words: from the held-out test split (a test checks it), so what the demo shows is
+/// what the model does on words it never trained on, right or wrong.
+const SHOWCASE: [&str; 6] = [
+    "electricity",
+    "heirloom",
+    "penultimate",
+    "languish",
+    "odometer",
+    "christensen",
+];
 
 fn nn_err(e: impl std::fmt::Display) -> CliError {
     CliError::Input {
@@ -112,6 +129,10 @@ pub fn train(a: TrainArgs) -> Result<(), CliError> {
         "seed": a.seed,
         "command": format!("attentive train g2p --minutes {} --seed {}", a.minutes, a.seed),
     });
+    let (_, hash) = load_model(Some(&a.out))?;
+    if let Some(p) = score_path(Some(&a.out), hash) {
+        cache_score(&p, hash, per, wer, test.len());
+    }
     let path = a.out.join("eval.json");
     std::fs::write(&path, format!("{record:#}\n")).map_err(|e| CliError::Input {
         what: path.display().to_string(),
@@ -124,23 +145,176 @@ pub fn train(a: TrainArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn load_model(dir: Option<&Path>) -> Result<G2p, CliError> {
-    let (config, bytes): (Config, Vec<u8>) = match dir {
+/// A checkpoint and the FNV-1a hash of its bytes (config and weights), which keys its cached
+/// test score.
+fn load_model(dir: Option<&Path>) -> Result<(G2p, u64), CliError> {
+    let read = |p: PathBuf| {
+        std::fs::read(&p).map_err(|e| CliError::Input {
+            what: p.display().to_string(),
+            reason: e.to_string(),
+        })
+    };
+    let (config, config_bytes, bytes): (Config, Vec<u8>, Vec<u8>) = match dir {
         Some(d) => (
             attentive_nn::train::load_config(d).map_err(nn_err)?,
-            std::fs::read(d.join("model.safetensors")).map_err(|e| CliError::Input {
-                what: d.join("model.safetensors").display().to_string(),
-                reason: e.to_string(),
-            })?,
+            read(d.join("config.json"))?,
+            read(d.join("model.safetensors"))?,
         ),
         None => (
             serde_json::from_str(CONFIG).map_err(nn_err)?,
+            CONFIG.as_bytes().to_vec(),
             MODEL.to_vec(),
         ),
     };
     let m = G2p::new(&config, 0).map_err(nn_err)?;
     m.params.load_bytes(&bytes).map_err(nn_err)?;
-    Ok(m)
+    let hash = [config_bytes, bytes]
+        .concat()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+    Ok((m, hash))
+}
+
+/// Where a checkpoint's test score is cached: beside a checkpoint directory, or for the shipped
+/// model in the user's cache directory (`$XDG_CACHE_HOME` or `~/.cache`, then `attentive/`).
+fn score_path(model: Option<&Path>, hash: u64) -> Option<PathBuf> {
+    let name = format!("g2p-test-score-{hash:016x}.json");
+    match model {
+        Some(d) => Some(d.join(name)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|c| c.join("attentive").join(name)),
+    }
+}
+
+/// The test split's greedy PER and WER of this checkpoint: from the cache when it holds them
+/// (same checkpoint hash, same test words), else computed and cached. Returns (per, wer, cached).
+fn test_score(
+    model: &G2p,
+    hash: u64,
+    path: Option<&Path>,
+    test: &[Entry],
+    rescore: bool,
+) -> Result<(f64, f64, bool), CliError> {
+    let key = format!("{hash:016x}");
+    if let Some(j) = path
+        .filter(|_| !rescore)
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .filter(|j| j["checkpoint"] == key.as_str() && j["test_words"] == test.len())
+    {
+        if let (Some(per), Some(wer)) = (j["per"].as_f64(), j["wer"].as_f64()) {
+            return Ok((per, wer, true));
+        }
+    }
+    let (per, wer) = evaluate(model, test)?;
+    if let Some(p) = path {
+        cache_score(p, hash, per, wer, test.len());
+    }
+    Ok((per, wer, false))
+}
+
+/// Records a checkpoint's greedy test score where [`test_score`] looks for it. A cache that
+/// cannot be written (a read-only directory) only costs the next call the scoring time.
+fn cache_score(path: &Path, hash: u64, per: f64, wer: f64, words: usize) {
+    let record = serde_json::json!({
+        "checkpoint": format!("{hash:016x}"), "per": per, "wer": wer, "test_words": words,
+        "decoding": "greedy",
+    });
+    let _ = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(path, format!("{record:#}\n")));
+}
+
+/// One step of the cheapest edit from the model's phonemes to the dictionary's.
+#[derive(Clone, Copy, PartialEq)]
+enum Edit {
+    Same(u32),
+    /// The model wrote the first where the dictionary has the second.
+    Sub(u32, u32),
+    /// A phoneme the model wrote that the dictionary does not have.
+    Extra(u32),
+    /// A dictionary phoneme the model left out.
+    Missing(u32),
+}
+
+/// The edits of a minimal (Levenshtein) alignment of `model` to `dict`, in order.
+fn edits(model: &[u32], dict: &[u32]) -> Vec<Edit> {
+    let (n, m) = (model.len(), dict.len());
+    let mut d = vec![vec![0usize; m + 1]; n + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for j in 0..=m {
+        d[0][j] = j;
+    }
+    for i in 1..=n {
+        for j in 1..=m {
+            d[i][j] = (d[i - 1][j - 1] + (model[i - 1] != dict[j - 1]) as usize)
+                .min(d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1);
+        }
+    }
+    let (mut i, mut j, mut out) = (n, m, Vec::new());
+    while i > 0 || j > 0 {
+        if i > 0 && j > 0 && d[i][j] == d[i - 1][j - 1] + (model[i - 1] != dict[j - 1]) as usize {
+            out.push(if model[i - 1] == dict[j - 1] {
+                Edit::Same(model[i - 1])
+            } else {
+                Edit::Sub(model[i - 1], dict[j - 1])
+            });
+            (i, j) = (i - 1, j - 1);
+        } else if i > 0 && d[i][j] == d[i - 1][j] + 1 {
+            out.push(Edit::Extra(model[i - 1]));
+            i -= 1;
+        } else {
+            out.push(Edit::Missing(dict[j - 1]));
+            j -= 1;
+        }
+    }
+    out.reverse();
+    out
+}
+
+/// A word as the demo shows it.
+struct Shown {
+    word: String,
+    phones: Vec<u32>,
+    /// Decoding stopped at the decoder's length limit before the end-of-word symbol.
+    cut: bool,
+    /// The dictionary's split of the word, when the dictionary has it.
+    split: Option<Split>,
+    /// The dictionary pronunciation closest to the model's, and the edits between them.
+    closest: Option<(Vec<u32>, Vec<Edit>)>,
+    align: Vec<Vec<f32>>,
+}
+
+impl Shown {
+    fn errors(&self) -> Option<usize> {
+        self.closest
+            .as_ref()
+            .map(|(_, e)| e.iter().filter(|e| !matches!(e, Edit::Same(_))).count())
+    }
+
+    fn split_note(&self) -> &'static str {
+        match self.split {
+            Some(Split::Test) => "held-out test word",
+            Some(Split::Valid) => "validation word (not trained on)",
+            Some(Split::Train) => "training word (the model trained on it)",
+            None => "not in the dictionary",
+        }
+    }
+}
+
+fn names(p: &[u32]) -> String {
+    p.iter()
+        .map(|&x| phone_name(x))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 pub fn demo(a: DemoArgs) -> Result<(), CliError> {
@@ -152,33 +326,46 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
         return Ok(());
     }
     let t0 = Instant::now();
-    let model = load_model(a.model.as_deref())?;
+    let io = |p: &Path, e: std::io::Error| CliError::Input {
+        what: p.display().to_string(),
+        reason: e.to_string(),
+    };
+    // The folder is replaced whole at the end; refuse up front to replace one that is not a
+    // demo's (anything but its .svg, .html and .json files).
+    if a.out.exists() {
+        let ours = std::fs::read_dir(&a.out)
+            .map_err(|e| io(&a.out, e))?
+            .all(|e| {
+                e.is_ok_and(|e| {
+                    let p = e.path();
+                    p.is_file()
+                        && p.extension()
+                            .is_some_and(|x| x == "svg" || x == "html" || x == "json")
+                })
+            });
+        if !ours {
+            return Err(CliError::Input {
+                what: a.out.display().to_string(),
+                reason: "exists and holds files other than a demo's; choose another --out".into(),
+            });
+        }
+    }
+    let (model, hash) = load_model(a.model.as_deref())?;
+    let max_len = model.model.config.max_len;
     let words: Vec<String> = if a.words.is_empty() {
-        [
-            "attention",
-            "transformer",
-            "pronunciation",
-            "rust",
-            "weighed",
-        ]
-        .map(String::from)
-        .to_vec()
+        SHOWCASE.map(String::from).to_vec()
     } else {
         a.words.iter().map(|w| w.to_lowercase()).collect()
     };
-    std::fs::create_dir_all(&a.out).map_err(|e| CliError::Input {
-        what: a.out.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    let mut results = Vec::new();
-    let mut page = String::from(HTML_HEAD);
+    let mut shown = Vec::new();
     for w in &words {
-        let Some(code) =
-            encode_word(w).filter(|c| !c.is_empty() && c.len() < model.model.config.max_len)
-        else {
+        let Some(code) = encode_word(w).filter(|c| !c.is_empty() && c.len() < max_len) else {
             return Err(CliError::Input {
                 what: format!("word '{w}'"),
-                reason: "must be 1 to 39 letters a–z or apostrophes".into(),
+                reason: format!(
+                    "must be 1 to {} letters a–z or apostrophes (the encoder's limit)",
+                    max_len - 1
+                ),
             });
         };
         let phones = if a.beam > 1 {
@@ -187,50 +374,244 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
             model.greedy(&[&code]).map_err(nn_err)?.remove(0)
         };
         let align = model.alignment(&code, &phones).map_err(nn_err)?;
-        let names: Vec<&str> = phones.iter().map(|&p| phone_name(p)).collect();
-        out!("{w:>16}  {}", names.join(" "));
-        let svg = heatmap_svg(w, &names, &align);
-        let file = a.out.join(format!("{}.svg", sanitize(w)));
-        std::fs::write(&file, &svg).map_err(|e| CliError::Input {
-            what: file.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        page.push_str(&format!(
-            "<section><h2>{w}</h2><p>/{}/</p>{svg}</section>\n",
-            names.join(" ")
-        ));
-        results.push((w.clone(), names.join(" ")));
+        let entry = g2p::lookup(w);
+        let closest = entry.as_ref().map(|e| {
+            let best = e
+                .prons
+                .iter()
+                .min_by_key(|r| g2p::edit_distance(&phones, r))
+                .expect("every entry has a pronunciation");
+            (best.clone(), edits(&phones, best))
+        });
+        shown.push(Shown {
+            word: w.clone(),
+            cut: phones.len() + 1 >= max_len,
+            phones,
+            split: entry.map(|_| g2p::split_of(w)),
+            closest,
+            align,
+        });
     }
-    let (per, wer) = evaluate(&model, &test)?;
+    let decoding = if a.beam > 1 {
+        format!("beam search, width {}", a.beam)
+    } else {
+        "greedy".to_string()
+    };
+    for s in &shown {
+        let marked: Vec<String> = match &s.closest {
+            Some((_, e)) => e
+                .iter()
+                .filter_map(|e| match *e {
+                    Edit::Same(p) => Some(phone_name(p).to_string()),
+                    Edit::Sub(p, _) | Edit::Extra(p) => Some(format!("[{}]", phone_name(p))),
+                    Edit::Missing(_) => None,
+                })
+                .collect(),
+            None => s
+                .phones
+                .iter()
+                .map(|&p| phone_name(p).to_string())
+                .collect(),
+        };
+        out!(
+            "{:>16}  model:      {}{}",
+            s.word,
+            marked.join(" "),
+            if s.cut {
+                "  (cut at the decoder's length limit)"
+            } else {
+                ""
+            }
+        );
+        match (&s.closest, s.errors()) {
+            (Some((d, _)), Some(n)) => out!(
+                "{:>16}  dictionary: {}  ({}; {})",
+                "",
+                names(d),
+                if n == 0 {
+                    "exact".to_string()
+                } else {
+                    format!("{n} phoneme error{}", if n == 1 { "" } else { "s" })
+                },
+                s.split_note()
+            ),
+            _ => out!("{:>16}  {}", "", s.split_note()),
+        }
+    }
+    out!("decoding: {decoding}; [X] marks a phoneme that differs from the dictionary's");
+    let cache = score_path(a.model.as_deref(), hash);
+    let t_score = Instant::now();
+    let (per, wer, cached) = test_score(&model, hash, cache.as_deref(), &test, a.rescore)?;
     out!(
-        "test set: {} words, PER {per:.2}%, WER {wer:.2}% (greedy), {:.1} s",
+        "test set: {} held-out words, PER {per:.2}%, WER {wer:.2}% (greedy decoding; {}), {:.1} s in all",
         test.len(),
+        match (&cache, cached) {
+            (Some(p), true) => format!("cached in {}", p.display()),
+            _ => format!("scored in {:.1} s", t_score.elapsed().as_secs_f64()),
+        },
         t0.elapsed().as_secs_f64()
     );
-    page.push_str(&format!(
-        "<p>Test set: {} held-out words, phoneme error rate {per:.2}%, word error rate {wer:.2}%.</p></body></html>\n",
-        test.len()
-    ));
-    let html = a.out.join("index.html");
-    std::fs::write(&html, page).map_err(|e| CliError::Input {
-        what: html.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    // Everything goes into a fresh folder beside the target, which then replaces it whole.
+    let parent = a
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = a
+        .out
+        .file_name()
+        .map_or("g2p-demo".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    let written = (|| -> Result<(), CliError> {
+        let mut page = String::from(HTML_HEAD);
+        page.push_str(&format!(
+            "<p>Decoding: <b>{decoding}</b>. {}</p>\n",
+            if a.words.is_empty() {
+                "The words are from the held-out test split of the dictionary: the model never saw them in training."
+            } else {
+                "Each word says whether the model saw it in training."
+            }
+        ));
+        for s in &shown {
+            let labels: Vec<&str> = s.phones.iter().map(|&p| phone_name(p)).collect();
+            let svg = heatmap_svg(&s.word, &labels, &s.align);
+            let file = tmp.join(format!("{}.svg", sanitize(&s.word)));
+            std::fs::write(&file, &svg).map_err(|e| io(&file, e))?;
+            page.push_str(&format!(
+                "<section><h2>{}</h2><p class=\"note\">{}{}</p>{}{svg}</section>\n",
+                s.word,
+                s.split_note(),
+                if s.cut {
+                    "; cut at the decoder's length limit"
+                } else {
+                    ""
+                },
+                comparison_html(s)
+            ));
+        }
+        page.push_str(&format!(
+            "<p>Test set: {} held-out words, phoneme error rate {per:.2}%, word error rate {wer:.2}% \
+             (greedy decoding).</p>\n{}</body></html>\n",
+            test.len(),
+            arpabet_key()
+        ));
+        let html = tmp.join("index.html");
+        std::fs::write(&html, page).map_err(|e| io(&html, e))
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if a.out.exists() {
+        std::fs::remove_dir_all(&a.out).map_err(|e| io(&a.out, e))?;
+    }
+    std::fs::rename(&tmp, &a.out).map_err(|e| io(&a.out, e))?;
     out!(
         "alignments: {} (one SVG per word and {})",
         a.out.display(),
-        html.display()
+        a.out.join("index.html").display()
     );
     if a.json {
         let obj = serde_json::json!({
             "per": per,
             "wer": wer,
             "test_words": test.len(),
-            "transcriptions": results.iter().map(|(w, p)| serde_json::json!({"word": w, "phones": p})).collect::<Vec<_>>(),
+            "score": {"decoding": "greedy", "cached": cached},
+            "decoding": if a.beam > 1 { serde_json::json!({"mode": "beam", "width": a.beam}) }
+                        else { serde_json::json!({"mode": "greedy"}) },
+            "seconds": t0.elapsed().as_secs_f64(),
+            "transcriptions": shown.iter().map(|s| serde_json::json!({
+                "word": s.word,
+                "phones": names(&s.phones),
+                "dictionary": s.closest.as_ref().map(|(d, _)| names(d)),
+                "errors": s.errors(),
+                "split": s.split.map(|x| format!("{x:?}").to_lowercase()),
+                "cut": s.cut,
+            })).collect::<Vec<_>>(),
         });
         out!("{obj}");
     }
     Ok(())
+}
+
+/// The model's phonemes above the dictionary's, aligned, with every difference marked.
+fn comparison_html(s: &Shown) -> String {
+    let Some((_, e)) = &s.closest else {
+        return format!("<p>model: /{}/</p>", names(&s.phones));
+    };
+    let (mut top, mut bottom) = (String::new(), String::new());
+    for e in e {
+        let (m, d, bad) = match *e {
+            Edit::Same(p) => (phone_name(p), phone_name(p), false),
+            Edit::Sub(p, q) => (phone_name(p), phone_name(q), true),
+            Edit::Extra(p) => (phone_name(p), "–", true),
+            Edit::Missing(q) => ("–", phone_name(q), true),
+        };
+        let class = if bad { " class=\"err\"" } else { "" };
+        top.push_str(&format!("<td{class}>{m}</td>"));
+        bottom.push_str(&format!("<td{class}>{d}</td>"));
+    }
+    let n = s.errors().unwrap_or(0);
+    format!(
+        "<table class=\"cmp\"><tr><th>model</th>{top}</tr><tr><th>dictionary</th>{bottom}</tr></table>\
+         <p>{}</p>",
+        if n == 0 { "exactly the dictionary's".to_string() } else { format!("{n} phoneme error{}", if n == 1 { "" } else { "s" }) }
+    )
+}
+
+/// The 39 ARPAbet phonemes of the CMU Pronouncing Dictionary, each with an example word (the
+/// dictionary's own key).
+fn arpabet_key() -> String {
+    const KEY: [(&str, &str, &str); 39] = [
+        ("AA", "odd", "AA D"),
+        ("AE", "at", "AE T"),
+        ("AH", "hut", "HH AH T"),
+        ("AO", "ought", "AO T"),
+        ("AW", "cow", "K AW"),
+        ("AY", "hide", "HH AY D"),
+        ("B", "be", "B IY"),
+        ("CH", "cheese", "CH IY Z"),
+        ("D", "dee", "D IY"),
+        ("DH", "thee", "DH IY"),
+        ("EH", "Ed", "EH D"),
+        ("ER", "hurt", "HH ER T"),
+        ("EY", "ate", "EY T"),
+        ("F", "fee", "F IY"),
+        ("G", "green", "G R IY N"),
+        ("HH", "he", "HH IY"),
+        ("IH", "it", "IH T"),
+        ("IY", "eat", "IY T"),
+        ("JH", "gee", "JH IY"),
+        ("K", "key", "K IY"),
+        ("L", "lee", "L IY"),
+        ("M", "me", "M IY"),
+        ("N", "knee", "N IY"),
+        ("NG", "ping", "P IH NG"),
+        ("OW", "oat", "OW T"),
+        ("OY", "toy", "T OY"),
+        ("P", "pee", "P IY"),
+        ("R", "read", "R IY D"),
+        ("S", "sea", "S IY"),
+        ("SH", "she", "SH IY"),
+        ("T", "tea", "T IY"),
+        ("TH", "theta", "TH EY T AH"),
+        ("UH", "hood", "HH UH D"),
+        ("UW", "two", "T UW"),
+        ("V", "vee", "V IY"),
+        ("W", "we", "W IY"),
+        ("Y", "yield", "Y IY L D"),
+        ("Z", "zee", "Z IY"),
+        ("ZH", "seizure", "S IY ZH ER"),
+    ];
+    let rows: String = KEY
+        .iter()
+        .map(|(p, w, t)| format!("<tr><td><b>{p}</b></td><td>{w}</td><td>{t}</td></tr>"))
+        .collect();
+    format!(
+        "<h2>ARPAbet key</h2><table class=\"key\"><tr><th>phoneme</th><th>as in</th><th>spelled</th></tr>{rows}</table>\n"
+    )
 }
 
 /// Greedy test-set PER and WER (%).
@@ -247,7 +628,10 @@ fn sanitize(w: &str) -> String {
 
 const HTML_HEAD: &str = "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>attentive: \
 what the model looked at</title><style>body{font-family:sans-serif;margin:2em;max-width:60em}\
-section{display:inline-block;margin:1em;vertical-align:top}</style></head><body>\
+section{display:inline-block;margin:1em;vertical-align:top}.note{color:#555}\
+table.cmp{border-collapse:collapse;font-family:monospace;margin:.5em 0}table.cmp td,table.cmp th{padding:2px 5px;\
+text-align:center}table.cmp th{text-align:right;font-weight:normal;color:#555}td.err{background:#fdd;\
+color:#a00;font-weight:bold}table.key td{padding:1px 8px;font-family:monospace}</style></head><body>\
 <h1>Cross-attention alignments</h1><p>Each row is a phoneme the model wrote; each column a letter \
 it read. Darker cells carry more attention weight (last decoder layer, averaged over heads).</p>\n";
 

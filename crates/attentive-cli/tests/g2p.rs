@@ -10,8 +10,14 @@ fn dir(name: &str) -> PathBuf {
 }
 
 fn run(args: &[&str]) -> (bool, String, String) {
+    run_cached(args, &dir("cache"))
+}
+
+/// `run` with the shipped model's test score cached under `cache`.
+fn run_cached(args: &[&str], cache: &std::path::Path) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_attentive"))
         .args(args)
+        .env("XDG_CACHE_HOME", cache)
         .output()
         .unwrap();
     (
@@ -75,6 +81,96 @@ fn demo_reproduces_the_recorded_test_score_and_writes_alignments() {
 }
 
 #[test]
+fn the_demo_shows_held_out_words_beside_the_dictionary_and_caches_its_score() {
+    let (out, cache) = (dir("showcase"), dir("showcase-cache"));
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&cache);
+    let o = out.to_str().unwrap();
+    let mut seconds = Vec::new();
+    for call in 0..2 {
+        let (ok, stdout, stderr) = run_cached(&["demo", "--json", "--out", o], &cache);
+        assert!(ok, "{stderr}");
+        let j = last_json(&stdout);
+        assert_eq!(j["score"]["cached"], call == 1, "call {call}");
+        assert_eq!(j["decoding"]["mode"], "greedy");
+        seconds.push(j["seconds"].as_f64().unwrap());
+        let page = std::fs::read_to_string(out.join("index.html")).unwrap();
+        assert!(page.contains("held-out test split") && page.contains("ARPAbet key"));
+        let t = j["transcriptions"].as_array().unwrap();
+        assert!(t.len() >= 5);
+        for w in t {
+            let word = w["word"].as_str().unwrap();
+            assert_eq!(
+                attentive_nn::g2p::split_of(word),
+                attentive_nn::g2p::Split::Test,
+                "{word} is not a test word"
+            );
+            assert_eq!(w["split"], "test");
+            // Both pronunciations on the page, the dictionary's as the dictionary has it.
+            let dict = w["dictionary"].as_str().unwrap();
+            let entry = attentive_nn::g2p::lookup(word).unwrap();
+            assert!(entry.prons.iter().any(|p| p
+                .iter()
+                .map(|&x| attentive_nn::g2p::phone_name(x))
+                .collect::<Vec<_>>()
+                .join(" ")
+                == dict));
+            let section = page.split(&format!("<h2>{word}</h2>")).nth(1).unwrap();
+            let section = section.split("</section>").next().unwrap();
+            for row in ["<th>model</th>", "<th>dictionary</th>"] {
+                assert!(section.contains(row), "{word}: no {row} row");
+            }
+            for p in dict.split(' ') {
+                assert!(
+                    section.contains(&format!(">{p}</td>")),
+                    "{word}: {p} not shown"
+                );
+            }
+            let errors = section.matches("class=\"err\"").count();
+            assert_eq!(errors > 0, w["errors"].as_u64().unwrap() > 0, "{word}");
+        }
+    }
+    println!(
+        "demo with the score computed: {:.2} s; with it cached: {:.2} s",
+        seconds[0], seconds[1]
+    );
+    // Another run replaces the folder whole: the old words' files go.
+    let (ok, stdout, stderr) = run_cached(
+        &["demo", "--json", "--beam", "3", "--out", o, "cat"],
+        &cache,
+    );
+    assert!(ok, "{stderr}");
+    assert_eq!(last_json(&stdout)["decoding"]["width"], 3);
+    let mut files: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["cat.svg", "index.html"]);
+    assert!(std::fs::read_to_string(out.join("index.html"))
+        .unwrap()
+        .contains("beam search, width 3"));
+    // A failing word leaves the previous folder as it was, and nothing beside it.
+    let (ok, _, _) = run_cached(&["demo", "--out", o, "dog", "d0g"], &cache);
+    assert!(!ok);
+    let after: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+    assert_eq!(after.len(), 2);
+    let parent: Vec<String> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("showcase.tmp"))
+        .collect();
+    assert!(parent.is_empty(), "{parent:?}");
+    // A folder that is not a demo's is never replaced.
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let (ok, _, stderr) = run_cached(&["demo", "--out", o, "cat"], &cache);
+    assert!(!ok && stderr.contains("choose another --out"), "{stderr}");
+    assert!(out.join("notes.txt").exists());
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+#[test]
 fn test_words_are_listed_and_disjoint_from_training() {
     let (ok, stdout, _) = run(&["demo", "--list-test-words"]);
     assert!(ok);
@@ -109,8 +205,19 @@ fn a_one_minute_training_run_writes_a_usable_checkpoint() {
     for f in ["model.safetensors", "config.json", "eval.json"] {
         assert!(out.join(f).exists(), "{f}");
     }
-    let (ok, stdout, stderr) = run(&["demo", "--json", "--model", o, "--out", o, "cat"]);
+    let demo = out.join("demo");
+    let (ok, stdout, stderr) = run(&[
+        "demo",
+        "--json",
+        "--model",
+        o,
+        "--out",
+        demo.to_str().unwrap(),
+        "cat",
+    ]);
     assert!(ok, "{stderr}");
+    // Training cached the score it measured, so the demo did not score the test split again.
+    assert_eq!(last_json(&stdout)["score"]["cached"], true);
     // The checkpoint reloads to the score training recorded for it.
     let rec: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();

@@ -114,6 +114,15 @@ pub fn load(split: Split) -> Vec<Entry> {
         .collect()
 }
 
+/// The dictionary's entry for `word` (lower case), whichever split holds it.
+pub fn lookup(word: &str) -> Option<Entry> {
+    let entries = load(split_of(word));
+    entries
+        .binary_search_by(|e| e.word.as_str().cmp(word))
+        .ok()
+        .map(|i| entries[i].clone())
+}
+
 /// Levenshtein distance.
 pub fn edit_distance(a: &[u32], b: &[u32]) -> usize {
     let mut prev: Vec<usize> = (0..=b.len()).collect();
