@@ -1,6 +1,7 @@
 //! `attentive train g2p` and `attentive demo`: the spelling-to-pronunciation model.
 
 use crate::error::CliError;
+use crate::outdir;
 use attentive_nn::g2p::{self, encode_word, phone_name, Entry, G2p, Split, TrainOptions};
 use attentive_nn::transformer::Config;
 use std::path::{Path, PathBuf};
@@ -75,6 +76,12 @@ fn nn_err(e: impl std::fmt::Display) -> CliError {
 }
 
 pub fn train(a: TrainArgs) -> Result<(), CliError> {
+    // Refused before training, not after: a folder holding more than a checkpoint.
+    let folder = outdir::Folder {
+        dest: &a.out,
+        ours: checkpoint_file,
+    };
+    folder.check()?;
     let config = g2p::default_config();
     let opts = TrainOptions {
         seconds: a.minutes * 60.0,
@@ -117,32 +124,45 @@ pub fn train(a: TrainArgs) -> Result<(), CliError> {
     })
     .map_err(nn_err)?;
     bar.finish();
-    attentive_nn::train::save_checkpoint(&a.out, &model.params, &config).map_err(nn_err)?;
-    // The test-set score of this checkpoint, recorded beside it for `demo` to reproduce.
-    let test = g2p::load(Split::Test);
-    let (per, wer) = evaluate(&model, &test)?;
-    let record = serde_json::json!({
-        "per": per,
-        "wer": wer,
-        "test_words": test.len(),
-        "minutes": a.minutes,
-        "seed": a.seed,
-        "command": format!("attentive train g2p --minutes {} --seed {}", a.minutes, a.seed),
-    });
-    let (_, hash) = load_model(Some(&a.out))?;
-    if let Some(p) = score_path(Some(&a.out), hash) {
-        cache_score(&p, hash, per, wer, test.len());
-    }
-    let path = a.out.join("eval.json");
-    std::fs::write(&path, format!("{record:#}\n")).map_err(|e| CliError::Input {
-        what: path.display().to_string(),
-        reason: e.to_string(),
+    let (per, wer) = folder.build(|dir| {
+        attentive_nn::train::save_checkpoint(dir, &model.params, &config).map_err(nn_err)?;
+        // The test-set score of this checkpoint, recorded beside it for `demo` to reproduce,
+        // and cached where `demo` looks for it.
+        let test = g2p::load(Split::Test);
+        let (per, wer) = evaluate(&model, &test)?;
+        let (_, hash) = load_model(Some(dir))?;
+        if let Some(p) = score_path(Some(dir), hash) {
+            cache_score(&p, hash, per, wer, test.len());
+        }
+        let record = serde_json::json!({
+            "per": per,
+            "wer": wer,
+            "test_words": test.len(),
+            "minutes": a.minutes,
+            "seed": a.seed,
+            "command": format!("attentive train g2p --minutes {} --seed {}", a.minutes, a.seed),
+        });
+        let path = dir.join("eval.json");
+        std::fs::write(&path, format!("{record:#}\n")).map_err(|e| CliError::Input {
+            what: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok((per, wer))
     })?;
     out!(
         "checkpoint written to {}; test set: PER {per:.2}%, WER {wer:.2}%",
         a.out.display()
     );
     Ok(())
+}
+
+/// The files a checkpoint folder holds (what `train` may replace).
+fn checkpoint_file(p: &Path) -> bool {
+    let name = p
+        .file_name()
+        .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+    ["model.safetensors", "config.json", "eval.json"].contains(&name.as_str())
+        || (name.starts_with("g2p-test-score-") && name.ends_with(".json"))
 }
 
 /// A checkpoint and the FNV-1a hash of its bytes (config and weights), which keys its cached
@@ -249,9 +269,7 @@ fn edits(model: &[u32], dict: &[u32]) -> Vec<Edit> {
     for (i, row) in d.iter_mut().enumerate() {
         row[0] = i;
     }
-    for j in 0..=m {
-        d[0][j] = j;
-    }
+    d[0] = (0..=m).collect();
     for i in 1..=n {
         for j in 1..=m {
             d[i][j] = (d[i - 1][j - 1] + (model[i - 1] != dict[j - 1]) as usize)
@@ -330,26 +348,12 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
         what: p.display().to_string(),
         reason: e.to_string(),
     };
-    // The folder is replaced whole at the end; refuse up front to replace one that is not a
-    // demo's (anything but its .svg, .html and .json files).
-    if a.out.exists() {
-        let ours = std::fs::read_dir(&a.out)
-            .map_err(|e| io(&a.out, e))?
-            .all(|e| {
-                e.is_ok_and(|e| {
-                    let p = e.path();
-                    p.is_file()
-                        && p.extension()
-                            .is_some_and(|x| x == "svg" || x == "html" || x == "json")
-                })
-            });
-        if !ours {
-            return Err(CliError::Input {
-                what: a.out.display().to_string(),
-                reason: "exists and holds files other than a demo's; choose another --out".into(),
-            });
-        }
-    }
+    // The folder is replaced whole at the end; one that is not a demo's is refused up front.
+    let folder = outdir::Folder {
+        dest: &a.out,
+        ours: |p| p.extension().is_some_and(|x| x == "svg" || x == "html"),
+    };
+    folder.check()?;
     let (model, hash) = load_model(a.model.as_deref())?;
     let max_len = model.model.config.max_len;
     let words: Vec<String> = if a.words.is_empty() {
@@ -451,20 +455,7 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
         },
         t0.elapsed().as_secs_f64()
     );
-    // Everything goes into a fresh folder beside the target, which then replaces it whole.
-    let parent = a
-        .out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = a
-        .out
-        .file_name()
-        .map_or("g2p-demo".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    let written = (|| -> Result<(), CliError> {
+    folder.build(|dir| {
         let mut page = String::from(HTML_HEAD);
         page.push_str(&format!(
             "<p>Decoding: <b>{decoding}</b>. {}</p>\n",
@@ -477,17 +468,13 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
         for s in &shown {
             let labels: Vec<&str> = s.phones.iter().map(|&p| phone_name(p)).collect();
             let svg = heatmap_svg(&s.word, &labels, &s.align);
-            let file = tmp.join(format!("{}.svg", sanitize(&s.word)));
+            let file = dir.join(format!("{}.svg", sanitize(&s.word)));
             std::fs::write(&file, &svg).map_err(|e| io(&file, e))?;
             page.push_str(&format!(
                 "<section><h2>{}</h2><p class=\"note\">{}{}</p>{}{svg}</section>\n",
                 s.word,
                 s.split_note(),
-                if s.cut {
-                    "; cut at the decoder's length limit"
-                } else {
-                    ""
-                },
+                if s.cut { "; cut at the decoder's length limit" } else { "" },
                 comparison_html(s)
             ));
         }
@@ -497,17 +484,9 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
             test.len(),
             arpabet_key()
         ));
-        let html = tmp.join("index.html");
+        let html = dir.join("index.html");
         std::fs::write(&html, page).map_err(|e| io(&html, e))
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if a.out.exists() {
-        std::fs::remove_dir_all(&a.out).map_err(|e| io(&a.out, e))?;
-    }
-    std::fs::rename(&tmp, &a.out).map_err(|e| io(&a.out, e))?;
+    })?;
     out!(
         "alignments: {} (one SVG per word and {})",
         a.out.display(),

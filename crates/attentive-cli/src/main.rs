@@ -30,6 +30,7 @@ fn emit(line: std::fmt::Arguments) {
 }
 
 mod g2p;
+mod outdir;
 mod peak;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -258,8 +259,10 @@ fn attend(a: AttendArgs) -> Result<(), CliError> {
         &mut ViewMut::contiguous(&mut o, os)?,
         Some(&mut lse),
     )?;
+    let mut grads = None;
     if let Some(path) = &a.grad_out {
         let d_o = npy::read_f32(path)?;
+        // (`requires_all` guarantees the three gradient paths.)
         let dos = rank4("grad-out", &d_o)?;
         let mut dq = vec![0.0f32; qs.iter().product()];
         let mut dk = vec![0.0f32; ks.iter().product()];
@@ -276,17 +279,23 @@ fn attend(a: AttendArgs) -> Result<(), CliError> {
             &mut ViewMut::contiguous(&mut dk, ks)?,
             &mut ViewMut::contiguous(&mut dv, vs)?,
         )?;
-        // `requires_all` guarantees the three paths.
-        let path = |p: &Option<PathBuf>| p.clone().unwrap_or_default();
-        npy::write_f32(&path(&a.dq), &qs, &dq)?;
-        npy::write_f32(&path(&a.dk), &ks, &dk)?;
-        npy::write_f32(&path(&a.dv), &vs, &dv)?;
+        grads = Some((dq, dk, dv));
     }
-    npy::write_f32(&a.out, &os, &o)?;
+    // Every output appears at once, or none does.
+    fn save<'w>(shape: &[usize], data: &'w [f32]) -> outdir::Write<'w> {
+        let shape = shape.to_vec();
+        Box::new(move |p| npy::write_f32(p, &shape, data))
+    }
+    let mut outputs = vec![(a.out.as_path(), save(&os, &o))];
     if let Some(path) = &a.lse {
-        npy::write_f32(path, &qs[..3], &lse)?;
+        outputs.push((path.as_path(), save(&qs[..3], &lse)));
     }
-    Ok(())
+    if let (Some((dq, dk, dv)), Some(pq), Some(pk), Some(pv)) = (&grads, &a.dq, &a.dk, &a.dv) {
+        outputs.push((pq.as_path(), save(&qs, dq)));
+        outputs.push((pk.as_path(), save(&ks, dk)));
+        outputs.push((pv.as_path(), save(&vs, dv)));
+    }
+    outdir::files(outputs)
 }
 
 #[derive(clap::Args)]

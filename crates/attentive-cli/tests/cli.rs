@@ -515,3 +515,36 @@ fn peak_measures_both_ceilings() {
         assert!(x > floor && x < 1e5, "{key} = {x}");
     }
 }
+
+/// `attend` writes all its outputs or none: when one cannot be written, the others are not left
+/// behind, and no temporary file remains.
+#[test]
+fn attend_writes_all_outputs_or_none() {
+    let d = dir("all-or-none");
+    let (q, kv) = (values(2 * 3 * 8, 3), values(2 * 5 * 8, 4));
+    write(&d.join("q.npy"), &[1, 2, 3, 8], &q);
+    write(&d.join("k.npy"), &[1, 2, 5, 8], &kv);
+    write(&d.join("v.npy"), &[1, 2, 5, 8], &kv);
+    let s = |p: &str| d.join(p).to_str().unwrap().to_string();
+    let (ok, err) = attentive(&[
+        "attend",
+        "--q",
+        &s("q.npy"),
+        "--k",
+        &s("k.npy"),
+        "--v",
+        &s("v.npy"),
+        "--out",
+        &s("o.npy"),
+        "--lse",
+        &s("missing-folder/lse.npy"),
+    ]);
+    assert!(!ok && err.contains("lse.npy"), "{err}");
+    let mut left: Vec<String> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["k.npy", "q.npy", "v.npy"]);
+    let _ = std::fs::remove_dir_all(&d);
+}
