@@ -19,7 +19,8 @@ pub struct TrainArgs {
     /// Seed of the initial weights and of the order of the training words.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Where the checkpoint (model.safetensors, config.json) goes.
+    /// The checkpoint folder (model.safetensors, config.json, the test score eval.json), written
+    /// whole when training ends; a folder holding other files is refused before training.
     #[arg(long, default_value = "g2p-model")]
     out: PathBuf,
     /// Minutes between validation checks.

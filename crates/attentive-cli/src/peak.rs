@@ -16,7 +16,7 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct PeakArgs {
-    /// Threads to measure with (default: 2, the thread count of the benchmarks).
+    /// Threads to measure with (2 is the thread count of the benchmarks).
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Measure the read bandwidth on this many MiB instead of 1024 (a quick check).
