@@ -157,9 +157,14 @@ impl Weights {
 
     fn layer_norm(&mut self, name: &str, d: usize, eps: f32) -> Result<LayerNorm> {
         // Old checkpoints name LayerNorm's parameters gamma and beta.
-        let get = |w: &mut Self, new: &str, old: &str| {
-            w.take(&format!("{name}.{new}"), &[d])
-                .or_else(|_| w.take(&format!("{name}.{old}"), &[d]))
+        let get = |w: &mut Self, new: &str, old: &str| match w.take(&format!("{name}.{new}"), &[d])
+        {
+            Err(ModelError::MissingTensor { .. }) => w
+                .take(&format!("{name}.{old}"), &[d])
+                .map_err(|_| ModelError::MissingTensor {
+                    name: format!("{name}.{new}"),
+                }),
+            r => r,
         };
         Ok(LayerNorm {
             gamma: get(self, "weight", "gamma")?,
