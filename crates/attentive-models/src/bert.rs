@@ -65,8 +65,21 @@ struct Linear {
 }
 
 impl Linear {
+    /// `x W^T + b` over the last axis. The leading axes are flattened into one matrix product
+    /// (`[B·N, in] × [in, out]`): candle's batched, broadcast form ran 4× slower (43 against 178
+    /// GFLOP/s at 4096 × 384 × 1536, 2 threads).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.broadcast_matmul(&self.w.t()?)?.broadcast_add(&self.b)?)
+        let dims = x.dims().to_vec();
+        let (rows, d_in): (usize, usize) = (
+            dims[..dims.len() - 1].iter().product(),
+            dims[dims.len() - 1],
+        );
+        let mut out = dims.clone();
+        *out.last_mut().expect("at least one axis") = self.w.dim(0)?;
+        Ok(x.reshape((rows, d_in))?
+            .matmul(&self.w.t()?)?
+            .broadcast_add(&self.b)?
+            .reshape(out)?)
     }
 }
 
@@ -333,7 +346,7 @@ impl Bert {
             x = layer.ln1.forward(&(layer.o.forward(&a)? + &x)?)?;
             let up = layer.up.forward(&x)?; //                                   [B, N, I]
             let up = match self.act {
-                Act::GeluErf => up.gelu_erf()?,
+                Act::GeluErf => gelu_erf(&up)?,
                 Act::GeluTanh => up.gelu()?,
                 Act::Relu => up.relu()?,
             };
@@ -349,6 +362,20 @@ impl Bert {
     pub fn dim(&self) -> usize {
         self.config.hidden_size
     }
+}
+
+/// $x\,\Phi(x) = \tfrac{x}{2}\big(1 + \mathrm{erf}(x/\sqrt 2)\big)$ elementwise, with musl's
+/// `erff` (within an ulp), in parallel: candle's own `gelu_erf` took 133 ms on a
+/// `[32, 128, 1536]` tensor on 2 threads, half of a MiniLM forward; this takes a fraction.
+fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+    v.par_chunks_mut(16 * 1024).for_each(|c| {
+        for y in c {
+            *y = 0.5 * *y * (1.0 + libm::erff(*y * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    });
+    Ok(Tensor::from_vec(v, x.shape(), x.device())?)
 }
 
 /// Softmax weights of `q` `[B, heads, N, dh]` over `k` under a key mask, from the engine.
