@@ -2,11 +2,11 @@
 //! its self-attention on attentive's fused kernel.
 //!
 //! For token ids $t_1 \dots t_N$ and token types $s_i$,
-//! $$x_i = \mathrm{LN}\big(E_w[t_i] + E_p[i] + E_s[s_i]\big),$$
+//! $$x_i = \mathrm{LN}\big(E_w\[t_i\] + E_p\[i\] + E_s\[s_i\]\big),$$
 //! then $L$ post-norm layers
 //! $$x \leftarrow \mathrm{LN}\big(x + \mathrm{MHA}(x)\big),\qquad
-//!   x \leftarrow \mathrm{LN}\big(x + W_2\,\mathrm{GELU}(W_1 x + b_1) + b_2\big),$$
-//! with $\mathrm{GELU}(x) = x\,\Phi(x)$ (the erf form, HF's `"gelu"`). Padding is a key mask:
+//!   x \leftarrow \mathrm{LN}\big(x + W_2\\,\mathrm{GELU}(W_1 x + b_1) + b_2\big),$$
+//! with $\mathrm{GELU}(x) = x\\,\Phi(x)$ (the erf form, HF's `"gelu"`). Padding is a key mask:
 //! a padded position gets weight exactly 0 as a key, so every sentence of a padded batch gets
 //! the numbers it gets alone.
 
@@ -51,7 +51,7 @@ fn default_pos() -> String {
 /// The feed-forward nonlinearity.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Act {
-    /// $x\,\Phi(x)$, HF's `"gelu"`.
+    /// $x\\,\Phi(x)$, HF's `"gelu"`.
     GeluErf,
     /// The tanh approximation, HF's `"gelu_new"` and `"gelu_pytorch_tanh"`.
     GeluTanh,
@@ -59,27 +59,33 @@ enum Act {
 }
 
 struct Linear {
-    /// `[out, in]`, HF's layout.
-    w: Tensor,
-    b: Tensor,
+    /// `Wᵀ`, `[in, out]` row-major (HF stores `W` as `[out, in]`; transposed once at load).
+    wt: Vec<f32>,
+    b: Vec<f32>,
+    d_in: usize,
+    d_out: usize,
 }
 
 impl Linear {
-    /// `x W^T + b` over the last axis. The leading axes are flattened into one matrix product
-    /// (`[B·N, in] × [in, out]`): candle's batched, broadcast form ran 4× slower (43 against 178
-    /// GFLOP/s at 4096 × 384 × 1536, 2 threads).
+    /// `x Wᵀ + b` over the last axis, as one product of `[rows, in]` by `[in, out]` on
+    /// attentive's GEMM ([`attentive::matmul`], bias added in it): candle's own product ran at
+    /// 177–185 GFLOP/s on these shapes on the Xeon of BENCHMARKS.md.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let (rows, d_in): (usize, usize) = (
-            dims[..dims.len() - 1].iter().product(),
-            dims[dims.len() - 1],
-        );
-        let mut out = dims.clone();
-        *out.last_mut().expect("at least one axis") = self.w.dim(0)?;
-        Ok(x.reshape((rows, d_in))?
-            .matmul(&self.w.t()?)?
-            .broadcast_add(&self.b)?
-            .reshape(out)?)
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut y = vec![0.0f32; rows * self.d_out];
+        attentive::matmul(
+            &xs,
+            &self.wt,
+            Some(&self.b),
+            (rows, self.d_in, self.d_out),
+            &mut y,
+        )
+        .map_err(|e| ModelError::Input(e.to_string()))?;
+        let mut out = dims;
+        *out.last_mut().expect("at least one axis") = self.d_out;
+        Ok(Tensor::from_vec(y, out, x.device())?)
     }
 }
 
@@ -162,9 +168,14 @@ impl Weights {
     }
 
     fn linear(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Linear> {
+        let w = self.take(&format!("{name}.weight"), &[d_out, d_in])?;
         Ok(Linear {
-            w: self.take(&format!("{name}.weight"), &[d_out, d_in])?,
-            b: self.take(&format!("{name}.bias"), &[d_out])?,
+            wt: w.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+            b: self
+                .take(&format!("{name}.bias"), &[d_out])?
+                .to_vec1::<f32>()?,
+            d_in,
+            d_out,
         })
     }
 
@@ -364,7 +375,7 @@ impl Bert {
     }
 }
 
-/// $x\,\Phi(x) = \tfrac{x}{2}\big(1 + \mathrm{erf}(x/\sqrt 2)\big)$ elementwise, with musl's
+/// $x\\,\Phi(x) = \tfrac{x}{2}\big(1 + \mathrm{erf}(x/\sqrt 2)\big)$ elementwise, with musl's
 /// `erff` (within an ulp), in parallel: candle's own `gelu_erf` took 133 ms on a
 /// `[32, 128, 1536]` tensor on 2 threads, half of a MiniLM forward; this takes a fraction.
 fn gelu_erf(x: &Tensor) -> Result<Tensor> {

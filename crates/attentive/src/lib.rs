@@ -19,6 +19,7 @@
 //!   [`probabilities`] — the weights themselves, when you want to look.
 //! * [`merge`] — combine attention computed over disjoint key sets (decode splits, ring attention).
 //! * [`reference`](mod@reference) — the naive oracle of every option, in f64 or f32, to test against.
+//! * [`matmul`] — dense products for the layers around attention, on the same micro-kernel.
 //! * [`HugeVec`] — a buffer on 2 MiB pages for large inputs such as a KV cache, which decoding
 //!   streams faster from there than from a `Vec`'s small pages.
 //!
@@ -41,6 +42,7 @@
 
 mod backward;
 pub mod blocks;
+pub mod dense;
 mod dropout;
 mod error;
 mod forward;
@@ -57,6 +59,7 @@ mod workspace;
 
 pub use backward::{backward, backward_rule_params};
 pub use blocks::{BlockCounts, BlockMask};
+pub use dense::matmul;
 pub use dropout::Dropout;
 pub use error::{AttnError, Result};
 pub use forward::{forward, forward_half_kv, merge, probabilities, visible_pairs};
