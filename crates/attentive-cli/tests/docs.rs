@@ -61,12 +61,13 @@ fn doc_blocks(src: &str) -> Vec<String> {
     blocks
 }
 
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+/// Every file below `dir` whose name ends in `.ext`.
+fn files_with(ext: &str, dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
         if p.is_dir() {
-            rust_files(&p, out);
-        } else if p.extension().is_some_and(|x| x == "rs") {
+            files_with(ext, &p, out);
+        } else if p.extension().is_some_and(|x| x == ext) {
             out.push(p);
         }
     }
@@ -78,7 +79,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 #[test]
 fn doc_comment_math_survives_markdown() {
     let mut files = Vec::new();
-    rust_files(&root().join("crates"), &mut files);
+    files_with("rs", &root().join("crates"), &mut files);
     let mut bad = Vec::new();
     let mut count = 0;
     for f in &files {
@@ -144,7 +145,7 @@ fn cargo_doc_builds_cleanly_with_the_library_on_the_front_page() {
     // Every page carries the KaTeX header, and no math span holds Markdown's markup.
     let mut pages = Vec::new();
     for krate in ["attentive", "attentive_nn"] {
-        html_files(&target.join("doc").join(krate), &mut pages);
+        files_with("html", &target.join("doc").join(krate), &mut pages);
     }
     let mut spans = 0;
     for p in &pages {
@@ -174,17 +175,6 @@ fn cargo_doc_builds_cleanly_with_the_library_on_the_front_page() {
         spans > 100,
         "found only {spans} math spans in the built pages"
     );
-}
-
-fn html_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            html_files(&p, out);
-        } else if p.extension().is_some_and(|x| x == "html") {
-            out.push(p);
-        }
-    }
 }
 
 /// The HTML without its `<pre>` blocks and `<code>` spans (which hold `$` of their own).
