@@ -9,6 +9,7 @@
 //! ids, no padding. Prints, per shape, each side's median seconds per batch, sentences per
 //! second and the ratio, then the share of attentive's time spent in attention.
 
+use attentive_models::bert::StepTimes;
 use attentive_models::{ModelFiles, SentenceEncoder};
 use candle_core::{DType, Device, Tensor};
 use std::time::Instant;
@@ -85,29 +86,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             b as f64 / mc,
             mc / ma
         );
-        // Where attentive's time goes: the attention calls alone, on this shape's q, k, v.
-        let h = c.hidden_size;
-        let heads = c.num_attention_heads;
-        let q =
-            Tensor::randn(0f32, 1.0, (b, n, heads, h / heads), &Device::Cpu)?.transpose(1, 2)?;
-        let cfg = attentive_nn::op::AttnConfig {
-            key_mask: Some(mask.clone()),
-            ..Default::default()
-        };
-        let mut tq = Vec::new();
+        // Where attentive's time goes: each step, medians over the rounds.
+        let mut steps = Vec::new();
         for _ in 0..rounds {
-            let t = Instant::now();
-            std::hint::black_box(attentive_nn::op::attention(&q, &q, &q, &cfg)?);
-            tq.push(t.elapsed().as_secs_f64());
+            let mut t = StepTimes::default();
+            ours.bert.forward_timed(&ids, &mask, None, n, false, Some(&mut t))?;
+            steps.push(t);
         }
-        let att = med(&mut tq) * c.num_hidden_layers as f64;
-        println!(
-            "  attention: {:.1} ms of attentive's {:.1} ms ({:.0}%); the rest is the linear layers, \
-             layer norms and GELU",
-            att * 1e3,
-            ma * 1e3,
-            100.0 * att / ma
-        );
+        let total = ma;
+        let part = |f: fn(&StepTimes) -> std::time::Duration| {
+            let mut v: Vec<f64> = steps.iter().map(|t| f(t).as_secs_f64()).collect();
+            med(&mut v)
+        };
+        println!("  where attentive's time goes (medians, all layers):");
+        for (name, secs) in [
+            ("embeddings + LayerNorm", part(|t| t.embeddings)),
+            ("Q, K, V projections", part(|t| t.qkv)),
+            ("attention", part(|t| t.attention)),
+            ("output projection + residual + LayerNorm", part(|t| t.output)),
+            ("up-projection + GELU", part(|t| t.feed_forward_up)),
+            ("down-projection + residual + LayerNorm", part(|t| t.feed_forward_down)),
+        ] {
+            println!(
+                "    {name:<42} {:>7.1} ms  {:>3.0}%",
+                secs * 1e3,
+                100.0 * secs / total
+            );
+        }
     }
     Ok(())
 }

@@ -12,9 +12,10 @@
 
 use crate::error::{ModelError, Result};
 use crate::files::ModelFiles;
-use attentive_nn::op::{attention, AttnConfig};
 use candle_core::{DType, Device, Tensor, D};
+use rayon::prelude::*;
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 /// The fields of a HuggingFace `config.json` that a BERT encoder needs.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -67,49 +68,61 @@ struct Linear {
 }
 
 impl Linear {
-    /// `x Wᵀ + b` over the last axis, as one product of `[rows, in]` by `[in, out]` on
-    /// attentive's GEMM ([`attentive::matmul`], bias added in it): candle's own product ran at
-    /// 177–185 GFLOP/s on these shapes on the Xeon of BENCHMARKS.md.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut y = vec![0.0f32; rows * self.d_out];
+    /// `x Wᵀ + b` for `rows` rows of `x`, as one product of `[rows, in]` by `[in, out]` on
+    /// attentive's GEMM ([`attentive::matmul`], bias added in it).
+    fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let mut y = vec![0.0f32; rows * self.d_out]; // [rows, out]
         attentive::matmul(
-            &xs,
+            x,
             &self.wt,
             Some(&self.b),
             (rows, self.d_in, self.d_out),
             &mut y,
         )
-        .map_err(|e| ModelError::Input(e.to_string()))?;
-        let mut out = dims;
-        *out.last_mut().expect("at least one axis") = self.d_out;
-        Ok(Tensor::from_vec(y, out, x.device())?)
+        .map_err(engine)?;
+        Ok(y)
+    }
+
+    /// One layer whose outputs are those of `parts` side by side (Q, K and V in one product).
+    fn concat(parts: &[Linear]) -> Linear {
+        let d_in = parts[0].d_in;
+        let d_out = parts.iter().map(|p| p.d_out).sum();
+        let mut wt = Vec::with_capacity(d_in * d_out);
+        for i in 0..d_in {
+            for p in parts {
+                wt.extend_from_slice(&p.wt[i * p.d_out..(i + 1) * p.d_out]);
+            }
+        }
+        Linear {
+            wt,
+            b: parts.iter().flat_map(|p| p.b.iter().copied()).collect(),
+            d_in,
+            d_out,
+        }
     }
 }
 
+fn engine(e: attentive::AttnError) -> ModelError {
+    ModelError::Input(e.to_string())
+}
+
 struct LayerNorm {
-    gamma: Tensor,
-    beta: Tensor,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
     eps: f32,
 }
 
 impl LayerNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            x,
-            &self.gamma,
-            &self.beta,
-            self.eps,
-        )?)
+    /// `x ← LN(x + residual)` row by row.
+    fn forward(&self, x: &mut [f32], residual: Option<&[f32]>) -> Result<()> {
+        attentive::dense::add_layer_norm(x, residual, &self.gamma, &self.beta, self.eps)
+            .map_err(engine)
     }
 }
 
 struct Layer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// Q, K and V projections as one layer, `[hidden, 3·hidden]`.
+    qkv: Linear,
     o: Linear,
     ln1: LayerNorm,
     up: Linear,
@@ -121,9 +134,10 @@ struct Layer {
 pub struct Bert {
     pub config: BertConfig,
     act: Act,
-    word: Tensor,
-    pos: Tensor,
-    types: Tensor,
+    /// Word, position and token-type embeddings, `[rows, hidden]` row-major.
+    word: Vec<f32>,
+    pos: Vec<f32>,
+    types: Vec<f32>,
     ln: LayerNorm,
     layers: Vec<Layer>,
 }
@@ -134,6 +148,23 @@ pub struct BertOutput {
     pub hidden: Tensor,
     /// Per layer, the attention probabilities `[B, heads, N, N]` (row-major), when asked for.
     pub attentions: Option<Vec<Vec<f32>>>,
+}
+
+/// Where a forward's time goes, each step summed over the layers ([`Bert::forward_timed`]).
+#[derive(Clone, Debug, Default)]
+pub struct StepTimes {
+    /// Embedding lookups and their LayerNorm.
+    pub embeddings: Duration,
+    /// The Q, K, V projections (one product).
+    pub qkv: Duration,
+    /// Attention itself (and the maps, when asked for).
+    pub attention: Duration,
+    /// The output projection, residual and LayerNorm.
+    pub output: Duration,
+    /// The feed-forward up-projection and its activation.
+    pub feed_forward_up: Duration,
+    /// The feed-forward down-projection, residual and LayerNorm.
+    pub feed_forward_down: Duration,
 }
 
 /// The weights by name, with HF's optional `bert.` prefix; each taken at most once.
@@ -191,8 +222,8 @@ impl Weights {
             r => r,
         };
         Ok(LayerNorm {
-            gamma: get(self, "weight", "gamma")?,
-            beta: get(self, "bias", "beta")?,
+            gamma: get(self, "weight", "gamma")?.to_vec1::<f32>()?,
+            beta: get(self, "bias", "beta")?.to_vec1::<f32>()?,
             eps,
         })
     }
@@ -260,13 +291,15 @@ impl Bert {
             &[config.type_vocab_size, h],
         )?;
         let ln = w.layer_norm("embeddings.LayerNorm", h, eps)?;
+        let (word, pos, types) = (flat(&word)?, flat(&pos)?, flat(&types)?);
         let layers = (0..config.num_hidden_layers)
             .map(|l| {
                 let p = format!("encoder.layer.{l}");
+                let qkv = ["query", "key", "value"]
+                    .map(|m| w.linear(&format!("{p}.attention.self.{m}"), h, h));
+                let [q, k, v] = qkv;
                 Ok(Layer {
-                    q: w.linear(&format!("{p}.attention.self.query"), h, h)?,
-                    k: w.linear(&format!("{p}.attention.self.key"), h, h)?,
-                    v: w.linear(&format!("{p}.attention.self.value"), h, h)?,
+                    qkv: Linear::concat(&[q?, k?, v?]),
                     o: w.linear(&format!("{p}.attention.output.dense"), h, h)?,
                     ln1: w.layer_norm(&format!("{p}.attention.output.LayerNorm"), h, eps)?,
                     up: w.linear(
@@ -302,6 +335,19 @@ impl Bert {
         n: usize,
         attentions: bool,
     ) -> Result<BertOutput> {
+        self.forward_timed(ids, mask, types, n, attentions, None)
+    }
+
+    /// [`Bert::forward`], adding the time of each step to `times` (summed over the layers).
+    pub fn forward_timed(
+        &self,
+        ids: &[u32],
+        mask: &[bool],
+        types: Option<&[u32]>,
+        n: usize,
+        attentions: bool,
+        times: Option<&mut StepTimes>,
+    ) -> Result<BertOutput> {
         let c = &self.config;
         if n == 0 || ids.is_empty() || !ids.len().is_multiple_of(n) || mask.len() != ids.len() {
             return Err(ModelError::Input(format!(
@@ -332,43 +378,64 @@ impl Bert {
             )));
         }
         let (b, h, heads) = (ids.len() / n, c.hidden_size, c.num_attention_heads);
-        let dh = h / heads;
-        let dev = Device::Cpu;
-        let ids_t = Tensor::from_slice(ids, ids.len(), &dev)?;
-        let types_t = Tensor::from_slice(types, ids.len(), &dev)?;
-        let x = self.word.index_select(&ids_t, 0)?.reshape((b, n, h))?; // [B, N, H]
-        let t = self.types.index_select(&types_t, 0)?.reshape((b, n, h))?; // [B, N, H]
-        let p = self.pos.narrow(0, 0, n)?; //                                    [N, H]
-        let mut x = self.ln.forward(&(x + t)?.broadcast_add(&p)?)?; //           [B, N, H]
-        let cfg = AttnConfig {
-            key_mask: Some(mask.to_vec()),
-            ..Default::default()
-        };
-        let mut maps = attentions.then(Vec::new);
-        for layer in &self.layers {
-            // [B, N, H] → [B, N, heads, dh] → [B, heads, N, dh] (a strided view, no copy)
-            let split = |l: &Linear| -> Result<Tensor> {
-                Ok(l.forward(&x)?.reshape((b, n, heads, dh))?.transpose(1, 2)?)
-            };
-            let (q, k, v) = (split(&layer.q)?, split(&layer.k)?, split(&layer.v)?);
-            if let Some(maps) = maps.as_mut() {
-                maps.push(probabilities(&q, &k, mask)?);
+        let (dh, rows) = (h / heads, ids.len());
+        let mut times = times;
+        let mut clock = Instant::now();
+        let mut lap = |slot: fn(&mut StepTimes) -> &mut Duration, times: &mut Option<&mut StepTimes>| {
+            let now = Instant::now();
+            if let Some(t) = times.as_deref_mut() {
+                *slot(t) += now - clock;
             }
-            let a = attention(&q, &k, &v, &cfg)? //                              [B, heads, N, dh]
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, n, h))?; //                                         [B, N, H]
-            x = layer.ln1.forward(&(layer.o.forward(&a)? + &x)?)?;
-            let up = layer.up.forward(&x)?; //                                   [B, N, I]
-            let up = match self.act {
-                Act::GeluErf => gelu_erf(&up)?,
-                Act::GeluTanh => up.gelu()?,
-                Act::Relu => up.relu()?,
+            clock = now;
+        };
+        let mut x = vec![0.0f32; rows * h]; //                                   [B·N, H]
+        for (i, row) in x.chunks_exact_mut(h).enumerate() {
+            let (w, t, p) = (ids[i] as usize, types[i] as usize, i % n);
+            for (j, y) in row.iter_mut().enumerate() {
+                *y = (self.word[w * h + j] + self.types[t * h + j]) + self.pos[p * h + j];
+            }
+        }
+        self.ln.forward(&mut x, None)?;
+        // Q, K, V and the attention output as [B, heads, N, dh] views of [B·N, ·] rows.
+        let head_view = [b, heads, n, dh];
+        let qkv_strides = [n * 3 * h, dh, 3 * h, 1];
+        let mask_view = attentive::View::new(mask, [b, 1, 1, n], [n, 0, 0, 1]).map_err(engine)?;
+        let opts = attentive::Options::new().mask(mask_view);
+        let mut maps = attentions.then(Vec::new);
+        let mut a = vec![0.0f32; rows * h]; //                                   [B·N, H]
+        lap(|t| &mut t.embeddings, &mut times);
+        for layer in &self.layers {
+            let qkv = layer.qkv.forward(&x, rows)?; //                           [B·N, 3H]
+            lap(|t| &mut t.qkv, &mut times);
+            let view = |part: usize| {
+                attentive::View::new(&qkv[part * h..], head_view, qkv_strides).map_err(engine)
             };
-            x = layer.ln2.forward(&(layer.down.forward(&up)? + &x)?)?;
+            let (q, k, v) = (view(0)?, view(1)?, view(2)?);
+            if let Some(maps) = maps.as_mut() {
+                maps.push(attentive::probabilities(q, k, &opts).map_err(engine)?);
+            }
+            let mut out = attentive::ViewMut::new(&mut a, head_view, [n * h, dh, h, 1])
+                .map_err(engine)?;
+            attentive::forward(q, k, v, &opts, &mut out, None).map_err(engine)?;
+            lap(|t| &mut t.attention, &mut times);
+            let mut y = layer.o.forward(&a, rows)?; //                           [B·N, H]
+            layer.ln1.forward(&mut y, Some(&x))?;
+            x = y;
+            lap(|t| &mut t.output, &mut times);
+            let mut up = layer.up.forward(&x, rows)?; //                         [B·N, I]
+            match self.act {
+                Act::GeluErf => attentive::dense::gelu_erf(&mut up),
+                Act::GeluTanh => up.par_chunks_mut(16 * 1024).for_each(|c| c.iter_mut().for_each(|y| *y = gelu_tanh(*y))),
+                Act::Relu => up.par_iter_mut().for_each(|y| *y = y.max(0.0)),
+            }
+            lap(|t| &mut t.feed_forward_up, &mut times);
+            let mut y = layer.down.forward(&up, rows)?; //                       [B·N, H]
+            layer.ln2.forward(&mut y, Some(&x))?;
+            x = y;
+            lap(|t| &mut t.feed_forward_down, &mut times);
         }
         Ok(BertOutput {
-            hidden: x,
+            hidden: Tensor::from_vec(x, (b, n, h), &Device::Cpu)?,
             attentions: maps,
         })
     }
@@ -379,33 +446,16 @@ impl Bert {
     }
 }
 
-/// $x\\,\Phi(x) = \tfrac{x}{2}\big(1 + \mathrm{erf}(x/\sqrt 2)\big)$ elementwise, with musl's
-/// `erff` (within an ulp), in parallel: candle's own `gelu_erf` took 133 ms on a
-/// `[32, 128, 1536]` tensor on 2 threads, half of a MiniLM forward; this takes a fraction.
-fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    use rayon::prelude::*;
-    let mut v = x.flatten_all()?.to_vec1::<f32>()?;
-    v.par_chunks_mut(16 * 1024).for_each(|c| {
-        for y in c {
-            *y = 0.5 * *y * (1.0 + libm::erff(*y * std::f32::consts::FRAC_1_SQRT_2));
-        }
-    });
-    Ok(Tensor::from_vec(v, x.shape(), x.device())?)
+/// The tanh form of GELU (HF's `"gelu_new"`, `"gelu_pytorch_tanh"`):
+/// $\tfrac{x}{2}\big(1 + \tanh\big(\sqrt{2/\pi}\\,(x + 0.044715\\,x^3)\big)\big)$.
+fn gelu_tanh(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // √(2/π)
+    0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh())
 }
 
-/// Softmax weights of `q` `[B, heads, N, dh]` over `k` under a key mask, from the engine.
-fn probabilities(q: &Tensor, k: &Tensor, mask: &[bool]) -> Result<Vec<f32>> {
-    let (b, heads, n, dh) = q.dims4()?;
-    let q = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let k = k.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let shape = [b, heads, n, dh];
-    let err = |e: attentive::AttnError| ModelError::Input(e.to_string());
-    let qv = attentive::View::contiguous(&q, &shape).map_err(err)?;
-    let kv = attentive::View::contiguous(&k, &shape).map_err(err)?;
-    let mv = attentive::View::new(mask, [b, 1, 1, n], [n, 0, 0, 1]).map_err(err)?;
-    let mut opts = attentive::Options::new();
-    opts.mask = Some(mv);
-    attentive::probabilities(qv, kv, &opts).map_err(err)
+/// A tensor's elements as one row-major `Vec`.
+fn flat(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
 /// `x / max(‖x‖₂, 1e-12)` along the last axis, as `torch.nn.functional.normalize`.
