@@ -90,7 +90,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut steps = Vec::new();
         for _ in 0..rounds {
             let mut t = StepTimes::default();
-            ours.bert.forward_timed(&ids, &mask, None, n, false, Some(&mut t))?;
+            ours.bert
+                .forward_timed(&ids, &mask, None, n, false, Some(&mut t))?;
             steps.push(t);
         }
         let total = ma;
@@ -103,9 +104,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ("embeddings + LayerNorm", part(|t| t.embeddings)),
             ("Q, K, V projections", part(|t| t.qkv)),
             ("attention", part(|t| t.attention)),
-            ("output projection + residual + LayerNorm", part(|t| t.output)),
+            (
+                "output projection + residual + LayerNorm",
+                part(|t| t.output),
+            ),
             ("up-projection + GELU", part(|t| t.feed_forward_up)),
-            ("down-projection + residual + LayerNorm", part(|t| t.feed_forward_down)),
+            (
+                "down-projection + residual + LayerNorm",
+                part(|t| t.feed_forward_down),
+            ),
         ] {
             println!(
                 "    {name:<42} {:>7.1} ms  {:>3.0}%",

@@ -381,7 +381,8 @@ impl Bert {
         let (dh, rows) = (h / heads, ids.len());
         let mut times = times;
         let mut clock = Instant::now();
-        let mut lap = |slot: fn(&mut StepTimes) -> &mut Duration, times: &mut Option<&mut StepTimes>| {
+        let mut lap = |slot: fn(&mut StepTimes) -> &mut Duration,
+                       times: &mut Option<&mut StepTimes>| {
             let now = Instant::now();
             if let Some(t) = times.as_deref_mut() {
                 *slot(t) += now - clock;
@@ -414,8 +415,8 @@ impl Bert {
             if let Some(maps) = maps.as_mut() {
                 maps.push(attentive::probabilities(q, k, &opts).map_err(engine)?);
             }
-            let mut out = attentive::ViewMut::new(&mut a, head_view, [n * h, dh, h, 1])
-                .map_err(engine)?;
+            let mut out =
+                attentive::ViewMut::new(&mut a, head_view, [n * h, dh, h, 1]).map_err(engine)?;
             attentive::forward(q, k, v, &opts, &mut out, None).map_err(engine)?;
             lap(|t| &mut t.attention, &mut times);
             let mut y = layer.o.forward(&a, rows)?; //                           [B·N, H]
@@ -425,7 +426,9 @@ impl Bert {
             let mut up = layer.up.forward(&x, rows)?; //                         [B·N, I]
             match self.act {
                 Act::GeluErf => attentive::dense::gelu_erf(&mut up),
-                Act::GeluTanh => up.par_chunks_mut(16 * 1024).for_each(|c| c.iter_mut().for_each(|y| *y = gelu_tanh(*y))),
+                Act::GeluTanh => up
+                    .par_chunks_mut(16 * 1024)
+                    .for_each(|c| c.iter_mut().for_each(|y| *y = gelu_tanh(*y))),
                 Act::Relu => up.par_iter_mut().for_each(|y| *y = y.max(0.0)),
             }
             lap(|t| &mut t.feed_forward_up, &mut times);

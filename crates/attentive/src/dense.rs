@@ -234,12 +234,10 @@ pub fn add_layer_norm_with(
     }
     isa.kernels()?;
     let rows = (ELEMENTWISE_CHUNK / d).max(1);
-    x.par_chunks_mut(rows * d)
-        .enumerate()
-        .for_each(|(i, x)| {
-            let r = residual.map(|r| &r[i * rows * d..i * rows * d + x.len()]);
-            elementwise::add_layer_norm(isa, x, r, gamma, beta, eps);
-        });
+    x.par_chunks_mut(rows * d).enumerate().for_each(|(i, x)| {
+        let r = residual.map(|r| &r[i * rows * d..i * rows * d + x.len()]);
+        elementwise::add_layer_norm(isa, x, r, gamma, beta, eps);
+    });
     Ok(())
 }
 
@@ -269,13 +267,24 @@ mod elementwise {
         let n = shifted - SHIFT;
         let f = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
         let mut p: f32 = 1.0 / 5040.0;
-        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
             p = p.mul_add(f, c);
         }
         // 2^n for n in [−126, 0], the exponent field alone, from the bits of SHIFT + n (which
         // are SHIFT's plus n) with integer lane operations: a float-to-int conversion would not
         // vectorise.
-        let bits = shifted.to_bits().wrapping_sub(SHIFT.to_bits()).wrapping_add(127);
+        let bits = shifted
+            .to_bits()
+            .wrapping_sub(SHIFT.to_bits())
+            .wrapping_add(127);
         p * f32::from_bits(bits << 23)
     }
 
@@ -294,7 +303,13 @@ mod elementwise {
         }
         let far = (1.0 - exp_neg(r.mul_add(t, -t))).copysign(a);
         let mut p = -5.967_617e-4f32;
-        for c in [4.991_194_2e-3, -2.676_813_5e-2, 1.128_199_3e-1, -3.761_253_4e-1, 1.283_791_7e-1] {
+        for c in [
+            4.991_194_2e-3,
+            -2.676_813_5e-2,
+            1.128_199_3e-1,
+            -3.761_253_4e-1,
+            1.283_791_7e-1,
+        ] {
             p = p.mul_add(s, c);
         }
         let near = p.mul_add(a, a);
@@ -453,7 +468,9 @@ mod tests {
     #[test]
     fn gelu_matches_f64_on_every_isa() {
         let mut xs: Vec<f32> = (-40_000..=40_000).map(|i| i as f32 * 2.5e-4).collect();
-        xs.extend([0.0, -0.0, 1e-30, -1e-30, 1e-6, -1e-6, 30.0, -30.0, 1e30, -1e30]);
+        xs.extend([
+            0.0, -0.0, 1e-30, -1e-30, 1e-6, -1e-6, 30.0, -30.0, 1e30, -1e30,
+        ]);
         xs.extend((0..1000).map(|i| 0.927_734_4 + (i as f32 - 500.0) * 1e-7));
         let exact = |x: f32| {
             let x = x as f64;

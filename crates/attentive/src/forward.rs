@@ -530,7 +530,7 @@ pub(crate) fn score_tile(
     t: TileBufs,
 ) -> Option<bool> {
     let w = BC.min(p.nk - j0);
-    if p.covers(i0, rows, (j0, w), keys, &blk) {
+    if p.covers((b, i0), rows, (j0, w), keys, &blk) {
         t.spans[..rows].fill(Span {
             a: 0,
             b: w,

@@ -44,6 +44,38 @@ impl Span {
     }
 }
 
+/// A key-padding mask as bits: bit `j % 64` of word `b·words + j / 64` for key `j` of batch `b`.
+pub(crate) struct KeyBits {
+    words: usize,
+    bits: Vec<u64>,
+}
+
+impl KeyBits {
+    /// From a mask broadcast to `[B, Hq, Nq, Nk]` whose head and query strides are 0.
+    fn new(m: &View<bool>) -> Self {
+        let [b, _, _, nk] = m.shape();
+        let words = nk.div_ceil(64);
+        let mut bits = vec![0u64; b * words];
+        for bi in 0..b {
+            for j in 0..nk {
+                if m.data()[m.offset(bi, 0, 0, j)] {
+                    bits[bi * words + j / 64] |= 1 << (j % 64);
+                }
+            }
+        }
+        Self { words, bits }
+    }
+
+    /// The bits of the key tile `j0..j0 + w` of batch `b`, key `j0` in bit 0. Tiles start at
+    /// multiples of [`BC`] = 64 keys, so a tile is one word.
+    fn get(&self, b: usize, j0: usize, w: usize) -> u64 {
+        debug_assert!(j0.is_multiple_of(64) && w <= 64);
+        self.bits[b * self.words + j0 / 64] & ones(w as u32)
+    }
+}
+
+const _: () = assert!(BC == 64, "KeyBits::get reads one 64-bit word per key tile");
+
 /// Document ids of the keys in one tile, summarised so a row can be classified in O(1).
 pub(crate) struct TileDocs {
     min: u32,
@@ -91,7 +123,12 @@ pub(crate) struct Problem<'a> {
     pub half_kv: Option<HalfKv<'a>>,
     softcap: Option<f32>,
     alibi: Option<&'a [f32]>,
+    /// A dense mask that varies with more than the key (and batch).
     mask: Option<View<'a, bool>>,
+    /// A mask that varies only with batch and key (a key-padding mask, `[B, 1, 1, Nk]`), as one
+    /// bit per key: it joins each span's bits like a block-mask row, so its tiles keep the
+    /// fast paths and no element is tested one by one.
+    key_bits: Option<KeyBits>,
     bias: Option<View<'a>>,
     docs: Option<DocIds<'a>>,
     /// The pattern, user mask rule or prebuilt table, tabulated per tile.
@@ -190,10 +227,17 @@ impl<'a> Problem<'a> {
             }
         }
         let target = [b, hq, nq, nk];
-        let mask = opts
+        let mut mask = opts
             .mask
             .map(|m| m.broadcast_to("mask", target))
             .transpose()?;
+        let key_bits = match mask {
+            Some(m) if m.strides()[1] == 0 && m.strides()[2] == 0 => {
+                mask = None;
+                Some(KeyBits::new(&m))
+            }
+            _ => None,
+        };
         let bias = opts
             .bias
             .map(|m| m.broadcast_to("bias", target))
@@ -279,6 +323,7 @@ impl<'a> Problem<'a> {
             softcap: opts.softcap,
             alibi: opts.alibi_slopes,
             mask,
+            key_bits,
             bias,
             docs: opts.docs,
             blocks,
@@ -317,6 +362,7 @@ impl<'a> Problem<'a> {
     /// with a residue plan, which run a few heads at a time, have none of those.
     pub fn heads(&self, b: usize, h0: usize, hc: usize) -> Option<Problem<'_>> {
         let per_head = self.mask.is_some()
+            || self.key_bits.is_some()
             || self.bias.is_some()
             || self.alibi.is_some()
             || self.docs.is_some()
@@ -351,6 +397,7 @@ impl<'a> Problem<'a> {
             v: sub(&self.v, h0 / g, hc / g)?,
             blocks: self.blocks.as_deref().map(Cow::Borrowed),
             mask: None,
+            key_bits: None,
             bias: None,
             alibi: None,
             docs: None,
@@ -499,7 +546,12 @@ impl<'a> Problem<'a> {
         let (mut a, mut e) = (lo - j0, hi - j0);
         let mut bits = ones(e as u32) & !ones(a as u32);
         let mut exact = self.mask.is_none();
-        if let Some(rb) = row_bits {
+        let keys = self.key_bits.as_ref().map(|k| k.get(b, j0, w));
+        let more = match (row_bits, keys) {
+            (Some(r), Some(k)) => Some(r & k),
+            (r, k) => r.or(k),
+        };
+        if let Some(rb) = more {
             bits &= rb;
             if bits == 0 {
                 return Span::EMPTY;
@@ -523,12 +575,12 @@ impl<'a> Problem<'a> {
         }
     }
 
-    /// Whether every row `i0..i0 + rows` sees every key of `[j0, j0 + w)` with no per-element
-    /// rule: no mask tensor, no document ids, a full block, and the tile inside both end rows'
-    /// bands (both ends of a band grow with the row, so the rows between see it too).
+    /// Whether every row `i0..i0 + rows` of batch `b` sees every key of `[j0, j0 + w)` with no
+    /// per-element rule: no mask tensor, no document ids, no masked key, a full block, and the
+    /// tile inside both end rows' bands (both ends of a band grow with the row, so the rows between see it too).
     pub fn covers(
         &self,
-        i0: usize,
+        (b, i0): (usize, usize),
         rows: usize,
         (j0, w): (usize, usize),
         keys: (usize, usize),
@@ -536,6 +588,11 @@ impl<'a> Problem<'a> {
     ) -> bool {
         if self.mask.is_some() || self.docs.is_some() || !matches!(blk, Block::Full) {
             return false;
+        }
+        if let Some(k) = self.key_bits.as_ref() {
+            if k.get(b, j0, w) != ones(w as u32) {
+                return false;
+            }
         }
         let (j1, first, last) = (j0 + w, self.row_span(i0), self.row_span(i0 + rows - 1));
         keys.0 <= j0

@@ -64,3 +64,117 @@ fn decode_over_several_key_chunks() {
         check_case(&c, false).unwrap_or_else(|e| panic!("{c:?}: {e}"));
     }
 }
+
+/// A mask that varies only with batch and key (`[B, 1, 1, Nk]`, a padded batch's key mask) is
+/// applied as bits per key tile: tiles wholly visible keep the fast path, wholly hidden ones
+/// are skipped, cut ones masked by their bits. Against the oracle, with the same mask spelled
+/// out per element (the per-element path) beside it: prefill (forward, backward, weights,
+/// visible pairs) and decode over several key chunks.
+#[test]
+fn key_padding_masks_against_the_oracle() {
+    use attentive::{reference, visible_pairs, Isa, Options, View, ViewMut};
+    use common::check_rule;
+    let holes = |j: usize| j % 3 != 1;
+    // (queries, keys, head dim, each sequence's visible keys: a prefix length, or None for
+    // every third key hidden)
+    let cases: [(usize, usize, usize, Vec<Option<usize>>); 3] = [
+        (
+            70,
+            150,
+            16,
+            vec![Some(150), Some(0), Some(64), Some(1), Some(129), None],
+        ),
+        (130, 64, 8, vec![Some(63), Some(64), None]),
+        (
+            2,
+            2100,
+            32,
+            vec![Some(2100), Some(1500), Some(1024), Some(37), None],
+        ),
+    ];
+    for (nq, nk, d, lens) in cases {
+        let (b, hq, hkv) = (lens.len(), 2, 1);
+        let keys: Vec<bool> = lens
+            .iter()
+            .flat_map(|l| (0..nk).map(move |j| l.map_or(holes(j), |l| j < l)))
+            .collect();
+        let dense: Vec<bool> = (0..b * hq * nq * nk)
+            .map(|x| keys[x / (hq * nq * nk) * nk + x % nk])
+            .collect();
+        let mut rng = Rng::new(nq as u64 * 7 + nk as u64);
+        let (q, k, v) = (
+            rng.vec(b * hq * nq * d),
+            rng.vec(b * hkv * nk * d),
+            rng.vec(b * hkv * nk * d),
+        );
+        let d_o = rng.vec(b * hq * nq * d);
+        fn cv(x: &[f32], shape: [usize; 4]) -> View<'_> {
+            View::contiguous(x, &shape).unwrap()
+        }
+        let (q, k, v, d_o) = (
+            cv(&q, [b, hq, nq, d]),
+            cv(&k, [b, hkv, nk, d]),
+            cv(&v, [b, hkv, nk, d]),
+            cv(&d_o, [b, hq, nq, d]),
+        );
+        let by_key = Options::new().mask(View::new(&keys, [b, 1, 1, nk], [nk, 0, 0, 1]).unwrap());
+        let by_element = Options::new().mask(View::contiguous(&dense, &[b, hq, nq, nk]).unwrap());
+        let r64 = reference::forward::<f64>(q, k, v, &by_key).unwrap();
+        let r32 = reference::forward::<f32>(q, k, v, &by_key).unwrap();
+        let what = |w: &str, isa: Isa, path: &str| format!("{w} {isa:?} {path} {nq}x{nk} {lens:?}");
+        for isa in Isa::all_available() {
+            for (path, opts) in [
+                ("by key", by_key.isa(isa)),
+                ("by element", by_element.isa(isa)),
+            ] {
+                let mut o = vec![f32::NAN; b * hq * nq * d];
+                let mut lse = vec![f32::NAN; b * hq * nq];
+                let mut out = ViewMut::contiguous(&mut o, [b, hq, nq, d]).unwrap();
+                attentive::forward(q, k, v, &opts, &mut out, Some(&mut lse)).unwrap();
+                check_rule(&what("O", isa, path), &o, &r32.o, &r64.o, 2.0).unwrap();
+                check_rule(&what("LSE", isa, path), &lse, &r32.lse, &r64.lse, 2.0).unwrap();
+                if nq <= 16 {
+                    continue; // decode: forward only
+                }
+                let g64 = reference::backward::<f64>(q, k, v, d_o, &by_key).unwrap();
+                let g32 = reference::backward_from_output::<f32>(
+                    q,
+                    k,
+                    v,
+                    (&r32.o, &r32.lse),
+                    d_o,
+                    &by_key,
+                )
+                .unwrap();
+                let (mut dq, mut dk, mut dv) = (
+                    vec![0.0; b * hq * nq * d],
+                    vec![0.0; b * hkv * nk * d],
+                    vec![0.0; b * hkv * nk * d],
+                );
+                attentive::backward(
+                    q,
+                    k,
+                    v,
+                    View::contiguous(&o, &[b, hq, nq, d]).unwrap(),
+                    &lse,
+                    d_o,
+                    &opts,
+                    &mut ViewMut::contiguous(&mut dq, [b, hq, nq, d]).unwrap(),
+                    &mut ViewMut::contiguous(&mut dk, [b, hkv, nk, d]).unwrap(),
+                    &mut ViewMut::contiguous(&mut dv, [b, hkv, nk, d]).unwrap(),
+                )
+                .unwrap();
+                check_rule(&what("dQ", isa, path), &dq, &g32.dq, &g64.dq, 3.0).unwrap();
+                check_rule(&what("dK", isa, path), &dk, &g32.dk, &g64.dk, 3.0).unwrap();
+                check_rule(&what("dV", isa, path), &dv, &g32.dv, &g64.dv, 3.0).unwrap();
+                let p = attentive::probabilities(q, k, &opts).unwrap();
+                let p64 = reference::probabilities::<f64>(q, k, &by_key).unwrap();
+                let p32 = reference::probabilities::<f32>(q, k, &by_key).unwrap();
+                check_rule(&what("P", isa, path), &p, &p32, &p64, 2.0).unwrap();
+            }
+        }
+        let visible = dense.iter().filter(|&&x| x).count() as u64;
+        assert_eq!(visible_pairs(q, k, &by_key).unwrap(), visible);
+        assert_eq!(visible_pairs(q, k, &by_element).unwrap(), visible);
+    }
+}
