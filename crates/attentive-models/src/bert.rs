@@ -13,7 +13,6 @@
 use crate::error::{ModelError, Result};
 use crate::files::ModelFiles;
 use candle_core::{DType, Device, Tensor, D};
-use rayon::prelude::*;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -60,45 +59,48 @@ enum Act {
 }
 
 struct Linear {
-    /// `Wᵀ`, `[in, out]` row-major (HF stores `W` as `[out, in]`; transposed once at load).
-    wt: Vec<f32>,
+    /// `Wᵀ` (`[in, out]`; HF stores `W` as `[out, in]`), packed once at load for the products.
+    wt: attentive::dense::Packed,
     b: Vec<f32>,
-    d_in: usize,
-    d_out: usize,
 }
 
 impl Linear {
-    /// `x Wᵀ + b` for `rows` rows of `x`, as one product of `[rows, in]` by `[in, out]` on
-    /// attentive's GEMM ([`attentive::matmul`], bias added in it).
-    fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let mut y = vec![0.0f32; rows * self.d_out]; // [rows, out]
-        attentive::matmul(
-            x,
-            &self.wt,
-            Some(&self.b),
-            (rows, self.d_in, self.d_out),
-            &mut y,
-        )
-        .map_err(engine)?;
-        Ok(y)
+    /// `y = x Wᵀ + b` for `rows` rows of `x` (`[rows, in]` → `[rows, out]`), one product on
+    /// attentive's GEMM with the bias added in it, then `then(r0, block)` on each finished block
+    /// of whole rows (rows `r0..`) while it is in cache.
+    fn forward(
+        &self,
+        x: &[f32],
+        rows: usize,
+        y: &mut [f32],
+        then: impl Fn(usize, &mut [f32]) -> Result<()> + Sync,
+    ) -> Result<()> {
+        let failed = std::sync::Mutex::new(None);
+        self.wt
+            .matmul_then(
+                attentive::Isa::best(),
+                x,
+                Some(&self.b),
+                rows,
+                y,
+                |r0, block| {
+                    if let Err(e) = then(r0, block) {
+                        failed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                    }
+                },
+            )
+            .map_err(engine)?;
+        match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
-    /// One layer whose outputs are those of `parts` side by side (Q, K and V in one product).
-    fn concat(parts: &[Linear]) -> Linear {
-        let d_in = parts[0].d_in;
-        let d_out = parts.iter().map(|p| p.d_out).sum();
-        let mut wt = Vec::with_capacity(d_in * d_out);
-        for i in 0..d_in {
-            for p in parts {
-                wt.extend_from_slice(&p.wt[i * p.d_out..(i + 1) * p.d_out]);
-            }
-        }
-        Linear {
-            wt,
-            b: parts.iter().flat_map(|p| p.b.iter().copied()).collect(),
-            d_in,
-            d_out,
-        }
+    fn d_out(&self) -> usize {
+        self.wt.dims().1
     }
 }
 
@@ -117,6 +119,16 @@ impl LayerNorm {
     fn forward(&self, x: &mut [f32], residual: Option<&[f32]>) -> Result<()> {
         attentive::dense::add_layer_norm(x, residual, &self.gamma, &self.beta, self.eps)
             .map_err(engine)
+    }
+
+    /// `block ← LN(block + residual rows r0..)` for the blocks of rows [`Linear::forward`]
+    /// hands over.
+    fn with_residual<'a>(
+        &'a self,
+        residual: &'a [f32],
+    ) -> impl Fn(usize, &mut [f32]) -> Result<()> + Sync + 'a {
+        let d = self.gamma.len();
+        move |r0, block| self.forward(block, Some(&residual[r0 * d..][..block.len()]))
     }
 }
 
@@ -198,15 +210,38 @@ impl Weights {
         Ok(t.to_dtype(DType::F32)?)
     }
 
-    fn linear(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Linear> {
+    /// A linear layer's `Wᵀ` (`[in, out]`, row-major) and bias.
+    fn linear_raw(
+        &mut self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         let w = self.take(&format!("{name}.weight"), &[d_out, d_in])?;
-        Ok(Linear {
-            wt: w.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
-            b: self
-                .take(&format!("{name}.bias"), &[d_out])?
+        Ok((
+            w.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+            self.take(&format!("{name}.bias"), &[d_out])?
                 .to_vec1::<f32>()?,
-            d_in,
-            d_out,
+        ))
+    }
+
+    /// The layers `names` (each `d_in → d_out`) as one whose outputs are theirs side by side:
+    /// Q, K and V in one product.
+    fn linear(&mut self, names: &[String], d_in: usize, d_out: usize) -> Result<Linear> {
+        let parts = names
+            .iter()
+            .map(|n| self.linear_raw(n, d_in, d_out))
+            .collect::<Result<Vec<_>>>()?;
+        let width = d_out * parts.len();
+        let mut wt = Vec::with_capacity(d_in * width);
+        for i in 0..d_in {
+            for (p, _) in &parts {
+                wt.extend_from_slice(&p[i * d_out..(i + 1) * d_out]);
+            }
+        }
+        Ok(Linear {
+            wt: attentive::dense::Packed::new(&wt, (d_in, width)).map_err(engine)?,
+            b: parts.into_iter().flat_map(|(_, b)| b).collect(),
         })
     }
 
@@ -295,19 +330,14 @@ impl Bert {
         let layers = (0..config.num_hidden_layers)
             .map(|l| {
                 let p = format!("encoder.layer.{l}");
-                let qkv = ["query", "key", "value"]
-                    .map(|m| w.linear(&format!("{p}.attention.self.{m}"), h, h));
-                let [q, k, v] = qkv;
+                let one = |s: &str| [format!("{p}.{s}")];
+                let qkv = ["query", "key", "value"].map(|m| format!("{p}.attention.self.{m}"));
                 Ok(Layer {
-                    qkv: Linear::concat(&[q?, k?, v?]),
-                    o: w.linear(&format!("{p}.attention.output.dense"), h, h)?,
+                    qkv: w.linear(&qkv, h, h)?,
+                    o: w.linear(&one("attention.output.dense"), h, h)?,
                     ln1: w.layer_norm(&format!("{p}.attention.output.LayerNorm"), h, eps)?,
-                    up: w.linear(
-                        &format!("{p}.intermediate.dense"),
-                        h,
-                        config.intermediate_size,
-                    )?,
-                    down: w.linear(&format!("{p}.output.dense"), config.intermediate_size, h)?,
+                    up: w.linear(&one("intermediate.dense"), h, config.intermediate_size)?,
+                    down: w.linear(&one("output.dense"), config.intermediate_size, h)?,
                     ln2: w.layer_norm(&format!("{p}.output.LayerNorm"), h, eps)?,
                 })
             })
@@ -403,10 +433,15 @@ impl Bert {
         let mask_view = attentive::View::new(mask, [b, 1, 1, n], [n, 0, 0, 1]).map_err(engine)?;
         let opts = attentive::Options::new().mask(mask_view);
         let mut maps = attentions.then(Vec::new);
+        // Every layer's activations, allocated once for the call.
+        let mut qkv = vec![0.0f32; rows * 3 * h]; //                             [B·N, 3H]
         let mut a = vec![0.0f32; rows * h]; //                                   [B·N, H]
+        let mut y = vec![0.0f32; rows * h]; //                                   [B·N, H]
+        let ff = self.layers.first().map_or(0, |l| l.up.d_out());
+        let mut up = vec![0.0f32; rows * ff]; //                                 [B·N, I]
         lap(|t| &mut t.embeddings, &mut times);
         for layer in &self.layers {
-            let qkv = layer.qkv.forward(&x, rows)?; //                           [B·N, 3H]
+            layer.qkv.forward(&x, rows, &mut qkv, |_, _| Ok(()))?;
             lap(|t| &mut t.qkv, &mut times);
             let view = |part: usize| {
                 attentive::View::new(&qkv[part * h..], head_view, qkv_strides).map_err(engine)
@@ -419,22 +454,27 @@ impl Bert {
                 attentive::ViewMut::new(&mut a, head_view, [n * h, dh, h, 1]).map_err(engine)?;
             attentive::forward(q, k, v, &opts, &mut out, None).map_err(engine)?;
             lap(|t| &mut t.attention, &mut times);
-            let mut y = layer.o.forward(&a, rows)?; //                           [B·N, H]
-            layer.ln1.forward(&mut y, Some(&x))?;
-            x = y;
+            // y = LN(a Woᵀ + bo + x), each block of rows as soon as its product is done.
+            // y = LN(a Woᵀ + bo + x), each block of rows as soon as its product is done.
+            layer
+                .o
+                .forward(&a, rows, &mut y, layer.ln1.with_residual(&x))?;
+            std::mem::swap(&mut x, &mut y);
             lap(|t| &mut t.output, &mut times);
-            let mut up = layer.up.forward(&x, rows)?; //                         [B·N, I]
-            match self.act {
-                Act::GeluErf => attentive::dense::gelu_erf(&mut up),
-                Act::GeluTanh => up
-                    .par_chunks_mut(16 * 1024)
-                    .for_each(|c| c.iter_mut().for_each(|y| *y = gelu_tanh(*y))),
-                Act::Relu => up.par_iter_mut().for_each(|y| *y = y.max(0.0)),
-            }
+            let act = self.act;
+            layer.up.forward(&x, rows, &mut up, |_, block| {
+                match act {
+                    Act::GeluErf => attentive::dense::gelu_erf(block),
+                    Act::GeluTanh => block.iter_mut().for_each(|y| *y = gelu_tanh(*y)),
+                    Act::Relu => block.iter_mut().for_each(|y| *y = y.max(0.0)),
+                }
+                Ok(())
+            })?;
             lap(|t| &mut t.feed_forward_up, &mut times);
-            let mut y = layer.down.forward(&up, rows)?; //                       [B·N, H]
-            layer.ln2.forward(&mut y, Some(&x))?;
-            x = y;
+            layer
+                .down
+                .forward(&up, rows, &mut y, layer.ln2.with_residual(&x))?;
+            std::mem::swap(&mut x, &mut y);
             lap(|t| &mut t.feed_forward_down, &mut times);
         }
         Ok(BertOutput {

@@ -374,6 +374,7 @@ fn key_tile(
                     c: scr.part.as_mut_ptr(),
                     ldc: dv,
                     accumulate: false,
+                    bias: std::ptr::null(),
                 });
                 (kern.scale_add)(scr.dv.as_mut_ptr(), scr.part.as_ptr(), w * dv, 1.0);
                 // dP = dO·Vᵀ                                        // (rows, w)
@@ -390,6 +391,7 @@ fn key_tile(
                     c: scr.dp.as_mut_ptr(),
                     ldc: BC,
                     accumulate: false,
+                    bias: std::ptr::null(),
                 });
             }
             // dS = P∘(dP∘Z − D)·chain·scale, in place of dP           // (rows, w)
@@ -440,6 +442,7 @@ fn key_tile(
                     c: scr.part.as_mut_ptr(),
                     ldc: d,
                     accumulate: false,
+                    bias: std::ptr::null(),
                 });
                 (kern.scale_add)(scr.dk.as_mut_ptr(), scr.part.as_ptr(), w * d, 1.0);
                 // dQ += dS·K                                        // (rows, D)
@@ -456,6 +459,7 @@ fn key_tile(
                     c: scr.part.as_mut_ptr(),
                     ldc: d,
                     accumulate: false,
+                    bias: std::ptr::null(),
                 });
                 let dq = &mut dq_acc[(hl * nq + i0) * d..(hl * nq + i0 + rows) * d];
                 (kern.scale_add)(dq.as_mut_ptr(), scr.part.as_ptr(), rows * d, 1.0);

@@ -4,9 +4,11 @@
 //! $$C = A B + \mathbf{1} b^\top,$$
 //! with $A$ `m × k`, $B$ `k × n` and $C$ `m × n`, all row-major, and an optional bias row $b$
 //! (`n`) added to every row. B is first copied into panels of [`PW`] columns, each contiguous
-//! (`k × PW`); the work is then split into blocks of [`MB`] rows, one task each, and within a
-//! block every panel is applied in chunks of [`KC`] rows, so that the chunk the micro-kernel
-//! streams once per 6 rows of A sits in L1.
+//! (`k × PW`; a layer's weights are kept so, as [`Packed`]); the work is then split into blocks
+//! of [`MB`] rows, one task each, and within a block every panel is applied in chunks of [`KC`]
+//! rows, so that the chunk the micro-kernel streams once per 6 rows of A sits in L1. The module
+//! also holds the elementwise steps around those products: [`gelu_erf`] and
+//! [`add_layer_norm`].
 //!
 //! Why the copy: read in place, consecutive rows of B are `n` floats apart, and for the widths
 //! of a Transformer (384, 768, 1536 …) that stride is a multiple of 512 bytes, so the rows of a
@@ -61,6 +63,12 @@ pub fn matmul_with(
     (m, k, n): (usize, usize, usize),
     c: &mut [f32],
 ) -> Result<()> {
+    nonzero(m, k, n)?;
+    let packed = Packed::new(b, (k, n))?;
+    packed.matmul_then(isa, a, bias, m, c, |_, _| {})
+}
+
+fn nonzero(m: usize, k: usize, n: usize) -> Result<()> {
     for (dim, size) in [(0, m), (1, k), (2, n)] {
         if size == 0 {
             return Err(AttnError::EmptyDimension {
@@ -70,71 +78,146 @@ pub fn matmul_with(
             });
         }
     }
-    let len = |x: usize, y: usize| x.saturating_mul(y);
-    for (tensor, got, expected) in [
-        ("a", a.len(), len(m, k)),
-        ("b", b.len(), len(k, n)),
-        ("c", c.len(), len(m, n)),
-        ("bias", bias.map_or(n, <[f32]>::len), n),
-    ] {
-        if got != expected {
+    Ok(())
+}
+
+/// The right-hand matrix B (`k × n`) of [`matmul`] in the layout its products read: panels
+/// of [`PW`] columns, each contiguous (`k × w`, `w = PW` but for a narrower last panel). A
+/// layer's weights packed once serve every call, instead of being packed in each.
+///
+/// ```
+/// use attentive::dense::Packed;
+/// let w = Packed::new(&[1.0, 0.0, 0.0, 1.0], (2, 2)).unwrap(); // the identity
+/// let mut c = [0.0; 4];
+/// w.matmul(&[1.0, 2.0, 3.0, 4.0], None, 2, &mut c).unwrap();
+/// assert_eq!(c, [1.0, 2.0, 3.0, 4.0]);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Packed {
+    k: usize,
+    n: usize,
+    panels: Vec<f32>, // [n / PW][k][w]
+}
+
+impl Packed {
+    /// Packs row-major `b` (`k × n`).
+    ///
+    /// # Errors
+    /// [`AttnError::EmptyDimension`] for `k` or `n` zero, [`AttnError::LengthMismatch`] when
+    /// `b` does not hold `k × n` elements.
+    pub fn new(b: &[f32], (k, n): (usize, usize)) -> Result<Self> {
+        nonzero(1, k, n)?;
+        if b.len() != k.saturating_mul(n) {
             return Err(AttnError::LengthMismatch {
-                tensor,
-                expected,
-                got,
+                tensor: "b",
+                expected: k.saturating_mul(n),
+                got: b.len(),
             });
         }
-    }
-    let kern = isa.kernels()?;
-    // B (k × n) → panels [n / PW][k][w], w = PW but for a narrower last panel.
-    let mut panels = vec![0.0f32; k * n];
-    panels
-        .par_chunks_mut(PW * k)
-        .enumerate()
-        .for_each(|(p, panel)| {
-            let (c0, w) = (p * PW, panel.len() / k);
-            for (t, row) in panel.chunks_exact_mut(w).enumerate() {
-                row.copy_from_slice(&b[t * n + c0..t * n + c0 + w]);
-            }
-        });
-    c.par_chunks_mut(MB * n).enumerate().for_each(|(blk, c)| {
-        let r0 = blk * MB;
-        let rows = c.len() / n;
-        for c0 in (0..n).step_by(PW) {
-            let cols = PW.min(n - c0);
-            let panel = &panels[c0 * k..(c0 + cols) * k]; // k × cols
-            for r in 0..rows {
-                let row = &mut c[r * n + c0..r * n + c0 + cols];
-                match bias {
-                    Some(bias) => row.copy_from_slice(&bias[c0..c0 + cols]),
-                    None => row.fill(0.0),
+        let mut panels = vec![0.0f32; k * n];
+        panels
+            .par_chunks_mut(PW * k)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let (c0, w) = (p * PW, panel.len() / k);
+                for (t, row) in panel.chunks_exact_mut(w).enumerate() {
+                    row.copy_from_slice(&b[t * n + c0..t * n + c0 + w]);
                 }
-            }
-            for k0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - k0);
-                let g = Gemm {
-                    m: rows,
-                    n: cols,
-                    k: kc,
-                    a: a[(r0 * k + k0)..].as_ptr(),
-                    a_rs: k,
-                    a_ks: 1,
-                    b: panel[k0 * cols..].as_ptr(),
-                    ldb: cols,
-                    b_vs: kern.lanes,
-                    c: c[c0..].as_mut_ptr(),
-                    ldc: n,
-                    accumulate: true,
-                };
-                // SAFETY: A holds `rows` rows of `kc` elements at stride k from its pointer
-                // (r0 + rows ≤ m, k0 + kc ≤ k), the panel `kc` rows of `cols` contiguous from
-                // row k0, C `rows` rows of `cols` at stride n from column c0, all inside their
-                // slices (lengths checked above); the C chunk is this task's alone.
-                unsafe { (kern.gemm)(&g) };
+            });
+        Ok(Self { k, n, panels })
+    }
+
+    /// `(k, n)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    /// `c = a·B (+ bias)` for row-major `a` (`m × k`) and `c` (`m × n`): [`matmul`] with B
+    /// packed.
+    ///
+    /// # Errors
+    /// As [`matmul`].
+    pub fn matmul(&self, a: &[f32], bias: Option<&[f32]>, m: usize, c: &mut [f32]) -> Result<()> {
+        self.matmul_then(Isa::best(), a, bias, m, c, |_, _| {})
+    }
+
+    /// [`Packed::matmul`] on a given instruction set, then `then(r0, rows)` on each block of
+    /// whole rows of `c` (rows `r0..`) as soon as it is complete, while it is still in cache:
+    /// the activation or the residual add and LayerNorm that follows a layer's product, fused
+    /// into it.
+    ///
+    /// ```
+    /// use attentive::{dense::{gelu_erf, Packed}, Isa};
+    /// let w = Packed::new(&[1.0, -1.0], (1, 2)).unwrap();
+    /// let mut c = [0.0; 4];
+    /// w.matmul_then(Isa::best(), &[1.0, 2.0], None, 2, &mut c, |_, rows| gelu_erf(rows)).unwrap();
+    /// assert!((c[2] - 1.954_5).abs() < 1e-4 && c[3] < 0.0);
+    /// ```
+    ///
+    /// # Errors
+    /// As [`matmul`], and [`AttnError::IsaUnavailable`] when this CPU cannot run `isa`.
+    pub fn matmul_then(
+        &self,
+        isa: Isa,
+        a: &[f32],
+        bias: Option<&[f32]>,
+        m: usize,
+        c: &mut [f32],
+        then: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> Result<()> {
+        let (k, n) = (self.k, self.n);
+        nonzero(m, k, n)?;
+        let len = |x: usize, y: usize| x.saturating_mul(y);
+        for (tensor, got, expected) in [
+            ("a", a.len(), len(m, k)),
+            ("c", c.len(), len(m, n)),
+            ("bias", bias.map_or(n, <[f32]>::len), n),
+        ] {
+            if got != expected {
+                return Err(AttnError::LengthMismatch {
+                    tensor,
+                    expected,
+                    got,
+                });
             }
         }
-    });
-    Ok(())
+        let kern = isa.kernels()?;
+        c.par_chunks_mut(MB * n).enumerate().for_each(|(blk, c)| {
+            let r0 = blk * MB;
+            let rows = c.len() / n;
+            for c0 in (0..n).step_by(PW) {
+                let cols = PW.min(n - c0);
+                let panel = &self.panels[c0 * k..(c0 + cols) * k]; // k × cols
+                for k0 in (0..k).step_by(KC) {
+                    let kc = KC.min(k - k0);
+                    let g = Gemm {
+                        m: rows,
+                        n: cols,
+                        k: kc,
+                        a: a[(r0 * k + k0)..].as_ptr(),
+                        a_rs: k,
+                        a_ks: 1,
+                        b: panel[k0 * cols..].as_ptr(),
+                        ldb: cols,
+                        b_vs: kern.lanes,
+                        c: c[c0..].as_mut_ptr(),
+                        ldc: n,
+                        // The first chunk starts from the bias (or 0), the rest add to it.
+                        accumulate: k0 > 0,
+                        bias: bias.map_or(std::ptr::null(), |b| b[c0..].as_ptr()),
+                    };
+                    // SAFETY: A holds `rows` rows of `kc` elements at stride k from its
+                    // pointer (r0 + rows ≤ m, k0 + kc ≤ k), the panel `kc` rows of `cols`
+                    // contiguous from row k0, C `rows` rows of `cols` at stride n from column
+                    // c0 and the bias `cols` values from c0, all inside their slices (lengths
+                    // checked above); the C chunk is this task's alone.
+                    unsafe { (kern.gemm)(&g) };
+                }
+            }
+            then(r0, c);
+        });
+        Ok(())
+    }
 }
 
 /// GELU in its erf form, in place and in parallel:
@@ -415,9 +498,14 @@ mod tests {
                 let b: Vec<f32> = (0..k * n)
                     .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
                     .collect();
-                let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01).collect();
+                // Without a bias on every other shape: C then starts from 0.
+                let with_bias = (m + k) % 2 == 0;
+                let bias: Vec<f32> = (0..n)
+                    .map(|j| if with_bias { j as f32 * 0.01 } else { 0.0 })
+                    .collect();
                 let mut c = vec![f32::NAN; m * n];
-                matmul_with(isa, &a, &b, Some(&bias), (m, k, n), &mut c).unwrap();
+                let given = with_bias.then_some(&bias[..]);
+                matmul_with(isa, &a, &b, given, (m, k, n), &mut c).unwrap();
                 for i in 0..m {
                     for j in 0..n {
                         let (exact, size) =
@@ -437,6 +525,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `then` sees every row once, in blocks of whole rows, each already its final value.
+    #[test]
+    fn matmul_then_sees_each_finished_block_once() {
+        let (m, k, n) = (300, 200, 130);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 - 2.0).collect();
+        let bias: Vec<f32> = (0..n).map(|j| j as f32).collect();
+        let mut want = vec![0.0; m * n];
+        matmul(&a, &b, Some(&bias), (m, k, n), &mut want).unwrap();
+        let seen = std::sync::Mutex::new(vec![None; m * n]);
+        let p = Packed::new(&b, (k, n)).unwrap();
+        let mut c = vec![0.0; m * n];
+        p.matmul_then(Isa::best(), &a, Some(&bias), m, &mut c, |r0, rows| {
+            assert_eq!(rows.len() % n, 0);
+            let mut seen = seen.lock().unwrap();
+            for (i, &x) in rows.iter().enumerate() {
+                assert!(
+                    seen[r0 * n + i].replace(x).is_none(),
+                    "element {} twice",
+                    r0 * n + i
+                );
+            }
+        })
+        .unwrap();
+        let seen: Vec<f32> = seen
+            .into_inner()
+            .unwrap()
+            .into_iter()
+            .map(Option::unwrap)
+            .collect();
+        assert_eq!(seen, want);
+        assert_eq!(c, want);
     }
 
     #[test]
@@ -459,6 +581,19 @@ mod tests {
         assert!(matches!(
             matmul(&x, &x, None, (usize::MAX, 3, 2), &mut c),
             Err(AttnError::LengthMismatch { tensor: "a", .. })
+        ));
+        assert!(matches!(
+            Packed::new(&x, (2, 2)),
+            Err(AttnError::LengthMismatch { tensor: "b", .. })
+        ));
+        let p = Packed::new(&x, (3, 2)).unwrap();
+        assert!(matches!(
+            p.matmul(&x[..5], None, 2, &mut c),
+            Err(AttnError::LengthMismatch { tensor: "a", .. })
+        ));
+        assert!(matches!(
+            p.matmul(&x, None, 2, &mut c[..3]),
+            Err(AttnError::LengthMismatch { tensor: "c", .. })
         ));
     }
 

@@ -647,6 +647,7 @@ pub(crate) fn score_tile(
                 c: t.s[g * group_rows * t.lds + a..].as_mut_ptr(),
                 ldc: t.lds,
                 accumulate: false,
+                bias: std::ptr::null(),
             })
         }
     }
@@ -1005,6 +1006,7 @@ fn pv_gemm<E>(
         c,
         ldc: n,
         accumulate: false,
+        bias: std::ptr::null(),
     }
 }
 

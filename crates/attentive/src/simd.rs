@@ -145,6 +145,9 @@ pub(crate) struct Gemm<E = f32> {
     pub ldc: usize,
     /// Add to C instead of overwriting it.
     pub accumulate: bool,
+    /// Unless null: a row of `n` values (column `j` at `bias + j`) that every row of C starts
+    /// from instead of 0, when not accumulating.
+    pub bias: *const f32,
 }
 
 /// The kernels of one instruction set.
@@ -792,6 +795,16 @@ unsafe fn micro<
                 };
             }
         }
+    } else if !g.bias.is_null() {
+        let p = g.bias.add(j0);
+        let b: [S::V; V] = std::array::from_fn(|v| {
+            if TAIL && v == V - 1 {
+                S::load_part(p.add(v * l), tail)
+            } else {
+                S::load(p.add(v * l))
+            }
+        });
+        acc = [b; R];
     }
     let mut a = g.a.add(i0 * g.a_rs);
     let mut b = g.b.add(b0);
@@ -1689,6 +1702,7 @@ mod tests {
                 c: c.as_mut_ptr(),
                 ldc,
                 accumulate: false,
+                bias: std::ptr::null(),
             };
             let qk = gemm(64, 64, d, &q, d, &kt, 64, &mut s, 256);
             let pv = gemm(64, d, 256, &s, 256, &v, d, &mut o, d);
@@ -1986,6 +2000,7 @@ mod tests {
                         c: c.as_mut_ptr(),
                         ldc: n + 1,
                         accumulate: acc,
+                        bias: std::ptr::null(),
                     };
                     unsafe { (k.gemm)(&g) };
                     // B in panels one vector wide (each kk × lanes, row stride lanes, zero
@@ -2062,6 +2077,7 @@ mod tests {
                         c: c.as_mut_ptr(),
                         ldc: n,
                         accumulate: true,
+                        bias: std::ptr::null(),
                     }
                 }
                 // SAFETY: a is m × kk, b and b16 kk × n, c m × n, all row-major.
@@ -2134,6 +2150,7 @@ mod tests {
                         c: c.as_mut_ptr(),
                         ldc: n,
                         accumulate: true,
+                        bias: std::ptr::null(),
                     }
                 }
                 let dims = (m, n, kk, k.lanes);
