@@ -68,6 +68,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 torch.set_num_threads(THREADS)
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
 EXAMPLE = os.path.join(ROOT, "target", "release", "examples", "bench")
 CLI = os.path.join(ROOT, "target", "release", "attentive")
 

@@ -152,6 +152,10 @@ pub struct Bert {
     types: Vec<f32>,
     ln: LayerNorm,
     layers: Vec<Layer>,
+    /// The activations of the last call (token states, Q/K/V, attention output, feed-forward),
+    /// on 2 MiB pages, kept so that the next call of the same size or smaller maps and zeroes
+    /// no memory: at 32 × 128 tokens of MiniLM, 56 MiB.
+    workspace: std::sync::Mutex<Vec<attentive::HugeVec<f32>>>,
 }
 
 /// What [`Bert::forward`] returns for a batch of `B` sequences of `N` tokens.
@@ -350,6 +354,7 @@ impl Bert {
             types,
             ln,
             layers,
+            workspace: Default::default(),
         })
     }
 
@@ -419,29 +424,31 @@ impl Bert {
             }
             clock = now;
         };
-        let mut x = vec![0.0f32; rows * h]; //                                   [B·N, H]
+        let ff = self.layers.first().map_or(0, |l| l.up.d_out());
+        let mut bufs =
+            self.take_buffers([rows * h, rows * 3 * h, rows * h, rows * h, rows * ff])?;
+        let [x, qkv, a, y, up] = &mut bufs;
+        let mut x = &mut x[..rows * h]; //                                       [B·N, H]
+        let qkv = &mut qkv[..rows * 3 * h]; //                                   [B·N, 3H]
+        let a = &mut a[..rows * h]; //                                           [B·N, H]
+        let mut y = &mut y[..rows * h]; //                                       [B·N, H]
+        let up = &mut up[..rows * ff]; //                                        [B·N, I]
         for (i, row) in x.chunks_exact_mut(h).enumerate() {
             let (w, t, p) = (ids[i] as usize, types[i] as usize, i % n);
             for (j, y) in row.iter_mut().enumerate() {
                 *y = (self.word[w * h + j] + self.types[t * h + j]) + self.pos[p * h + j];
             }
         }
-        self.ln.forward(&mut x, None)?;
+        self.ln.forward(x, None)?;
         // Q, K, V and the attention output as [B, heads, N, dh] views of [B·N, ·] rows.
         let head_view = [b, heads, n, dh];
         let qkv_strides = [n * 3 * h, dh, 3 * h, 1];
         let mask_view = attentive::View::new(mask, [b, 1, 1, n], [n, 0, 0, 1]).map_err(engine)?;
         let opts = attentive::Options::new().mask(mask_view);
         let mut maps = attentions.then(Vec::new);
-        // Every layer's activations, allocated once for the call.
-        let mut qkv = vec![0.0f32; rows * 3 * h]; //                             [B·N, 3H]
-        let mut a = vec![0.0f32; rows * h]; //                                   [B·N, H]
-        let mut y = vec![0.0f32; rows * h]; //                                   [B·N, H]
-        let ff = self.layers.first().map_or(0, |l| l.up.d_out());
-        let mut up = vec![0.0f32; rows * ff]; //                                 [B·N, I]
         lap(|t| &mut t.embeddings, &mut times);
         for layer in &self.layers {
-            layer.qkv.forward(&x, rows, &mut qkv, |_, _| Ok(()))?;
+            layer.qkv.forward(x, rows, qkv, |_, _| Ok(()))?;
             lap(|t| &mut t.qkv, &mut times);
             let view = |part: usize| {
                 attentive::View::new(&qkv[part * h..], head_view, qkv_strides).map_err(engine)
@@ -451,18 +458,15 @@ impl Bert {
                 maps.push(attentive::probabilities(q, k, &opts).map_err(engine)?);
             }
             let mut out =
-                attentive::ViewMut::new(&mut a, head_view, [n * h, dh, h, 1]).map_err(engine)?;
+                attentive::ViewMut::new(a, head_view, [n * h, dh, h, 1]).map_err(engine)?;
             attentive::forward(q, k, v, &opts, &mut out, None).map_err(engine)?;
             lap(|t| &mut t.attention, &mut times);
             // y = LN(a Woᵀ + bo + x), each block of rows as soon as its product is done.
-            // y = LN(a Woᵀ + bo + x), each block of rows as soon as its product is done.
-            layer
-                .o
-                .forward(&a, rows, &mut y, layer.ln1.with_residual(&x))?;
+            layer.o.forward(a, rows, y, layer.ln1.with_residual(x))?;
             std::mem::swap(&mut x, &mut y);
             lap(|t| &mut t.output, &mut times);
             let act = self.act;
-            layer.up.forward(&x, rows, &mut up, |_, block| {
+            layer.up.forward(x, rows, up, |_, block| {
                 match act {
                     Act::GeluErf => attentive::dense::gelu_erf(block),
                     Act::GeluTanh => block.iter_mut().for_each(|y| *y = gelu_tanh(*y)),
@@ -473,14 +477,38 @@ impl Bert {
             lap(|t| &mut t.feed_forward_up, &mut times);
             layer
                 .down
-                .forward(&up, rows, &mut y, layer.ln2.with_residual(&x))?;
+                .forward(up, rows, y, layer.ln2.with_residual(x))?;
             std::mem::swap(&mut x, &mut y);
             lap(|t| &mut t.feed_forward_down, &mut times);
         }
+        let hidden = Tensor::from_slice(x, (b, n, h), &Device::Cpu)?;
+        self.keep_buffers(bufs);
         Ok(BertOutput {
-            hidden: Tensor::from_vec(x, (b, n, h), &Device::Cpu)?,
+            hidden,
             attentions: maps,
         })
+    }
+
+    /// Five buffers of at least `lens` elements: those the last call left, where they are
+    /// large enough, else new ones.
+    fn take_buffers(&self, lens: [usize; 5]) -> Result<[attentive::HugeVec<f32>; 5]> {
+        let kept = std::mem::take(&mut *self.workspace.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut kept = kept.into_iter();
+        let mut out = Vec::with_capacity(5);
+        for len in lens {
+            out.push(match kept.next() {
+                Some(b) if b.len() >= len => b,
+                _ => attentive::HugeVec::zeroed(len).map_err(engine)?,
+            });
+        }
+        Ok(out
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("five lengths, five buffers")))
+    }
+
+    /// Keeps a call's buffers for the next one.
+    fn keep_buffers(&self, bufs: [attentive::HugeVec<f32>; 5]) {
+        *self.workspace.lock().unwrap_or_else(|p| p.into_inner()) = bufs.into();
     }
 
     /// The model's token-state width.
