@@ -33,6 +33,7 @@ mod embed;
 mod g2p;
 mod outdir;
 mod peak;
+mod viz;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -67,6 +68,10 @@ enum Command {
     /// Trains a model from scratch.
     #[command(subcommand)]
     Train(TrainCommand),
+    /// What a model attends to: every layer's and head's attention (heatmaps, head view, model
+    /// view), rollout, head statistics, as one offline HTML page, SVG files and JSON; for a
+    /// BERT-family model's attention on a text, or for maps from a .npy file.
+    Viz(viz::VizArgs),
     /// Spelling to pronunciation with the shipped Transformer: transcriptions, test-set PER and
     /// WER, and each word's cross-attention alignment as SVG heatmaps and one HTML page.
     Demo(g2p::DemoArgs),
@@ -642,6 +647,7 @@ fn main() -> ExitCode {
         Command::Peak(a) => peak::peak(a),
         Command::Embed(a) => embed::embed(a),
         Command::Search(a) => embed::search(a),
+        Command::Viz(a) => viz::viz(a),
         Command::Train(TrainCommand::G2p(a)) => g2p::train(a),
         Command::Demo(a) => g2p::demo(a),
     };

@@ -177,6 +177,17 @@ impl SentenceEncoder {
         })
     }
 
+    /// The tokenizer's string for each id (`[CLS]`, `hello`, `##ing`, …).
+    pub fn token_strings(&self, ids: &[u32]) -> Vec<String> {
+        ids.iter()
+            .map(|&i| {
+                self.tokenizer
+                    .id_to_token(i)
+                    .unwrap_or_else(|| format!("<{i}>"))
+            })
+            .collect()
+    }
+
     /// Embeds `texts` as one padded batch. Empty text is two tokens (`[CLS] [SEP]`) and gets
     /// an embedding like any other; text past [`SentenceEncoder::max_len`] tokens is cut there
     /// and says so in [`Encoded::truncated`].

@@ -29,7 +29,10 @@ pub enum VizError {
     },
     /// A request for more work than the method allows; `limit` says how much it takes.
     #[error("{method}: {reason}")]
-    TooLarge { method: &'static str, reason: String },
+    TooLarge {
+        method: &'static str,
+        reason: String,
+    },
     /// Input that is empty where something is needed.
     #[error("{0}")]
     Empty(String),

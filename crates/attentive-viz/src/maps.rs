@@ -104,7 +104,11 @@ impl Maps {
     ///
     /// # Errors
     /// As [`Maps::new`].
-    pub fn self_attention(data: Vec<f32>, [l, h, n]: [usize; 3], tokens: Vec<String>) -> Result<Self> {
+    pub fn self_attention(
+        data: Vec<f32>,
+        [l, h, n]: [usize; 3],
+        tokens: Vec<String>,
+    ) -> Result<Self> {
         Self::new(data, [l, h, n, n], tokens.clone(), tokens)
     }
 
@@ -157,5 +161,10 @@ impl Maps {
 }
 
 fn unravel(at: usize, [_, h, nq, nk]: [usize; 4]) -> [usize; 4] {
-    [at / (h * nq * nk), at / (nq * nk) % h, at / nk % nq, at % nk]
+    [
+        at / (h * nq * nk),
+        at / (nq * nk) % h,
+        at / nk % nq,
+        at % nk,
+    ]
 }

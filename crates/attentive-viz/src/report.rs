@@ -109,14 +109,23 @@ impl Report<'_> {
             let mean = m.head_mean(l);
             svgs.push((
                 format!("layer-mean-L{l}.svg"),
-                heatmap(&mean, (nq, nk), q, k, &format!("Layer {l}, mean of its {heads} heads")),
+                heatmap(
+                    &mean,
+                    (nq, nk),
+                    q,
+                    k,
+                    &format!("Layer {l}, mean of its {heads} heads"),
+                ),
             ));
         }
         page.head_controls(layers, heads);
         if m.is_self_attention() {
             let j = rollout(m, self.fusion)?;
             let last = j.last().expect("at least one layer");
-            let title = format!("Attention rollout through {layers} layers ({} of heads)", self.fusion.name());
+            let title = format!(
+                "Attention rollout through {layers} layers ({} of heads)",
+                self.fusion.name()
+            );
             let map_svg = heatmap(last, (nq, nq), q, q, &title);
             json["rollout"] = json!(last.chunks(nq).map(<[f32]>::to_vec).collect::<Vec<_>>());
             json["rollout_fusion"] = json!(self.fusion.name());
@@ -134,7 +143,11 @@ impl Report<'_> {
                 let f = flow(m, self.fusion, &self.flow_rows)?;
                 for (&i, values) in self.flow_rows.iter().zip(&f) {
                     let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
-                    let svg = bars(&v, q, &format!("Attention flow from {} (position {i})", q[i]));
+                    let svg = bars(
+                        &v,
+                        q,
+                        &format!("Attention flow from {} (position {i})", q[i]),
+                    );
                     svgs.push((format!("flow-row{i}.svg"), svg.clone()));
                     flows.push(svg);
                 }
@@ -247,7 +260,8 @@ impl Page {
                 );
             }
         }
-        self.html += "</div><h2 id=\"head-section\"><span id=\"head-title\">Layer 0, head 0</span></h2>";
+        self.html +=
+            "</div><h2 id=\"head-section\"><span id=\"head-title\">Layer 0, head 0</span></h2>";
     }
 
     fn head(&mut self, l: usize, h: usize, heatmap: &str, head_view: &str) {
@@ -258,7 +272,11 @@ impl Page {
     }
 
     fn head_controls(&mut self, layers: usize, heads: usize) {
-        let opts = |n: usize| (0..n).map(|i| format!("<option value=\"{i}\">{i}</option>")).collect::<String>();
+        let opts = |n: usize| {
+            (0..n)
+                .map(|i| format!("<option value=\"{i}\">{i}</option>"))
+                .collect::<String>()
+        };
         let _ = write!(
             self.html,
             "<p><label>Layer <select id=\"layer\">{}</select></label><label>Head <select id=\"head\">{}</select></label></p>",
@@ -281,7 +299,10 @@ impl Page {
 
     fn stats(&mut self, stats: &[HeadStats]) {
         self.html += "<h2>Head statistics</h2><p class=\"sub\">Means over the query rows (Clark et al., 2019): entropy in nats, attention distance in tokens, shares of attention to special tokens and punctuation, to the previous, same and next token, and the largest weight. Click a column to sort.</p><table id=\"stats-table\"><thead><tr>";
-        for c in ["layer", "head", "entropy", "distance", "special", "punct.", "previous", "same", "next", "max"] {
+        for c in [
+            "layer", "head", "entropy", "distance", "special", "punct.", "previous", "same",
+            "next", "max",
+        ] {
             let _ = write!(self.html, "<th>{c}</th>");
         }
         self.html += "</tr></thead><tbody>";
@@ -301,7 +322,9 @@ impl Page {
     /// The page, its SVGs inline without their namespace attribute (HTML does not need it, and
     /// the page then names no URL at all).
     fn finish(self) -> String {
-        let body = self.html.replace(r#" xmlns="http://www.w3.org/2000/svg""#, "");
+        let body = self
+            .html
+            .replace(r#" xmlns="http://www.w3.org/2000/svg""#, "");
         format!("{body}<script>{SCRIPT}</script></body></html>")
     }
 }

@@ -115,7 +115,11 @@ pub fn fuse(maps: &Maps, l: usize, fusion: Fusion) -> Vec<f32> {
             let mut out = maps.map(l, 0).to_vec();
             for h in 1..heads {
                 for (o, &a) in out.iter_mut().zip(maps.map(l, h)) {
-                    *o = if fusion == Fusion::Max { o.max(a) } else { o.min(a) };
+                    *o = if fusion == Fusion::Max {
+                        o.max(a)
+                    } else {
+                        o.min(a)
+                    };
                 }
             }
             out

@@ -34,8 +34,14 @@ pub fn is_special(token: &str) -> bool {
 
 /// Whether a token is punctuation alone (after a sub-word marker such as `##` or `Ġ`).
 pub fn is_punctuation(token: &str) -> bool {
-    let t = token.trim_start_matches("##").trim_start_matches('Ġ').trim_start_matches('▁');
-    !t.is_empty() && t.chars().all(|c| !c.is_alphanumeric() && !c.is_whitespace()) && !is_special(token)
+    let t = token
+        .trim_start_matches("##")
+        .trim_start_matches('Ġ')
+        .trim_start_matches('▁');
+    !t.is_empty()
+        && t.chars()
+            .all(|c| !c.is_alphanumeric() && !c.is_whitespace())
+        && !is_special(token)
 }
 
 /// Every head's statistics, layer by layer, over the query rows where `rows` is true (all rows

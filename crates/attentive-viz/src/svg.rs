@@ -27,11 +27,17 @@ pub fn colour(x: f32, vmax: f32) -> String {
         (0.75, [33.0, 113.0, 181.0]),
         (1.0, [8.0, 48.0, 107.0]),
     ];
-    let t = if vmax > 0.0 { (x / vmax).clamp(0.0, 1.0) } else { 0.0 };
+    let t = if vmax > 0.0 {
+        (x / vmax).clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
     let k = STOPS.iter().rposition(|&(s, _)| s <= t).unwrap_or(0).min(3);
     let ((s0, c0), (s1, c1)) = (STOPS[k], STOPS[k + 1]);
     let u = (t - s0) / (s1 - s0);
-    let c: Vec<u8> = (0..3).map(|i| (c0[i] + u * (c1[i] - c0[i])).round() as u8).collect();
+    let c: Vec<u8> = (0..3)
+        .map(|i| (c0[i] + u * (c1[i] - c0[i])).round() as u8)
+        .collect();
     format!("#{:02x}{:02x}{:02x}", c[0], c[1], c[2])
 }
 
@@ -92,19 +98,32 @@ pub fn downsample(m: &[f32], nq: usize, nk: usize, q: &[String], k: &[String]) -
 /// A heatmap of `m` (`nq × nk`): rows are queries (labelled on the left), columns keys (labelled
 /// along the top), a colour scale from 0 to the map's largest value on the right, and `title`.
 /// Maps past [`CELL_BUDGET`] a side show their block means (said in the title).
-pub fn heatmap(m: &[f32], (nq, nk): (usize, usize), q: &[String], k: &[String], title: &str) -> String {
+pub fn heatmap(
+    m: &[f32],
+    (nq, nk): (usize, usize),
+    q: &[String],
+    k: &[String],
+    title: &str,
+) -> String {
     let d = downsample(m, nq, nk, q, k);
     let title = if (d.rows, d.cols) == (nq, nk) {
         title.to_string()
     } else {
-        format!("{title} (means of blocks of {}×{} tokens)", nq.div_ceil(d.rows), nk.div_ceil(d.cols))
+        format!(
+            "{title} (means of blocks of {}×{} tokens)",
+            nq.div_ceil(d.rows),
+            nk.div_ceil(d.cols)
+        )
     };
     let vmax = d.mean.iter().copied().fold(0.0f32, f32::max);
     let cell = if d.rows.max(d.cols) > 48 { 6.0 } else { 22.0 };
     let label_w = label_width(&d.row_labels, cell);
     let label_h = label_width(&d.col_labels, cell);
     let (x0, y0) = (label_w + 10.0, 40.0 + label_h);
-    let (w, h) = (x0 + d.cols as f64 * cell + 90.0, y0 + d.rows as f64 * cell + 20.0);
+    let (w, h) = (
+        x0 + d.cols as f64 * cell + 90.0,
+        y0 + d.rows as f64 * cell + 20.0,
+    );
     let mut s = open(w, h, &title);
     let font = (cell * 0.55).clamp(7.0, 12.0);
     for (r, label) in d.row_labels.iter().enumerate().filter(|_| cell >= 10.0) {
@@ -145,19 +164,30 @@ pub fn heatmap(m: &[f32], (nq, nk): (usize, usize), q: &[String], k: &[String], 
         d.cols as f64 * cell,
         d.rows as f64 * cell
     );
-    s += &scale(x0 + d.cols as f64 * cell + 20.0, y0, (d.rows as f64 * cell).max(80.0), vmax);
+    s += &scale(
+        x0 + d.cols as f64 * cell + 20.0,
+        y0,
+        (d.rows as f64 * cell).max(80.0),
+        vmax,
+    );
     let _ = write!(
         s,
-        r##"<text x="{:.1}" y="{:.1}" font-size="10" fill="#555">queries ↓  keys →</text>"##,
-        4.0,
-        y0 - 6.0
+        r##"<text x="{:.1}" y="{:.1}" font-size="10" fill="#555" text-anchor="end">queries ↓  keys →</text>"##,
+        x0 - 4.0,
+        y0 + d.rows as f64 * cell + 14.0
     );
     s + "</svg>"
 }
 
 /// The head view (bertviz's): the tokens twice, queries on the left and keys on the right, a
 /// line from each query to each key it attends to, as opaque as the weight.
-pub fn head_view(m: &[f32], (nq, nk): (usize, usize), q: &[String], k: &[String], title: &str) -> String {
+pub fn head_view(
+    m: &[f32],
+    (nq, nk): (usize, usize),
+    q: &[String],
+    k: &[String],
+    title: &str,
+) -> String {
     let row = 18.0;
     let lw = label_width(q, row).max(40.0);
     let rw = label_width(k, row).max(40.0);
@@ -246,7 +276,13 @@ pub fn bars(values: &[f32], tokens: &[String], title: &str) -> String {
 
 /// A small map for the model view: no labels, one cell a pixel or more.
 pub fn thumbnail(m: &[f32], (nq, nk): (usize, usize), size: f64) -> String {
-    let d = downsample(m, nq, nk, &vec![String::new(); nq], &vec![String::new(); nk]);
+    let d = downsample(
+        m,
+        nq,
+        nk,
+        &vec![String::new(); nq],
+        &vec![String::new(); nk],
+    );
     let vmax = d.mean.iter().copied().fold(0.0f32, f32::max);
     let (cw, ch) = (size / d.cols as f64, size / d.rows as f64);
     let mut s = format!(
@@ -271,6 +307,8 @@ pub fn thumbnail(m: &[f32], (nq, nk): (usize, usize), size: f64) -> String {
 
 /// The opening of a standalone SVG with a white background and a title.
 fn open(w: f64, h: f64, title: &str) -> String {
+    // Room for the title at 14 px bold (about 8.5 px a character).
+    let w = w.max(16.0 + 8.5 * title.chars().count() as f64);
     format!(
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w:.0}" height="{h:.0}" viewBox="0 0 {w:.0} {h:.0}" font-family="{FONT}" fill="#111"><rect width="100%" height="100%" fill="white"/><text x="8" y="20" font-size="14" font-weight="bold">{}</text>"##,
         escape(title)

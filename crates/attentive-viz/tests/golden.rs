@@ -45,12 +45,28 @@ fn fixture() -> [[M; 2]; 2] {
     let q = |r: [(i128, i128); 3]| r.map(|(n, d)| Q::new(n, d));
     [
         [
-            [q([(1, 2), (1, 4), (1, 4)]), q([(0, 1), (1, 1), (0, 1)]), q([(1, 3), (1, 3), (1, 3)])],
-            [q([(1, 2), (1, 2), (0, 1)]), q([(1, 4), (1, 2), (1, 4)]), q([(0, 1), (0, 1), (1, 1)])],
+            [
+                q([(1, 2), (1, 4), (1, 4)]),
+                q([(0, 1), (1, 1), (0, 1)]),
+                q([(1, 3), (1, 3), (1, 3)]),
+            ],
+            [
+                q([(1, 2), (1, 2), (0, 1)]),
+                q([(1, 4), (1, 2), (1, 4)]),
+                q([(0, 1), (0, 1), (1, 1)]),
+            ],
         ],
         [
-            [q([(1, 1), (0, 1), (0, 1)]), q([(1, 2), (0, 1), (1, 2)]), q([(1, 4), (1, 4), (1, 2)])],
-            [q([(0, 1), (1, 1), (0, 1)]), q([(0, 1), (1, 2), (1, 2)]), q([(1, 2), (1, 2), (0, 1)])],
+            [
+                q([(1, 1), (0, 1), (0, 1)]),
+                q([(1, 2), (0, 1), (1, 2)]),
+                q([(1, 4), (1, 4), (1, 2)]),
+            ],
+            [
+                q([(0, 1), (1, 1), (0, 1)]),
+                q([(0, 1), (1, 2), (1, 2)]),
+                q([(1, 2), (1, 2), (0, 1)]),
+            ],
         ],
     ]
 }
@@ -62,7 +78,10 @@ fn tokens() -> Vec<String> {
 fn maps() -> Maps {
     let data: Vec<f32> = fixture()
         .iter()
-        .flat_map(|l| l.iter().flat_map(|h| h.iter().flat_map(|r| r.map(|x| x.f64() as f32))))
+        .flat_map(|l| {
+            l.iter()
+                .flat_map(|h| h.iter().flat_map(|r| r.map(|x| x.f64() as f32)))
+        })
         .collect();
     Maps::self_attention(data, [2, 2, N], tokens()).unwrap()
 }
@@ -136,12 +155,20 @@ fn rollout_equals_the_exact_product() {
 fn reading_rows_and_the_masked_mean() {
     let j = rollout(&maps(), Fusion::Mean).unwrap().pop().unwrap();
     assert_eq!(Reading::Row(0).read(&j, N).unwrap(), j[..N].to_vec());
-    let mean = Reading::MeanOf(vec![true, false, true]).read(&j, N).unwrap();
+    let mean = Reading::MeanOf(vec![true, false, true])
+        .read(&j, N)
+        .unwrap();
     for c in 0..N {
         assert!((mean[c] - (j[c] + j[2 * N + c]) / 2.0).abs() < 1e-7);
     }
-    assert!(matches!(Reading::Row(3).read(&j, N), Err(VizError::OutOfRange { .. })));
-    assert!(matches!(Reading::MeanOf(vec![false; 3]).read(&j, N), Err(VizError::Empty(_))));
+    assert!(matches!(
+        Reading::Row(3).read(&j, N),
+        Err(VizError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        Reading::MeanOf(vec![false; 3]).read(&j, N),
+        Err(VizError::Empty(_))
+    ));
 }
 
 /// The max-flow from (layer 2, i) to (layer 0, j) as the minimum over every s–t cut.
@@ -152,7 +179,11 @@ fn min_cut(hats: &[M; 2], i: usize, j: usize) -> Q {
     let mut best: Option<Q> = None;
     for bits in 0u32..(1 << others.len()) {
         let in_s = |v: usize| {
-            v == s || others.iter().position(|&o| o == v).is_some_and(|p| bits >> p & 1 == 1)
+            v == s
+                || others
+                    .iter()
+                    .position(|&o| o == v)
+                    .is_some_and(|p| bits >> p & 1 == 1)
         };
         let mut cut = Q(0, 1);
         for l in 0..2 {
@@ -184,7 +215,11 @@ fn flow_equals_the_minimum_cut() {
             let want = cuts[j].div(total).f64();
             // The capacities are the f32 maps' Â (a few f32 roundings each); the flow itself is
             // summed in f64.
-            assert!((g[j] - want).abs() < 1e-6, "flow {i}→{j}: {} vs {want}", g[j]);
+            assert!(
+                (g[j] - want).abs() < 1e-6,
+                "flow {i}→{j}: {} vs {want}",
+                g[j]
+            );
         }
     }
 }
@@ -195,8 +230,14 @@ fn flow_refuses_work_past_its_limit() {
     let tokens: Vec<String> = (0..n).map(|i| format!("t{i}")).collect();
     let m = Maps::self_attention(vec![1.0 / n as f32; 12 * n * n], [12, 1, n], tokens).unwrap();
     let rows: Vec<usize> = (0..n).collect();
-    assert!(matches!(flow(&m, Fusion::Mean, &rows), Err(VizError::TooLarge { .. })));
-    assert!(matches!(flow(&maps(), Fusion::Mean, &[3]), Err(VizError::OutOfRange { .. })));
+    assert!(matches!(
+        flow(&m, Fusion::Mean, &rows),
+        Err(VizError::TooLarge { .. })
+    ));
+    assert!(matches!(
+        flow(&maps(), Fusion::Mean, &[3]),
+        Err(VizError::OutOfRange { .. })
+    ));
 }
 
 #[test]
@@ -208,9 +249,18 @@ fn head_statistics_equal_their_formulas() {
         let a = &f[s.layer][s.head];
         let mean = |g: &dyn Fn(usize) -> f64| (0..N).map(g).sum::<f64>() / N as f64;
         let entropy = mean(&|i| {
-            -a[i].iter().map(|x| x.f64()).filter(|&x| x > 0.0).map(|x| x * x.ln()).sum::<f64>()
+            -a[i]
+                .iter()
+                .map(|x| x.f64())
+                .filter(|&x| x > 0.0)
+                .map(|x| x * x.ln())
+                .sum::<f64>()
         });
-        let distance = mean(&|i| (0..N).map(|j| a[i][j].f64() * (i as f64 - j as f64).abs()).sum());
+        let distance = mean(&|i| {
+            (0..N)
+                .map(|j| a[i][j].f64() * (i as f64 - j as f64).abs())
+                .sum()
+        });
         let special = mean(&|i| a[i][0].f64()); // [CLS]
         let punct = mean(&|i| a[i][2].f64()); // "."
         let prev = mean(&|i| if i > 0 { a[i][i - 1].f64() } else { 0.0 });
@@ -269,7 +319,12 @@ fn bad_maps_are_clear_errors_and_odd_rows_are_reported() {
         rollout(&cross, Fusion::Mean),
         Err(VizError::NotSelfAttention { .. })
     ));
-    assert!(Report::new(&cross, "cross").build().unwrap().json.get("rollout").is_none());
+    assert!(Report::new(&cross, "cross")
+        .build()
+        .unwrap()
+        .json
+        .get("rollout")
+        .is_none());
 }
 
 #[test]
@@ -279,7 +334,14 @@ fn the_report_holds_every_number_and_names_no_url() {
     r.reading = Some(Reading::Row(0));
     r.flow_rows = vec![0];
     let out = r.build().unwrap();
-    for key in ["tokens", "attentions", "rollout", "rollout_reading", "flow", "head_stats"] {
+    for key in [
+        "tokens",
+        "attentions",
+        "rollout",
+        "rollout_reading",
+        "flow",
+        "head_stats",
+    ] {
         assert!(out.json.get(key).is_some(), "attention.json lacks {key}");
     }
     assert_eq!(out.json["attentions"][1][0][1][2], 0.5);
@@ -287,11 +349,20 @@ fn the_report_holds_every_number_and_names_no_url() {
     assert!(!out.html.contains("http") && !out.html.contains("src="));
     assert_eq!(out.html.matches("class=\"thumb\"").count(), 4);
     let names: Vec<&str> = out.svgs.iter().map(|(n, _)| n.as_str()).collect();
-    for want in ["heatmap-L1-H0.svg", "headview-L0-H1.svg", "rollout.svg", "rollout-reading.svg", "flow-row0.svg"] {
+    for want in [
+        "heatmap-L1-H0.svg",
+        "headview-L0-H1.svg",
+        "rollout.svg",
+        "rollout-reading.svg",
+        "flow-row0.svg",
+    ] {
         assert!(names.contains(&want), "no {want} in {names:?}");
     }
     for (name, svg) in &out.svgs {
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"), "{name}");
-        assert!(svg.contains(r#"fill="white""#), "{name}: no opaque background");
+        assert!(
+            svg.contains(r#"fill="white""#),
+            "{name}: no opaque background"
+        );
     }
 }

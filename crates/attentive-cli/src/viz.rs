@@ -1,0 +1,195 @@
+//! `attentive viz`: what a model attends to, as one offline HTML page, SVG files and JSON
+//! (attentive-viz), for a BERT-family model's attention on a text or for maps from elsewhere.
+
+use crate::error::CliError;
+use crate::outdir;
+use attentive_viz::{Fusion, Maps, Reading, Report};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct VizArgs {
+    /// A BERT-family model (as for `embed`): its attention on TEXT.
+    #[arg(long, conflicts_with_all = ["maps", "tokens"], required_unless_present = "maps")]
+    model: Option<PathBuf>,
+    /// Maps from elsewhere: float32 .npy of shape [layers, heads, N, N] (or [heads, N, N], or
+    /// [N, N]) ...
+    #[arg(long, value_name = "FILE.npy", requires = "tokens")]
+    maps: Option<PathBuf>,
+    /// ... and their tokens, one a line.
+    #[arg(long, value_name = "FILE.txt")]
+    tokens: Option<PathBuf>,
+    /// The folder to write: index.html, attention.json and one SVG per view. Replaced whole; a
+    /// folder holding anything else is refused.
+    #[arg(long, default_value = "viz")]
+    out: PathBuf,
+    /// How a layer's heads are fused for rollout and flow.
+    #[arg(long, value_enum, default_value = "mean")]
+    fusion: FusionArg,
+    /// Also compute attention flow for these output positions (each is many max-flows: short
+    /// inputs only).
+    #[arg(long, value_delimiter = ',', value_name = "I,J,…")]
+    flow: Vec<usize>,
+    /// Print attention.json's object as the last line.
+    #[arg(long)]
+    json: bool,
+    /// The text to look at (with --model).
+    text: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FusionArg {
+    Mean,
+    Max,
+    Min,
+}
+
+fn input(what: impl Into<String>, reason: impl ToString) -> CliError {
+    CliError::Input {
+        what: what.into(),
+        reason: reason.to_string(),
+    }
+}
+
+/// A file this command writes (and may replace).
+fn ours(p: &Path) -> bool {
+    p.extension()
+        .is_some_and(|x| x == "svg" || x == "html" || x == "json")
+}
+
+pub fn viz(a: VizArgs) -> Result<(), CliError> {
+    let folder = outdir::Folder { dest: &a.out, ours };
+    folder.check()?;
+    let (maps, subtitle, reading, rows) = match (&a.model, &a.maps) {
+        (Some(model), _) => from_model(model, a.text.as_deref())?,
+        (None, Some(maps)) => {
+            let tokens = a
+                .tokens
+                .as_deref()
+                .ok_or_else(|| input("--maps", "needs --tokens"))?;
+            from_npy(maps, tokens)?
+        }
+        (None, None) => {
+            return Err(input(
+                "viz",
+                "give --model PATH TEXT or --maps FILE --tokens FILE",
+            ))
+        }
+    };
+    let mut report = Report::new(&maps, a.text.as_deref().unwrap_or("Attention maps"));
+    report.subtitle = subtitle;
+    report.fusion = match a.fusion {
+        FusionArg::Mean => Fusion::Mean,
+        FusionArg::Max => Fusion::Max,
+        FusionArg::Min => Fusion::Min,
+    };
+    report.reading = reading;
+    report.rows = rows;
+    report.flow_rows = a.flow.clone();
+    let out = report.build().map_err(|e| input("attention maps", e))?;
+    let files = folder.build(|dir| {
+        let mut names = vec!["index.html".to_string(), "attention.json".to_string()];
+        write(&dir.join("index.html"), out.html.as_bytes())?;
+        let json = serde_json::to_string(&out.json).map_err(|e| input("attention.json", e))?;
+        write(&dir.join("attention.json"), json.as_bytes())?;
+        for (name, svg) in &out.svgs {
+            write(&dir.join(name), svg.as_bytes())?;
+            names.push(name.clone());
+        }
+        Ok(names)
+    })?;
+    let [l, h, nq, nk] = maps.shape();
+    out!(
+        "{l} layers × {h} heads over {nq}×{nk} tokens → {} ({} files: index.html, attention.json, SVG views)",
+        a.out.display(),
+        files.len()
+    );
+    for w in maps.row_sum_warnings().iter().take(3) {
+        out!(
+            "warning: layer {}, head {}, row {} sums to {:.4}, not 1 (kept as given)",
+            w.layer,
+            w.head,
+            w.row,
+            w.sum
+        );
+    }
+    if a.json {
+        out!("{}", out.json);
+    }
+    Ok(())
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
+    std::fs::write(path, bytes).map_err(|e| input(path.display().to_string(), e))
+}
+
+type Loaded = (Maps, String, Option<Reading>, Option<Vec<bool>>);
+
+/// A BERT's attention on `text`: every layer's maps from the kernel, its tokens, and the
+/// reading its pooling implies ([CLS]'s row, or the mean of the rows).
+fn from_model(path: &Path, text: Option<&str>) -> Result<Loaded, CliError> {
+    let text = text.ok_or_else(|| input("viz --model", "give the TEXT to look at"))?;
+    if text.trim().is_empty() {
+        return Err(input("TEXT", "is empty: give some words to look at"));
+    }
+    let model = attentive_models::SentenceEncoder::load(path).map_err(|e| input("model", e))?;
+    let batch = model.tokenize(&[text]).map_err(|e| input("model", e))?;
+    let out = model
+        .bert
+        .forward(&batch.ids, &batch.mask, Some(&batch.types), batch.n, true)
+        .map_err(|e| input("model", e))?;
+    let per_layer = out.attentions.unwrap_or_default();
+    let c = &model.bert.config;
+    let (layers, heads, n) = (per_layer.len(), c.num_attention_heads, batch.n);
+    let data: Vec<f32> = per_layer.into_iter().flatten().collect();
+    let tokens = model.token_strings(&batch.ids);
+    let reading = if model.pooling.cls {
+        Reading::Row(0)
+    } else {
+        Reading::MeanOf(batch.mask.clone())
+    };
+    let mut subtitle = format!(
+        "{} · {layers} layers × {heads} heads · {n} tokens",
+        path.file_name()
+            .map_or(String::new(), |f| f.to_string_lossy().into_owned())
+    );
+    if batch.truncated[0] {
+        subtitle += &format!(
+            " (the text was cut at the model's {} tokens)",
+            model.max_len
+        );
+    }
+    let maps = Maps::self_attention(data, [layers, heads, n], tokens)
+        .map_err(|e| input("attention maps", e))?;
+    Ok((maps, subtitle, Some(reading), Some(batch.mask)))
+}
+
+/// Maps and tokens from files: `[L, H, N, N]`, `[H, N, N]` or `[N, N]` float32.
+fn from_npy(maps: &Path, tokens: &Path) -> Result<Loaded, CliError> {
+    let arr = crate::npy::read_f32(maps)?;
+    let text =
+        std::fs::read_to_string(tokens).map_err(|e| input(tokens.display().to_string(), e))?;
+    let tokens: Vec<String> = text.lines().map(str::to_string).collect();
+    if tokens.is_empty() {
+        return Err(input("--tokens", "holds no token"));
+    }
+    let shape: [usize; 4] = match arr.shape.as_slice() {
+        &[l, h, q, k] => [l, h, q, k],
+        &[h, q, k] => [1, h, q, k],
+        &[q, k] => [1, 1, q, k],
+        s => {
+            return Err(input(
+                maps.display().to_string(),
+                format!("shape {s:?}: expected [layers, heads, N, N], [heads, N, N] or [N, N]"),
+            ))
+        }
+    };
+    let m = Maps::new(arr.data, shape, tokens.clone(), tokens)
+        .map_err(|e| input(maps.display().to_string(), e))?;
+    let subtitle = format!(
+        "{} · {} layers × {} heads",
+        maps.display(),
+        shape[0],
+        shape[1]
+    );
+    Ok((m, subtitle, None, None))
+}
