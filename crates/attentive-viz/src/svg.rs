@@ -172,8 +172,8 @@ pub fn heatmap(
     );
     let _ = write!(
         s,
-        r##"<text x="{:.1}" y="{:.1}" font-size="10" fill="#555" text-anchor="end">queries ↓  keys →</text>"##,
-        x0 - 4.0,
+        r##"<text x="{:.1}" y="{:.1}" font-size="10" fill="#555">queries ↓  keys →</text>"##,
+        x0,
         y0 + d.rows as f64 * cell + 14.0
     );
     s + "</svg>"
