@@ -7,6 +7,8 @@
 //! - [`rollout`]: attention rollout and attention flow (Abnar & Zuidema, 2020).
 //! - [`stats`]: per-head entropy, distance, special-token and punctuation shares, neighbours
 //!   (Clark et al., 2019).
+//! - [`stream`]: the same for long inputs, rows arriving block by block, without `L·H·N²`
+//!   weights in memory.
 //! - [`svg`]: heatmaps, the head view, bars and thumbnails, each a standalone SVG.
 //! - [`Report`]: all of it for one input: `index.html` (inline SVG, CSS and a small script, no
 //!   external URL), every view's SVG, and `attention.json` with every number shown.
@@ -27,6 +29,7 @@ pub mod maps;
 pub mod report;
 pub mod rollout;
 pub mod stats;
+pub mod stream;
 pub mod svg;
 
 pub use error::{Result, VizError};

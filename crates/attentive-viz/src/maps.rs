@@ -100,6 +100,19 @@ impl Maps {
         })
     }
 
+    /// [`Maps::new`] for summaries that are not attention (block means of a long input's maps),
+    /// whose row sums mean nothing and are not reported.
+    pub(crate) fn new_unchecked_sums(
+        data: Vec<f32>,
+        shape: [usize; 4],
+        q_tokens: Vec<String>,
+        k_tokens: Vec<String>,
+    ) -> Result<Self> {
+        let mut m = Self::new(data, shape, q_tokens, k_tokens)?;
+        m.warnings.clear();
+        Ok(m)
+    }
+
     /// Self-attention maps `[layers, heads, N, N]` over one token list.
     ///
     /// # Errors

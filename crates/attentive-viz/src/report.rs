@@ -5,13 +5,20 @@ use crate::error::Result;
 use crate::maps::Maps;
 use crate::rollout::{flow, rollout, Fusion, Reading};
 use crate::stats::{head_stats, HeadStats};
-use crate::svg::{bars, escape, head_view, heatmap, thumbnail};
+use crate::svg::{bars, escape, head_view, heatmap, heatmap_within, thumbnail};
 use serde_json::{json, Value};
 use std::fmt::Write;
 
 /// Above this many weights (`L·H·Nq·Nk`) the JSON leaves the maps out (and says so): 4 M
 /// weights are about 40 MB of JSON text.
 pub const JSON_WEIGHT_LIMIT: usize = 4 << 20;
+
+/// Cells a side of each head's heatmap inside the page (the SVG files keep
+/// [`crate::svg::CELL_BUDGET`]): a page of 144 heads stays within tens of megabytes.
+pub const PAGE_CELLS: usize = 64;
+
+/// The head view draws a line per pair: past this many tokens it is left out (said on the page).
+pub const HEAD_VIEW_MAX_TOKENS: usize = 96;
 
 /// What to compute and show for one input.
 #[derive(Clone, Debug)]
@@ -101,10 +108,18 @@ impl Report<'_> {
             for h in 0..heads {
                 let t = format!("Layer {l}, head {h}");
                 let hm = heatmap(m.map(l, h), (nq, nk), q, k, &t);
-                let hv = head_view(m.map(l, h), (nq, nk), q, k, &t);
-                page.head(l, h, &hm, &hv);
+                let in_page = if nq.max(nk) <= PAGE_CELLS {
+                    hm.clone()
+                } else {
+                    heatmap_within(m.map(l, h), (nq, nk), q, k, &t, PAGE_CELLS)
+                };
+                let hv = (nq.max(nk) <= HEAD_VIEW_MAX_TOKENS)
+                    .then(|| head_view(m.map(l, h), (nq, nk), q, k, &t));
+                page.head(l, h, &in_page, hv.as_deref());
                 svgs.push((format!("heatmap-L{l}-H{h}.svg"), hm));
-                svgs.push((format!("headview-L{l}-H{h}.svg"), hv));
+                if let Some(hv) = hv {
+                    svgs.push((format!("headview-L{l}-H{h}.svg"), hv));
+                }
             }
             let mean = m.head_mean(l);
             svgs.push((
@@ -264,10 +279,14 @@ impl Page {
             "</div><h2 id=\"head-section\"><span id=\"head-title\">Layer 0, head 0</span></h2>";
     }
 
-    fn head(&mut self, l: usize, h: usize, heatmap: &str, head_view: &str) {
+    fn head(&mut self, l: usize, h: usize, heatmap: &str, head_view: Option<&str>) {
+        let side = head_view.map_or_else(
+            || format!("<p class=\"sub\">The head view is drawn up to {HEAD_VIEW_MAX_TOKENS} tokens.</p>"),
+            |v| v.to_string(),
+        );
         let _ = write!(
             self.html,
-            "<div class=\"view pair\" data-l=\"{l}\" data-h=\"{h}\" hidden><div>{heatmap}</div><div>{head_view}</div></div>"
+            "<div class=\"view pair\" data-l=\"{l}\" data-h=\"{h}\" hidden><div>{heatmap}</div><div>{side}</div></div>"
         );
     }
 

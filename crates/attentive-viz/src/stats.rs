@@ -44,6 +44,70 @@ pub fn is_punctuation(token: &str) -> bool {
         && !is_special(token)
 }
 
+/// One head's sums over the rows seen so far: rows may come all at once ([`head_stats`]) or
+/// block by block ([`crate::stream::Streamed`]).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Acc {
+    entropy: f64,
+    distance: f64,
+    special: f64,
+    punctuation: f64,
+    neighbours: [f64; 3],
+    max: f64,
+    rows: usize,
+}
+
+impl Acc {
+    /// Adds query row `i` (its weights over the keys).
+    pub fn add(&mut self, i: usize, row: &[f32], special: &[bool], punct: &[bool]) {
+        let mut row_max = 0.0f64;
+        for (j, &a) in row.iter().enumerate() {
+            let a = a as f64;
+            if a > 0.0 {
+                self.entropy -= a * a.ln();
+            }
+            self.distance += a * (i as f64 - j as f64).abs();
+            if special[j] {
+                self.special += a;
+            }
+            if punct[j] {
+                self.punctuation += a;
+            }
+            row_max = row_max.max(a);
+        }
+        self.max += row_max;
+        for (k, slot) in self.neighbours.iter_mut().enumerate() {
+            if let Some(j) = (i + k).checked_sub(1).filter(|&j| j < row.len()) {
+                *slot += row[j] as f64;
+            }
+        }
+        self.rows += 1;
+    }
+
+    /// The means, for head `head` of layer `layer`.
+    pub fn finish(&self, layer: usize, head: usize, self_attention: bool) -> HeadStats {
+        let count = self.rows.max(1) as f64;
+        HeadStats {
+            layer,
+            head,
+            entropy: self.entropy / count,
+            distance: self_attention.then_some(self.distance / count),
+            special: self.special / count,
+            punctuation: self.punctuation / count,
+            neighbours: self_attention.then_some(self.neighbours.map(|x| x / count)),
+            max: self.max / count,
+        }
+    }
+}
+
+/// Which key tokens are special and which are punctuation.
+pub(crate) fn token_classes(tokens: &[String]) -> (Vec<bool>, Vec<bool>) {
+    (
+        tokens.iter().map(|t| is_special(t)).collect(),
+        tokens.iter().map(|t| is_punctuation(t)).collect(),
+    )
+}
+
 /// Every head's statistics, layer by layer, over the query rows where `rows` is true (all rows
 /// when `None`: pass the padding mask to leave padded queries out).
 ///
@@ -59,53 +123,19 @@ pub fn is_punctuation(token: &str) -> bool {
 /// ```
 pub fn head_stats(maps: &Maps, rows: Option<&[bool]>) -> Vec<HeadStats> {
     let [layers, heads, nq, nk] = maps.shape();
-    let selfish = maps.is_self_attention();
-    let special: Vec<bool> = maps.k_tokens().iter().map(|t| is_special(t)).collect();
-    let punct: Vec<bool> = maps.k_tokens().iter().map(|t| is_punctuation(t)).collect();
+    let (special, punct) = token_classes(maps.k_tokens());
     let used: Vec<usize> = (0..nq)
         .filter(|&i| rows.is_none_or(|r| r.get(i) == Some(&true)))
         .collect();
-    let count = used.len().max(1) as f64;
     let mut out = Vec::with_capacity(layers * heads);
     for layer in 0..layers {
         for head in 0..heads {
             let m = maps.map(layer, head);
-            let (mut entropy, mut distance, mut sp, mut pu, mut max) = (0.0, 0.0, 0.0, 0.0, 0.0);
-            let mut nb = [0.0f64; 3];
+            let mut acc = Acc::default();
             for &i in &used {
-                let row = &m[i * nk..][..nk];
-                let mut row_max = 0.0f64;
-                for (j, &a) in row.iter().enumerate() {
-                    let a = a as f64;
-                    if a > 0.0 {
-                        entropy -= a * a.ln();
-                    }
-                    distance += a * (i as f64 - j as f64).abs();
-                    if special[j] {
-                        sp += a;
-                    }
-                    if punct[j] {
-                        pu += a;
-                    }
-                    row_max = row_max.max(a);
-                }
-                max += row_max;
-                for (k, slot) in nb.iter_mut().enumerate() {
-                    if let Some(j) = (i + k).checked_sub(1).filter(|&j| j < nk) {
-                        *slot += row[j] as f64;
-                    }
-                }
+                acc.add(i, &m[i * nk..][..nk], &special, &punct);
             }
-            out.push(HeadStats {
-                layer,
-                head,
-                entropy: entropy / count,
-                distance: selfish.then_some(distance / count),
-                special: sp / count,
-                punctuation: pu / count,
-                neighbours: selfish.then_some(nb.map(|x| x / count)),
-                max: max / count,
-            });
+            out.push(acc.finish(layer, head, maps.is_self_attention()));
         }
     }
     out

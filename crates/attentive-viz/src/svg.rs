@@ -56,7 +56,19 @@ pub struct Downsampled {
 
 /// `m` (`nq × nk`) in blocks of at most [`CELL_BUDGET`] a side.
 pub fn downsample(m: &[f32], nq: usize, nk: usize, q: &[String], k: &[String]) -> Downsampled {
-    let (bq, bk) = (nq.div_ceil(CELL_BUDGET), nk.div_ceil(CELL_BUDGET));
+    downsample_to(m, (nq, nk), q, k, CELL_BUDGET)
+}
+
+/// `m` (`nq × nk`) in blocks of at most `budget` a side.
+pub fn downsample_to(
+    m: &[f32],
+    (nq, nk): (usize, usize),
+    q: &[String],
+    k: &[String],
+    budget: usize,
+) -> Downsampled {
+    let budget = budget.max(1);
+    let (bq, bk) = (nq.div_ceil(budget), nk.div_ceil(budget));
     let (rows, cols) = (nq.div_ceil(bq), nk.div_ceil(bk));
     let (mut mean, mut max) = (vec![0.0f32; rows * cols], vec![0.0f32; rows * cols]);
     for i in 0..nq {
@@ -98,14 +110,22 @@ pub fn downsample(m: &[f32], nq: usize, nk: usize, q: &[String], k: &[String]) -
 /// A heatmap of `m` (`nq × nk`): rows are queries (labelled on the left), columns keys (labelled
 /// along the top), a colour scale from 0 to the map's largest value on the right, and `title`.
 /// Maps past [`CELL_BUDGET`] a side show their block means (said in the title).
-pub fn heatmap(
+pub fn heatmap(m: &[f32], dims: (usize, usize), q: &[String], k: &[String], title: &str) -> String {
+    heatmap_within(m, dims, q, k, title, CELL_BUDGET)
+}
+
+/// [`heatmap`] with at most `budget` cells a side. Up to 48 × 48 cells each cell is a
+/// rectangle with its value as a tooltip; past that the cells are drawn as one path per colour
+/// (32 shades), a tenth of the size.
+pub fn heatmap_within(
     m: &[f32],
     (nq, nk): (usize, usize),
     q: &[String],
     k: &[String],
     title: &str,
+    budget: usize,
 ) -> String {
-    let d = downsample(m, nq, nk, q, k);
+    let d = downsample_to(m, (nq, nk), q, k, budget);
     let title = if (d.rows, d.cols) == (nq, nk) {
         title.to_string()
     } else {
@@ -117,8 +137,15 @@ pub fn heatmap(
     };
     let vmax = d.mean.iter().copied().fold(0.0f32, f32::max);
     let cell = if d.rows.max(d.cols) > 48 { 6.0 } else { 22.0 };
-    let label_w = label_width(&d.row_labels, cell);
-    let label_h = label_width(&d.col_labels, cell);
+    // Labels are drawn only where cells are tall enough to hold them.
+    let (label_w, label_h) = if cell >= 10.0 {
+        (
+            label_width(&d.row_labels, cell),
+            label_width(&d.col_labels, cell),
+        )
+    } else {
+        (10.0, 0.0)
+    };
     let (x0, y0) = (label_w + 10.0, 40.0 + label_h);
     let (w, h) = (
         x0 + d.cols as f64 * cell + 90.0,
@@ -144,18 +171,43 @@ pub fn heatmap(
             escape(label)
         );
     }
-    for r in 0..d.rows {
-        for c in 0..d.cols {
-            let v = d.mean[r * d.cols + c];
-            let _ = write!(
-                s,
-                r#"<rect x="{:.1}" y="{:.1}" width="{cell}" height="{cell}" fill="{}"><title>{} → {}: {v:.4}</title></rect>"#,
-                x0 + c as f64 * cell,
-                y0 + r as f64 * cell,
-                colour(v, vmax),
-                escape(&d.row_labels[r]),
-                escape(&d.col_labels[c]),
-            );
+    if d.rows * d.cols <= 48 * 48 {
+        for r in 0..d.rows {
+            for c in 0..d.cols {
+                let v = d.mean[r * d.cols + c];
+                let _ = write!(
+                    s,
+                    r#"<rect x="{:.1}" y="{:.1}" width="{cell}" height="{cell}" fill="{}"><title>{} → {}: {v:.4}</title></rect>"#,
+                    x0 + c as f64 * cell,
+                    y0 + r as f64 * cell,
+                    colour(v, vmax),
+                    escape(&d.row_labels[r]),
+                    escape(&d.col_labels[c]),
+                );
+            }
+        }
+    } else {
+        // One path per shade: "M x y h w v w h -w z" for each cell of that shade.
+        const SHADES: usize = 32;
+        let mut paths = vec![String::new(); SHADES];
+        for r in 0..d.rows {
+            for c in 0..d.cols {
+                let v = d.mean[r * d.cols + c];
+                let t = if vmax > 0.0 { v / vmax } else { 0.0 };
+                let shade = ((t * SHADES as f32) as usize).min(SHADES - 1);
+                if shade > 0 {
+                    let _ = write!(
+                        paths[shade],
+                        "M{:.0} {:.0}h{cell}v{cell}h-{cell}z",
+                        x0 + c as f64 * cell,
+                        y0 + r as f64 * cell
+                    );
+                }
+            }
+        }
+        for (shade, p) in paths.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
+            let v = vmax * (shade as f32 + 0.5) / SHADES as f32;
+            let _ = write!(s, r#"<path d="{p}" fill="{}"/>"#, colour(v, vmax));
         }
     }
     let _ = write!(
@@ -262,12 +314,13 @@ pub fn bars(values: &[f32], tokens: &[String], title: &str) -> String {
     }
     let _ = write!(
         s,
-        r##"<line x1="{x0}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#444"/><text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end">{vmax:.3}</text><text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end">0</text>"##,
+        r##"<line x1="{x0}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#444"/><text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end">{}</text><text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end">0</text>"##,
         y0 + plot_h,
         w - 20.0,
         y0 + plot_h,
         x0 - 4.0,
         y0 + 4.0,
+        number(vmax),
         x0 - 4.0,
         y0 + plot_h
     );
@@ -276,13 +329,9 @@ pub fn bars(values: &[f32], tokens: &[String], title: &str) -> String {
 
 /// A small map for the model view: no labels, one cell a pixel or more.
 pub fn thumbnail(m: &[f32], (nq, nk): (usize, usize), size: f64) -> String {
-    let d = downsample(
-        m,
-        nq,
-        nk,
-        &vec![String::new(); nq],
-        &vec![String::new(); nk],
-    );
+    let blank = |n: usize| vec![String::new(); n];
+    // A cell per two pixels at most.
+    let d = downsample_to(m, (nq, nk), &blank(nq), &blank(nk), (size / 2.0) as usize);
     let vmax = d.mean.iter().copied().fold(0.0f32, f32::max);
     let (cw, ch) = (size / d.cols as f64, size / d.rows as f64);
     let mut s = format!(
@@ -336,12 +385,22 @@ fn scale(x: f64, y: f64, h: f64, vmax: f32) -> String {
     for (f, v) in [(0.0, vmax), (0.5, vmax / 2.0), (1.0, 0.0)] {
         let _ = write!(
             s,
-            r#"<text x="{:.1}" y="{:.1}" font-size="10" dominant-baseline="middle">{v:.3}</text>"#,
+            r#"<text x="{:.1}" y="{:.1}" font-size="10" dominant-baseline="middle">{}</text>"#,
             x + 18.0,
-            y + h * f
+            y + h * f,
+            number(v)
         );
     }
     s
+}
+
+/// A weight for a tick: three decimals, or three significant digits below 0.01.
+fn number(v: f32) -> String {
+    if v == 0.0 || v >= 0.01 {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.2e}")
+    }
 }
 
 /// Room for the longest label at a font that fits cells of `cell` pixels.
