@@ -11,7 +11,7 @@
 //! and each input token $j$, the maximum flow from $i$'s node in the last layer to $j$'s node in
 //! the input layer, normalised over $j$.
 //!
-//! Which row explains a sentence depends on the model: [CLS] (row 0) for a CLS-pooled model, the
+//! Which row explains a sentence depends on the model: `[CLS]` (row 0) for a CLS-pooled model, the
 //! mean of the non-padding rows for a mean-pooled one such as all-MiniLM-L6-v2 ([`Reading`]).
 
 use crate::error::{Result, VizError};
@@ -43,7 +43,7 @@ impl Fusion {
 /// Which row of a rollout (or flow) explains the model's output.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reading {
-    /// One position's row: 0 is [CLS] for a CLS-pooled model.
+    /// One position's row: 0 is `[CLS]` for a CLS-pooled model.
     Row(usize),
     /// The mean of the rows where the mask is true: the non-padding tokens of a mean-pooled model.
     MeanOf(Vec<bool>),

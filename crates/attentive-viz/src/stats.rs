@@ -4,7 +4,7 @@
 //! - the entropy of the row, $-\sum_j a_{ij} \ln a_{ij}$ in nats (0 for a head that looks at one
 //!   token, $\ln N_k$ for one that looks everywhere alike);
 //! - the attention distance $\sum_j a_{ij}\\,|i - j|$ (self-attention only);
-//! - the share of attention to special tokens ([CLS], [SEP], …) and to punctuation;
+//! - the share of attention to special tokens (`[CLS]`, `[SEP]`, …) and to punctuation;
 //! - the weight on the previous, the same and the next token (self-attention only);
 //! - the largest weight of the row.
 
