@@ -53,7 +53,7 @@ fn input(what: impl Into<String>, reason: impl ToString) -> CliError {
 /// A file this command writes (and may replace).
 fn ours(p: &Path) -> bool {
     p.extension()
-        .is_some_and(|x| x == "svg" || x == "html" || x == "json")
+        .is_some_and(|x| x == "svg" || x == "png" || x == "html" || x == "json")
 }
 
 pub fn viz(a: VizArgs) -> Result<(), CliError> {
@@ -95,11 +95,25 @@ pub fn viz(a: VizArgs) -> Result<(), CliError> {
             write(&dir.join(name), svg.as_bytes())?;
             names.push(name.clone());
         }
+        // Each view also as PNG at twice its size, rendered in parallel.
+        use rayon::prelude::*;
+        let pngs: Vec<(String, Vec<u8>)> = out
+            .svgs
+            .par_iter()
+            .map(|(name, svg)| {
+                let png = attentive_viz::png::png(svg, 2.0).map_err(|e| input(name.clone(), e))?;
+                Ok((name.replace(".svg", ".png"), png))
+            })
+            .collect::<Result<_, CliError>>()?;
+        for (name, png) in pngs {
+            write(&dir.join(&name), &png)?;
+            names.push(name);
+        }
         Ok(names)
     })?;
     let [l, h, nq, nk] = maps.shape();
     out!(
-        "{l} layers × {h} heads over {nq}×{nk} tokens → {} ({} files: index.html, attention.json, SVG views)",
+        "{l} layers × {h} heads over {nq}×{nk} tokens → {} ({} files: index.html, attention.json, each view as SVG and PNG)",
         a.out.display(),
         files.len()
     );

@@ -92,6 +92,10 @@ fn maps_from_a_file_give_every_view_and_number() {
         "rollout.svg",
     ] {
         assert!(d.join("out").join(f).is_file(), "no {f}");
+        if let Some(stem) = f.strip_suffix(".svg") {
+            let png = std::fs::read(d.join("out").join(format!("{stem}.png"))).unwrap();
+            assert!(png.starts_with(b"\x89PNG"), "{f} has no PNG beside it");
+        }
     }
     // Run again: the folder is the command's own, replaced whole.
     assert!(attentive(&["viz", "--maps", &m, "--tokens", &t, "--out", &out]).0);

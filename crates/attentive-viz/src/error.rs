@@ -33,6 +33,9 @@ pub enum VizError {
         method: &'static str,
         reason: String,
     },
+    /// A view that could not be rendered as PNG.
+    #[error("PNG: {0}")]
+    Render(String),
     /// Input that is empty where something is needed.
     #[error("{0}")]
     Empty(String),

@@ -10,6 +10,7 @@
 //! - [`stream`]: the same for long inputs, rows arriving block by block, without `L·H·N²`
 //!   weights in memory.
 //! - [`svg`]: heatmaps, the head view, bars and thumbnails, each a standalone SVG.
+//! - [`png`]: any view as PNG, rendered in Rust.
 //! - [`Report`]: all of it for one input: `index.html` (inline SVG, CSS and a small script, no
 //!   external URL), every view's SVG, and `attention.json` with every number shown.
 //!
@@ -26,6 +27,7 @@
 
 pub mod error;
 pub mod maps;
+pub mod png;
 pub mod report;
 pub mod rollout;
 pub mod stats;

@@ -241,8 +241,8 @@ pub fn head_view(
     title: &str,
 ) -> String {
     let row = 18.0;
-    let lw = label_width(q, row).max(40.0);
-    let rw = label_width(k, row).max(40.0);
+    let lw = label_width(q, row).max(40.0) + 10.0;
+    let rw = label_width(k, row).max(40.0) + 10.0;
     let (xl, xr) = (lw + 10.0, lw + 10.0 + 160.0);
     let h = 50.0 + nq.max(nk) as f64 * row + 10.0;
     let mut s = open(xr + rw + 20.0, h, title);

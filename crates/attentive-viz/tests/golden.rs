@@ -366,3 +366,29 @@ fn the_report_holds_every_number_and_names_no_url() {
         );
     }
 }
+
+#[test]
+fn views_render_as_png_with_an_opaque_background() {
+    let m = maps();
+    let svg = attentive_viz::svg::heatmap(m.map(0, 0), (N, N), m.q_tokens(), m.k_tokens(), "L0 H0");
+    let png = attentive_viz::png::png(&svg, 2.0).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+    // IHDR: width and height, twice the SVG's.
+    let w = u32::from_be_bytes(png[16..20].try_into().unwrap());
+    let h = u32::from_be_bytes(png[20..24].try_into().unwrap());
+    let sw: f64 = svg
+        .split("width=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(w, (2.0 * sw).round() as u32);
+    assert!(h > 100);
+    assert!(matches!(
+        attentive_viz::png::png("<svg", 1.0),
+        Err(VizError::Render(_))
+    ));
+}
