@@ -467,12 +467,14 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
             }
         ));
         for s in &shown {
-            let labels: Vec<&str> = s.phones.iter().map(|&p| phone_name(p)).collect();
-            let svg = heatmap_svg(&s.word, &labels, &s.align);
-            let file = dir.join(format!("{}.svg", sanitize(&s.word)));
-            std::fs::write(&file, &svg).map_err(|e| io(&file, e))?;
+            let (svg, head_view) = alignment_svgs(s);
+            let stem = sanitize(&s.word);
+            for (file, text) in [(format!("{stem}.svg"), &svg), (format!("{stem}-headview.svg"), &head_view)] {
+                let file = dir.join(file);
+                std::fs::write(&file, text).map_err(|e| io(&file, e))?;
+            }
             page.push_str(&format!(
-                "<section><h2>{}</h2><p class=\"note\">{}{}</p>{}{svg}</section>\n",
+                "<section><h2>{}</h2><p class=\"note\">{}{}</p>{}{svg}{head_view}</section>\n",
                 s.word,
                 s.split_note(),
                 if s.cut { "; cut at the decoder's length limit" } else { "" },
@@ -615,46 +617,31 @@ color:#a00;font-weight:bold}table.key td{padding:1px 8px;font-family:monospace}<
 <h1>Cross-attention alignments</h1><p>Each row is a phoneme the model wrote; each column a letter \
 it read. Darker cells carry more attention weight (last decoder layer, averaged over heads).</p>\n";
 
-/// A heatmap of `align` (rows: phonemes, columns: letters) as a self-contained SVG.
-pub fn heatmap_svg(word: &str, phones: &[&str], align: &[Vec<f32>]) -> String {
-    let letters: Vec<char> = word.chars().collect();
-    let (cell, left, top) = (28.0, 44.0, 28.0);
-    let (w, h) = (
-        left + cell * letters.len() as f64 + 8.0,
-        top + cell * phones.len() as f64 + 8.0,
-    );
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"monospace\" font-size=\"13\">"
-    );
-    for (c, l) in letters.iter().enumerate() {
-        let x = left + cell * c as f64 + cell / 2.0;
-        s.push_str(&format!(
-            "<text x=\"{x}\" y=\"{}\" text-anchor=\"middle\">{l}</text>",
-            top - 8.0
-        ));
-    }
-    for (r, p) in phones.iter().enumerate() {
-        let y = top + cell * r as f64;
-        s.push_str(&format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{p}</text>",
-            left - 6.0,
-            y + cell * 0.65
-        ));
-        for (c, &a) in align
-            .get(r)
-            .map(|v| v.as_slice())
-            .unwrap_or(&[])
-            .iter()
-            .enumerate()
-        {
-            let shade = (255.0 * (1.0 - a.clamp(0.0, 1.0))) as u8;
-            s.push_str(&format!(
-                "<rect x=\"{}\" y=\"{y}\" width=\"{cell}\" height=\"{cell}\" fill=\"rgb({shade},{shade},255)\" stroke=\"#ddd\"><title>{p} ← {}: {a:.3}</title></rect>",
-                left + cell * c as f64,
-                letters.get(c).copied().unwrap_or('?'),
-            ));
-        }
-    }
-    s.push_str("</svg>");
-    s
+/// A word's cross-attention alignment (rows: the phonemes written, columns: the letters read) as
+/// attentive-viz draws it: a heatmap, and the head view (letters on the right, each phoneme's
+/// lines to the letters it read).
+fn alignment_svgs(s: &Shown) -> (String, String) {
+    let phones: Vec<String> = s
+        .phones
+        .iter()
+        .map(|&p| phone_name(p).to_string())
+        .collect();
+    let letters: Vec<String> = s.word.chars().map(String::from).collect();
+    let (nq, nk) = (phones.len(), letters.len());
+    // Rows as decoded; a row shorter than the word (none is) is padded with zeros.
+    let flat: Vec<f32> = (0..nq)
+        .flat_map(|r| (0..nk).map(move |c| (r, c)))
+        .map(|(r, c)| {
+            s.align
+                .get(r)
+                .and_then(|row| row.get(c))
+                .copied()
+                .unwrap_or(0.0)
+        })
+        .collect();
+    let title = format!("{}: what each phoneme read", s.word);
+    (
+        attentive_viz::svg::heatmap(&flat, (nq, nk), &phones, &letters, &title),
+        attentive_viz::svg::head_view(&flat, (nq, nk), &phones, &letters, &title),
+    )
 }
