@@ -2,7 +2,8 @@
 //! bad input reported as an error with a non-zero exit code.
 
 use attentive::{reference, Causal, Options, View};
-use npyz::WriterBuilder;
+mod common;
+use common::write_npy as write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -10,19 +11,6 @@ fn dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("attentive-cli-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn write<T: npyz::AutoSerialize + Copy>(path: &Path, shape: &[u64], data: &[T]) {
-    let mut w = npyz::WriteOptions::<T>::new()
-        .default_dtype()
-        .shape(shape)
-        .writer(std::io::BufWriter::new(
-            std::fs::File::create(path).unwrap(),
-        ))
-        .begin_nd()
-        .unwrap();
-    w.extend(data.iter().copied()).unwrap();
-    w.finish().unwrap();
 }
 
 fn read(path: &Path) -> (Vec<u64>, Vec<f32>) {

