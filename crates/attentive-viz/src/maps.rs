@@ -52,7 +52,7 @@ impl Maps {
         q_tokens: Vec<String>,
         k_tokens: Vec<String>,
     ) -> Result<Self> {
-        let [l, h, nq, nk] = shape;
+        let [_, h, nq, nk] = shape;
         let shape_err = |reason: String| VizError::Shape { shape, reason };
         if shape.contains(&0) {
             return Err(shape_err("every dimension must be at least 1".into()));
@@ -90,7 +90,6 @@ impl Maps {
                 });
             }
         }
-        let _ = l;
         Ok(Self {
             data,
             shape,
