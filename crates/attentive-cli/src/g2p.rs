@@ -447,6 +447,13 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
     let cache = score_path(a.model.as_deref(), hash);
     let t_score = Instant::now();
     let (per, wer, cached) = test_score(&model, hash, cache.as_deref(), &test, a.rescore)?;
+    // Which heads matter (Michel et al.): |∂loss/∂gate| over the first held-out words.
+    let importance = model
+        .head_importance(&test[..test.len().min(IMPORTANCE_WORDS)])
+        .map_err(|e| CliError::Input {
+            what: "head importance".into(),
+            reason: e.to_string(),
+        })?;
     out!(
         "test set: {} held-out words, PER {per:.2}%, WER {wer:.2}% (greedy decoding; {}), {:.1} s in all",
         test.len(),
@@ -483,8 +490,9 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
         }
         page.push_str(&format!(
             "<p>Test set: {} held-out words, phoneme error rate {per:.2}%, word error rate {wer:.2}% \
-             (greedy decoding).</p>\n{}</body></html>\n",
+             (greedy decoding).</p>\n{}{}</body></html>\n",
             test.len(),
+            importance_html(&importance, test.len().min(IMPORTANCE_WORDS)),
             arpabet_key()
         ));
         let html = dir.join("index.html");
@@ -504,6 +512,9 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
             "decoding": if a.beam > 1 { serde_json::json!({"mode": "beam", "width": a.beam}) }
                         else { serde_json::json!({"mode": "greedy"}) },
             "seconds": t0.elapsed().as_secs_f64(),
+            "head_importance": importance.iter().map(|(m, layers)| serde_json::json!({
+                "module": m, "layers": layers,
+            })).collect::<Vec<_>>(),
             "transcriptions": shown.iter().map(|s| serde_json::json!({
                 "word": s.word,
                 "phones": names(&s.phones),
@@ -545,6 +556,38 @@ fn comparison_html(s: &Shown) -> String {
 
 /// The 39 ARPAbet phonemes of the CMU Pronouncing Dictionary, each with an example word (the
 /// dictionary's own key).
+/// Held-out words the head importances are averaged over.
+const IMPORTANCE_WORDS: usize = 200;
+
+/// The head importances as a table per attention module: a row per layer, a column per head.
+fn importance_html(importance: &[(&str, Vec<Vec<f32>>)], words: usize) -> String {
+    let mut s = format!(
+        "<h2>Which heads matter</h2><p class=\"note\">Head importance (Michel et al., 2019): the mean \
+         over {words} held-out words of |∂loss/∂ξ<sub>h</sub>| for a gate ξ<sub>h</sub> on each \
+         head's output, each layer's values divided by their norm. Darker: the loss depends more \
+         on that head.</p>"
+    );
+    for (module, layers) in importance {
+        s += &format!("<table class=\"cmp\"><tr><th>{module}</th>");
+        for h in 0..layers.first().map_or(0, Vec::len) {
+            s += &format!("<th>head {h}</th>");
+        }
+        s += "</tr>";
+        for (l, heads) in layers.iter().enumerate() {
+            s += &format!("<tr><th>layer {l}</th>");
+            for &x in heads {
+                s += &format!(
+                    "<td style=\"background:{}\">{x:.2}</td>",
+                    attentive_viz::svg::colour(x * 0.6, 1.0)
+                );
+            }
+            s += "</tr>";
+        }
+        s += "</table>";
+    }
+    s
+}
+
 fn arpabet_key() -> String {
     const KEY: [(&str, &str, &str); 39] = [
         ("AA", "odd", "AA D"),

@@ -38,6 +38,24 @@ fn demo_reproduces_the_recorded_test_score_and_writes_alignments() {
     let (ok, stdout, stderr) = run(&["demo", "--json", "--out", o, "attention", "cat"]);
     assert!(ok, "{stderr}");
     let j = last_json(&stdout);
+    // Head importance of every attention module: 3 layers × 4 heads, each layer of unit norm.
+    let modules = j["head_importance"].as_array().unwrap();
+    assert_eq!(modules.len(), 3);
+    for m in modules {
+        for layer in m["layers"].as_array().unwrap() {
+            let v: Vec<f64> = layer
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            assert_eq!(v.len(), 4);
+            assert!(
+                (v.iter().map(|x| x * x).sum::<f64>().sqrt() - 1.0).abs() < 1e-5,
+                "{m}"
+            );
+        }
+    }
     let rec: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/model/g2p/eval.json"))
             .unwrap(),

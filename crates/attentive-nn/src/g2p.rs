@@ -177,6 +177,26 @@ pub fn default_config() -> Config {
     }
 }
 
+/// Teacher forcing: decoder inputs `BOS y₁ … y_n` (`[B, Nt]`), targets `y₁ … y_n EOS`
+/// (`[B·Nt]`) and each target position's weight (1, or 0 for padding).
+fn target_batch(tgts: &[&[u32]], dev: &Device) -> Result<(Tensor, Tensor, Vec<f32>)> {
+    let nt = tgts.iter().map(|t| t.len() + 1).max().unwrap_or(1);
+    let b = tgts.len();
+    let (mut tin, mut tout, mut w) = (vec![PAD; b * nt], vec![PAD; b * nt], vec![0f32; b * nt]);
+    for (r, t) in tgts.iter().enumerate() {
+        tin[r * nt] = BOS;
+        tin[r * nt + 1..r * nt + 1 + t.len()].copy_from_slice(t);
+        tout[r * nt..r * nt + t.len()].copy_from_slice(t);
+        tout[r * nt + t.len()] = EOS;
+        w[r * nt..r * nt + t.len() + 1].fill(1.0);
+    }
+    Ok((
+        Tensor::from_vec(tin, (b, nt), dev)?,
+        Tensor::from_vec(tout, b * nt, dev)?,
+        w,
+    ))
+}
+
 /// Sources `[B, Ns]` padded with [`PAD`] and their mask (`B × Ns`).
 fn source_batch(words: &[&[u32]], dev: &Device) -> Result<(Tensor, Vec<bool>)> {
     let n = words.iter().map(|w| w.len()).max().unwrap_or(0).max(1);
@@ -323,6 +343,74 @@ impl G2p {
             .collect())
     }
 
+    /// Head importance (Michel et al., 2019) over `entries`: a gate $\xi_h = 1$ on each head's
+    /// output, $I_h = \frac1{|E|}\sum_{e \in E} |\partial L_e / \partial \xi_h|$ with $L_e$ the
+    /// cross-entropy of the dictionary's (first) pronunciation of word $e$ under teacher forcing, then each
+    /// layer's importances divided by their ℓ2 norm. Returns, per attention module (encoder
+    /// self-attention, decoder self-attention, decoder cross-attention), `[layers][heads]`.
+    pub fn head_importance(&self, entries: &[Entry]) -> Result<Vec<(&'static str, Vec<Vec<f32>>)>> {
+        let dev = Device::Cpu;
+        let heads = self.model.config.heads;
+        let mut model = self.model.clone();
+        let mut gates = Vec::new();
+        let mut gate = |m: &mut crate::mha::MultiHeadAttention| -> Result<()> {
+            let v = candle_core::Var::ones(heads, candle_core::DType::F32, &dev)?;
+            m.gates = Some(v.as_tensor().clone());
+            gates.push(v);
+            Ok(())
+        };
+        for l in &mut model.enc {
+            gate(&mut l.attn)?;
+        }
+        for l in &mut model.dec {
+            gate(&mut l.self_attn)?;
+        }
+        for l in &mut model.dec {
+            gate(&mut l.cross)?;
+        }
+        let mut sums = vec![0.0f64; gates.len() * heads];
+        let mut count = 0usize;
+        for e in entries {
+            let (Some(src), Some(phones)) = (encode_word(&e.word), e.prons.first()) else {
+                continue;
+            };
+            let (src, mask) = source_batch(&[&src], &dev)?;
+            let (tin, tout, w) = target_batch(&[phones], &dev)?;
+            let wt = Tensor::from_vec(w, tout.dims1()?, &dev)?;
+            let mem = model.encode(&src, &mask, Mode::EVAL)?;
+            let logits = model.decode(&tin, &mem, &mask, None, Mode::EVAL)?;
+            let logits = logits.reshape((tout.dims1()?, self.model.config.tgt_vocab))?;
+            let grads = smoothed_cross_entropy(&logits, &tout, &wt, 0.0)?.backward()?;
+            for (g, v) in gates.iter().enumerate() {
+                if let Some(d) = grads.get(v.as_tensor()) {
+                    for (h, x) in d.to_vec1::<f32>()?.into_iter().enumerate() {
+                        sums[g * heads + h] += x.abs() as f64;
+                    }
+                }
+            }
+            count += 1;
+        }
+        let layer = |g: usize| -> Vec<f32> {
+            let row: Vec<f64> = sums[g * heads..(g + 1) * heads]
+                .iter()
+                .map(|s| s / count.max(1) as f64)
+                .collect();
+            let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt();
+            row.iter()
+                .map(|x| if norm > 0.0 { (x / norm) as f32 } else { 0.0 })
+                .collect()
+        };
+        let (ne, nd) = (self.model.enc.len(), self.model.dec.len());
+        Ok(vec![
+            ("encoder self-attention", (0..ne).map(layer).collect()),
+            ("decoder self-attention", (ne..ne + nd).map(layer).collect()),
+            (
+                "decoder cross-attention",
+                (ne + nd..ne + 2 * nd).map(layer).collect(),
+            ),
+        ])
+    }
+
     /// Greedy PER and WER (%) over entries, decoding `batch` words at a time.
     pub fn evaluate(&self, entries: &[Entry], batch: usize) -> Result<(f64, f64, Vec<Vec<u32>>)> {
         let codes: Vec<Vec<u32>> = entries
@@ -464,19 +552,9 @@ pub fn train(
             let batch = &examples[a..e];
             let srcs: Vec<&[u32]> = batch.iter().map(|x| x.src.as_slice()).collect();
             let (src, mask) = source_batch(&srcs, &dev)?;
-            let nt = batch.iter().map(|x| x.tgt.len() + 1).max().unwrap_or(1);
-            let b = batch.len();
-            let (mut tin, mut tout, mut w) =
-                (vec![PAD; b * nt], vec![PAD; b * nt], vec![0f32; b * nt]);
-            for (r, x) in batch.iter().enumerate() {
-                tin[r * nt] = BOS;
-                tin[r * nt + 1..r * nt + 1 + x.tgt.len()].copy_from_slice(&x.tgt);
-                tout[r * nt..r * nt + x.tgt.len()].copy_from_slice(&x.tgt);
-                tout[r * nt + x.tgt.len()] = EOS;
-                w[r * nt..r * nt + x.tgt.len() + 1].fill(1.0);
-            }
-            let tin = Tensor::from_vec(tin, (b, nt), &dev)?;
-            let tout = Tensor::from_vec(tout, b * nt, &dev)?;
+            let tgts: Vec<&[u32]> = batch.iter().map(|x| x.tgt.as_slice()).collect();
+            let (tin, tout, w) = target_batch(&tgts, &dev)?;
+            let (b, nt) = tin.dims2()?;
             let wt = Tensor::from_vec(w.clone(), b * nt, &dev)?;
             let mode = Mode {
                 train: Some(&g2p.params),
@@ -514,4 +592,87 @@ pub fn train(
         }
     }
     Ok(g2p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Head importance against finite differences of the loss in each gate, on a tiny random
+    /// model: the same normalised |∂L/∂ξ_h| per layer, for every module, layer and head.
+    #[test]
+    fn head_importance_equals_finite_differences() {
+        let config = Config {
+            d_model: 16,
+            heads: 2,
+            kv_heads: 2,
+            ff: 32,
+            enc_layers: 1,
+            dec_layers: 2,
+            dropout: 0.0,
+            ..default_config()
+        };
+        let g = G2p::new(&config, 7).unwrap();
+        let word = "cat";
+        let phones: Vec<u32> = ["K", "AE", "T"]
+            .iter()
+            .map(|p| phone_id(p).unwrap())
+            .collect();
+        let entries = [Entry {
+            word: word.into(),
+            prons: vec![phones.clone()],
+        }];
+        let got = g.head_importance(&entries).unwrap();
+        let dev = Device::Cpu;
+        let loss = |model: &Seq2Seq| -> f64 {
+            let (src, mask) = source_batch(&[&encode_word(word).unwrap()], &dev).unwrap();
+            let (tin, tout, w) = target_batch(&[&phones], &dev).unwrap();
+            let wt = Tensor::from_vec(w, tout.dims1().unwrap(), &dev).unwrap();
+            let mem = model.encode(&src, &mask, Mode::EVAL).unwrap();
+            let logits = model.decode(&tin, &mem, &mask, None, Mode::EVAL).unwrap();
+            let logits = logits
+                .reshape((tout.dims1().unwrap(), config.tgt_vocab))
+                .unwrap();
+            smoothed_cross_entropy(&logits, &tout, &wt, 0.0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        // Central differences, Richardson-extrapolated: (4·D(ε/2) − D(ε))/3 is off by O(ε⁴),
+        // where D(ε) alone is off by O(ε²) (a gate scales a whole head: the loss bends); ε small
+        // enough that the steps cross few of the feed-forward ReLU's kinks.
+        let eps = 1e-2f32;
+        for (module, layers) in &got {
+            for (l, heads) in layers.iter().enumerate() {
+                let raw: Vec<f64> = (0..config.heads)
+                    .map(|h| {
+                        let at = |x: f32| {
+                            let mut m = g.model.clone();
+                            let mut gv = vec![1.0f32; config.heads];
+                            gv[h] = x;
+                            let t = Some(Tensor::new(gv.as_slice(), &dev).unwrap());
+                            match *module {
+                                "encoder self-attention" => m.enc[l].attn.gates = t,
+                                "decoder self-attention" => m.dec[l].self_attn.gates = t,
+                                _ => m.dec[l].cross.gates = t,
+                            }
+                            loss(&m)
+                        };
+                        let d = |e: f32| (at(1.0 + e) - at(1.0 - e)) / (2.0 * e as f64);
+                        ((4.0 * d(eps / 2.0) - d(eps)) / 3.0).abs()
+                    })
+                    .collect();
+                let norm = raw.iter().map(|x| x * x).sum::<f64>().sqrt();
+                for (h, (&got, want)) in heads.iter().zip(raw.iter().map(|x| x / norm)).enumerate()
+                {
+                    assert!(
+                        (got as f64 - want).abs() < 5e-3,
+                        "{module} layer {l} head {h}: {got} vs finite differences {want}"
+                    );
+                }
+            }
+        }
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[2].1.len(), 2, "two decoder layers of cross-attention");
+    }
 }

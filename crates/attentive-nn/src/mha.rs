@@ -122,6 +122,10 @@ pub struct MultiHeadAttention {
     pub dropout: f32,
     /// Runs candle's unfused composition instead of the fused kernel (for comparisons).
     pub unfused: bool,
+    /// Head gates $\xi_h$ (`[Hq]`) that scale each head's output before the output projection:
+    /// set them to a variable of ones and $\partial L / \partial \xi_h$ is head $h$'s importance
+    /// (Michel et al., 2019). `None`: no gates.
+    pub gates: Option<Tensor>,
     alibi: Vec<f32>,
 }
 
@@ -156,6 +160,7 @@ impl MultiHeadAttention {
             positions,
             dropout: 0.0,
             unfused: false,
+            gates: None,
             alibi: attentive::positional::alibi_slopes(heads),
         })
     }
@@ -266,6 +271,10 @@ impl MultiHeadAttention {
         } else {
             attention(&q, &k, &v, &cfg)?
         }; //                                                      [B, Hq, Nq, dh]
+        let o = match &self.gates {
+            Some(g) => o.broadcast_mul(&g.reshape((1, self.heads, 1, 1))?)?,
+            None => o,
+        };
         let o = o
             .transpose(1, 2)?
             .reshape((b, nq, self.heads * self.head_dim))?;
