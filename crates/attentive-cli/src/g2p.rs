@@ -130,11 +130,9 @@ pub fn train(a: TrainArgs) -> Result<(), CliError> {
         // The test-set score of this checkpoint, recorded beside it for `demo` to reproduce,
         // and cached where `demo` looks for it.
         let test = g2p::load(Split::Test);
-        let (per, wer) = evaluate(&model, &test)?;
         let (_, hash) = load_model(Some(dir))?;
-        if let Some(p) = score_path(Some(dir), hash) {
-            cache_score(&p, hash, per, wer, test.len());
-        }
+        let path = score_path(Some(dir), hash);
+        let Scored { per, wer, .. } = test_score(&model, hash, path.as_deref(), &test, true)?;
         let record = serde_json::json!({
             "per": per,
             "wer": wer,
@@ -219,7 +217,7 @@ fn test_score(
     path: Option<&Path>,
     test: &[Entry],
     rescore: bool,
-) -> Result<(f64, f64, bool), CliError> {
+) -> Result<Scored, CliError> {
     let key = format!("{hash:016x}");
     if let Some(j) = path
         .filter(|_| !rescore)
@@ -227,23 +225,57 @@ fn test_score(
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .filter(|j| j["checkpoint"] == key.as_str() && j["test_words"] == test.len())
     {
-        if let (Some(per), Some(wer)) = (j["per"].as_f64(), j["wer"].as_f64()) {
-            return Ok((per, wer, true));
+        let importance =
+            serde_json::from_value::<Vec<(String, Vec<Vec<f32>>)>>(j["head_importance"].clone());
+        if let (Some(per), Some(wer), Ok(importance)) =
+            (j["per"].as_f64(), j["wer"].as_f64(), importance)
+        {
+            return Ok(Scored {
+                per,
+                wer,
+                importance,
+                cached: true,
+            });
         }
     }
     let (per, wer) = evaluate(model, test)?;
+    // Which heads matter (Michel et al.): |∂loss/∂gate| over the first held-out words.
+    let importance = model
+        .head_importance(&test[..test.len().min(IMPORTANCE_WORDS)])
+        .map_err(|e| CliError::Input {
+            what: "head importance".into(),
+            reason: e.to_string(),
+        })?
+        .into_iter()
+        .map(|(m, layers)| (m.to_string(), layers))
+        .collect();
+    let scored = Scored {
+        per,
+        wer,
+        importance,
+        cached: false,
+    };
     if let Some(p) = path {
-        cache_score(p, hash, per, wer, test.len());
+        cache_score(p, hash, &scored, test.len());
     }
-    Ok((per, wer, false))
+    Ok(scored)
+}
+
+/// A checkpoint's greedy test score and head importances, and whether they came from the cache.
+struct Scored {
+    per: f64,
+    wer: f64,
+    /// Per attention module, `[layers][heads]`.
+    importance: Vec<(String, Vec<Vec<f32>>)>,
+    cached: bool,
 }
 
 /// Records a checkpoint's greedy test score where [`test_score`] looks for it. A cache that
 /// cannot be written (a read-only directory) only costs the next call the scoring time.
-fn cache_score(path: &Path, hash: u64, per: f64, wer: f64, words: usize) {
+fn cache_score(path: &Path, hash: u64, s: &Scored, words: usize) {
     let record = serde_json::json!({
-        "checkpoint": format!("{hash:016x}"), "per": per, "wer": wer, "test_words": words,
-        "decoding": "greedy",
+        "checkpoint": format!("{hash:016x}"), "per": s.per, "wer": s.wer, "test_words": words,
+        "decoding": "greedy", "head_importance": s.importance,
     });
     let _ = path
         .parent()
@@ -446,14 +478,12 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
     out!("decoding: {decoding}; [X] marks a phoneme that differs from the dictionary's");
     let cache = score_path(a.model.as_deref(), hash);
     let t_score = Instant::now();
-    let (per, wer, cached) = test_score(&model, hash, cache.as_deref(), &test, a.rescore)?;
-    // Which heads matter (Michel et al.): |∂loss/∂gate| over the first held-out words.
-    let importance = model
-        .head_importance(&test[..test.len().min(IMPORTANCE_WORDS)])
-        .map_err(|e| CliError::Input {
-            what: "head importance".into(),
-            reason: e.to_string(),
-        })?;
+    let Scored {
+        per,
+        wer,
+        importance,
+        cached,
+    } = test_score(&model, hash, cache.as_deref(), &test, a.rescore)?;
     out!(
         "test set: {} held-out words, PER {per:.2}%, WER {wer:.2}% (greedy decoding; {}), {:.1} s in all",
         test.len(),
@@ -560,7 +590,7 @@ fn comparison_html(s: &Shown) -> String {
 const IMPORTANCE_WORDS: usize = 200;
 
 /// The head importances as a table per attention module: a row per layer, a column per head.
-fn importance_html(importance: &[(&str, Vec<Vec<f32>>)], words: usize) -> String {
+fn importance_html(importance: &[(String, Vec<Vec<f32>>)], words: usize) -> String {
     let mut s = format!(
         "<h2>Which heads matter</h2><p class=\"note\">Head importance (Michel et al., 2019): the mean \
          over {words} held-out words of |∂loss/∂ξ<sub>h</sub>| for a gate ξ<sub>h</sub> on each \

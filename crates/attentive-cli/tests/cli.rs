@@ -429,6 +429,9 @@ fn a_closed_output_pipe_ends_each_subcommand_quietly() {
     let s = |p: &str| d.join(p).to_str().unwrap().to_string();
     let (qp, kp, vp, op, demo) = (s("q.npy"), s("k.npy"), s("v.npy"), s("o.npy"), s("demo"));
     let train_out = s("model");
+    write(&d.join("maps.npy"), &[1, 1, 3, 3], &[1.0f32 / 3.0; 9]);
+    std::fs::write(d.join("tokens.txt"), "a\nb\nc\n").unwrap();
+    let (maps, tokens, viz) = (s("maps.npy"), s("tokens.txt"), s("viz"));
     let commands: Vec<Vec<&str>> = vec![
         vec!["--help"],
         vec!["--version"],
@@ -451,6 +454,9 @@ fn a_closed_output_pipe_ends_each_subcommand_quietly() {
         vec!["demo", "--list-test-words"],
         vec!["demo", "--out", &demo, "--json"],
         vec!["train", "g2p", "--minutes", "0.02", "--out", &train_out],
+        vec![
+            "viz", "--maps", &maps, "--tokens", &tokens, "--out", &viz, "--json",
+        ],
     ];
     for args in &commands {
         for early in [true, false] {
