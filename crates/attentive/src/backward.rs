@@ -123,6 +123,58 @@ pub fn backward(
     backward_rule_params(q, k, v, o, lse, d_o, opts, dq, dk, dv, &mut [])
 }
 
+/// [`backward`], and also the gradient-weighted weights $P_{ij}\,\partial L/\partial P_{ij}$ of
+/// every pair, written into `weight_grads` (`[B, Hq, Nq, Nk]`, row-major; 0 where a key is not
+/// visible). $P$ is the softmax output before dropout and $\partial L/\partial P_{ij} =
+/// Z_{ij}\, dO_i\cdot v_j$, so this is the $\nabla A\odot A$ of gradient-weighted relevance
+/// (Chefer et al., 2021): the kernel forms both factors tile by tile anyway, and this costs one
+/// store per visible pair.
+///
+/// ```
+/// use attentive::{backward_weighted, forward, Options, View, ViewMut};
+/// let shape = [1, 1, 2, 2];
+/// let q = [1.0f32, 0.0, 0.0, 1.0];
+/// let v = [1.0f32, 0.0, 0.0, 0.0];
+/// let qv = View::contiguous(&q, &shape).unwrap();
+/// let vv = View::contiguous(&v, &shape).unwrap();
+/// let (mut o, mut lse) = (vec![0.0; 4], vec![0.0; 2]);
+/// let opts = Options::new();
+/// forward(qv, qv, vv, &opts, &mut ViewMut::contiguous(&mut o, shape).unwrap(), Some(&mut lse)).unwrap();
+/// // L = Σ O[:, 0]: ∂L/∂P_ij = v_j[0], so only key 0 gets a share, P_i0 itself.
+/// let d_o = [1.0f32, 0.0, 1.0, 0.0];
+/// let (mut dq, mut dk, mut dv, mut pdp) = (vec![0.0; 4], vec![0.0; 4], vec![0.0; 4], vec![0.0; 4]);
+/// backward_weighted(qv, qv, vv, View::contiguous(&o, &shape).unwrap(), &lse,
+///     View::contiguous(&d_o, &shape).unwrap(), &opts,
+///     &mut ViewMut::contiguous(&mut dq, shape).unwrap(),
+///     &mut ViewMut::contiguous(&mut dk, shape).unwrap(),
+///     &mut ViewMut::contiguous(&mut dv, shape).unwrap(), &mut pdp).unwrap();
+/// assert_eq!((pdp[1], pdp[3]), (0.0, 0.0));
+/// assert!((pdp[0] - o[0]).abs() < 1e-6 && (pdp[2] - o[2]).abs() < 1e-6);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn backward_weighted(
+    q: View,
+    k: View,
+    v: View,
+    o: View,
+    lse: &[f32],
+    d_o: View,
+    opts: &Options,
+    dq: &mut ViewMut,
+    dk: &mut ViewMut,
+    dv: &mut ViewMut,
+    weight_grads: &mut [f32],
+) -> Result<()> {
+    let p = Problem::new(q, k, v, opts)?;
+    crate::problem::expect_shape("o", o.shape(), [p.b, p.hq, p.nq, p.dv])?;
+    crate::problem::expect_shape("d_o", d_o.shape(), [p.b, p.hq, p.nq, p.dv])?;
+    crate::problem::expect_len("weight_grads", weight_grads.len(), p.b * p.hq * p.nq * p.nk)?;
+    weight_grads.fill(0.0);
+    let delta = deltas(&p, o, d_o);
+    let sink = RawSlice::new(weight_grads);
+    run_with(&p, lse, &delta, d_o, (dq, dk, dv), &mut [], Some(sink))
+}
+
 /// [`backward`], and also the gradient of the score rule's learnable parameters (a T5 bias
 /// table, say), written into `d_params` ([`ScoreRule::params`](crate::ScoreRule::params) long):
 /// $\partial L/\partial\theta = \sum_{b,h,i,j} \partial L/\partial x_{bhij}\\;
@@ -186,6 +238,20 @@ pub(crate) fn run(
     dv: &mut ViewMut,
     d_params: &mut [f32],
 ) -> Result<()> {
+    run_with(p, lse, delta, d_o, (dq, dk, dv), d_params, None)
+}
+
+/// [`run`], also writing $P\circ dP$ of every visible pair into `weight_grads` when given
+/// (`[B, Hq, Nq, Nk]`, zeroed by the caller).
+fn run_with(
+    p: &Problem,
+    lse: &[f32],
+    delta: &[f32],
+    d_o: View,
+    (dq, dk, dv): (&mut ViewMut, &mut ViewMut, &mut ViewMut),
+    d_params: &mut [f32],
+    weight_grads: Option<RawSlice>,
+) -> Result<()> {
     let n_params = if d_params.is_empty() {
         0
     } else {
@@ -229,6 +295,7 @@ pub(crate) fn run(
                     d_rule,
                     scr,
                     (dk_out, dv_out),
+                    weight_grads.as_ref(),
                 );
             }
         },
@@ -274,6 +341,7 @@ fn key_tile(
     d_rule: &mut [f32],
     scr: &mut Scratch,
     (dk_out, dv_out): (RawOut, RawOut),
+    weight_grads: Option<&RawSlice>,
 ) {
     let (d, dv, nq, kern) = (p.d, p.dv, p.nq, p.kern);
     let w = BC.min(p.nk - j0);
@@ -404,6 +472,16 @@ fn key_tile(
                 }
                 let di = delta[bh * nq + i0 + r];
                 let pr = &scr.s[r * BC..r * BC + w];
+                if let Some(sink) = weight_grads {
+                    // P∘(dP∘Z)                                         // (w,)
+                    let row = &mut scr.part[..w];
+                    let z = p.dropout.map(|_| &scr.z[r * BC..r * BC + w]);
+                    for c in 0..w {
+                        row[c] = pr[c] * z.map_or(ds[c], |z| ds[c] * z[c]);
+                    }
+                    // SAFETY: pairs (b, h, i, j0..j0 + w) of key tile j0 belong to this task.
+                    unsafe { sink.write((bh * nq + i0 + r) * p.nk + j0, row) };
+                }
                 let sc = p.scale;
                 if p.dropout.is_some() || !d_rule.is_empty() {
                     let z = p.dropout.map(|_| &scr.z[r * BC..r * BC + w]);

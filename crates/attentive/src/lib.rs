@@ -16,6 +16,7 @@
 //!   per clipped distance), forward and backward on the fused kernel.
 //!
 //! * [`forward`] — output and log-sum-exp; [`backward`] — dQ, dK, dV from them;
+//!   [`backward_weighted`] — those and $P\circ\partial L/\partial P$ per pair, for relevance;
 //!   [`probabilities`] — the weights themselves, when you want to look.
 //! * [`merge`] — combine attention computed over disjoint key sets (decode splits, ring attention).
 //! * [`reference`](mod@reference) — the naive oracle of every option, in f64 or f32, to test against.
@@ -57,7 +58,7 @@ mod simd;
 mod view;
 mod workspace;
 
-pub use backward::{backward, backward_rule_params};
+pub use backward::{backward, backward_rule_params, backward_weighted};
 pub use blocks::{BlockCounts, BlockMask};
 pub use dense::matmul;
 pub use dropout::Dropout;

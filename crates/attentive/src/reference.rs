@@ -108,6 +108,8 @@ pub struct Grads<T> {
     pub dv: Vec<T>,
     /// Gradient of the score rule's parameters ([`ScoreRule::params`] of them).
     pub d_params: Vec<T>,
+    /// $P_{ij}\, dP_{ij}$ of every pair, `[B, Hq, Nq, Nk]` (P before dropout).
+    pub weight_grads: Vec<T>,
 }
 
 /// Index into a view broadcast to the full shape: size-1 dimensions are read at 0.
@@ -327,6 +329,7 @@ fn backward_impl<T: Real>(
     let mut dvv = vec![T::ZERO; b * hkv * nk * dv];
     let rule = opts.score_rule;
     let mut d_params = vec![T::ZERO; rule.map_or(0, |r| r.params())];
+    let mut weight_grads = vec![T::ZERO; b * hq * nq * nk];
     let f = T::from_f32;
     for bi in 0..b {
         for h in 0..hq {
@@ -350,6 +353,7 @@ fn backward_impl<T: Real>(
                     if p[j] == T::ZERO {
                         continue;
                     }
+                    weight_grads[row * nk + j] = p[j] * dp[j];
                     let dx = p[j] * (dp[j] - di);
                     if let Some(r) = rule.filter(|r| r.params() > 0) {
                         let at = Pos { b: bi, h, i, j };
@@ -376,6 +380,7 @@ fn backward_impl<T: Real>(
         dk,
         dv: dvv,
         d_params,
+        weight_grads,
     })
 }
 

@@ -684,6 +684,35 @@ pub fn check_case(c: &Case, grads: bool) -> Result<(), String> {
         check_rule("dQ", &dq.row_major(), &g32.dq, &g64.dq, 3.0).map_err(at)?;
         check_rule("dK", &dk.row_major(), &g32.dk, &g64.dk, 3.0).map_err(at)?;
         check_rule("dV", &dv.row_major(), &g32.dv, &g64.dv, 3.0).map_err(at)?;
+        // The same backward writing P∘dP too: the gradients keep their bits, and P∘dP of every
+        // pair meets the oracle's.
+        let mut dq2 = OutBuf::new([c.b, c.hq, c.nq, c.d], c.layout);
+        let mut dk2 = OutBuf::new([c.b, c.hkv, c.nk, c.d], c.layout);
+        let mut dv2 = OutBuf::new([c.b, c.hkv, c.nk, c.dv], c.layout);
+        let mut pdp = vec![f32::NAN; c.b * c.hq * c.nq * c.nk];
+        attentive::backward_weighted(
+            q,
+            k,
+            v,
+            o_view,
+            &lse,
+            d_o,
+            &opts,
+            &mut dq2.view(),
+            &mut dk2.view(),
+            &mut dv2.view(),
+            &mut pdp,
+        )
+        .map_err(s)?;
+        let same =
+            |a: Vec<f32>, b: Vec<f32>| a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+        if !same(dq.row_major(), dq2.row_major())
+            || !same(dk.row_major(), dk2.row_major())
+            || !same(dv.row_major(), dv2.row_major())
+        {
+            return Err(at("backward_weighted changed dQ, dK or dV".into()));
+        }
+        check_rule("P∘dP", &pdp, &g32.weight_grads, &g64.weight_grads, 3.0).map_err(at)?;
     }
     Ok(())
 }
