@@ -16,6 +16,9 @@ use candle_core::{DType, Device, Tensor, D};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+mod backward;
+pub use backward::WeightGrads;
+
 /// The fields of a HuggingFace `config.json` that a BERT encoder needs.
 #[derive(Clone, Debug, serde::Deserialize)]
 pub struct BertConfig {
@@ -58,10 +61,23 @@ enum Act {
     Relu,
 }
 
+impl Act {
+    /// The activation, in place.
+    fn apply(self, block: &mut [f32]) {
+        match self {
+            Act::GeluErf => attentive::dense::gelu_erf(block),
+            Act::GeluTanh => block.iter_mut().for_each(|y| *y = gelu_tanh(*y)),
+            Act::Relu => block.iter_mut().for_each(|y| *y = y.max(0.0)),
+        }
+    }
+}
+
 struct Linear {
     /// `Wᵀ` (`[in, out]`; HF stores `W` as `[out, in]`), packed once at load for the products.
     wt: attentive::dense::Packed,
     b: Vec<f32>,
+    /// `W` packed, for the backward pass; made on its first use.
+    w: std::sync::OnceLock<attentive::dense::Packed>,
 }
 
 impl Linear {
@@ -246,6 +262,7 @@ impl Weights {
         Ok(Linear {
             wt: attentive::dense::Packed::new(&wt, (d_in, width)).map_err(engine)?,
             b: parts.into_iter().flat_map(|(_, b)| b).collect(),
+            w: Default::default(),
         })
     }
 
@@ -383,35 +400,8 @@ impl Bert {
         attentions: bool,
         times: Option<&mut StepTimes>,
     ) -> Result<BertOutput> {
+        let types = self.check_input(ids, mask, types, n)?;
         let c = &self.config;
-        if n == 0 || ids.is_empty() || !ids.len().is_multiple_of(n) || mask.len() != ids.len() {
-            return Err(ModelError::Input(format!(
-                "{} ids and {} mask entries do not make rows of {n} tokens",
-                ids.len(),
-                mask.len()
-            )));
-        }
-        if n > c.max_position_embeddings {
-            return Err(ModelError::Input(format!(
-                "{n} tokens exceed the model's {} positions",
-                c.max_position_embeddings
-            )));
-        }
-        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(ModelError::Input(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                c.vocab_size
-            )));
-        }
-        let zeros = vec![0u32; ids.len()];
-        let types = types.unwrap_or(&zeros);
-        if types.len() != ids.len() || types.iter().any(|&t| t as usize >= c.type_vocab_size) {
-            return Err(ModelError::Input(format!(
-                "token types must be {} values below {}",
-                ids.len(),
-                c.type_vocab_size
-            )));
-        }
         let (b, h, heads) = (ids.len() / n, c.hidden_size, c.num_attention_heads);
         let (dh, rows) = (h / heads, ids.len());
         let mut times = times;
@@ -433,13 +423,7 @@ impl Bert {
         let a = &mut a[..rows * h]; //                                           [B·N, H]
         let mut y = &mut y[..rows * h]; //                                       [B·N, H]
         let up = &mut up[..rows * ff]; //                                        [B·N, I]
-        for (i, row) in x.chunks_exact_mut(h).enumerate() {
-            let (w, t, p) = (ids[i] as usize, types[i] as usize, i % n);
-            for (j, y) in row.iter_mut().enumerate() {
-                *y = (self.word[w * h + j] + self.types[t * h + j]) + self.pos[p * h + j];
-            }
-        }
-        self.ln.forward(x, None)?;
+        self.embed(ids, &types, n, x)?;
         // Q, K, V and the attention output as [B, heads, N, dh] views of [B·N, ·] rows.
         let head_view = [b, heads, n, dh];
         let qkv_strides = [n * 3 * h, dh, 3 * h, 1];
@@ -467,11 +451,7 @@ impl Bert {
             lap(|t| &mut t.output, &mut times);
             let act = self.act;
             layer.up.forward(x, rows, up, |_, block| {
-                match act {
-                    Act::GeluErf => attentive::dense::gelu_erf(block),
-                    Act::GeluTanh => block.iter_mut().for_each(|y| *y = gelu_tanh(*y)),
-                    Act::Relu => block.iter_mut().for_each(|y| *y = y.max(0.0)),
-                }
+                act.apply(block);
                 Ok(())
             })?;
             lap(|t| &mut t.feed_forward_up, &mut times);
@@ -487,6 +467,57 @@ impl Bert {
             hidden,
             attentions: maps,
         })
+    }
+
+    /// Checks a call's inputs; returns the token types (all 0 when `None`).
+    fn check_input(
+        &self,
+        ids: &[u32],
+        mask: &[bool],
+        types: Option<&[u32]>,
+        n: usize,
+    ) -> Result<Vec<u32>> {
+        let c = &self.config;
+        if n == 0 || ids.is_empty() || !ids.len().is_multiple_of(n) || mask.len() != ids.len() {
+            return Err(ModelError::Input(format!(
+                "{} ids and {} mask entries do not make rows of {n} tokens",
+                ids.len(),
+                mask.len()
+            )));
+        }
+        if n > c.max_position_embeddings {
+            return Err(ModelError::Input(format!(
+                "{n} tokens exceed the model's {} positions",
+                c.max_position_embeddings
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                c.vocab_size
+            )));
+        }
+        let types = types.map_or_else(|| vec![0u32; ids.len()], <[u32]>::to_vec);
+        if types.len() != ids.len() || types.iter().any(|&t| t as usize >= c.type_vocab_size) {
+            return Err(ModelError::Input(format!(
+                "token types must be {} values below {}",
+                ids.len(),
+                c.type_vocab_size
+            )));
+        }
+        Ok(types)
+    }
+
+    /// `x ← LN(E_w[ids] + E_s[types] + E_p[position])`                        // [B·N, H]
+    fn embed(&self, ids: &[u32], types: &[u32], n: usize, x: &mut [f32]) -> Result<()> {
+        let h = self.config.hidden_size;
+        for (i, row) in x.chunks_exact_mut(h).enumerate() {
+            let (w, t, p) = (ids[i] as usize, types[i] as usize, i % n);
+            for (j, y) in row.iter_mut().enumerate() {
+                *y = (self.word[w * h + j] + self.types[t * h + j]) + self.pos[p * h + j];
+            }
+        }
+        self.ln.forward(x, None)
     }
 
     /// Five buffers of at least `lens` elements: those the last call left, where they are

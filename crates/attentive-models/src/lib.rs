@@ -13,6 +13,9 @@
 //!   views of the Q/K/V rows with the padding as a key mask.
 //! * [`pooling`] — mean, CLS, max and mean-sqrt-len pooling, and L2 normalisation.
 //! * [`SentenceEncoder`] — all three together: text in, embeddings out.
+//! * [`explain`] — the encoder's backward pass for one scalar of the embeddings (a dimension,
+//!   or two sentences' similarity): every layer's $A \odot \partial y/\partial A$, the input of
+//!   gradient-weighted relevance.
 //!
 //! ```no_run
 //! use attentive_models::SentenceEncoder;
@@ -26,11 +29,13 @@
 
 pub mod bert;
 mod error;
+pub mod explain;
 pub mod files;
 pub mod pooling;
 
 pub use bert::{Bert, BertConfig, BertOutput};
 pub use error::{ModelError, Result};
+pub use explain::{Explanation, Target};
 pub use files::ModelFiles;
 pub use pooling::Pooling;
 

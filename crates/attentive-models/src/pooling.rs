@@ -126,3 +126,120 @@ impl Pooling {
         }
     }
 }
+
+/// The pooled vector before normalisation, in f64, and for max pooling each feature's token.
+struct Raw {
+    pooled: Vec<f64>,
+    argmax: Vec<usize>,
+    count: f64,
+}
+
+impl Pooling {
+    /// [`Pooling::apply`] on plain buffers for sentence `s` of `hidden` (`[B·N, H]`): the
+    /// sentence vector as the model outputs it, in f64.
+    pub(crate) fn embed_rows(&self, hidden: &[f32], mask: &[bool], n: usize, s: usize) -> Vec<f64> {
+        let raw = self.raw(hidden, mask, n, s);
+        match self.normalize {
+            true => {
+                let norm = raw
+                    .pooled
+                    .iter()
+                    .map(|x| x * x)
+                    .sum::<f64>()
+                    .sqrt()
+                    .max(1e-12);
+                raw.pooled.iter().map(|x| x / norm).collect()
+            }
+            false => raw.pooled,
+        }
+    }
+
+    /// Adds to `d_hidden` (`[B·N, H]`) the gradient of `y` given `d_embed` = ∂y/∂(sentence
+    /// `s`'s vector as [`Pooling::embed_rows`] gives it).
+    pub(crate) fn backward_rows(
+        &self,
+        hidden: &[f32],
+        mask: &[bool],
+        n: usize,
+        s: usize,
+        d_embed: &[f64],
+        d_hidden: &mut [f32],
+    ) {
+        let h = hidden.len() / mask.len();
+        let raw = self.raw(hidden, mask, n, s);
+        // e = p / max(‖p‖, 1e-12): ∂y/∂p = (∂y/∂e − e (e·∂y/∂e)) / ‖p‖ while ‖p‖ > 1e-12.
+        let dp: Vec<f64> = if self.normalize {
+            let norm = raw.pooled.iter().map(|x| x * x).sum::<f64>().sqrt();
+            if norm > 1e-12 {
+                let e: Vec<f64> = raw.pooled.iter().map(|x| x / norm).collect();
+                let ed: f64 = e.iter().zip(d_embed).map(|(a, b)| a * b).sum();
+                e.iter()
+                    .zip(d_embed)
+                    .map(|(e, d)| (d - e * ed) / norm)
+                    .collect()
+            } else {
+                d_embed.iter().map(|d| d / 1e-12).collect()
+            }
+        } else {
+            d_embed.to_vec()
+        };
+        let real: Vec<usize> = (0..n).filter(|&i| mask[s * n + i]).collect();
+        let mut add = |i: usize, f: usize, g: f64| d_hidden[(s * n + i) * h + f] += g as f32;
+        let mut at = 0;
+        if self.cls {
+            (0..h).for_each(|f| add(0, f, dp[at + f]));
+            at += h;
+        }
+        if self.max {
+            (0..h).for_each(|f| add(raw.argmax[f], f, dp[at + f]));
+            at += h;
+        }
+        for (on, div) in [
+            (self.mean, raw.count),
+            (self.mean_sqrt_len, raw.count.sqrt()),
+        ] {
+            if on {
+                for &i in &real {
+                    (0..h).for_each(|f| add(i, f, dp[at + f] / div));
+                }
+                at += h;
+            }
+        }
+    }
+
+    fn raw(&self, hidden: &[f32], mask: &[bool], n: usize, s: usize) -> Raw {
+        let h = hidden.len() / mask.len();
+        let row = |i: usize| &hidden[(s * n + i) * h..][..h];
+        let real: Vec<usize> = (0..n).filter(|&i| mask[s * n + i]).collect();
+        let count = (real.len() as f64).max(1e-9);
+        let mut sum = vec![0.0f64; h];
+        let mut argmax = vec![0usize; h];
+        let mut best = vec![f64::NEG_INFINITY; h];
+        for &i in &real {
+            for (f, &x) in row(i).iter().enumerate() {
+                sum[f] += x as f64;
+                if (x as f64) > best[f] {
+                    (best[f], argmax[f]) = (x as f64, i);
+                }
+            }
+        }
+        let mut pooled = Vec::new();
+        if self.cls {
+            pooled.extend(row(0).iter().map(|&x| x as f64));
+        }
+        if self.max {
+            pooled.extend(&best);
+        }
+        if self.mean {
+            pooled.extend(sum.iter().map(|x| x / count));
+        }
+        if self.mean_sqrt_len {
+            pooled.extend(sum.iter().map(|x| x / count.sqrt()));
+        }
+        Raw {
+            pooled,
+            argmax,
+            count,
+        }
+    }
+}

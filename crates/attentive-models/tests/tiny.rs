@@ -2,7 +2,7 @@
 //! itself: the encoder against a naive f64 oracle of the same math, every place a model can come
 //! from, and every way a checkpoint can be wrong. No download needed.
 
-use attentive_models::{ModelError, SentenceEncoder};
+use attentive_models::{ModelError, SentenceEncoder, Target};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -179,6 +179,18 @@ fn erf(x: f64) -> f64 {
 /// The naive f64 oracle: BERT's forward and mean pooling with L2 normalisation, for one
 /// sentence's ids (no padding: padding must not change the result).
 fn oracle(w: &[(String, Vec<usize>, Vec<f32>)], ids: &[u32]) -> Vec<f64> {
+    oracle_bumped(w, ids, None).0
+}
+
+/// [`oracle`] with one attention weight `(layer, head, i, j)` moved by `eps` after the softmax
+/// (the weights as free variables, as ∂y/∂A means), and every layer's weights `[heads][i][j]`.
+#[allow(clippy::type_complexity)]
+fn oracle_bumped(
+    w: &[(String, Vec<usize>, Vec<f32>)],
+    ids: &[u32],
+    bump: Option<([usize; 4], f64)>,
+) -> (Vec<f64>, Vec<Vec<Vec<Vec<f64>>>>) {
+    let mut weights = vec![vec![vec![vec![0.0; ids.len()]; ids.len()]; HEADS]; LAYERS];
     let t: HashMap<&str, Vec<f64>> = w
         .iter()
         .map(|(n, _, d)| (n.as_str(), d.iter().map(|&x| x as f64).collect()))
@@ -241,7 +253,12 @@ fn oracle(w: &[(String, Vec<usize>, Vec<f32>)], ids: &[u32]) -> Vec<f64> {
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = s.iter().map(|s| (s - m).exp()).sum();
                 for j in 0..n {
-                    let p = (s[j] - m).exp() / z;
+                    let mut p = (s[j] - m).exp() / z;
+                    weights[l][h][i][j] = p;
+                    match bump {
+                        Some((at, eps)) if at == [l, h, i, j] => p += eps,
+                        _ => {}
+                    }
                     for c in r.clone() {
                         ctx[i][c] += p * v[j][c];
                     }
@@ -266,7 +283,7 @@ fn oracle(w: &[(String, Vec<usize>, Vec<f32>)], ids: &[u32]) -> Vec<f64> {
         .map(|f| x.iter().map(|r| r[f]).sum::<f64>() / n as f64)
         .collect();
     let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
-    mean.iter().map(|v| v / norm).collect()
+    (mean.iter().map(|v| v / norm).collect(), weights)
 }
 
 const TEXTS: [&str; 5] = [
@@ -458,4 +475,113 @@ fn a_wrong_checkpoint_is_a_clear_error() {
     let ok = SentenceEncoder::load(&fresh("ok")).unwrap();
     assert!(matches!(ok.encode(&[]), Err(ModelError::Input(_))));
     let _ = std::fs::remove_dir_all(&d);
+}
+
+/// The encoder's backward pass: every layer's A ⊙ ∂y/∂A for a dimension of one embedding and
+/// for the similarity of two (a padded batch), against the f64 oracle's weights times central
+/// finite differences of y with that one weight moved; then gradient-weighted relevance on
+/// those against the same rule applied in f64 to the oracle's.
+#[test]
+fn weight_grads_and_relevance_match_finite_differences_of_the_oracle() {
+    use attentive_viz::relevance::{relevance, Weighted};
+    let d = dir("explain");
+    let w = write_model(&d, "gelu");
+    let m = SentenceEncoder::load(&d).unwrap();
+    let texts = ["the cat sat on the mat.", "Dogs, cats"];
+    let ids: Vec<Vec<u32>> = m
+        .encode(&texts)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.input_ids)
+        .collect();
+    assert_ne!(ids[0].len(), ids[1].len(), "the pair is a padded batch");
+    let eps = 1e-6;
+    for target in [Target::Dimension(5), Target::Similarity] {
+        let k = if target == Target::Similarity { 2 } else { 1 };
+        let ex = m.explain(&texts[..k], target.clone()).unwrap();
+        let base: Vec<_> = (0..k).map(|s| oracle_bumped(&w, &ids[s], None)).collect();
+        let y = |e: &[Vec<f64>]| match target {
+            Target::Dimension(d) => e[0][d],
+            // Both embeddings are normalised: the cosine is their dot product.
+            Target::Similarity => e[0].iter().zip(&e[1]).map(|(a, b)| a * b).sum(),
+        };
+        let e0: Vec<Vec<f64>> = base.iter().map(|b| b.0.clone()).collect();
+        assert!((ex.value as f64 - y(&e0)).abs() < 2e-6, "{target:?}: y");
+        for s in 0..k {
+            let n = ids[s].len();
+            let got = &ex.sentences[s];
+            assert_eq!(got.tokens.len(), n);
+            let mut want = vec![vec![0.0f64; HEADS * n * n]; LAYERS];
+            for (l, want) in want.iter_mut().enumerate() {
+                for h in 0..HEADS {
+                    for i in 0..n {
+                        for j in 0..n {
+                            let moved = |eps: f64| {
+                                let mut e = e0.clone();
+                                e[s] = oracle_bumped(&w, &ids[s], Some(([l, h, i, j], eps))).0;
+                                y(&e)
+                            };
+                            let dy = (moved(eps) - moved(-eps)) / (2.0 * eps);
+                            want[(h * n + i) * n + j] = base[s].1[l][h][i][j] * dy;
+                        }
+                    }
+                }
+                let a: Vec<f64> = base[s].1[l].iter().flatten().flatten().copied().collect();
+                let err = max_diff(&got.attentions[l], &a);
+                assert!(
+                    err < 1e-6,
+                    "{target:?}, sentence {s}, layer {l}: A off by {err:e}"
+                );
+                let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                let err = max_diff(&got.weight_grads[l], want);
+                assert!(
+                    scale > 1e-3 && err < 1e-5 * scale,
+                    "{target:?}, sentence {s}, layer {l}: A⊙∇A off by {err:e} (largest {scale:e})"
+                );
+            }
+            // R ← R + mean_h(A⊙∇A)⁺·R in f64 on the oracle's, against the crate's on ours.
+            let mut r: Vec<f64> = (0..n * n).map(|x| (x / n == x % n) as u8 as f64).collect();
+            for want in &want {
+                let bar: Vec<f64> = (0..n * n)
+                    .map(|x| {
+                        (0..HEADS)
+                            .map(|h| want[h * n * n + x].max(0.0))
+                            .sum::<f64>()
+                            / HEADS as f64
+                    })
+                    .collect();
+                let add: Vec<f64> = (0..n * n)
+                    .map(|x| (0..n).map(|c| bar[x / n * n + c] * r[c * n + x % n]).sum())
+                    .collect();
+                r.iter_mut().zip(add).for_each(|(r, a)| *r += a);
+            }
+            let flat: Vec<f32> = got.weight_grads.concat();
+            let ours = relevance(&Weighted::new(flat, [LAYERS, HEADS, n, n]).unwrap()).unwrap();
+            let scale = r.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            let err = max_diff(ours.last().unwrap(), &r);
+            assert!(
+                err < 1e-4 * scale,
+                "{target:?}, sentence {s}: relevance off by {err:e}"
+            );
+        }
+    }
+    // Bad requests are typed errors.
+    for (texts, target) in [
+        (&texts[..], Target::Dimension(0)),
+        (&texts[..1], Target::Similarity),
+        (&texts[..1], Target::Dimension(H)),
+    ] {
+        assert!(matches!(
+            m.explain(texts, target),
+            Err(ModelError::Input(_))
+        ));
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+fn max_diff(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .fold(0.0, |m, (g, w)| m.max((*g as f64 - w).abs()))
 }

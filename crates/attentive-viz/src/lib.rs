@@ -5,6 +5,8 @@
 //! - [`Maps`]: the input, validated once (shape against tokens; finite, non-negative weights;
 //!   rows that do not sum to 1 reported, not renormalised).
 //! - [`rollout`]: attention rollout and attention flow (Abnar & Zuidema, 2020).
+//! - [`relevance`]: gradient-weighted relevance (Chefer et al., 2021), self-attention and
+//!   encoder–decoder, from $\nabla A \odot A$ that attentive's backward forms.
 //! - [`stats`]: per-head entropy, distance, special-token and punctuation shares, neighbours
 //!   (Clark et al., 2019).
 //! - [`stream`]: the same for long inputs, rows arriving block by block, without `L·H·N²`
@@ -28,6 +30,7 @@
 pub mod error;
 pub mod maps;
 pub mod png;
+pub mod relevance;
 pub mod report;
 pub mod rollout;
 pub mod stats;

@@ -18,7 +18,7 @@ fn fonts() -> Arc<usvg::fontdb::Database> {
 
 /// Whether any font was found: without one, a view's text would be missing from its PNG.
 pub fn have_fonts() -> bool {
-    fonts().len() > 0
+    !fonts().is_empty()
 }
 
 /// `svg` rendered at `scale` (2 for a crisp picture in a paper) as PNG bytes.

@@ -97,7 +97,7 @@ impl Streamed {
             });
         }
         let count = rows.len() / n;
-        if rows.len() % n != 0 || row0 + count > n {
+        if !rows.len().is_multiple_of(n) || row0 + count > n {
             return Err(VizError::Shape {
                 shape: [self.layers, self.heads, n, n],
                 reason: format!(

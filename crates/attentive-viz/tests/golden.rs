@@ -392,3 +392,63 @@ fn views_render_as_png_with_an_opaque_background() {
         Err(VizError::Render(_))
     ));
 }
+
+/// Gradient-weighted relevance on hand-made gradient-weighted maps whose values are exact in
+/// binary, against the rules worked by hand: negative parts dropped, heads averaged,
+/// R ← R + Ā·R; and the encoder–decoder rule with R̄ = rownorm(R − I) + I and its transpose.
+#[test]
+fn relevance_rules_on_a_worked_fixture() {
+    use attentive_viz::relevance::{
+        relevance, relevance_encoder_decoder, residual_normalised, Weighted,
+    };
+    // Layer 1: heads [[.5, −.5], [0, 1]] and [[.5, .5], [−1, 0]] → Ā₁ = [[.5, .25], [0, .5]].
+    // Layer 2: heads [[0, 1], [.5, 0]] and [[0, 0], [.5, 0]] → Ā₂ = [[0, .5], [.5, 0]].
+    let w = Weighted::new(
+        vec![
+            0.5, -0.5, 0.0, 1.0, 0.5, 0.5, -1.0, 0.0, //
+            0.0, 1.0, 0.5, 0.0, 0.0, 0.0, 0.5, 0.0,
+        ],
+        [2, 2, 2, 2],
+    )
+    .unwrap();
+    let r = relevance(&w).unwrap();
+    assert_eq!(r[0], [1.5, 0.25, 0.0, 1.5]); // I + Ā₁
+    assert_eq!(r[1], [1.5, 1.0, 0.75, 1.625]); // R₁ + Ā₂R₁
+                                               // rownorm(R − I) + I, a zero row of R − I left as it is.
+    assert_eq!(
+        residual_normalised(&[1.0, 3.0, 0.0, 1.0], 2),
+        [1.0, 1.0, 0.0, 1.0]
+    );
+
+    // Encoder Ā = [[0, 1], [0, 0]]: R^{ii} = [[1, 1], [0, 1]] = R̄^{ii}.
+    // Decoder self Ā = [[0, 0], [1, 0]]: R^{tt} = [[1, 0], [1, 1]], R^{ti} stays 0;
+    // R̄^{tt} = [[1, 0], [1, 1]]. Cross Ā = [[1, 0], [0, 2]]:
+    // R^{ti} = (R̄^{tt})ᵀ·Ā·R̄^{ii} = [[1, 1], [0, 1]]·[[1, 1], [0, 2]] = [[1, 3], [0, 2]].
+    let one = |v: Vec<f32>| Weighted::new(v, [1, 1, 2, 2]).unwrap();
+    let ed = relevance_encoder_decoder(
+        &one(vec![0.0, 1.0, 0.0, 0.0]),
+        &one(vec![0.0, 0.0, 1.0, 0.0]),
+        &one(vec![1.0, 0.0, 0.0, 2.0]),
+    )
+    .unwrap();
+    assert_eq!(ed.encoder, [1.0, 1.0, 0.0, 1.0]);
+    assert_eq!(ed.decoder, [1.0, 0.0, 1.0, 1.0]);
+    assert_eq!(ed.cross, [1.0, 3.0, 0.0, 2.0]);
+
+    // Bad input: NaN, a wrong length, cross-attention of the wrong size.
+    assert!(matches!(
+        Weighted::new(vec![f32::NAN, 0.0, 0.0, 0.0], [1, 1, 2, 2]),
+        Err(VizError::Weight { row: 0, col: 0, .. })
+    ));
+    assert!(matches!(
+        Weighted::new(vec![0.0; 3], [1, 1, 2, 2]),
+        Err(VizError::Shape { .. })
+    ));
+    let wide = Weighted::new(vec![0.0; 6], [1, 1, 2, 3]).unwrap();
+    assert!(matches!(
+        relevance(&wide),
+        Err(VizError::NotSelfAttention { .. })
+    ));
+    let e = relevance_encoder_decoder(&one(vec![0.0; 4]), &one(vec![0.0; 4]), &wide);
+    assert!(matches!(e, Err(VizError::Shape { .. })));
+}

@@ -132,6 +132,30 @@ impl Packed {
         (self.k, self.n)
     }
 
+    /// `Bᵀ` (`n × k`) packed: what a backward pass multiplies by, `dA = dC·Bᵀ`.
+    ///
+    /// ```
+    /// use attentive::dense::Packed;
+    /// let b = Packed::new(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], (2, 3)).unwrap();
+    /// let bt = b.transpose();
+    /// let mut c = [0.0; 2];
+    /// bt.matmul(&[1.0, 0.0, 1.0], None, 1, &mut c).unwrap(); // (1, 0, 1)·Bᵀ
+    /// assert_eq!((bt.dims(), c), ((3, 2), [4.0, 10.0]));
+    /// ```
+    pub fn transpose(&self) -> Packed {
+        let (k, n) = (self.k, self.n);
+        let mut bt = vec![0.0f32; n * k]; //                                         [n, k]
+        for (p, panel) in self.panels.chunks(PW * k).enumerate() {
+            let (c0, w) = (p * PW, panel.len() / k);
+            for (t, row) in panel.chunks_exact(w).enumerate() {
+                for (c, &x) in row.iter().enumerate() {
+                    bt[(c0 + c) * k + t] = x;
+                }
+            }
+        }
+        Packed::new(&bt, (n, k)).expect("the transpose of a valid packing is valid")
+    }
+
     /// `c = a·B (+ bias)` for row-major `a` (`m × k`) and `c` (`m × n`): [`matmul`] with B
     /// packed.
     ///
