@@ -3,7 +3,9 @@
 
 use crate::error::CliError;
 use crate::outdir;
-use attentive_viz::{Fusion, Maps, Reading, Report};
+use attentive_models::Target;
+use attentive_viz::relevance::{relevance, Weighted};
+use attentive_viz::{Fusion, Maps, Reading, Relevance, Report};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
@@ -29,6 +31,18 @@ pub struct VizArgs {
     /// inputs only).
     #[arg(long, value_delimiter = ',', value_name = "I,J,…")]
     flow: Vec<usize>,
+    /// Gradient-weighted relevance (with --model) of this dimension of TEXT's embedding.
+    #[arg(
+        long,
+        value_name = "K",
+        conflicts_with = "relevance_to",
+        requires = "model"
+    )]
+    relevance_dim: Option<usize>,
+    /// Gradient-weighted relevance (with --model) of the cosine similarity of TEXT's embedding
+    /// and this text's.
+    #[arg(long, value_name = "OTHER", requires = "model")]
+    relevance_to: Option<String>,
     /// Print attention.json's object as the last line.
     #[arg(long)]
     json: bool,
@@ -59,8 +73,19 @@ fn ours(p: &Path) -> bool {
 pub fn viz(a: VizArgs) -> Result<(), CliError> {
     let folder = outdir::Folder { dest: &a.out, ours };
     folder.check()?;
-    let (maps, subtitle, reading, rows) = match (&a.model, &a.maps) {
-        (Some(model), _) => from_model(model, a.text.as_deref())?,
+    let target = match (a.relevance_dim, &a.relevance_to) {
+        (Some(d), _) => Some((Target::Dimension(d), None)),
+        (None, Some(other)) => Some((Target::Similarity, Some(other.as_str()))),
+        (None, None) => None,
+    };
+    let Loaded {
+        maps,
+        subtitle,
+        reading,
+        rows,
+        relevance,
+    } = match (&a.model, &a.maps) {
+        (Some(model), _) => from_model(model, a.text.as_deref(), target)?,
         (None, Some(maps)) => {
             let tokens = a
                 .tokens
@@ -85,6 +110,7 @@ pub fn viz(a: VizArgs) -> Result<(), CliError> {
     report.reading = reading;
     report.rows = rows;
     report.flow_rows = a.flow.clone();
+    report.relevance = relevance;
     let out = report.build().map_err(|e| input("attention maps", e))?;
     let files = folder.build(|dir| {
         let mut names = vec!["index.html".to_string(), "attention.json".to_string()];
@@ -136,31 +162,89 @@ fn write(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
     std::fs::write(path, bytes).map_err(|e| input(path.display().to_string(), e))
 }
 
-type Loaded = (Maps, String, Option<Reading>, Option<Vec<bool>>);
+/// What a report is built from.
+struct Loaded {
+    maps: Maps,
+    subtitle: String,
+    reading: Option<Reading>,
+    rows: Option<Vec<bool>>,
+    relevance: Option<Relevance>,
+}
 
-/// A BERT's attention on `text`: every layer's maps from the kernel, its tokens, and the
-/// reading its pooling implies ([CLS]'s row, or the mean of the rows).
-fn from_model(path: &Path, text: Option<&str>) -> Result<Loaded, CliError> {
+/// A BERT's attention on `text`: every layer's maps from the kernel, its tokens, the reading
+/// its pooling implies ([CLS]'s row, or the mean of the rows), and with a `target`, the
+/// gradient-weighted relevance of that output (a dimension, or the similarity to another text).
+fn from_model(
+    path: &Path,
+    text: Option<&str>,
+    target: Option<(Target, Option<&str>)>,
+) -> Result<Loaded, CliError> {
     let text = text.ok_or_else(|| input("viz --model", "give the TEXT to look at"))?;
     if text.trim().is_empty() {
         return Err(input("TEXT", "is empty: give some words to look at"));
     }
     let model = attentive_models::SentenceEncoder::load(path).map_err(|e| input("model", e))?;
-    let batch = model.tokenize(&[text]).map_err(|e| input("model", e))?;
-    let out = model
-        .bert
-        .forward(&batch.ids, &batch.mask, Some(&batch.types), batch.n, true)
-        .map_err(|e| input("model", e))?;
-    let per_layer = out.attentions.unwrap_or_default();
-    let c = &model.bert.config;
-    let (layers, heads, n) = (per_layer.len(), c.num_attention_heads, batch.n);
-    let data: Vec<f32> = per_layer.into_iter().flatten().collect();
-    let tokens = model.token_strings(&batch.ids);
-    let reading = if model.pooling.cls {
-        Reading::Row(0)
-    } else {
-        Reading::MeanOf(batch.mask.clone())
+    let reading_of = |n: usize| match model.pooling.cls {
+        true => Reading::Row(0),
+        false => Reading::MeanOf(vec![true; n]),
     };
+    let c = &model.bert.config;
+    let (layers, heads) = (c.num_hidden_layers, c.num_attention_heads);
+    let batch = model.tokenize(&[text]).map_err(|e| input("model", e))?;
+    let n = batch.n;
+    let mut explained = None;
+    let data: Vec<f32> = match target {
+        None => {
+            let out = model
+                .bert
+                .forward(&batch.ids, &batch.mask, Some(&batch.types), n, true)
+                .map_err(|e| input("model", e))?;
+            out.attentions.unwrap_or_default().concat()
+        }
+        Some((target, other)) => {
+            if other.is_some_and(|o| o.trim().is_empty()) {
+                return Err(input(
+                    "--relevance-to",
+                    "is empty: give the text to compare with",
+                ));
+            }
+            let texts: Vec<&str> = std::iter::once(text).chain(other).collect();
+            let ex = model
+                .explain(&texts, target.clone())
+                .map_err(|e| input("relevance", e))?;
+            let weighted = |s: usize| {
+                let m = ex.sentences[s].tokens.len();
+                Weighted::new(ex.sentences[s].weight_grads.concat(), [layers, heads, m, m])
+                    .map_err(|e| input("relevance", e))
+            };
+            let partner = match ex.sentences.get(1) {
+                None => None,
+                Some(p) => {
+                    let m = p.tokens.len();
+                    let mut r = relevance(&weighted(1)?)
+                        .map_err(|e| input("relevance", e))?
+                        .pop()
+                        .expect("at least one layer");
+                    (0..m).for_each(|i| r[i * m + i] -= 1.0);
+                    let reading = reading_of(m);
+                    let values = reading.read(&r, m).map_err(|e| input("relevance", e))?;
+                    let title = format!(
+                        "The other sentence: {} of R − I",
+                        reading.describe(&p.tokens)
+                    );
+                    Some((title, p.tokens.clone(), values))
+                }
+            };
+            explained = Some(Relevance {
+                weighted: weighted(0)?,
+                target: target.describe(),
+                value: ex.value,
+                partner,
+            });
+            ex.sentences[0].attentions.concat()
+        }
+    };
+    let tokens = model.token_strings(&batch.ids);
     let mut subtitle = format!(
         "{} · {layers} layers × {heads} heads · {n} tokens",
         path.file_name()
@@ -174,7 +258,13 @@ fn from_model(path: &Path, text: Option<&str>) -> Result<Loaded, CliError> {
     }
     let maps = Maps::self_attention(data, [layers, heads, n], tokens)
         .map_err(|e| input("attention maps", e))?;
-    Ok((maps, subtitle, Some(reading), Some(batch.mask)))
+    Ok(Loaded {
+        maps,
+        subtitle,
+        reading: Some(reading_of(n)),
+        rows: Some(batch.mask),
+        relevance: explained,
+    })
 }
 
 /// Maps and tokens from files: `[L, H, N, N]`, `[H, N, N]` or `[N, N]` float32.
@@ -205,5 +295,11 @@ fn from_npy(maps: &Path, tokens: &Path) -> Result<Loaded, CliError> {
         shape[0],
         shape[1]
     );
-    Ok((m, subtitle, None, None))
+    Ok(Loaded {
+        maps: m,
+        subtitle,
+        reading: None,
+        rows: None,
+        relevance: None,
+    })
 }

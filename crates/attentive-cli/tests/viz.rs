@@ -410,3 +410,98 @@ fn minilm_maps_and_rollout_equal_those_of_hf_transformers() {
         "the golden file has {checked} sentences with maps"
     );
 }
+
+/// Gradient-weighted relevance on MiniLM from the command line: the explained value is the
+/// one HF's embeddings give (a dimension of one, the cosine of two), the maps are those shown
+/// without relevance, relevance adds to the identity only where attention put weight, and
+/// bad requests are clear errors. (The backward pass itself is tested against finite
+/// differences of an f64 oracle in attentive-models' tests/tiny.rs.)
+#[test]
+fn minilm_relevance_explains_the_values_hf_computes() {
+    let Some(model) = wheel() else { return };
+    let model = model.display().to_string();
+    let golden: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../attentive-models/tests/golden/minilm.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let s = &golden["sentences"];
+    let emb = |i: usize| -> Vec<f64> { serde_json::from_value(s[i]["embedding"].clone()).unwrap() };
+    let (a, b) = (
+        s[0]["text"].as_str().unwrap(),
+        s[1]["text"].as_str().unwrap(),
+    );
+    let d = dir("relevance");
+    let run = |extra: &[&str], text: &str, out: &str| -> serde_json::Value {
+        let out = d.join(out).display().to_string();
+        let mut args = vec!["viz", "--model", &model, "--out", &out, "--json"];
+        args.extend_from_slice(extra);
+        args.push(text);
+        let (ok, printed) = attentive(&args);
+        assert!(ok, "{printed}");
+        serde_json::from_str(printed.lines().last().unwrap()).unwrap()
+    };
+    let plain = run(&[], a, "plain");
+    let dim = run(&["--relevance-dim", "7"], a, "dim");
+    let sim = run(&["--relevance-to", b], a, "sim");
+    let value = |j: &serde_json::Value| j["relevance"]["value"].as_f64().unwrap();
+    assert!((value(&dim) - emb(0)[7]).abs() < 1e-5, "{}", value(&dim));
+    let cos: f64 = emb(0).iter().zip(emb(1)).map(|(x, y)| x * y).sum();
+    assert!((value(&sim) - cos).abs() < 1e-5, "{} vs {cos}", value(&sim));
+    for j in [&dim, &sim] {
+        // The same maps as without relevance (a separate forward, so to rounding).
+        let flat = |v: &serde_json::Value| -> Vec<f64> {
+            let a: Vec<Vec<Vec<Vec<f64>>>> = serde_json::from_value(v.clone()).unwrap();
+            a.into_iter().flatten().flatten().flatten().collect()
+        };
+        let (x, y) = (flat(&j["attentions"]), flat(&plain["attentions"]));
+        assert_eq!(x.len(), y.len());
+        let worst = x
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-5, "maps differ by {worst}");
+        let r: Vec<Vec<f64>> = serde_json::from_value(j["relevance"]["matrix"].clone()).unwrap();
+        let n = r.len();
+        for (i, row) in r.iter().enumerate() {
+            for (c, &x) in row.iter().enumerate() {
+                assert!(
+                    x >= (i == c) as u8 as f64 - 1e-6,
+                    "R − I must be ≥ 0: R[{i}][{c}] = {x}"
+                );
+            }
+        }
+        let reading: Vec<f64> =
+            serde_json::from_value(j["relevance"]["reading"]["values"].clone()).unwrap();
+        assert_eq!(reading.len(), n);
+        assert!(reading.iter().any(|&x| x > 0.0));
+    }
+    let partner = &sim["relevance"]["partner"];
+    assert_eq!(
+        partner["tokens"].as_array().unwrap().len(),
+        s[1]["input_ids"].as_array().unwrap().len()
+    );
+    for f in [
+        "relevance.svg",
+        "relevance-reading.svg",
+        "relevance-partner.png",
+    ] {
+        assert!(d.join("sim").join(f).is_file(), "{f}");
+    }
+    for (args, says) in [
+        (vec!["--relevance-dim", "384"], "past the embedding"),
+        (vec!["--relevance-to", " "], "is empty"),
+    ] {
+        let out = d.join("bad").display().to_string();
+        let mut all = vec!["viz", "--model", &model, "--out", &out];
+        all.extend(args);
+        all.push(a);
+        let (ok, printed) = attentive(&all);
+        assert!(!ok && printed.contains(says), "{printed}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

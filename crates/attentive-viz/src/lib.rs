@@ -39,5 +39,5 @@ pub mod svg;
 
 pub use error::{Result, VizError};
 pub use maps::Maps;
-pub use report::{Outputs, Report};
+pub use report::{Outputs, Relevance, Report};
 pub use rollout::{Fusion, Reading};

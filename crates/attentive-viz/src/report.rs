@@ -1,9 +1,10 @@
 //! Everything about one input in one place: the numbers (JSON), the pictures (SVG) and the
 //! page that shows them (one self-contained HTML file, no external URL of any kind).
 
-use crate::error::Result;
+use crate::error::{Result, VizError};
 use crate::maps::Maps;
-use crate::rollout::{flow, rollout, Fusion, Reading};
+use crate::relevance::{relevance, Weighted};
+use crate::rollout::{flow, readings_through_heads, rollout, Fusion, Reading};
 use crate::stats::{head_stats, HeadStats};
 use crate::svg::{bars, escape, head_view, heatmap, heatmap_within, thumbnail};
 use serde_json::{json, Value};
@@ -36,6 +37,22 @@ pub struct Report<'a> {
     pub flow_rows: Vec<usize>,
     /// Query rows the statistics count (the non-padding ones); all when `None`.
     pub rows: Option<Vec<bool>>,
+    /// Gradient-weighted relevance to show, for self-attention maps.
+    pub relevance: Option<Relevance>,
+}
+
+/// What gradient-weighted relevance explains, and the model's $\nabla A \odot A$ for it.
+#[derive(Clone, Debug)]
+pub struct Relevance {
+    /// The same shape as the report's maps.
+    pub weighted: Weighted,
+    /// The explained output `y`, in words ("embedding dimension 5").
+    pub target: String,
+    /// `y`'s value.
+    pub value: f32,
+    /// Another input's relevance reading to show beside (the second sentence of a similarity):
+    /// its title, tokens and values.
+    pub partner: Option<(String, Vec<String>, Vec<f32>)>,
 }
 
 /// A report's files, named as they would be in its folder.
@@ -59,6 +76,7 @@ impl Report<'_> {
             reading: None,
             flow_rows: Vec::new(),
             rows: None,
+            relevance: None,
         }
     }
 
@@ -104,6 +122,14 @@ impl Report<'_> {
         let mut page = Page::new(&self.title, &self.subtitle);
         page.warnings(m);
         page.model_view(m);
+        // Per head, the rollout through it read at the reading row.
+        let per_head = match (&self.reading, m.is_self_attention()) {
+            (Some(r), true) => Some(readings_through_heads(m, self.fusion, r)?),
+            _ => None,
+        };
+        if let (Some(p), Some(r)) = (&per_head, &self.reading) {
+            json["rollout_through_heads"] = json!({ "row": r.describe(q), "values": p });
+        }
         for l in 0..layers {
             for h in 0..heads {
                 let t = format!("Layer {l}, head {h}");
@@ -115,10 +141,17 @@ impl Report<'_> {
                 };
                 let hv = (nq.max(nk) <= HEAD_VIEW_MAX_TOKENS)
                     .then(|| head_view(m.map(l, h), (nq, nk), q, k, &t));
-                page.head(l, h, &in_page, hv.as_deref());
+                let through = per_head.as_ref().map(|p| {
+                    let title = format!("Rollout through layer {l}, head {h}");
+                    bars(&p[l][h], q, &title)
+                });
+                page.head(l, h, &in_page, hv.as_deref(), through.as_deref());
                 svgs.push((format!("heatmap-L{l}-H{h}.svg"), hm));
                 if let Some(hv) = hv {
                     svgs.push((format!("headview-L{l}-H{h}.svg"), hv));
+                }
+                if let Some(b) = through {
+                    svgs.push((format!("rollout-L{l}-H{h}.svg"), b));
                 }
             }
             let mean = m.head_mean(l);
@@ -176,12 +209,71 @@ impl Report<'_> {
             page.rollout(&map_svg, read_svg.as_ref(), &flows);
             svgs.push(("rollout.svg".into(), map_svg));
         }
+        if let Some(rel) = &self.relevance {
+            let views = self.relevance_views(rel, &mut json)?;
+            page.relevance(rel, &views);
+            svgs.extend(views);
+        }
         page.stats(&stats);
         Ok(Outputs {
             html: page.finish(),
             json,
             svgs,
         })
+    }
+}
+
+impl Report<'_> {
+    /// Relevance's numbers into `json`, and its views: the map of $R - I$, its reading row,
+    /// and the partner's row.
+    fn relevance_views(&self, rel: &Relevance, json: &mut Value) -> Result<Vec<(String, String)>> {
+        let m = self.maps;
+        if rel.weighted.shape() != m.shape() {
+            return Err(VizError::Shape {
+                shape: rel.weighted.shape(),
+                reason: format!(
+                    "gradient-weighted maps must have the maps' shape {:?}",
+                    m.shape()
+                ),
+            });
+        }
+        let n = m.shape()[2];
+        let q = m.q_tokens();
+        let r = relevance(&rel.weighted)?.pop().expect("at least one layer");
+        // R − I: what attention added to the identity the residual connections carry.
+        let mut added = r.clone();
+        (0..n).for_each(|i| added[i * n + i] -= 1.0);
+        let what = format!("{} = {:.4}", rel.target, rel.value);
+        let mut views = vec![(
+            "relevance.svg".to_string(),
+            heatmap(
+                &added,
+                (n, n),
+                q,
+                q,
+                &format!("Relevance to {what} (R − I)"),
+            ),
+        )];
+        json["relevance"] = json!({
+            "target": rel.target,
+            "value": rel.value,
+            "matrix": r.chunks(n).map(<[f32]>::to_vec).collect::<Vec<_>>(),
+        });
+        if let Some(reading) = &self.reading {
+            let row = reading.read(&added, n)?;
+            let desc = reading.describe(q);
+            json["relevance"]["reading"] = json!({ "row": desc, "values": row });
+            views.push((
+                "relevance-reading.svg".into(),
+                bars(&row, q, &format!("Relevance to {what}: {desc} of R − I")),
+            ));
+        }
+        if let Some((title, tokens, values)) = &rel.partner {
+            json["relevance"]["partner"] =
+                json!({ "title": title, "tokens": tokens, "values": values });
+            views.push(("relevance-partner.svg".into(), bars(values, tokens, title)));
+        }
+        Ok(views)
     }
 }
 
@@ -279,14 +371,22 @@ impl Page {
             "</div><h2 id=\"head-section\"><span id=\"head-title\">Layer 0, head 0</span></h2>";
     }
 
-    fn head(&mut self, l: usize, h: usize, heatmap: &str, head_view: Option<&str>) {
+    fn head(
+        &mut self,
+        l: usize,
+        h: usize,
+        heatmap: &str,
+        head_view: Option<&str>,
+        through: Option<&str>,
+    ) {
         let side = head_view.map_or_else(
             || format!("<p class=\"sub\">The head view is drawn up to {HEAD_VIEW_MAX_TOKENS} tokens.</p>"),
             |v| v.to_string(),
         );
+        let through = through.map_or(String::new(), |t| format!("<div>{t}</div>"));
         let _ = write!(
             self.html,
-            "<div class=\"view pair\" data-l=\"{l}\" data-h=\"{h}\" hidden><div>{heatmap}</div><div>{side}</div></div>"
+            "<div class=\"view pair\" data-l=\"{l}\" data-h=\"{h}\" hidden><div>{heatmap}</div><div>{side}</div>{through}</div>"
         );
     }
 
@@ -312,6 +412,19 @@ impl Page {
         }
         for f in flows {
             let _ = write!(self.html, "<div>{f}</div>");
+        }
+        self.html += "</div>";
+    }
+
+    fn relevance(&mut self, rel: &Relevance, views: &[(String, String)]) {
+        let _ = write!(
+            self.html,
+            "<h2>Gradient-weighted relevance</h2><p class=\"sub\">How relevant each input token is to {} (value {:.4}): each layer's attention weighted by the gradient of that output, positive part, averaged over heads, chained through the layers from the identity (Chefer, Gur &amp; Wolf, 2021). Shown without the identity the residual connections carry.</p><div class=\"pair\">",
+            escape(&rel.target),
+            rel.value
+        );
+        for (_, svg) in views {
+            let _ = write!(self.html, "<div>{svg}</div>");
         }
         self.html += "</div>";
     }

@@ -197,6 +197,38 @@ pub fn rollout_through_head(maps: &Maps, fusion: Fusion, l: usize, h: usize) -> 
     })
 }
 
+/// The row `reading` takes of [`rollout_through_head`] for every layer and head, `[L][H][n]`,
+/// from one rollout: a row (or a mean of rows) of $\mathrm{rownorm}(A_\ell^h + I)$ times
+/// $J_{\ell-1}$, the per-head rollout of the sentence.
+///
+/// # Errors
+/// As [`rollout`] and [`Reading::read`].
+pub fn readings_through_heads(
+    maps: &Maps,
+    fusion: Fusion,
+    reading: &Reading,
+) -> Result<Vec<Vec<Vec<f32>>>> {
+    let [layers, heads, n, _] = maps.shape();
+    let j = rollout(maps, fusion)?;
+    (0..layers)
+        .map(|l| {
+            (0..heads)
+                .map(|h| {
+                    let mut a = maps.map(l, h).to_vec();
+                    add_identity_rownorm(&mut a, n);
+                    let r = reading.read(&a, n)?;
+                    Ok(match l {
+                        0 => r,
+                        _ => (0..n)
+                            .map(|c| (0..n).map(|i| r[i] * j[l - 1][i * n + c]).sum())
+                            .collect(),
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// `a · b` for `n × n` row-major matrices, on the engine's product.
 fn product(a: &[f32], b: &[f32], n: usize) -> Vec<f32> {
     let mut c = vec![0.0f32; n * n];

@@ -2,7 +2,7 @@
 //! values computed here exactly, in fractions: rollout by rational matrix products, flow as the
 //! minimum cut over every cut of the layered graph (an independent route to the max-flow).
 
-use attentive_viz::rollout::{flow, rollout, rollout_through_head};
+use attentive_viz::rollout::{flow, readings_through_heads, rollout, rollout_through_head};
 use attentive_viz::stats::head_stats;
 use attentive_viz::{Fusion, Maps, Reading, Report, VizError};
 
@@ -148,6 +148,16 @@ fn rollout_equals_the_exact_product() {
         for j in 0..N {
             assert!((got[i * N + j] as f64 - want[i][j].f64()).abs() < 1e-6);
         }
+    }
+    // The per-head readings the page shows: the exact row of that product, and the mean of
+    // rows 0 and 2 of it.
+    let rows = readings_through_heads(&maps(), Fusion::Mean, &Reading::Row(2)).unwrap();
+    let mean = Reading::MeanOf(vec![true, false, true]);
+    let means = readings_through_heads(&maps(), Fusion::Mean, &mean).unwrap();
+    for j in 0..N {
+        assert!((rows[1][1][j] as f64 - want[2][j].f64()).abs() < 1e-6);
+        let m = want[0][j].add(want[2][j]).div(Q(2, 1));
+        assert!((means[1][1][j] as f64 - m.f64()).abs() < 1e-6);
     }
 }
 
