@@ -342,6 +342,8 @@ struct Shown {
     /// The dictionary pronunciation closest to the model's, and the edits between them.
     closest: Option<(Vec<u32>, Vec<Edit>)>,
     align: Vec<Vec<f32>>,
+    /// Row t: gradient-weighted relevance of each letter to phoneme t.
+    relevance: Vec<Vec<f32>>,
 }
 
 impl Shown {
@@ -411,6 +413,7 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
             model.greedy(&[&code]).map_err(nn_err)?.remove(0)
         };
         let align = model.alignment(&code, &phones).map_err(nn_err)?;
+        let relevance = letter_relevance(&model, &code, &phones)?;
         let entry = g2p::lookup(w);
         let closest = entry.as_ref().map(|e| {
             let best = e
@@ -427,6 +430,7 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
             split: entry.map(|_| g2p::split_of(w)),
             closest,
             align,
+            relevance,
         });
     }
     let decoding = if a.beam > 1 {
@@ -504,14 +508,18 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
             }
         ));
         for s in &shown {
-            let (svg, head_view) = alignment_svgs(s);
+            let (svg, head_view, relevance) = alignment_svgs(s);
             let stem = sanitize(&s.word);
-            for (file, text) in [(format!("{stem}.svg"), &svg), (format!("{stem}-headview.svg"), &head_view)] {
+            for (file, text) in [
+                (format!("{stem}.svg"), &svg),
+                (format!("{stem}-headview.svg"), &head_view),
+                (format!("{stem}-relevance.svg"), &relevance),
+            ] {
                 let file = dir.join(file);
                 std::fs::write(&file, text).map_err(|e| io(&file, e))?;
             }
             page.push_str(&format!(
-                "<section><h2>{}</h2><p class=\"note\">{}{}</p>{}{svg}{head_view}</section>\n",
+                "<section><h2>{}</h2><p class=\"note\">{}{}</p>{}{svg}{head_view}{relevance}</section>\n",
                 s.word,
                 s.split_note(),
                 if s.cut { "; cut at the decoder's length limit" } else { "" },
@@ -552,6 +560,7 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
                 "errors": s.errors(),
                 "split": s.split.map(|x| format!("{x:?}").to_lowercase()),
                 "cut": s.cut,
+                "relevance": s.relevance,
             })).collect::<Vec<_>>(),
         });
         out!("{obj}");
@@ -688,12 +697,39 @@ table.cmp{border-collapse:collapse;font-family:monospace;margin:.5em 0}table.cmp
 text-align:center}table.cmp th{text-align:right;font-weight:normal;color:#555}td.err{background:#fdd;\
 color:#a00;font-weight:bold}table.key td{padding:1px 8px;font-family:monospace}</style></head><body>\
 <h1>Cross-attention alignments</h1><p>Each row is a phoneme the model wrote; each column a letter \
-it read. Darker cells carry more attention weight (last decoder layer, averaged over heads).</p>\n";
+it read. Darker cells carry more attention weight (last decoder layer, averaged over heads). The third \
+picture of each word is gradient-weighted relevance (Chefer, Gur &amp; Wolf, 2021): every layer's \
+attention weighted by the gradient of that phoneme's logit and chained through the encoder, the \
+decoder and cross-attention.</p>\n";
+
+/// Gradient-weighted relevance of each letter to each phoneme of a decoded word (Chefer et
+/// al., 2021, encoder–decoder rules): for phoneme t, the maps of its logit's backward chained
+/// by [`attentive_viz::relevance::relevance_encoder_decoder`], row t of $R^{ti}$.
+fn letter_relevance(model: &G2p, code: &[u32], phones: &[u32]) -> Result<Vec<Vec<f32>>, CliError> {
+    let ns = code.len();
+    let weighted = |(data, shape): &(Vec<f32>, [usize; 4])| {
+        attentive_viz::relevance::Weighted::new(data.clone(), *shape).map_err(nn_err)
+    };
+    let all = model.weight_grads(code, phones).map_err(nn_err)?;
+    all.iter()
+        .take(phones.len())
+        .enumerate()
+        .map(|(t, w)| {
+            let r = attentive_viz::relevance::relevance_encoder_decoder(
+                &weighted(&w.encoder)?,
+                &weighted(&w.decoder)?,
+                &weighted(&w.cross)?,
+            )
+            .map_err(nn_err)?;
+            Ok(r.cross[t * ns..(t + 1) * ns].to_vec())
+        })
+        .collect()
+}
 
 /// A word's cross-attention alignment (rows: the phonemes written, columns: the letters read) as
 /// attentive-viz draws it: a heatmap, and the head view (letters on the right, each phoneme's
 /// lines to the letters it read).
-fn alignment_svgs(s: &Shown) -> (String, String) {
+fn alignment_svgs(s: &Shown) -> (String, String, String) {
     let phones: Vec<String> = s
         .phones
         .iter()
@@ -713,8 +749,11 @@ fn alignment_svgs(s: &Shown) -> (String, String) {
         })
         .collect();
     let title = format!("{}: what each phoneme read", s.word);
+    let relevance: Vec<f32> = s.relevance.iter().flatten().copied().collect();
+    let rel_title = format!("{}: which letters each phoneme depends on", s.word);
     (
         attentive_viz::svg::heatmap(&flat, (nq, nk), &phones, &letters, &title),
         attentive_viz::svg::head_view(&flat, (nq, nk), &phones, &letters, &title),
+        attentive_viz::svg::heatmap(&relevance, (nq, nk), &phones, &letters, &rel_title),
     )
 }

@@ -158,13 +158,32 @@ fn the_demo_shows_held_out_words_beside_the_dictionary_and_caches_its_score() {
         &cache,
     );
     assert!(ok, "{stderr}");
-    assert_eq!(last_json(&stdout)["decoding"]["width"], 3);
+    let j = last_json(&stdout);
+    assert_eq!(j["decoding"]["width"], 3);
+    // Gradient-weighted relevance reads "cat" letter by letter: K from c, AE from a, T from t.
+    let cat = &j["transcriptions"][0];
+    assert_eq!(cat["phones"], "K AE T");
+    let rel: Vec<Vec<f32>> = serde_json::from_value(cat["relevance"].clone()).unwrap();
+    for (t, row) in rel.iter().enumerate() {
+        let top = (0..row.len())
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap();
+        assert_eq!(top, t, "phoneme {t} of cat: relevance {row:?}");
+    }
     let mut files: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     files.sort();
-    assert_eq!(files, ["cat-headview.svg", "cat.svg", "index.html"]);
+    assert_eq!(
+        files,
+        [
+            "cat-headview.svg",
+            "cat-relevance.svg",
+            "cat.svg",
+            "index.html"
+        ]
+    );
     assert!(std::fs::read_to_string(out.join("index.html"))
         .unwrap()
         .contains("beam search, width 3"));

@@ -223,6 +223,20 @@ pub struct Decoded {
     pub alignment: Vec<Vec<f32>>,
 }
 
+/// [`G2p::weight_grads`]' result: each module's $A \odot \partial y/\partial A$, flat, with
+/// its shape `[layers, heads, queries, keys]`.
+#[derive(Clone, Debug)]
+pub struct WeightedMaps {
+    /// The explained logit.
+    pub value: f32,
+    /// Encoder self-attention, `[Le, H, Ns, Ns]` over the letters.
+    pub encoder: (Vec<f32>, [usize; 4]),
+    /// Decoder self-attention, `[Ld, H, Nt, Nt]` over the start token and the phonemes.
+    pub decoder: (Vec<f32>, [usize; 4]),
+    /// Cross-attention, `[Ld, H, Nt, Ns]`.
+    pub cross: (Vec<f32>, [usize; 4]),
+}
+
 impl G2p {
     pub fn new(config: &Config, seed: u64) -> Result<Self> {
         let params = Params::new(seed, &Device::Cpu);
@@ -339,6 +353,89 @@ impl G2p {
                 (0..ns)
                     .map(|s| (0..h).map(|hh| w[(hh * nt + t) * ns + s]).sum::<f32>() / h as f32)
                     .collect()
+            })
+            .collect())
+    }
+
+    /// Every attention module's $A \odot \partial y_t/\partial A$ for $y_t$ the logit of the
+    /// phoneme written at each position `t` of a decoded word (`phones[t]`, and the end token
+    /// at `t = phones.len()`), under teacher forcing on the decoded phonemes: the input of
+    /// gradient-weighted relevance with the encoder–decoder rules (Chefer et al., 2021). Each
+    /// map comes from the fused backward ([`attentive::backward_weighted`]). One batch holds a
+    /// copy of the word per position and one backward serves them all: copy `t` receives only
+    /// $y_t$'s gradient.
+    ///
+    /// # Errors
+    /// An empty word; candle's errors.
+    pub fn weight_grads(&self, word: &[u32], phones: &[u32]) -> Result<Vec<WeightedMaps>> {
+        if word.is_empty() {
+            candle_core::bail!("weight_grads: an empty word");
+        }
+        let dev = Device::Cpu;
+        let mut model = self.model.clone();
+        let sink = || -> crate::op::WeightGradSink { Default::default() };
+        let (enc, dec, cross): (Vec<_>, Vec<_>, Vec<_>) = (
+            model
+                .enc
+                .iter_mut()
+                .map(|l| l.attn.weight_grads.insert(sink()).clone())
+                .collect(),
+            model
+                .dec
+                .iter_mut()
+                .map(|l| l.self_attn.weight_grads.insert(sink()).clone())
+                .collect(),
+            model
+                .dec
+                .iter_mut()
+                .map(|l| l.cross.weight_grads.insert(sink()).clone())
+                .collect(),
+        );
+        let (ns, nt, h) = (word.len(), phones.len() + 1, self.model.config.heads);
+        let v = self.model.config.tgt_vocab;
+        let (src, mask) = source_batch(&vec![word; nt], &dev)?;
+        let (tin, _, _) = target_batch(&vec![phones; nt], &dev)?;
+        let mem = model.encode(&src, &mask, Mode::EVAL)?;
+        let logits = model.decode(&tin, &mem, &mask, None, Mode::EVAL)?; //  [Nt, Nt, V]
+                                                                         // y = Σ_t logits[t, t, target_t]
+        let at: Vec<u32> = (0..nt)
+            .map(|t| ((t * nt + t) * v) as u32 + phones.get(t).copied().unwrap_or(EOS))
+            .collect();
+        let picked = logits
+            .flatten_all()?
+            .index_select(&Tensor::from_vec(at, nt, &dev)?, 0)?; //              [Nt]
+        picked.sum_all()?.backward()?;
+        let values = picked.to_vec1::<f32>()?;
+        let take = |sinks: &[crate::op::WeightGradSink], per: usize| -> Result<Vec<Vec<f32>>> {
+            // Per layer [Nt copies, H, q, k] → per copy, its layers one after another.
+            let mut out = vec![Vec::new(); nt];
+            for s in sinks {
+                let got = s.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let got = got.ok_or_else(|| {
+                    candle_core::Error::Msg("weight_grads: a module had no backward".into())
+                })?;
+                for (o, copy) in out.iter_mut().zip(got.chunks_exact(per)) {
+                    o.extend_from_slice(copy);
+                }
+            }
+            Ok(out)
+        };
+        let (le, ld) = (self.model.enc.len(), self.model.dec.len());
+        let (e, d, c) = (
+            take(&enc, h * ns * ns)?,
+            take(&dec, h * nt * nt)?,
+            take(&cross, h * nt * ns)?,
+        );
+        Ok(values
+            .into_iter()
+            .zip(e)
+            .zip(d)
+            .zip(c)
+            .map(|(((value, e), d), c)| WeightedMaps {
+                value,
+                encoder: (e, [le, h, ns, ns]),
+                decoder: (d, [ld, h, nt, nt]),
+                cross: (c, [ld, h, nt, ns]),
             })
             .collect())
     }
@@ -674,5 +771,74 @@ mod tests {
         }
         assert_eq!(got.len(), 3);
         assert_eq!(got[2].1.len(), 2, "two decoder layers of cross-attention");
+    }
+
+    /// Each module's A ⊙ ∂y/∂A, summed over a head's pairs, is ∂y/∂ξ_h for a gate ξ on that
+    /// head's output (Σ_j P_ij dP_ij = dO_i·O_i): the fused backward's maps against candle's own
+    /// gradient of the gates, for every module, layer, head and position.
+    #[test]
+    fn weight_grads_sum_to_the_gate_gradients() {
+        let config = Config {
+            d_model: 16,
+            heads: 2,
+            kv_heads: 2,
+            ff: 32,
+            enc_layers: 2,
+            dec_layers: 2,
+            dropout: 0.0,
+            ..default_config()
+        };
+        let g = G2p::new(&config, 11).unwrap();
+        let word = encode_word("cats").unwrap();
+        let phones: Vec<u32> = ["K", "AE", "T", "S"]
+            .iter()
+            .map(|p| phone_id(p).unwrap())
+            .collect();
+        let dev = Device::Cpu;
+        let h = config.heads;
+        let all = g.weight_grads(&word, &phones).unwrap();
+        assert_eq!(all.len(), phones.len() + 1);
+        for (t, got) in all.iter().enumerate() {
+            // The same logit, differentiated in gates of ones on every module.
+            let mut m = g.model.clone();
+            let mut gates = Vec::new();
+            let mut gate = |a: &mut crate::mha::MultiHeadAttention| {
+                let v = candle_core::Var::ones(h, candle_core::DType::F32, &dev).unwrap();
+                a.gates = Some(v.as_tensor().clone());
+                gates.push(v);
+            };
+            m.enc.iter_mut().for_each(|l| gate(&mut l.attn));
+            m.dec.iter_mut().for_each(|l| gate(&mut l.self_attn));
+            m.dec.iter_mut().for_each(|l| gate(&mut l.cross));
+            let (src, mask) = source_batch(&[&word], &dev).unwrap();
+            let (tin, _, _) = target_batch(&[&phones], &dev).unwrap();
+            let mem = m.encode(&src, &mask, Mode::EVAL).unwrap();
+            let logits = m.decode(&tin, &mem, &mask, None, Mode::EVAL).unwrap();
+            let target = phones.get(t).copied().unwrap_or(EOS) as usize;
+            let y = logits.get(0).unwrap().get(t).unwrap().get(target).unwrap();
+            assert!((y.to_scalar::<f32>().unwrap() - got.value).abs() < 1e-5);
+            let grads = y.backward().unwrap();
+            let mut k = 0;
+            for (maps, shape) in [&got.encoder, &got.decoder, &got.cross] {
+                let [layers, heads, nq, nk] = *shape;
+                assert_eq!(maps.len(), layers * heads * nq * nk);
+                for l in 0..layers {
+                    let want = grads
+                        .get(gates[k].as_tensor())
+                        .map(|d| d.to_vec1::<f32>().unwrap())
+                        .unwrap_or(vec![0.0; heads]);
+                    for (hh, want) in want.iter().enumerate() {
+                        let at = (l * heads + hh) * nq * nk;
+                        let sum: f32 = maps[at..at + nq * nk].iter().sum();
+                        assert!(
+                            (sum - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "position {t}, module {k}, head {hh}: Σ A⊙∇A = {sum}, ∂y/∂ξ = {want}"
+                        );
+                    }
+                    k += 1;
+                }
+            }
+        }
+        assert!(g.weight_grads(&[], &phones).is_err());
     }
 }

@@ -126,6 +126,9 @@ pub struct MultiHeadAttention {
     /// set them to a variable of ones and $\partial L / \partial \xi_h$ is head $h$'s importance
     /// (Michel et al., 2019). `None`: no gates.
     pub gates: Option<Tensor>,
+    /// When set, the fused backward leaves this module's $P \circ \partial L/\partial P$
+    /// (`[B, Hq, Nq, Nk]`) here: gradient-weighted relevance (Chefer et al., 2021).
+    pub weight_grads: Option<crate::op::WeightGradSink>,
     alibi: Vec<f32>,
 }
 
@@ -161,6 +164,7 @@ impl MultiHeadAttention {
             dropout: 0.0,
             unfused: false,
             gates: None,
+            weight_grads: None,
             alibi: attentive::positional::alibi_slopes(heads),
         })
     }
@@ -264,6 +268,7 @@ impl MultiHeadAttention {
                     p: self.dropout,
                     seed,
                 }),
+            weight_grads: self.weight_grads.clone(),
             ..Default::default()
         };
         let o = if self.unfused {

@@ -16,6 +16,10 @@ use std::sync::{Arc, Mutex};
 /// A user score rule shared with the op (see [`attentive::ScoreRule`]).
 pub type SharedScoreRule = Arc<dyn ScoreRule + Send + Sync>;
 
+/// Where the backward leaves $P \circ \partial L/\partial P$ (`[B, Hq, Nq, Nk]` flat) when
+/// asked: the input of gradient-weighted relevance ([`attentive::backward_weighted`]).
+pub type WeightGradSink = Arc<Mutex<Option<Vec<f32>>>>;
+
 /// How attention is masked and modified; what [`attentive::Options`] holds, owned.
 #[derive(Clone, Default)]
 pub struct AttnConfig {
@@ -36,6 +40,8 @@ pub struct AttnConfig {
     pub pattern: Option<Pattern>,
     /// $s \leftarrow f(s, b, h, i, j)$ after every built-in modifier.
     pub score_rule: Option<SharedScoreRule>,
+    /// The backward also writes $P \circ \partial L/\partial P$ here.
+    pub weight_grads: Option<WeightGradSink>,
 }
 
 impl std::fmt::Debug for AttnConfig {
@@ -50,6 +56,7 @@ impl std::fmt::Debug for AttnConfig {
             .field("dropout", &self.dropout)
             .field("pattern", &self.pattern)
             .field("score_rule", &self.score_rule.is_some())
+            .field("weight_grads", &self.weight_grads.is_some())
             .finish()
     }
 }
@@ -192,18 +199,23 @@ impl CustomOp3 for Fused {
         let mut dq = vec![0.0f32; qsh.iter().product()]; //   [B, Hq, Nq, D]
         let mut dk = vec![0.0f32; ksh.iter().product()]; //   [B, Hkv, Nk, D]
         let mut dv = vec![0.0f32; vsh.iter().product()]; //   [B, Hkv, Nk, Dv]
-        attentive::backward(
-            qv,
-            kv,
-            vv,
-            ov,
-            &lse,
-            gv,
-            &opts,
-            &mut ViewMut::contiguous(&mut dq, qsh).map_err(attn_err)?,
-            &mut ViewMut::contiguous(&mut dk, ksh).map_err(attn_err)?,
-            &mut ViewMut::contiguous(&mut dv, vsh).map_err(attn_err)?,
-        )
+        let mut dqv = ViewMut::contiguous(&mut dq, qsh).map_err(attn_err)?;
+        let mut dkv = ViewMut::contiguous(&mut dk, ksh).map_err(attn_err)?;
+        let mut dvv = ViewMut::contiguous(&mut dv, vsh).map_err(attn_err)?;
+        match &self.cfg.weight_grads {
+            None => attentive::backward(
+                qv, kv, vv, ov, &lse, gv, &opts, &mut dqv, &mut dkv, &mut dvv,
+            ),
+            Some(sink) => {
+                let mut pdp = vec![0.0f32; qsh[0] * qsh[1] * qsh[2] * ksh[2]]; // [B, Hq, Nq, Nk]
+                attentive::backward_weighted(
+                    qv, kv, vv, ov, &lse, gv, &opts, &mut dqv, &mut dkv, &mut dvv, &mut pdp,
+                )
+                .map_err(attn_err)?;
+                *sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(pdp);
+                Ok(())
+            }
+        }
         .map_err(attn_err)?;
         let dev = q.device();
         Ok((
