@@ -69,7 +69,7 @@ const SHOWCASE: [&str; 6] = [
     "christensen",
 ];
 
-fn nn_err(e: impl std::fmt::Display) -> CliError {
+pub(crate) fn nn_err(e: impl std::fmt::Display) -> CliError {
     CliError::Input {
         what: "model".into(),
         reason: e.to_string(),
@@ -166,7 +166,7 @@ fn checkpoint_file(p: &Path) -> bool {
 
 /// A checkpoint and the FNV-1a hash of its bytes (config and weights), which keys its cached
 /// test score.
-fn load_model(dir: Option<&Path>) -> Result<(G2p, u64), CliError> {
+pub(crate) fn load_model(dir: Option<&Path>) -> Result<(G2p, u64), CliError> {
     let read = |p: PathBuf| {
         std::fs::read(&p).map_err(|e| CliError::Input {
             what: p.display().to_string(),
@@ -716,9 +716,9 @@ fn letter_relevance(model: &G2p, code: &[u32], phones: &[u32]) -> Result<Vec<Vec
         .enumerate()
         .map(|(t, w)| {
             let r = attentive_viz::relevance::relevance_encoder_decoder(
-                &weighted(&w.encoder)?,
-                &weighted(&w.decoder)?,
-                &weighted(&w.cross)?,
+                &weighted(&w.maps.encoder)?,
+                &weighted(&w.maps.decoder)?,
+                &weighted(&w.maps.cross)?,
             )
             .map_err(nn_err)?;
             Ok(r.cross[t * ns..(t + 1) * ns].to_vec())

@@ -11,8 +11,15 @@ use std::path::{Path, PathBuf};
 #[derive(clap::Args)]
 pub struct VizArgs {
     /// A BERT-family model (as for `embed`): its attention on TEXT.
-    #[arg(long, conflicts_with_all = ["maps", "tokens"], required_unless_present = "maps")]
+    #[arg(long, conflicts_with_all = ["maps", "tokens", "g2p"], required_unless_present_any = ["maps", "g2p"])]
     model: Option<PathBuf>,
+    /// The G2P model's attention (the shipped checkpoint) on this word, as it transcribes it.
+    #[arg(long, value_name = "WORD", conflicts_with_all = ["maps", "tokens"])]
+    g2p: Option<String>,
+    /// Which of the G2P model's attention modules: the encoder's over the letters, the
+    /// decoder's over the phonemes, or cross-attention (phonemes over letters).
+    #[arg(long, value_enum, default_value = "cross", requires = "g2p")]
+    module: ModuleArg,
     /// Maps from elsewhere: float32 .npy of shape [layers, heads, N, N] (or [heads, N, N], or
     /// [N, N]) ...
     #[arg(long, value_name = "FILE.npy", requires = "tokens")]
@@ -32,22 +39,24 @@ pub struct VizArgs {
     #[arg(long, value_delimiter = ',', value_name = "I,J,…")]
     flow: Vec<usize>,
     /// Gradient-weighted relevance (with --model) of this dimension of TEXT's embedding.
-    #[arg(
-        long,
-        value_name = "K",
-        conflicts_with = "relevance_to",
-        requires = "model"
-    )]
+    #[arg(long, value_name = "K", conflicts_with_all = ["relevance_to", "maps", "g2p"])]
     relevance_dim: Option<usize>,
     /// Gradient-weighted relevance (with --model) of the cosine similarity of TEXT's embedding
     /// and this text's.
-    #[arg(long, value_name = "OTHER", requires = "model")]
+    #[arg(long, value_name = "OTHER", conflicts_with_all = ["maps", "g2p"])]
     relevance_to: Option<String>,
     /// Print attention.json's object as the last line.
     #[arg(long)]
     json: bool,
     /// The text to look at (with --model).
     text: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ModuleArg {
+    Encoder,
+    Decoder,
+    Cross,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -85,6 +94,7 @@ pub fn viz(a: VizArgs) -> Result<(), CliError> {
         rows,
         relevance,
     } = match (&a.model, &a.maps) {
+        _ if a.g2p.is_some() => from_g2p(a.g2p.as_deref().unwrap_or_default(), a.module)?,
         (Some(model), _) => from_model(model, a.text.as_deref(), target)?,
         (None, Some(maps)) => {
             let tokens = a
@@ -100,7 +110,12 @@ pub fn viz(a: VizArgs) -> Result<(), CliError> {
             ))
         }
     };
-    let mut report = Report::new(&maps, a.text.as_deref().unwrap_or("Attention maps"));
+    let title = a
+        .text
+        .as_deref()
+        .or(a.g2p.as_deref())
+        .unwrap_or("Attention maps");
+    let mut report = Report::new(&maps, title);
     report.subtitle = subtitle;
     report.fusion = match a.fusion {
         FusionArg::Mean => Fusion::Mean,
@@ -264,6 +279,49 @@ fn from_model(
         reading: Some(reading_of(n)),
         rows: Some(batch.mask),
         relevance: explained,
+    })
+}
+
+/// The G2P model's attention on `word` as it transcribes it (greedy decoding, then teacher
+/// forcing on its own phonemes): one module's maps, every layer and head.
+fn from_g2p(word: &str, module: ModuleArg) -> Result<Loaded, CliError> {
+    use attentive_nn::g2p::{encode_word, phone_name};
+    let (model, _) = crate::g2p::load_model(None)?;
+    let max = model.model.config.max_len;
+    let word = word.to_lowercase();
+    let code = encode_word(&word)
+        .filter(|c| !c.is_empty() && c.len() < max)
+        .ok_or_else(|| {
+            input(
+                format!("--g2p '{word}'"),
+                format!("must be 1 to {} letters a–z or apostrophes", max - 1),
+            )
+        })?;
+    let g2p_err = crate::g2p::nn_err;
+    let phones = model.greedy(&[&code]).map_err(g2p_err)?.remove(0);
+    let maps = model.attention_maps(&code, &phones).map_err(g2p_err)?;
+    let letters: Vec<String> = word.chars().map(String::from).collect();
+    let written: Vec<String> = std::iter::once("<s>".to_string())
+        .chain(phones.iter().map(|&p| phone_name(p).to_string()))
+        .collect();
+    let ((data, shape), q, k, what) = match module {
+        ModuleArg::Encoder => (maps.encoder, &letters, &letters, "encoder self-attention"),
+        ModuleArg::Decoder => (maps.decoder, &written, &written, "decoder self-attention"),
+        ModuleArg::Cross => (maps.cross, &written, &letters, "cross-attention"),
+    };
+    let subtitle = format!(
+        "G2P (the shipped checkpoint) · {what} · {word} → {} · {} layers × {} heads",
+        written[1..].join(" "),
+        shape[0],
+        shape[1]
+    );
+    let m = Maps::new(data, shape, q.clone(), k.clone()).map_err(|e| input("G2P maps", e))?;
+    Ok(Loaded {
+        maps: m,
+        subtitle,
+        reading: None,
+        rows: None,
+        relevance: None,
     })
 }
 

@@ -505,3 +505,62 @@ fn minilm_relevance_explains_the_values_hf_computes() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// The G2P model's three attention modules through the same views: the letters and phonemes as
+/// tokens, every row a distribution, rollout for the two self-attentions only, the decoder's
+/// self-attention causal; a word the model cannot read is a clear error.
+#[test]
+fn g2p_modules_are_viewed_like_any_maps() {
+    let d = dir("g2p");
+    let mut phones: Option<Vec<String>> = None;
+    for module in ["encoder", "decoder", "cross"] {
+        let out = d.join(module).display().to_string();
+        let (ok, printed) = attentive(&[
+            "viz", "--g2p", "phone", "--module", module, "--out", &out, "--json",
+        ]);
+        assert!(ok, "{printed}");
+        let j: serde_json::Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+        let tokens = |k: &str| -> Vec<String> { serde_json::from_value(j[k].clone()).unwrap() };
+        let (q, k) = (tokens("q_tokens"), tokens("k_tokens"));
+        let letters: Vec<String> = "phone".chars().map(String::from).collect();
+        match module {
+            "encoder" => assert_eq!((&q, &k), (&letters, &letters)),
+            _ => {
+                assert_eq!(q[0], "<s>");
+                assert_eq!(
+                    k,
+                    if module == "cross" {
+                        letters
+                    } else {
+                        q.clone()
+                    }
+                );
+                match &phones {
+                    None => phones = Some(q.clone()),
+                    Some(p) => assert_eq!(p, &q),
+                }
+            }
+        }
+        assert_eq!(j.get("rollout").is_some(), module != "cross", "{module}");
+        let a: Vec<Vec<Vec<Vec<f64>>>> = serde_json::from_value(j["attentions"].clone()).unwrap();
+        for layer in &a {
+            for head in layer {
+                for (i, row) in head.iter().enumerate() {
+                    assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-5);
+                    if module == "decoder" {
+                        assert!(row[i + 1..].iter().all(|&x| x == 0.0), "causal");
+                    }
+                }
+            }
+        }
+    }
+    let (ok, printed) = attentive(&[
+        "viz",
+        "--g2p",
+        "x1",
+        "--out",
+        &d.join("bad").display().to_string(),
+    ]);
+    assert!(!ok && printed.contains("letters a–z"), "{printed}");
+    let _ = std::fs::remove_dir_all(&d);
+}

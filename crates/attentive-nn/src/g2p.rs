@@ -223,18 +223,25 @@ pub struct Decoded {
     pub alignment: Vec<Vec<f32>>,
 }
 
-/// [`G2p::weight_grads`]' result: each module's $A \odot \partial y/\partial A$, flat, with
-/// its shape `[layers, heads, queries, keys]`.
+/// One map per layer and head of each attention module, flat, with its shape
+/// `[layers, heads, queries, keys]`.
 #[derive(Clone, Debug)]
-pub struct WeightedMaps {
-    /// The explained logit.
-    pub value: f32,
+pub struct ModuleMaps {
     /// Encoder self-attention, `[Le, H, Ns, Ns]` over the letters.
     pub encoder: (Vec<f32>, [usize; 4]),
     /// Decoder self-attention, `[Ld, H, Nt, Nt]` over the start token and the phonemes.
     pub decoder: (Vec<f32>, [usize; 4]),
     /// Cross-attention, `[Ld, H, Nt, Ns]`.
     pub cross: (Vec<f32>, [usize; 4]),
+}
+
+/// [`G2p::weight_grads`]' result for one position: each module's
+/// $A \odot \partial y/\partial A$.
+#[derive(Clone, Debug)]
+pub struct WeightedMaps {
+    /// The explained logit.
+    pub value: f32,
+    pub maps: ModuleMaps,
 }
 
 impl G2p {
@@ -373,7 +380,7 @@ impl G2p {
         }
         let dev = Device::Cpu;
         let mut model = self.model.clone();
-        let sink = || -> crate::op::WeightGradSink { Default::default() };
+        let sink = || -> crate::op::MapSink { Default::default() };
         let (enc, dec, cross): (Vec<_>, Vec<_>, Vec<_>) = (
             model
                 .enc
@@ -406,7 +413,7 @@ impl G2p {
             .index_select(&Tensor::from_vec(at, nt, &dev)?, 0)?; //              [Nt]
         picked.sum_all()?.backward()?;
         let values = picked.to_vec1::<f32>()?;
-        let take = |sinks: &[crate::op::WeightGradSink], per: usize| -> Result<Vec<Vec<f32>>> {
+        let take = |sinks: &[crate::op::MapSink], per: usize| -> Result<Vec<Vec<f32>>> {
             // Per layer [Nt copies, H, q, k] → per copy, its layers one after another.
             let mut out = vec![Vec::new(); nt];
             for s in sinks {
@@ -433,11 +440,69 @@ impl G2p {
             .zip(c)
             .map(|(((value, e), d), c)| WeightedMaps {
                 value,
-                encoder: (e, [le, h, ns, ns]),
-                decoder: (d, [ld, h, nt, nt]),
-                cross: (c, [ld, h, nt, ns]),
+                maps: ModuleMaps {
+                    encoder: (e, [le, h, ns, ns]),
+                    decoder: (d, [ld, h, nt, nt]),
+                    cross: (c, [ld, h, nt, ns]),
+                },
             })
             .collect())
+    }
+
+    /// Every attention module's weights for a word and its phonemes under teacher forcing
+    /// (decoder queries: the start token, then each phoneme), from the fused kernel's forward.
+    ///
+    /// # Errors
+    /// An empty word; candle's errors.
+    pub fn attention_maps(&self, word: &[u32], phones: &[u32]) -> Result<ModuleMaps> {
+        if word.is_empty() {
+            candle_core::bail!("attention_maps: an empty word");
+        }
+        let dev = Device::Cpu;
+        let mut model = self.model.clone();
+        let sink = || -> crate::op::MapSink { Default::default() };
+        let (enc, dec, cross): (Vec<_>, Vec<_>, Vec<_>) = (
+            model
+                .enc
+                .iter_mut()
+                .map(|l| l.attn.probabilities.insert(sink()).clone())
+                .collect(),
+            model
+                .dec
+                .iter_mut()
+                .map(|l| l.self_attn.probabilities.insert(sink()).clone())
+                .collect(),
+            model
+                .dec
+                .iter_mut()
+                .map(|l| l.cross.probabilities.insert(sink()).clone())
+                .collect(),
+        );
+        let (src, mask) = source_batch(&[word], &dev)?;
+        let (tin, _, _) = target_batch(&[phones], &dev)?;
+        let mem = model.encode(&src, &mask, Mode::EVAL)?;
+        model.decode(&tin, &mem, &mask, None, Mode::EVAL)?;
+        let take = |sinks: &[crate::op::MapSink]| -> Result<Vec<f32>> {
+            let mut all = Vec::new();
+            for s in sinks {
+                all.extend(
+                    s.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take()
+                        .ok_or_else(|| {
+                            candle_core::Error::Msg("attention_maps: a module did not run".into())
+                        })?,
+                );
+            }
+            Ok(all)
+        };
+        let (ns, nt, h) = (word.len(), phones.len() + 1, self.model.config.heads);
+        let (le, ld) = (self.model.enc.len(), self.model.dec.len());
+        Ok(ModuleMaps {
+            encoder: (take(&enc)?, [le, h, ns, ns]),
+            decoder: (take(&dec)?, [ld, h, nt, nt]),
+            cross: (take(&cross)?, [ld, h, nt, ns]),
+        })
     }
 
     /// Head importance (Michel et al., 2019) over `entries`: a gate $\xi_h = 1$ on each head's
@@ -819,7 +884,7 @@ mod tests {
             assert!((y.to_scalar::<f32>().unwrap() - got.value).abs() < 1e-5);
             let grads = y.backward().unwrap();
             let mut k = 0;
-            for (maps, shape) in [&got.encoder, &got.decoder, &got.cross] {
+            for (maps, shape) in [&got.maps.encoder, &got.maps.decoder, &got.maps.cross] {
                 let [layers, heads, nq, nk] = *shape;
                 assert_eq!(maps.len(), layers * heads * nq * nk);
                 for l in 0..layers {
@@ -840,5 +905,52 @@ mod tests {
             }
         }
         assert!(g.weight_grads(&[], &phones).is_err());
+    }
+
+    /// The maps recorded from the fused forward: the last decoder layer's cross-attention is
+    /// what `cross_weights` computes by its own route, and every row sums to 1.
+    #[test]
+    fn recorded_maps_match_the_cross_weights() {
+        let config = Config {
+            d_model: 16,
+            heads: 2,
+            kv_heads: 2,
+            ff: 32,
+            enc_layers: 2,
+            dec_layers: 2,
+            dropout: 0.0,
+            ..default_config()
+        };
+        let g = G2p::new(&config, 5).unwrap();
+        let word = encode_word("phone").unwrap();
+        let phones: Vec<u32> = ["F", "OW", "N"]
+            .iter()
+            .map(|p| phone_id(p).unwrap())
+            .collect();
+        let m = g.attention_maps(&word, &phones).unwrap();
+        let dev = Device::Cpu;
+        let (src, mask) = source_batch(&[&word], &dev).unwrap();
+        let (tin, _, _) = target_batch(&[&phones], &dev).unwrap();
+        let mem = g.model.encode(&src, &mask, Mode::EVAL).unwrap();
+        let want = g.model.cross_weights(&tin, &mem, &mask).unwrap();
+        let (data, [l, h, nt, ns]) = &m.cross;
+        let last = &data[(l - 1) * h * nt * ns..];
+        assert_eq!(last.len(), want.len());
+        let err = last
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err < 1e-6, "last cross-attention differs by {err}");
+        for (data, [_, _, _, nk]) in [&m.encoder, &m.decoder, &m.cross] {
+            for row in data.chunks(*nk) {
+                assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            }
+        }
+        // Decoder self-attention is causal: nothing above the diagonal.
+        let (data, [_, _, nt, _]) = &m.decoder;
+        for (r, row) in data.chunks(*nt).enumerate() {
+            assert!(row[r % nt + 1..].iter().all(|&x| x == 0.0));
+        }
     }
 }

@@ -126,9 +126,12 @@ pub struct MultiHeadAttention {
     /// set them to a variable of ones and $\partial L / \partial \xi_h$ is head $h$'s importance
     /// (Michel et al., 2019). `None`: no gates.
     pub gates: Option<Tensor>,
+    /// When set, the fused forward leaves this module's attention probabilities
+    /// (`[B, Hq, Nq, Nk]`, without dropout) here: what it attended to.
+    pub probabilities: Option<crate::op::MapSink>,
     /// When set, the fused backward leaves this module's $P \circ \partial L/\partial P$
     /// (`[B, Hq, Nq, Nk]`) here: gradient-weighted relevance (Chefer et al., 2021).
-    pub weight_grads: Option<crate::op::WeightGradSink>,
+    pub weight_grads: Option<crate::op::MapSink>,
     alibi: Vec<f32>,
 }
 
@@ -164,6 +167,7 @@ impl MultiHeadAttention {
             dropout: 0.0,
             unfused: false,
             gates: None,
+            probabilities: None,
             weight_grads: None,
             alibi: attentive::positional::alibi_slopes(heads),
         })
@@ -268,6 +272,7 @@ impl MultiHeadAttention {
                     p: self.dropout,
                     seed,
                 }),
+            probabilities: self.probabilities.clone(),
             weight_grads: self.weight_grads.clone(),
             ..Default::default()
         };

@@ -16,9 +16,10 @@ use std::sync::{Arc, Mutex};
 /// A user score rule shared with the op (see [`attentive::ScoreRule`]).
 pub type SharedScoreRule = Arc<dyn ScoreRule + Send + Sync>;
 
-/// Where the backward leaves $P \circ \partial L/\partial P$ (`[B, Hq, Nq, Nk]` flat) when
-/// asked: the input of gradient-weighted relevance ([`attentive::backward_weighted`]).
-pub type WeightGradSink = Arc<Mutex<Option<Vec<f32>>>>;
+/// Where the op leaves an `[B, Hq, Nq, Nk]` map (flat) when asked: the attention probabilities
+/// of its forward, or $P \circ \partial L/\partial P$ of its backward, the input of
+/// gradient-weighted relevance ([`attentive::backward_weighted`]).
+pub type MapSink = Arc<Mutex<Option<Vec<f32>>>>;
 
 /// How attention is masked and modified; what [`attentive::Options`] holds, owned.
 #[derive(Clone, Default)]
@@ -40,8 +41,10 @@ pub struct AttnConfig {
     pub pattern: Option<Pattern>,
     /// $s \leftarrow f(s, b, h, i, j)$ after every built-in modifier.
     pub score_rule: Option<SharedScoreRule>,
+    /// The forward also writes the attention probabilities here.
+    pub probabilities: Option<MapSink>,
     /// The backward also writes $P \circ \partial L/\partial P$ here.
-    pub weight_grads: Option<WeightGradSink>,
+    pub weight_grads: Option<MapSink>,
 }
 
 impl std::fmt::Debug for AttnConfig {
@@ -56,6 +59,7 @@ impl std::fmt::Debug for AttnConfig {
             .field("dropout", &self.dropout)
             .field("pattern", &self.pattern)
             .field("score_rule", &self.score_rule.is_some())
+            .field("probabilities", &self.probabilities.is_some())
             .field("weight_grads", &self.weight_grads.is_some())
             .finish()
     }
@@ -147,6 +151,12 @@ impl CustomOp3 for Fused {
         let mut lse = vec![0.0f32; b * hq * nq]; //         [B, Hq, Nq]
         let mut o = ViewMut::contiguous(&mut out, [b, hq, nq, dv]).map_err(attn_err)?;
         attentive::forward(q, k, v, &opts, &mut o, Some(&mut lse)).map_err(attn_err)?;
+        if let Some(sink) = &self.cfg.probabilities {
+            let mut weights_only = opts.clone();
+            weights_only.dropout = None;
+            let p = attentive::probabilities(q, k, &weights_only).map_err(attn_err)?; // [B, Hq, Nq, Nk]
+            *sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+        }
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
         Ok((CpuStorage::F32(out), Shape::from((b, hq, nq, dv))))
     }
