@@ -2,7 +2,7 @@
 //! input tokens a chosen output `y` depends on, following attention weighted by its gradient.
 //!
 //! Per layer the heads' gradient-weighted maps are fused, keeping the positive part:
-//! $$\bar A_\ell = \mathrm{mean}_h \big(\nabla A^h_\ell \odot A^h_\ell\big)^+,
+//! $$\bar A_\ell = \mathrm{mean}\_h \big(\nabla A^h_\ell \odot A^h_\ell\big)^+,
 //!   \qquad \nabla A = \partial y/\partial A,$$
 //! ($\nabla A \odot A$ is $P \circ dP$, which attentive's backward forms tile by tile:
 //! [`attentive::backward_weighted`]).
@@ -70,7 +70,7 @@ impl Weighted {
         self.shape
     }
 
-    /// $\bar A_\ell = \mathrm{mean}_h (\nabla A \odot A)^+$, `Nq × Nk`.
+    /// $\bar A_\ell = \mathrm{mean}\_h (\nabla A \odot A)^+$, `Nq × Nk`.
     pub fn fused(&self, l: usize) -> Vec<f32> {
         let [_, heads, nq, nk] = self.shape;
         let mut out = vec![0.0f32; nq * nk];

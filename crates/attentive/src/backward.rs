@@ -123,10 +123,10 @@ pub fn backward(
     backward_rule_params(q, k, v, o, lse, d_o, opts, dq, dk, dv, &mut [])
 }
 
-/// [`backward`], and also the gradient-weighted weights $P_{ij}\,\partial L/\partial P_{ij}$ of
+/// [`backward`], and also the gradient-weighted weights $P_{ij}\\,\partial L/\partial P_{ij}$ of
 /// every pair, written into `weight_grads` (`[B, Hq, Nq, Nk]`, row-major; 0 where a key is not
 /// visible). $P$ is the softmax output before dropout and $\partial L/\partial P_{ij} =
-/// Z_{ij}\, dO_i\cdot v_j$, so this is the $\nabla A\odot A$ of gradient-weighted relevance
+/// Z_{ij}\\, dO_i\cdot v_j$, so this is the $\nabla A\odot A$ of gradient-weighted relevance
 /// (Chefer et al., 2021): the kernel forms both factors tile by tile anyway, and this costs one
 /// store per visible pair.
 ///

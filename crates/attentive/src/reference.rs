@@ -24,6 +24,11 @@ use crate::shaw::Shaw;
 use crate::view::View;
 use std::ops::{Add, Mul, Neg, Sub};
 
+/// The oracles of the [`variants`](crate::variants), each written beside its kernel.
+pub mod variants {
+    pub use crate::variants::linear::oracle::linear;
+}
+
 /// The float types the oracle computes in.
 pub trait Real:
     Copy
@@ -108,7 +113,7 @@ pub struct Grads<T> {
     pub dv: Vec<T>,
     /// Gradient of the score rule's parameters ([`ScoreRule::params`] of them).
     pub d_params: Vec<T>,
-    /// $P_{ij}\, dP_{ij}$ of every pair, `[B, Hq, Nq, Nk]` (P before dropout).
+    /// $P_{ij}\\, dP_{ij}$ of every pair, `[B, Hq, Nq, Nk]` (P before dropout).
     pub weight_grads: Vec<T>,
 }
 
