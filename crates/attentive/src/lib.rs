@@ -19,6 +19,8 @@
 //!   [`backward_weighted`] — those and $P\circ\partial L/\partial P$ per pair, for relevance;
 //!   [`probabilities`] — the weights themselves, when you want to look.
 //! * [`merge`] — combine attention computed over disjoint key sets (decode splits, ring attention).
+//! * [`variants`] — attention that is not softmax over a mask (linear, …), each with its
+//!   forward, backward and oracle.
 //! * [`reference`](mod@reference) — the naive oracle of every option, in f64 or f32, to test against.
 //! * [`matmul`] — dense products for the layers around attention, on the same micro-kernel.
 //! * [`HugeVec`] — a buffer on 2 MiB pages for large inputs such as a KV cache, which decoding
@@ -55,6 +57,7 @@ pub mod reference;
 mod residue;
 pub mod shaw;
 mod simd;
+pub mod variants;
 mod view;
 mod workspace;
 
