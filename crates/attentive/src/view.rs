@@ -40,6 +40,13 @@ fn check_bounds(
 }
 
 /// Row-major strides of a shape.
+/// Whether `strides` lay `shape` out row-major without gaps (size-1 dimensions may have any
+/// stride).
+pub(crate) fn is_row_major(shape: [usize; 4], strides: [usize; 4]) -> bool {
+    let want = contiguous_strides(shape);
+    (0..4).all(|k| shape[k] <= 1 || strides[k] == want[k])
+}
+
 pub fn contiguous_strides(shape: [usize; 4]) -> [usize; 4] {
     [
         shape[1] * shape[2] * shape[3],
@@ -168,6 +175,11 @@ impl<'a, T: Copy> View<'a, T> {
         for a in 0..s0 {
             for b in 0..s1 {
                 for c in 0..s2 {
+                    if self.strides[3] == 1 && s3 > 0 {
+                        let at = self.offset(a, b, c, 0);
+                        out.extend_from_slice(&self.data[at..at + s3]);
+                        continue;
+                    }
                     for d in 0..s3 {
                         out.push(self.data[self.offset(a, b, c, d)]);
                     }
@@ -187,6 +199,13 @@ pub struct ViewMut<'a> {
 }
 
 impl<'a> ViewMut<'a> {
+    /// The elements as one row-major slice, when the view is stored so (size-1 dimensions may
+    /// have any stride).
+    pub(crate) fn row_major_mut(&mut self) -> Option<&mut [f32]> {
+        let len = self.shape.iter().product::<usize>();
+        is_row_major(self.shape, self.strides).then(|| &mut self.data[..len])
+    }
+
     /// A writable view with explicit strides; fails if it reaches past the slice or overlaps itself.
     pub fn new(data: &'a mut [f32], shape: [usize; 4], strides: [usize; 4]) -> Result<Self> {
         check_bounds("output", data.len(), shape, strides)?;

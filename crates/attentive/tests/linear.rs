@@ -6,7 +6,7 @@
 mod common;
 use attentive::reference::variants::linear as oracle;
 use attentive::variants::linear::{backward, forward, Linear, LinearState};
-use attentive::{AttnError, View, ViewMut};
+use attentive::{AttnError, Isa, View, ViewMut};
 use common::{check_rule, Layout, OutBuf, Rng, Tensor};
 
 struct Case {

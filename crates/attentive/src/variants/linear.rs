@@ -19,9 +19,10 @@
 //! queries that see $j$; then through $\phi' (x) = 1$ for $x > 0$, else $e^x$. The causal form runs
 //! the queries front to back (their states) and the keys back to front (the gradient states).
 
-use super::{axpy, dot, heads, Dims};
+use super::{add_rows, axpy, dot, gemm, heads, transpose, write_out, Dims};
 use crate::error::{AttnError, Result};
 use crate::reference::Real;
+use crate::simd::{Isa, Kernels};
 use crate::view::{View, ViewMut};
 use rayon::prelude::*;
 
@@ -41,6 +42,8 @@ pub struct Linear<'a> {
     pub eps: f32,
     /// The keys each batch row may use, `B × Nk` row-major (`true` = use): padding.
     pub key_mask: Option<&'a [bool]>,
+    /// The instruction set of the products (default: the fastest this CPU has).
+    pub isa: Isa,
 }
 
 impl Default for Linear<'_> {
@@ -49,6 +52,7 @@ impl Default for Linear<'_> {
             causal: false,
             eps: EPS,
             key_mask: None,
+            isa: Isa::best(),
         }
     }
 }
@@ -63,13 +67,31 @@ pub fn phi(x: f32) -> f32 {
     }
 }
 
-/// $\phi'(x)$.
-#[inline]
-fn dphi(x: f32) -> f32 {
-    if x > 0.0 {
-        1.0
-    } else {
-        x.exp()
+/// `out ← φ(x)`, the exponentials on the instruction set's vector exp; rows hidden by `mask`
+/// (one flag per row of `width`) are 0.
+fn phi_into(kern: &Kernels, x: &[f32], width: usize, mask: Option<&[bool]>, out: &mut [f32]) {
+    let out = &mut out[..x.len()];
+    for (e, &v) in out.iter_mut().zip(x) {
+        *e = v.min(0.0);
+    }
+    // SAFETY: `out` holds `out.len()` elements.
+    unsafe { (kern.exp_sum)(out.as_mut_ptr(), out.len(), 1.0, 0.0) };
+    for (e, &v) in out.iter_mut().zip(x) {
+        *e = if v > 0.0 { v + 1.0 } else { *e };
+    }
+    if let Some(m) = mask {
+        for (row, &keep) in out.chunks_exact_mut(width).zip(m) {
+            if !keep {
+                row.fill(0.0);
+            }
+        }
+    }
+}
+
+/// `g ← g·φ′(x)` with `p = φ(x)`: φ′ is 1 for `x > 0`, else `eˣ = φ(x)`.
+fn times_dphi(g: &mut [f32], x: &[f32], p: &[f32]) {
+    for ((g, &x), &p) in g.iter_mut().zip(x).zip(p) {
+        *g *= if x > 0.0 { 1.0 } else { p };
     }
 }
 
@@ -97,55 +119,95 @@ impl Linear<'_> {
     }
 }
 
-/// One head's φ(K) (`nk × d`), zero where the mask hides a key.
-fn phi_keys(k: &[f32], d: usize, mask: Option<&[bool]>) -> Vec<f32> {
-    let mut b: Vec<f32> = k.iter().map(|&x| phi(x)).collect();
-    if let Some(m) = mask {
-        for (row, &keep) in b.chunks_exact_mut(d).zip(m) {
-            if !keep {
-                row.fill(0.0);
-            }
-        }
-    }
-    b
+/// One head's rows: queries `q` (`nq × d`), keys `k` (`nk × d`), values `v` (`nk × dv`) and
+/// which keys count.
+#[derive(Clone, Copy)]
+struct Head<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    mask: Option<&'a [bool]>,
+    d: usize,
+    dv: usize,
 }
 
-/// Row `i` of the attention's numerator and denominator (before ε) from the state `(s, z)` of
-/// the keys before the chunk and the chunk's own keys `0..=upto` (`bc`, `vc`).
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn row_from(
-    a: &[f32],
-    (s, z): (&[f32], &[f32]),
+impl<'a> Head<'a> {
+    fn nq(&self) -> usize {
+        self.q.len() / self.d
+    }
+
+    fn nk(&self) -> usize {
+        self.k.len() / self.d
+    }
+
+    /// Rows `r0..r1` of φ(Q) into `out`.
+    fn phi_q(&self, kern: &Kernels, (r0, r1): (usize, usize), out: &mut [f32]) {
+        phi_into(kern, &self.q[r0 * self.d..r1 * self.d], self.d, None, out);
+    }
+
+    /// Rows `r0..r1` of φ(K), hidden keys 0, into `out`.
+    fn phi_k(&self, kern: &Kernels, (r0, r1): (usize, usize), out: &mut [f32]) {
+        let mask = self.mask.map(|m| &m[r0..r1]);
+        phi_into(kern, &self.k[r0 * self.d..r1 * self.d], self.d, mask, out);
+    }
+
+    fn v_rows(&self, (r0, r1): (usize, usize)) -> &'a [f32] {
+        &self.v[r0 * self.dv..r1 * self.dv]
+    }
+}
+
+/// `S += Σ_j b_j v_jᵀ`, `z += Σ_j b_j` over the rows of `vc` (`m × dv`) and the first `m` of
+/// `bc` (`d` wide).
+fn add_to_state(
+    kern: &Kernels,
+    (s, z): (&mut [f32], &mut [f32]),
     (bc, vc): (&[f32], &[f32]),
-    upto: usize,
-    dims: (usize, usize),
-    num: &mut [f32],
-    pair: &mut [f32],
-) -> f32 {
-    let (d, dv) = dims;
-    num.fill(0.0);
-    for (c, &ac) in a.iter().enumerate() {
-        axpy(num, ac, &s[c * dv..(c + 1) * dv]);
-    }
-    let mut den = dot(a, z);
-    for j in 0..upto {
-        let w = dot(a, &bc[j * d..(j + 1) * d]);
-        pair[j] = w;
-        den += w;
-        axpy(num, w, &vc[j * dv..(j + 1) * dv]);
-    }
-    den
+    (d, dv): (usize, usize),
+) {
+    let m = vc.len() / dv;
+    gemm(kern, (d, m, dv), bc, (1, d), vc, dv, s, dv, true);
+    add_rows(z, &bc[..m * d], d);
 }
 
-/// `s += Σ_j b_j v_jᵀ`, `z += Σ_j b_j` over the rows of `bc`, `vc`.
-fn add_to_state(s: &mut [f32], z: &mut [f32], bc: &[f32], vc: &[f32], (d, dv): (usize, usize)) {
-    for (b, v) in bc.chunks_exact(d).zip(vc.chunks_exact(dv)) {
-        for (c, &bcv) in b.iter().enumerate() {
-            axpy(&mut s[c * dv..(c + 1) * dv], bcv, v);
+/// Scratch of one head: a chunk's φ(Q) and φ(K) rows, a transposed block, pair weights.
+struct Scratch {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    t: Vec<f32>,
+    pair: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(d: usize, dv: usize) -> Self {
+        let w = d.max(dv);
+        Self {
+            a: vec![0.0; CHUNK * d],
+            b: vec![0.0; CHUNK * d],
+            t: vec![0.0; w * CHUNK.max(w)],
+            pair: vec![0.0; CHUNK * CHUNK],
         }
-        axpy(z, 1.0, b);
     }
+}
+
+/// `pair (m × m, row stride CHUNK) ← x·yᵀ` with the pairs `j > i` set to 0, for `m` rows of
+/// `x` and `y` (`w` wide).
+fn lower_pairs(
+    kern: &Kernels,
+    (x, y): (&[f32], &[f32]),
+    (m, w): (usize, usize),
+    t: &mut [f32],
+    pair: &mut [f32],
+) {
+    transpose(&y[..m * w], (m, w), t);
+    gemm(kern, (m, w, m), x, (w, 1), t, m, pair, CHUNK, false);
+    for i in 0..m {
+        pair[i * CHUNK + i + 1..i * CHUNK + m].fill(0.0);
+    }
+}
+
+/// The chunks `[c0, c1)` of `n` rows.
+fn chunks(n: usize) -> impl DoubleEndedIterator<Item = (usize, usize)> {
+    (0..n.div_ceil(CHUNK)).map(move |c| (c * CHUNK, ((c + 1) * CHUNK).min(n)))
 }
 
 /// Linear attention of `q` over `k`, `v` into `out` (`[B, Hq, Nq, Dv]`).
@@ -166,9 +228,11 @@ fn add_to_state(s: &mut [f32], z: &mut [f32], bc: &[f32], vc: &[f32], (d, dv): (
 ///
 /// # Errors
 /// Shapes that disagree, an empty dimension, query heads not a multiple of key/value heads,
-/// `causal` with `Nq ≠ Nk`, a negative or non-finite `eps`, a key mask of the wrong length.
+/// `causal` with `Nq ≠ Nk`, a negative or non-finite `eps`, a key mask of the wrong length, an
+/// instruction set this CPU lacks.
 pub fn forward(q: View, k: View, v: View, opts: &Linear, out: &mut ViewMut) -> Result<()> {
     let dims = opts.check(&q, &k, &v)?;
+    let kern = opts.isa.kernels()?;
     let Dims {
         b,
         hq,
@@ -180,63 +244,84 @@ pub fn forward(q: View, k: View, v: View, opts: &Linear, out: &mut ViewMut) -> R
     } = dims;
     crate::problem::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
     let (qh, kh, vh) = (heads(&q), heads(&k), heads(&v));
-    let mut o = vec![0.0f32; b * hq * nq * dv]; //                           [B, Hq, Nq, Dv]
-    o.par_chunks_mut(nq * dv).enumerate().for_each(|(bh, o)| {
-        let (bi, h) = (bh / hq, bh % hq);
-        let kv = bi * dims.hkv + h / dims.group();
-        let mask = opts.key_mask.map(|m| &m[bi * nk..(bi + 1) * nk]);
-        let bk = phi_keys(&kh[kv * nk * d..][..nk * d], d, mask);
-        let vv = &vh[kv * nk * dv..][..nk * dv];
-        let a: Vec<f32> = qh[bh * nq * d..][..nq * d]
-            .iter()
-            .map(|&x| phi(x))
-            .collect();
-        head_forward(&a, &bk, vv, opts, (d, dv), o, None);
+    write_out(out, |o| {
+        o.par_chunks_mut(nq * dv).enumerate().for_each(|(bh, o)| {
+            let (bi, h) = (bh / hq, bh % hq);
+            let kv = bi * dims.hkv + h / dims.group();
+            let head = Head {
+                q: &qh[bh * nq * d..][..nq * d],
+                k: &kh[kv * nk * d..][..nk * d],
+                v: &vh[kv * nk * dv..][..nk * dv],
+                mask: opts.key_mask.map(|m| &m[bi * nk..(bi + 1) * nk]),
+                d,
+                dv,
+            };
+            head_forward(kern, head, opts, o, None);
+        })
     });
-    let mut rows = o.chunks_exact(dv);
-    out.for_each_row(|_, _, _, row| row.copy_from_slice(rows.next().expect("one row each")));
     Ok(())
 }
 
-/// One head: `a = φ(Q)` (`n × d`), `bk = φ(K)`, `v`; writes `o` and, when asked, each row's
-/// denominator.
+/// One head's output `o` (`nq × dv`) and, when asked, each row's denominator.
 fn head_forward(
-    a: &[f32],
-    bk: &[f32],
-    v: &[f32],
+    kern: &Kernels,
+    h: Head,
     opts: &Linear,
-    (d, dv): (usize, usize),
     o: &mut [f32],
     mut dens: Option<&mut [f32]>,
 ) {
+    let (d, dv) = (h.d, h.dv);
     let (mut s, mut z) = (vec![0.0f32; d * dv], vec![0.0f32; d]);
-    let mut pair = vec![0.0f32; CHUNK];
+    let mut scr = Scratch::new(d, dv);
     if !opts.causal {
-        add_to_state(&mut s, &mut z, bk, v, (d, dv));
-        for (i, (ai, oi)) in a.chunks_exact(d).zip(o.chunks_exact_mut(dv)).enumerate() {
-            let den = row_from(ai, (&s, &z), (&[], &[]), 0, (d, dv), oi, &mut pair) + opts.eps;
-            oi.iter_mut().for_each(|x| *x /= den);
-            if let Some(ds) = dens.as_deref_mut() {
-                ds[i] = den;
-            }
+        // S = φ(K)ᵀ·V, z = Σ_j φ(k_j)                                     (d, dv), (d)
+        for c in chunks(h.nk()) {
+            h.phi_k(kern, c, &mut scr.b);
+            add_to_state(kern, (&mut s, &mut z), (&scr.b, h.v_rows(c)), (d, dv));
         }
-        return;
     }
-    let n = a.len() / d;
-    for c0 in (0..n).step_by(CHUNK) {
-        let c1 = (c0 + CHUNK).min(n);
-        let (bc, vc) = (&bk[c0 * d..c1 * d], &v[c0 * dv..c1 * dv]);
-        for i in c0..c1 {
-            let oi = &mut o[i * dv..(i + 1) * dv];
-            let ai = &a[i * d..(i + 1) * d];
-            let den = row_from(ai, (&s, &z), (bc, vc), i - c0 + 1, (d, dv), oi, &mut pair);
-            let den = den + opts.eps;
-            oi.iter_mut().for_each(|x| *x /= den);
+    for (c0, c1) in chunks(h.nq()) {
+        let m = c1 - c0;
+        h.phi_q(kern, (c0, c1), &mut scr.a);
+        let oc = &mut o[c0 * dv..c1 * dv];
+        // Num = φ(Q_c)·S [+ tril(φ(Q_c)·φ(K_c)ᵀ)·V_c]                     (m, dv)
+        gemm(kern, (m, d, dv), &scr.a, (d, 1), &s, dv, oc, dv, false);
+        if opts.causal {
+            h.phi_k(kern, (c0, c1), &mut scr.b);
+            lower_pairs(kern, (&scr.a, &scr.b), (m, d), &mut scr.t, &mut scr.pair);
+            let vc = h.v_rows((c0, c1));
+            gemm(
+                kern,
+                (m, m, dv),
+                &scr.pair,
+                (CHUNK, 1),
+                vc,
+                dv,
+                oc,
+                dv,
+                true,
+            );
+        }
+        // δ_i = φ(q_i)·z [+ Σ_{j ≤ i} A_ij] + ε
+        for r in 0..m {
+            let within: f32 = match opts.causal {
+                true => scr.pair[r * CHUNK..r * CHUNK + r + 1].iter().sum(),
+                false => 0.0,
+            };
+            let den = dot(&scr.a[r * d..(r + 1) * d], &z) + within + opts.eps;
+            oc[r * dv..(r + 1) * dv].iter_mut().for_each(|x| *x /= den);
             if let Some(ds) = dens.as_deref_mut() {
-                ds[i] = den;
+                ds[c0 + r] = den;
             }
         }
-        add_to_state(&mut s, &mut z, bc, vc, (d, dv));
+        if opts.causal {
+            add_to_state(
+                kern,
+                (&mut s, &mut z),
+                (&scr.b, h.v_rows((c0, c1))),
+                (d, dv),
+            );
+        }
     }
 }
 
@@ -257,6 +342,7 @@ pub fn backward(
     dv: &mut ViewMut,
 ) -> Result<()> {
     let dims = opts.check(&q, &k, &v)?;
+    let kern = opts.isa.kernels()?;
     let Dims {
         b,
         hq,
@@ -277,32 +363,38 @@ pub fn backward(
         .into_par_iter()
         .map(|bk_i| {
             let bi = bk_i / hkv;
-            let mask = opts.key_mask.map(|m| &m[bi * nk..(bi + 1) * nk]);
-            let kx = &kh[bk_i * nk * d..][..nk * d];
-            let bkm = phi_keys(kx, d, mask);
-            let vv = &vh[bk_i * nk * dvd..][..nk * dvd];
             let (mut dqs, mut dkb, mut dvs) = (
                 vec![0.0f32; group * nq * d],
                 vec![0.0f32; nk * d],
                 vec![0.0f32; nk * dvd],
             );
+            let mut head = Head {
+                q: &[],
+                k: &kh[bk_i * nk * d..][..nk * d],
+                v: &vh[bk_i * nk * dvd..][..nk * dvd],
+                mask: opts.key_mask.map(|m| &m[bi * nk..(bi + 1) * nk]),
+                d,
+                dv: dvd,
+            };
             for g in 0..group {
                 let bh = bi * hq + (bk_i % hkv) * group + g;
-                let qx = &qh[bh * nq * d..][..nq * d];
-                let a: Vec<f32> = qx.iter().map(|&x| phi(x)).collect();
+                head.q = &qh[bh * nq * d..][..nq * d];
                 let dout = &doh[bh * nq * dvd..][..nq * dvd];
                 let dqg = &mut dqs[g * nq * d..][..nq * d];
-                head_backward(&a, &bkm, vv, dout, opts, (d, dvd), dqg, &mut dkb, &mut dvs);
-                for (x, &qv) in dqg.iter_mut().zip(qx) {
-                    *x *= dphi(qv);
-                }
+                head_backward(kern, head, dout, opts, (dqg, &mut dkb, &mut dvs));
             }
-            // dk = db ⊙ φ'(k); a hidden key's φ is the constant 0.
-            for (j, (row, krow)) in dkb.chunks_exact_mut(d).zip(kx.chunks_exact(d)).enumerate() {
-                if mask.is_some_and(|m| !m[j]) {
-                    row.fill(0.0);
-                } else {
-                    row.iter_mut().zip(krow).for_each(|(x, &kv)| *x *= dphi(kv));
+            // dk = db ⊙ φ′(k); a hidden key's φ is the constant 0, so its gradient is too.
+            let mut pk = vec![0.0f32; CHUNK * d];
+            for c in chunks(nk) {
+                head.phi_k(kern, c, &mut pk);
+                let rows = &mut dkb[c.0 * d..c.1 * d];
+                times_dphi(rows, &head.k[c.0 * d..c.1 * d], &pk);
+                if let Some(m) = head.mask {
+                    for (row, &keep) in rows.chunks_exact_mut(d).zip(&m[c.0..c.1]) {
+                        if !keep {
+                            row.fill(0.0);
+                        }
+                    }
                 }
             }
             (dqs, dkb, dvs)
@@ -317,25 +409,19 @@ pub fn backward(
     Ok(())
 }
 
-/// One query head's share of the gradients: `da` (into `dq`, before φ′), and `db`, `dv` added to
-/// `dkb`, `dvs`.
-#[allow(clippy::too_many_arguments)]
+/// One query head's share of the gradients: `dq` written, `db` (before φ′) and `dv` added.
 fn head_backward(
-    a: &[f32],
-    bk: &[f32],
-    v: &[f32],
+    kern: &Kernels,
+    h: Head,
     d_o: &[f32],
     opts: &Linear,
-    (d, dv): (usize, usize),
-    da: &mut [f32],
-    dkb: &mut [f32],
-    dvs: &mut [f32],
+    (dq, db, dvs): (&mut [f32], &mut [f32], &mut [f32]),
 ) {
-    let (nq, nk) = (a.len() / d, bk.len() / d);
+    let (d, dv, nq) = (h.d, h.dv, h.nq());
     // The forward again, for o and the denominators.
     let (mut o, mut den) = (vec![0.0f32; nq * dv], vec![0.0f32; nq]);
-    head_forward(a, bk, v, opts, (d, dv), &mut o, Some(&mut den));
-    // dn_i = do_i / δ_i; dδ_i = −(do_i·o_i) / δ_i                       (nq × dv), (nq)
+    head_forward(kern, h, opts, &mut o, Some(&mut den));
+    // dN = dO / δ; dδ_i = −(do_i·o_i) / δ_i                              (nq, dv), (nq)
     let mut dn = vec![0.0f32; nq * dv];
     let mut dden = vec![0.0f32; nq];
     for i in 0..nq {
@@ -346,95 +432,127 @@ fn head_backward(
         }
     }
     let (mut s, mut z) = (vec![0.0f32; d * dv], vec![0.0f32; d]);
+    let (mut ds, mut dz) = (vec![0.0f32; d * dv], vec![0.0f32; d]);
+    let mut t = vec![0.0f32; d * dv];
+    let mut scr = Scratch::new(d, dv);
     if !opts.causal {
-        add_to_state(&mut s, &mut z, bk, v, (d, dv));
-        // da_i = S·dn_i + z·dδ_i
-        for i in 0..nq {
-            let dai = &mut da[i * d..(i + 1) * d];
-            for (c, x) in dai.iter_mut().enumerate() {
-                *x = dot(&s[c * dv..(c + 1) * dv], &dn[i * dv..(i + 1) * dv]) + z[c] * dden[i];
+        for c in chunks(h.nk()) {
+            h.phi_k(kern, c, &mut scr.b);
+            add_to_state(kern, (&mut s, &mut z), (&scr.b, h.v_rows(c)), (d, dv));
+        }
+    }
+    // Queries front to back: dA_c = dN_c·Sᵀ + dδ_c zᵀ [+ G·φ(K_c), G = tril(dN_c·V_cᵀ + dδ_c 1ᵀ)]
+    for (c0, c1) in chunks(nq) {
+        let m = c1 - c0;
+        h.phi_q(kern, (c0, c1), &mut scr.a);
+        let dnc = &dn[c0 * dv..c1 * dv];
+        let dqc = &mut dq[c0 * d..c1 * d];
+        transpose(&s, (d, dv), &mut t);
+        gemm(kern, (m, dv, d), dnc, (dv, 1), &t, d, dqc, d, false);
+        for (dai, &g) in dqc.chunks_exact_mut(d).zip(&dden[c0..c1]) {
+            axpy(dai, g, &z);
+        }
+        if opts.causal {
+            h.phi_k(kern, (c0, c1), &mut scr.b);
+            let vc = h.v_rows((c0, c1));
+            grad_pairs(kern, (dnc, vc), &dden[c0..c1], dv, &mut scr);
+            gemm(
+                kern,
+                (m, m, d),
+                &scr.pair,
+                (CHUNK, 1),
+                &scr.b,
+                d,
+                dqc,
+                d,
+                true,
+            );
+            add_to_state(kern, (&mut s, &mut z), (&scr.b, vc), (d, dv));
+        } else {
+            // dS = φ(Q)ᵀ·dN, dz = φ(Q)ᵀ·dδ over every query
+            gemm(kern, (d, m, dv), &scr.a, (1, d), dnc, dv, &mut ds, dv, true);
+            for (ai, &g) in scr.a.chunks_exact(d).zip(&dden[c0..c1]) {
+                axpy(&mut dz, g, ai);
             }
         }
-        // dS = Σ_i a_i dn_iᵀ, dz = Σ_i a_i dδ_i; db_j = dS·v_j + dz, dv_j = dSᵀ·b_j
-        let (mut ds, mut dz) = (vec![0.0f32; d * dv], vec![0.0f32; d]);
-        for i in 0..nq {
-            let ai = &a[i * d..(i + 1) * d];
-            for (c, &ac) in ai.iter().enumerate() {
-                axpy(&mut ds[c * dv..(c + 1) * dv], ac, &dn[i * dv..(i + 1) * dv]);
+        times_dphi(dqc, &h.q[c0 * d..c1 * d], &scr.a);
+    }
+    if !opts.causal {
+        // dB += V·dSᵀ + 1 dzᵀ; dV += φ(K)·dS
+        transpose(&ds, (d, dv), &mut t);
+        for c in chunks(h.nk()) {
+            let m = c.1 - c.0;
+            h.phi_k(kern, c, &mut scr.b);
+            let (dbc, dvc) = (&mut db[c.0 * d..c.1 * d], &mut dvs[c.0 * dv..c.1 * dv]);
+            gemm(kern, (m, dv, d), h.v_rows(c), (dv, 1), &t, d, dbc, d, true);
+            for dbj in dbc.chunks_exact_mut(d) {
+                axpy(dbj, 1.0, &dz);
             }
-            axpy(&mut dz, dden[i], ai);
-        }
-        for j in 0..nk {
-            key_grads(j, (&ds, &dz), bk, v, (d, dv), dkb, dvs);
+            gemm(kern, (m, d, dv), &scr.b, (d, 1), &ds, dv, dvc, dv, true);
         }
         return;
     }
-    // Queries front to back: da_i = S·dn_i + z·dδ_i + Σ_{j ≤ i in the chunk} (v_j·dn_i + dδ_i)·b_j
-    for c0 in (0..nq).step_by(CHUNK) {
-        let c1 = (c0 + CHUNK).min(nq);
-        for i in c0..c1 {
-            let dni = &dn[i * dv..(i + 1) * dv];
-            let dai = &mut da[i * d..(i + 1) * d];
-            for (c, x) in dai.iter_mut().enumerate() {
-                *x = dot(&s[c * dv..(c + 1) * dv], dni) + z[c] * dden[i];
-            }
-            for j in c0..=i {
-                let g = dot(&v[j * dv..(j + 1) * dv], dni) + dden[i];
-                axpy(dai, g, &bk[j * d..(j + 1) * d]);
-            }
+    // Keys back to front, (dS, dz) summing the queries after the chunk:
+    // dB_c += V_c·dSᵀ + 1 dzᵀ + Gᵀ·φ(Q_c); dV_c += φ(K_c)·dS + Mᵀ·dN_c, M = tril(φ(Q_c)·φ(K_c)ᵀ)
+    for (c0, c1) in chunks(nq).rev() {
+        let m = c1 - c0;
+        h.phi_q(kern, (c0, c1), &mut scr.a);
+        h.phi_k(kern, (c0, c1), &mut scr.b);
+        let vc = h.v_rows((c0, c1));
+        let dnc = &dn[c0 * dv..c1 * dv];
+        let (dbc, dvc) = (&mut db[c0 * d..c1 * d], &mut dvs[c0 * dv..c1 * dv]);
+        transpose(&ds, (d, dv), &mut t);
+        gemm(kern, (m, dv, d), vc, (dv, 1), &t, d, dbc, d, true);
+        for dbj in dbc.chunks_exact_mut(d) {
+            axpy(dbj, 1.0, &dz);
         }
-        add_to_state(
-            &mut s,
-            &mut z,
-            &bk[c0 * d..c1 * d],
-            &v[c0 * dv..c1 * dv],
-            (d, dv),
+        grad_pairs(kern, (dnc, vc), &dden[c0..c1], dv, &mut scr);
+        gemm(
+            kern,
+            (m, m, d),
+            &scr.pair,
+            (1, CHUNK),
+            &scr.a,
+            d,
+            dbc,
+            d,
+            true,
         );
-    }
-    // Keys back to front: the gradient state (dS, dz) of the queries after the chunk, then the
-    // chunk's own pairs i ≥ j.
-    let (mut ds, mut dz) = (vec![0.0f32; d * dv], vec![0.0f32; d]);
-    let last = (nq - 1) / CHUNK * CHUNK;
-    for c0 in (0..=last).rev().step_by(CHUNK) {
-        let c1 = (c0 + CHUNK).min(nq);
-        for j in c0..c1 {
-            key_grads(j, (&ds, &dz), bk, v, (d, dv), dkb, dvs);
-            let (bj, vj) = (&bk[j * d..(j + 1) * d], &v[j * dv..(j + 1) * dv]);
-            for i in j..c1 {
-                let (ai, dni) = (&a[i * d..(i + 1) * d], &dn[i * dv..(i + 1) * dv]);
-                let g = dot(vj, dni) + dden[i];
-                axpy(&mut dkb[j * d..(j + 1) * d], g, ai);
-                axpy(&mut dvs[j * dv..(j + 1) * dv], dot(ai, bj), dni);
-            }
-        }
-        for i in c0..c1 {
-            let ai = &a[i * d..(i + 1) * d];
-            for (c, &ac) in ai.iter().enumerate() {
-                axpy(&mut ds[c * dv..(c + 1) * dv], ac, &dn[i * dv..(i + 1) * dv]);
-            }
-            axpy(&mut dz, dden[i], ai);
+        gemm(kern, (m, d, dv), &scr.b, (d, 1), &ds, dv, dvc, dv, true);
+        lower_pairs(kern, (&scr.a, &scr.b), (m, d), &mut scr.t, &mut scr.pair);
+        gemm(
+            kern,
+            (m, m, dv),
+            &scr.pair,
+            (1, CHUNK),
+            dnc,
+            dv,
+            dvc,
+            dv,
+            true,
+        );
+        // dS += φ(Q_c)ᵀ·dN_c, dz += φ(Q_c)ᵀ·dδ_c
+        gemm(kern, (d, m, dv), &scr.a, (1, d), dnc, dv, &mut ds, dv, true);
+        for (ai, &g) in scr.a.chunks_exact(d).zip(&dden[c0..c1]) {
+            axpy(&mut dz, g, ai);
         }
     }
 }
 
-/// Key `j`'s gradient from a gradient state: `db_j += dS·v_j + dz`, `dv_j += dSᵀ·b_j`.
-fn key_grads(
-    j: usize,
-    (ds, dz): (&[f32], &[f32]),
-    bk: &[f32],
-    v: &[f32],
-    (d, dv): (usize, usize),
-    dkb: &mut [f32],
-    dvs: &mut [f32],
+/// `pair ← G = tril(dN_c·V_cᵀ + dδ_c 1ᵀ)` (`m × m`, row stride CHUNK): `G_ij = ∂L/∂A_ij`.
+fn grad_pairs(
+    kern: &Kernels,
+    (dnc, vc): (&[f32], &[f32]),
+    dden: &[f32],
+    dv: usize,
+    scr: &mut Scratch,
 ) {
-    let (bj, vj) = (&bk[j * d..(j + 1) * d], &v[j * dv..(j + 1) * dv]);
-    let dbj = &mut dkb[j * d..(j + 1) * d];
-    for (c, x) in dbj.iter_mut().enumerate() {
-        *x += dot(&ds[c * dv..(c + 1) * dv], vj) + dz[c];
-    }
-    let dvj = &mut dvs[j * dv..(j + 1) * dv];
-    for (c, &bc) in bj.iter().enumerate() {
-        axpy(dvj, bc, &ds[c * dv..(c + 1) * dv]);
+    let m = dden.len();
+    lower_pairs(kern, (dnc, vc), (m, dv), &mut scr.t, &mut scr.pair);
+    for (r, &g) in dden.iter().enumerate() {
+        scr.pair[r * CHUNK..r * CHUNK + r + 1]
+            .iter_mut()
+            .for_each(|x| *x += g);
     }
 }
 
@@ -490,7 +608,10 @@ impl LinearState {
         crate::problem::expect_len("k", k.len(), self.d)?;
         crate::problem::expect_len("v", v.len(), self.dv)?;
         let b: Vec<f32> = k.iter().map(|&x| phi(x)).collect();
-        add_to_state(&mut self.s, &mut self.z, &b, v, (self.d, self.dv));
+        for (c, &bc) in b.iter().enumerate() {
+            axpy(&mut self.s[c * self.dv..(c + 1) * self.dv], bc, v);
+        }
+        axpy(&mut self.z, 1.0, &b);
         self.len += 1;
         Ok(())
     }
@@ -503,17 +624,11 @@ impl LinearState {
         crate::problem::expect_len("q", q.len(), self.d)?;
         crate::problem::expect_len("out", out.len(), self.dv)?;
         let a: Vec<f32> = q.iter().map(|&x| phi(x)).collect();
-        let mut pair = [0.0f32; 1];
-        let den = row_from(
-            &a,
-            (&self.s, &self.z),
-            (&[], &[]),
-            0,
-            (self.d, self.dv),
-            out,
-            &mut pair,
-        );
-        let den = den + eps;
+        out.fill(0.0);
+        for (c, &ac) in a.iter().enumerate() {
+            axpy(out, ac, &self.s[c * self.dv..(c + 1) * self.dv]);
+        }
+        let den = dot(&a, &self.z) + eps;
         out.iter_mut().for_each(|x| *x /= den);
         Ok(())
     }
@@ -536,6 +651,7 @@ pub mod oracle {
     ///
     /// # Errors
     /// As [`forward`].
+    #[allow(clippy::needless_range_loop)] // pair by pair, as the definition reads
     pub fn linear<T: Real>(q: View, k: View, v: View, d_o: View, opts: &Linear) -> Result<Out<T>> {
         let dims = opts.check(&q, &k, &v)?;
         let Dims {

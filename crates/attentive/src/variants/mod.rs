@@ -11,7 +11,9 @@
 pub mod linear;
 
 use crate::error::{AttnError, Result};
-use crate::view::View;
+use crate::simd::{Gemm, Kernels};
+use crate::view::{View, ViewMut};
+use std::borrow::Cow;
 
 /// The sizes of a call, checked once.
 #[derive(Clone, Copy, Debug)]
@@ -65,12 +67,32 @@ impl Dims {
     }
 }
 
-/// Each `[b, h]` head of `x` as `rows × width` row-major blocks, one after another.
-pub(crate) fn heads(x: &View) -> Vec<f32> {
-    x.to_vec()
+/// Each `[b, h]` head of `x` as `rows × width` row-major blocks, one after another: the
+/// view's own elements when it is stored so, else a copy.
+pub(crate) fn heads<'a>(x: &View<'a>) -> Cow<'a, [f32]> {
+    let len = x.shape().iter().product::<usize>();
+    if crate::view::is_row_major(x.shape(), x.strides()) {
+        Cow::Borrowed(&x.data()[..len])
+    } else {
+        Cow::Owned(x.to_vec())
+    }
 }
 
-/// `Σ a_c·b_c` with eight independent sums, so it vectorises.
+/// Writes `f`'s row-major result into `out`: in place when `out` is stored row-major, else
+/// through a buffer.
+pub(crate) fn write_out(out: &mut ViewMut, f: impl FnOnce(&mut [f32])) {
+    if let Some(data) = out.row_major_mut() {
+        return f(data);
+    }
+    let [b, h, n, w] = out.shape();
+    let mut buf = vec![0.0f32; b * h * n * w];
+    f(&mut buf);
+    let mut rows = buf.chunks_exact(w);
+    out.for_each_row(|_, _, _, row| row.copy_from_slice(rows.next().expect("one row each")));
+}
+
+/// `Σ a_c·b_c` with eight independent sums, so it vectorises. (Multiply then add: `mul_add`
+/// is a library call where the build's target has no FMA.)
 #[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
@@ -78,10 +100,10 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for l in 0..8 {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
+            acc[l] += x[l] * y[l];
         }
     }
-    let mut s = ra.iter().zip(rb).fold(0.0f32, |s, (x, y)| x.mul_add(*y, s));
+    let mut s = ra.iter().zip(rb).fold(0.0f32, |s, (x, y)| s + x * y);
     for l in acc {
         s += l;
     }
@@ -92,6 +114,70 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[inline]
 pub(crate) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     for (y, x) in y.iter_mut().zip(x) {
-        *y = alpha.mul_add(*x, *y);
+        *y += alpha * x;
+    }
+}
+
+/// `C (m × n) ← [C +] A·B` on the engine's matrix micro-kernel: A is `m × k`, element (r, t) at
+/// `r·a_rs + t·a_ks` (so Aᵀ of a row-major matrix is a stride swap); B row-major `k × n` with row
+/// stride `ldb`; C row-major with row stride `ldc`.
+///
+/// # Panics
+/// When a slice is too short for its matrix (a bug of the caller, never of the input).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    kern: &Kernels,
+    (m, k, n): (usize, usize, usize),
+    a: &[f32],
+    (a_rs, a_ks): (usize, usize),
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k > 0 {
+        assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_ks, "A is too short");
+        assert!(ldb >= n && b.len() >= (k - 1) * ldb + n, "B is too short");
+    }
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C is too short");
+    // SAFETY: the asserts keep every element the product reads (A through its two strides, the
+    // k rows of B) and writes (the m rows of C) inside `a`, `b` and `c`; the micro-kernel masks
+    // its loads and stores at the row ends.
+    unsafe {
+        (kern.gemm)(&Gemm {
+            m,
+            n,
+            k,
+            a: a.as_ptr(),
+            a_rs,
+            a_ks,
+            b: b.as_ptr(),
+            ldb,
+            b_vs: kern.lanes,
+            c: c.as_mut_ptr(),
+            ldc,
+            accumulate,
+            bias: std::ptr::null(),
+        })
+    }
+}
+
+/// `dst (cols × rows) ← srcᵀ` for row-major `src` (`rows × cols`).
+pub(crate) fn transpose(src: &[f32], (rows, cols): (usize, usize), dst: &mut [f32]) {
+    for (r, row) in src.chunks_exact(cols).take(rows).enumerate() {
+        for (c, &x) in row.iter().enumerate() {
+            dst[c * rows + r] = x;
+        }
+    }
+}
+
+/// `z += Σ_r x_r` over the rows of `x` (`width` wide).
+pub(crate) fn add_rows(z: &mut [f32], x: &[f32], width: usize) {
+    for row in x.chunks_exact(width) {
+        axpy(z, 1.0, row);
     }
 }
