@@ -53,26 +53,22 @@ fn run(c: &Case, rng: &mut Rng) -> Result<(), String> {
     let s = |e: AttnError| e.to_string();
     let o64 = oracle::<f64>(qv, kv, vv, dov, &opts).map_err(s)?;
     let o32 = oracle::<f32>(qv, kv, vv, dov, &opts).map_err(s)?;
-    let mut out = OutBuf::new([c.b, c.hq, c.nq, c.dv], c.layout);
-    forward(qv, kv, vv, &opts, &mut out.view()).map_err(s)?;
-    check_rule("O", &out.row_major(), &o32.0, &o64.0, 2.0)?;
-    let mut dq = OutBuf::new([c.b, c.hq, c.nq, c.d], c.layout);
-    let mut dk = OutBuf::new([c.b, c.hkv, c.nk, c.d], c.layout);
-    let mut dv = OutBuf::new([c.b, c.hkv, c.nk, c.dv], c.layout);
-    backward(
-        qv,
-        kv,
-        vv,
-        dov,
-        &opts,
-        &mut dq.view(),
-        &mut dk.view(),
-        &mut dv.view(),
-    )
-    .map_err(s)?;
-    check_rule("dQ", &dq.row_major(), &o32.1, &o64.1, 3.0)?;
-    check_rule("dK", &dk.row_major(), &o32.2, &o64.2, 3.0)?;
-    check_rule("dV", &dv.row_major(), &o32.3, &o64.3, 3.0)?;
+    // Every instruction set's products, the scalar path among them.
+    for isa in Isa::all_available() {
+        let opts = Linear { isa, ..opts };
+        let at = |e: String| format!("{isa:?}: {e}");
+        let mut out = OutBuf::new([c.b, c.hq, c.nq, c.dv], c.layout);
+        forward(qv, kv, vv, &opts, &mut out.view()).map_err(s)?;
+        check_rule("O", &out.row_major(), &o32.0, &o64.0, 2.0).map_err(at)?;
+        let mut dq = OutBuf::new([c.b, c.hq, c.nq, c.d], c.layout);
+        let mut dk = OutBuf::new([c.b, c.hkv, c.nk, c.d], c.layout);
+        let mut dv = OutBuf::new([c.b, c.hkv, c.nk, c.dv], c.layout);
+        let (gq, gk, gv) = (&mut dq.view(), &mut dk.view(), &mut dv.view());
+        backward(qv, kv, vv, dov, &opts, gq, gk, gv).map_err(s)?;
+        check_rule("dQ", &dq.row_major(), &o32.1, &o64.1, 3.0).map_err(at)?;
+        check_rule("dK", &dk.row_major(), &o32.2, &o64.2, 3.0).map_err(at)?;
+        check_rule("dV", &dv.row_major(), &o32.3, &o64.3, 3.0).map_err(at)?;
+    }
     Ok(())
 }
 
