@@ -26,6 +26,7 @@ use std::ops::{Add, Mul, Neg, Sub};
 
 /// The oracles of the [`variants`](crate::variants), each written beside its kernel.
 pub mod variants {
+    pub use crate::variants::gated::oracle::gated;
     pub use crate::variants::linear::oracle::linear;
 }
 

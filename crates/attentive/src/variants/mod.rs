@@ -4,10 +4,13 @@
 //!
 //! * [`linear`] — linear attention (Katharopoulos et al., 2020), $\phi = \mathrm{elu} + 1$:
 //!   non-causal, causal chunk by chunk, and the recurrent step for decoding.
+//! * [`gated`] — decayed and gated linear attention (RetNet, GLA): a decaying state, no
+//!   denominator, through the same chunks.
 //!
 //! Tensors enter as [`View`]s, as for the exact kernel: `q [B, Hq, Nq, D]`,
 //! `k [B, Hkv, Nk, D]`, `v [B, Hkv, Nk, Dv]`, any strides, `Hq` a multiple of `Hkv`.
 
+pub mod gated;
 pub mod linear;
 
 use crate::error::{AttnError, Result};

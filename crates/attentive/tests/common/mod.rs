@@ -613,10 +613,23 @@ pub fn check_rule(
     oracle: &[f64],
     factor: f64,
 ) -> Result<(), String> {
+    check_rule_scaled(what, got, naive32, oracle, factor, 0.0)
+}
+
+/// [`check_rule`] with the floor taken from at least `magnitude`: for a quantity formed as a
+/// difference of larger terms (whose rounding is then the honest floor).
+pub fn check_rule_scaled(
+    what: &str,
+    got: &[f32],
+    naive32: &[f32],
+    oracle: &[f64],
+    factor: f64,
+    magnitude: f64,
+) -> Result<(), String> {
     let scale = oracle
         .iter()
         .filter(|x| x.is_finite())
-        .fold(1e-3f64, |a, &x| a.max(x.abs()));
+        .fold(1e-3f64.max(magnitude), |a, &x| a.max(x.abs()));
     let floor = 4.0 * f32::EPSILON as f64 * scale;
     let e = max_err(got, oracle);
     let e32 = max_err(naive32, oracle);
