@@ -359,7 +359,7 @@ impl Chunk {
 /// let (q, k, v) = ([1.0f32, 1.0], [1.0f32, 1.0], [4.0f32, 2.0]);
 /// let g = [0.5f32.ln()];
 /// let mut o = [0.0f32; 2];
-/// let x = |s: &[f32]| View::contiguous(s, &[1, 1, 2, 1]).unwrap();
+/// fn x(s: &[f32]) -> View<'_> { View::contiguous(s, &[1, 1, 2, 1]).unwrap() }
 /// let opts = Gated { scale: Some(1.0), ..Gated::new(Decay::PerHead(&g)) };
 /// forward(x(&q), x(&k), x(&v), &opts, &mut ViewMut::contiguous(&mut o, [1, 1, 2, 1]).unwrap()).unwrap();
 /// assert!((o[0] - 4.0).abs() < 1e-6 && (o[1] - 4.0).abs() < 1e-5);
@@ -652,11 +652,11 @@ fn weighted_pairs(
 pub mod oracle {
     use super::*;
 
-    /// `(o, dq, dk, dv, d_decay)`, row-major; `d_decay` as [`backward`](super::backward) gives it.
+    /// `(o, dq, dk, dv, d_decay)`, row-major; `d_decay` as [`backward`] gives it.
     pub type Out<T> = (Vec<T>, Vec<T>, Vec<T>, Vec<T>, Vec<T>);
 
     /// # Errors
-    /// As [`forward`](super::forward).
+    /// As [`forward`].
     #[allow(clippy::needless_range_loop)] // term by term, as the definition reads
     pub fn gated<T: Real>(q: View, k: View, v: View, d_o: View, opts: &Gated) -> Result<Out<T>> {
         let dims = opts.check(&q, &k, &v)?;

@@ -19,16 +19,15 @@
 //! queries that see $j$; then through $\phi' (x) = 1$ for $x > 0$, else $e^x$. The causal form runs
 //! the queries front to back (their states) and the keys back to front (the gradient states).
 
-use super::{add_rows, axpy, dot, gemm, heads, transpose, write_out, Dims};
+use super::kernelized::{head_backward, head_forward, keys_back_all, Features, Guard, Rule};
+use super::{axpy, dot, heads, write_out, Dims};
 use crate::error::{AttnError, Result};
 use crate::reference::Real;
 use crate::simd::{Isa, Kernels};
 use crate::view::{View, ViewMut};
 use rayon::prelude::*;
 
-/// Queries per chunk of the causal form: a chunk's φ(Q), φ(K) and V rows (3 × 64 × 64 floats,
-/// 48 KiB at D = Dv = 64) and its 64 × 64 pair weights stay within L2 beside the `D × Dv` state.
-pub const CHUNK: usize = 64;
+pub use super::kernelized::CHUNK;
 
 /// The denominator's ε, added after the dot product.
 pub const EPS: f32 = 1e-6;
@@ -88,10 +87,10 @@ fn phi_into(kern: &Kernels, x: &[f32], width: usize, mask: Option<&[bool]>, out:
     }
 }
 
-/// `g ← g·φ′(x)` with `p = φ(x)`: φ′ is 1 for `x > 0`, else `eˣ = φ(x)`.
-fn times_dphi(g: &mut [f32], x: &[f32], p: &[f32]) {
-    for ((g, &x), &p) in g.iter_mut().zip(x).zip(p) {
-        *g *= if x > 0.0 { 1.0 } else { p };
+/// `out ← g·φ′(x)` with `p = φ(x)`: φ′ is 1 for `x > 0`, else `eˣ = φ(x)`.
+fn times_dphi(out: &mut [f32], g: &[f32], x: &[f32], p: &[f32]) {
+    for (((o, &g), &x), &p) in out.iter_mut().zip(g).zip(x).zip(p) {
+        *o = g * if x > 0.0 { 1.0 } else { p };
     }
 }
 
@@ -117,21 +116,28 @@ impl Linear<'_> {
         }
         Ok(dims)
     }
+
+    fn rule(&self) -> Rule {
+        Rule {
+            causal: self.causal,
+            guard: Guard::Eps(self.eps),
+        }
+    }
 }
 
-/// One head's rows: queries `q` (`nq × d`), keys `k` (`nk × d`), values `v` (`nk × dv`) and
-/// which keys count.
-#[derive(Clone, Copy)]
-struct Head<'a> {
+/// The feature map φ = elu + 1 of one head's queries (`nq × d`) and keys (`nk × d`).
+struct Elu<'a> {
     q: &'a [f32],
     k: &'a [f32],
-    v: &'a [f32],
     mask: Option<&'a [bool]>,
     d: usize,
-    dv: usize,
 }
 
-impl<'a> Head<'a> {
+impl Features for Elu<'_> {
+    fn width(&self) -> usize {
+        self.d
+    }
+
     fn nq(&self) -> usize {
         self.q.len() / self.d
     }
@@ -140,74 +146,44 @@ impl<'a> Head<'a> {
         self.k.len() / self.d
     }
 
-    /// Rows `r0..r1` of φ(Q) into `out`.
-    fn phi_q(&self, kern: &Kernels, (r0, r1): (usize, usize), out: &mut [f32]) {
+    fn queries(&self, kern: &Kernels, (r0, r1): (usize, usize), out: &mut [f32]) {
         phi_into(kern, &self.q[r0 * self.d..r1 * self.d], self.d, None, out);
     }
 
-    /// Rows `r0..r1` of φ(K), hidden keys 0, into `out`.
-    fn phi_k(&self, kern: &Kernels, (r0, r1): (usize, usize), out: &mut [f32]) {
+    fn keys(&self, kern: &Kernels, (r0, r1): (usize, usize), out: &mut [f32]) {
         let mask = self.mask.map(|m| &m[r0..r1]);
         phi_into(kern, &self.k[r0 * self.d..r1 * self.d], self.d, mask, out);
     }
 
-    fn v_rows(&self, (r0, r1): (usize, usize)) -> &'a [f32] {
-        &self.v[r0 * self.dv..r1 * self.dv]
+    fn queries_back(
+        &self,
+        _: &Kernels,
+        (r0, r1): (usize, usize),
+        a: &[f32],
+        da: &[f32],
+        dq: &mut [f32],
+    ) {
+        times_dphi(dq, da, &self.q[r0 * self.d..r1 * self.d], a);
     }
-}
 
-/// `S += Σ_j b_j v_jᵀ`, `z += Σ_j b_j` over the rows of `vc` (`m × dv`) and the first `m` of
-/// `bc` (`d` wide).
-fn add_to_state(
-    kern: &Kernels,
-    (s, z): (&mut [f32], &mut [f32]),
-    (bc, vc): (&[f32], &[f32]),
-    (d, dv): (usize, usize),
-) {
-    let m = vc.len() / dv;
-    gemm(kern, (d, m, dv), bc, (1, d), vc, dv, s, dv, true);
-    add_rows(z, &bc[..m * d], d);
-}
-
-/// Scratch of one head: a chunk's φ(Q) and φ(K) rows, a transposed block, pair weights.
-struct Scratch {
-    a: Vec<f32>,
-    b: Vec<f32>,
-    t: Vec<f32>,
-    pair: Vec<f32>,
-}
-
-impl Scratch {
-    fn new(d: usize, dv: usize) -> Self {
-        let w = d.max(dv);
-        Self {
-            a: vec![0.0; CHUNK * d],
-            b: vec![0.0; CHUNK * d],
-            t: vec![0.0; w * CHUNK.max(w)],
-            pair: vec![0.0; CHUNK * CHUNK],
+    fn keys_back(
+        &self,
+        _: &Kernels,
+        (r0, r1): (usize, usize),
+        b: &[f32],
+        db: &[f32],
+        dk: &mut [f32],
+    ) {
+        times_dphi(dk, db, &self.k[r0 * self.d..r1 * self.d], b);
+        // A hidden key's φ is the constant 0, so its gradient is too.
+        if let Some(m) = self.mask {
+            for (row, &keep) in dk.chunks_exact_mut(self.d).zip(&m[r0..r1]) {
+                if !keep {
+                    row.fill(0.0);
+                }
+            }
         }
     }
-}
-
-/// `pair (m × m, row stride CHUNK) ← x·yᵀ` with the pairs `j > i` set to 0, for `m` rows of
-/// `x` and `y` (`w` wide).
-fn lower_pairs(
-    kern: &Kernels,
-    (x, y): (&[f32], &[f32]),
-    (m, w): (usize, usize),
-    t: &mut [f32],
-    pair: &mut [f32],
-) {
-    transpose(&y[..m * w], (m, w), t);
-    gemm(kern, (m, w, m), x, (w, 1), t, m, pair, CHUNK, false);
-    for i in 0..m {
-        pair[i * CHUNK + i + 1..i * CHUNK + m].fill(0.0);
-    }
-}
-
-/// The chunks `[c0, c1)` of `n` rows.
-fn chunks(n: usize) -> impl DoubleEndedIterator<Item = (usize, usize)> {
-    (0..n.div_ceil(CHUNK)).map(move |c| (c * CHUNK, ((c + 1) * CHUNK).min(n)))
 }
 
 /// Linear attention of `q` over `k`, `v` into `out` (`[B, Hq, Nq, Dv]`).
@@ -248,81 +224,23 @@ pub fn forward(q: View, k: View, v: View, opts: &Linear, out: &mut ViewMut) -> R
         o.par_chunks_mut(nq * dv).enumerate().for_each(|(bh, o)| {
             let (bi, h) = (bh / hq, bh % hq);
             let kv = bi * dims.hkv + h / dims.group();
-            let head = Head {
+            let head = Elu {
                 q: &qh[bh * nq * d..][..nq * d],
                 k: &kh[kv * nk * d..][..nk * d],
-                v: &vh[kv * nk * dv..][..nk * dv],
                 mask: opts.key_mask.map(|m| &m[bi * nk..(bi + 1) * nk]),
                 d,
-                dv,
             };
-            head_forward(kern, head, opts, o, None);
+            head_forward(
+                kern,
+                &head,
+                &vh[kv * nk * dv..][..nk * dv],
+                opts.rule(),
+                o,
+                None,
+            );
         })
     });
     Ok(())
-}
-
-/// One head's output `o` (`nq × dv`) and, when asked, each row's denominator.
-fn head_forward(
-    kern: &Kernels,
-    h: Head,
-    opts: &Linear,
-    o: &mut [f32],
-    mut dens: Option<&mut [f32]>,
-) {
-    let (d, dv) = (h.d, h.dv);
-    let (mut s, mut z) = (vec![0.0f32; d * dv], vec![0.0f32; d]);
-    let mut scr = Scratch::new(d, dv);
-    if !opts.causal {
-        // S = φ(K)ᵀ·V, z = Σ_j φ(k_j)                                     (d, dv), (d)
-        for c in chunks(h.nk()) {
-            h.phi_k(kern, c, &mut scr.b);
-            add_to_state(kern, (&mut s, &mut z), (&scr.b, h.v_rows(c)), (d, dv));
-        }
-    }
-    for (c0, c1) in chunks(h.nq()) {
-        let m = c1 - c0;
-        h.phi_q(kern, (c0, c1), &mut scr.a);
-        let oc = &mut o[c0 * dv..c1 * dv];
-        // Num = φ(Q_c)·S [+ tril(φ(Q_c)·φ(K_c)ᵀ)·V_c]                     (m, dv)
-        gemm(kern, (m, d, dv), &scr.a, (d, 1), &s, dv, oc, dv, false);
-        if opts.causal {
-            h.phi_k(kern, (c0, c1), &mut scr.b);
-            lower_pairs(kern, (&scr.a, &scr.b), (m, d), &mut scr.t, &mut scr.pair);
-            let vc = h.v_rows((c0, c1));
-            gemm(
-                kern,
-                (m, m, dv),
-                &scr.pair,
-                (CHUNK, 1),
-                vc,
-                dv,
-                oc,
-                dv,
-                true,
-            );
-        }
-        // δ_i = φ(q_i)·z [+ Σ_{j ≤ i} A_ij] + ε
-        for r in 0..m {
-            let within: f32 = match opts.causal {
-                true => scr.pair[r * CHUNK..r * CHUNK + r + 1].iter().sum(),
-                false => 0.0,
-            };
-            let den = dot(&scr.a[r * d..(r + 1) * d], &z) + within + opts.eps;
-            oc[r * dv..(r + 1) * dv].iter_mut().for_each(|x| *x /= den);
-            if let Some(ds) = dens.as_deref_mut() {
-                ds[c0 + r] = den;
-            }
-        }
-        if opts.causal {
-            add_to_state(
-                kern,
-                (&mut s, &mut z),
-                (&scr.b, h.v_rows((c0, c1))),
-                (d, dv),
-            );
-        }
-    }
 }
 
 /// Gradients of linear attention: given the forward's inputs and `d_o` (`[B, Hq, Nq, Dv]`),
@@ -346,214 +264,34 @@ pub fn backward(
     let Dims {
         b,
         hq,
-        hkv,
         nq,
         nk,
         d,
         dv: dvd,
+        ..
     } = dims;
     crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
-    crate::problem::expect_shape("dq", dq.shape(), [b, hq, nq, d])?;
-    crate::problem::expect_shape("dk", dk.shape(), [b, hkv, nk, d])?;
-    crate::problem::expect_shape("dv", dv.shape(), [b, hkv, nk, dvd])?;
     let (qh, kh, vh, doh) = (heads(&q), heads(&k), heads(&v), heads(&d_o));
-    let group = dims.group();
-    // Per (b, kv head): its query heads' dQ rows, and its dK, dV rows.
-    let per: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..b * hkv)
-        .into_par_iter()
-        .map(|bk_i| {
-            let bi = bk_i / hkv;
-            let (mut dqs, mut dkb, mut dvs) = (
-                vec![0.0f32; group * nq * d],
-                vec![0.0f32; nk * d],
-                vec![0.0f32; nk * dvd],
+    let elu = |bi: usize, kv: usize, q| Elu {
+        q,
+        k: &kh[kv * nk * d..][..nk * d],
+        mask: opts.key_mask.map(|m| &m[bi * nk..(bi + 1) * nk]),
+        d,
+    };
+    super::backward_by_kv_head(
+        dims,
+        d,
+        (dq, dk, dv),
+        |bi, kv, bh, grads| {
+            let head = elu(bi, kv, &qh[bh * nq * d..][..nq * d]);
+            let (vv, dout) = (
+                &vh[kv * nk * dvd..][..nk * dvd],
+                &doh[bh * nq * dvd..][..nq * dvd],
             );
-            let mut head = Head {
-                q: &[],
-                k: &kh[bk_i * nk * d..][..nk * d],
-                v: &vh[bk_i * nk * dvd..][..nk * dvd],
-                mask: opts.key_mask.map(|m| &m[bi * nk..(bi + 1) * nk]),
-                d,
-                dv: dvd,
-            };
-            for g in 0..group {
-                let bh = bi * hq + (bk_i % hkv) * group + g;
-                head.q = &qh[bh * nq * d..][..nq * d];
-                let dout = &doh[bh * nq * dvd..][..nq * dvd];
-                let dqg = &mut dqs[g * nq * d..][..nq * d];
-                head_backward(kern, head, dout, opts, (dqg, &mut dkb, &mut dvs));
-            }
-            // dk = db ⊙ φ′(k); a hidden key's φ is the constant 0, so its gradient is too.
-            let mut pk = vec![0.0f32; CHUNK * d];
-            for c in chunks(nk) {
-                head.phi_k(kern, c, &mut pk);
-                let rows = &mut dkb[c.0 * d..c.1 * d];
-                times_dphi(rows, &head.k[c.0 * d..c.1 * d], &pk);
-                if let Some(m) = head.mask {
-                    for (row, &keep) in rows.chunks_exact_mut(d).zip(&m[c.0..c.1]) {
-                        if !keep {
-                            row.fill(0.0);
-                        }
-                    }
-                }
-            }
-            (dqs, dkb, dvs)
-        })
-        .collect();
-    dq.for_each_row(|bi, h, i, row| {
-        let (kvh, g) = (h / group, h % group);
-        row.copy_from_slice(&per[bi * hkv + kvh].0[(g * nq + i) * d..][..d]);
-    });
-    dk.for_each_row(|bi, h, j, row| row.copy_from_slice(&per[bi * hkv + h].1[j * d..][..d]));
-    dv.for_each_row(|bi, h, j, row| row.copy_from_slice(&per[bi * hkv + h].2[j * dvd..][..dvd]));
-    Ok(())
-}
-
-/// One query head's share of the gradients: `dq` written, `db` (before φ′) and `dv` added.
-fn head_backward(
-    kern: &Kernels,
-    h: Head,
-    d_o: &[f32],
-    opts: &Linear,
-    (dq, db, dvs): (&mut [f32], &mut [f32], &mut [f32]),
-) {
-    let (d, dv, nq) = (h.d, h.dv, h.nq());
-    // The forward again, for o and the denominators.
-    let (mut o, mut den) = (vec![0.0f32; nq * dv], vec![0.0f32; nq]);
-    head_forward(kern, h, opts, &mut o, Some(&mut den));
-    // dN = dO / δ; dδ_i = −(do_i·o_i) / δ_i                              (nq, dv), (nq)
-    let mut dn = vec![0.0f32; nq * dv];
-    let mut dden = vec![0.0f32; nq];
-    for i in 0..nq {
-        let (doi, oi) = (&d_o[i * dv..(i + 1) * dv], &o[i * dv..(i + 1) * dv]);
-        dden[i] = -dot(doi, oi) / den[i];
-        for (x, &g) in dn[i * dv..(i + 1) * dv].iter_mut().zip(doi) {
-            *x = g / den[i];
-        }
-    }
-    let (mut s, mut z) = (vec![0.0f32; d * dv], vec![0.0f32; d]);
-    let (mut ds, mut dz) = (vec![0.0f32; d * dv], vec![0.0f32; d]);
-    let mut t = vec![0.0f32; d * dv];
-    let mut scr = Scratch::new(d, dv);
-    if !opts.causal {
-        for c in chunks(h.nk()) {
-            h.phi_k(kern, c, &mut scr.b);
-            add_to_state(kern, (&mut s, &mut z), (&scr.b, h.v_rows(c)), (d, dv));
-        }
-    }
-    // Queries front to back: dA_c = dN_c·Sᵀ + dδ_c zᵀ [+ G·φ(K_c), G = tril(dN_c·V_cᵀ + dδ_c 1ᵀ)]
-    for (c0, c1) in chunks(nq) {
-        let m = c1 - c0;
-        h.phi_q(kern, (c0, c1), &mut scr.a);
-        let dnc = &dn[c0 * dv..c1 * dv];
-        let dqc = &mut dq[c0 * d..c1 * d];
-        transpose(&s, (d, dv), &mut t);
-        gemm(kern, (m, dv, d), dnc, (dv, 1), &t, d, dqc, d, false);
-        for (dai, &g) in dqc.chunks_exact_mut(d).zip(&dden[c0..c1]) {
-            axpy(dai, g, &z);
-        }
-        if opts.causal {
-            h.phi_k(kern, (c0, c1), &mut scr.b);
-            let vc = h.v_rows((c0, c1));
-            grad_pairs(kern, (dnc, vc), &dden[c0..c1], dv, &mut scr);
-            gemm(
-                kern,
-                (m, m, d),
-                &scr.pair,
-                (CHUNK, 1),
-                &scr.b,
-                d,
-                dqc,
-                d,
-                true,
-            );
-            add_to_state(kern, (&mut s, &mut z), (&scr.b, vc), (d, dv));
-        } else {
-            // dS = φ(Q)ᵀ·dN, dz = φ(Q)ᵀ·dδ over every query
-            gemm(kern, (d, m, dv), &scr.a, (1, d), dnc, dv, &mut ds, dv, true);
-            for (ai, &g) in scr.a.chunks_exact(d).zip(&dden[c0..c1]) {
-                axpy(&mut dz, g, ai);
-            }
-        }
-        times_dphi(dqc, &h.q[c0 * d..c1 * d], &scr.a);
-    }
-    if !opts.causal {
-        // dB += V·dSᵀ + 1 dzᵀ; dV += φ(K)·dS
-        transpose(&ds, (d, dv), &mut t);
-        for c in chunks(h.nk()) {
-            let m = c.1 - c.0;
-            h.phi_k(kern, c, &mut scr.b);
-            let (dbc, dvc) = (&mut db[c.0 * d..c.1 * d], &mut dvs[c.0 * dv..c.1 * dv]);
-            gemm(kern, (m, dv, d), h.v_rows(c), (dv, 1), &t, d, dbc, d, true);
-            for dbj in dbc.chunks_exact_mut(d) {
-                axpy(dbj, 1.0, &dz);
-            }
-            gemm(kern, (m, d, dv), &scr.b, (d, 1), &ds, dv, dvc, dv, true);
-        }
-        return;
-    }
-    // Keys back to front, (dS, dz) summing the queries after the chunk:
-    // dB_c += V_c·dSᵀ + 1 dzᵀ + Gᵀ·φ(Q_c); dV_c += φ(K_c)·dS + Mᵀ·dN_c, M = tril(φ(Q_c)·φ(K_c)ᵀ)
-    for (c0, c1) in chunks(nq).rev() {
-        let m = c1 - c0;
-        h.phi_q(kern, (c0, c1), &mut scr.a);
-        h.phi_k(kern, (c0, c1), &mut scr.b);
-        let vc = h.v_rows((c0, c1));
-        let dnc = &dn[c0 * dv..c1 * dv];
-        let (dbc, dvc) = (&mut db[c0 * d..c1 * d], &mut dvs[c0 * dv..c1 * dv]);
-        transpose(&ds, (d, dv), &mut t);
-        gemm(kern, (m, dv, d), vc, (dv, 1), &t, d, dbc, d, true);
-        for dbj in dbc.chunks_exact_mut(d) {
-            axpy(dbj, 1.0, &dz);
-        }
-        grad_pairs(kern, (dnc, vc), &dden[c0..c1], dv, &mut scr);
-        gemm(
-            kern,
-            (m, m, d),
-            &scr.pair,
-            (1, CHUNK),
-            &scr.a,
-            d,
-            dbc,
-            d,
-            true,
-        );
-        gemm(kern, (m, d, dv), &scr.b, (d, 1), &ds, dv, dvc, dv, true);
-        lower_pairs(kern, (&scr.a, &scr.b), (m, d), &mut scr.t, &mut scr.pair);
-        gemm(
-            kern,
-            (m, m, dv),
-            &scr.pair,
-            (1, CHUNK),
-            dnc,
-            dv,
-            dvc,
-            dv,
-            true,
-        );
-        // dS += φ(Q_c)ᵀ·dN_c, dz += φ(Q_c)ᵀ·dδ_c
-        gemm(kern, (d, m, dv), &scr.a, (1, d), dnc, dv, &mut ds, dv, true);
-        for (ai, &g) in scr.a.chunks_exact(d).zip(&dden[c0..c1]) {
-            axpy(&mut dz, g, ai);
-        }
-    }
-}
-
-/// `pair ← G = tril(dN_c·V_cᵀ + dδ_c 1ᵀ)` (`m × m`, row stride CHUNK): `G_ij = ∂L/∂A_ij`.
-fn grad_pairs(
-    kern: &Kernels,
-    (dnc, vc): (&[f32], &[f32]),
-    dden: &[f32],
-    dv: usize,
-    scr: &mut Scratch,
-) {
-    let m = dden.len();
-    lower_pairs(kern, (dnc, vc), (m, dv), &mut scr.t, &mut scr.pair);
-    for (r, &g) in dden.iter().enumerate() {
-        scr.pair[r * CHUNK..r * CHUNK + r + 1]
-            .iter_mut()
-            .for_each(|x| *x += g);
-    }
+            head_backward(kern, &head, vv, dout, opts.rule(), grads);
+        },
+        |bi, kv, db, dk| keys_back_all(kern, &elu(bi, kv, &[]), db, dk),
+    )
 }
 
 /// The causal recurrence one token at a time, for decoding: $S \mathrel{+}= \phi(k)v^\top$,

@@ -6,16 +6,21 @@
 //!   non-causal, causal chunk by chunk, and the recurrent step for decoding.
 //! * [`gated`] — decayed and gated linear attention (RetNet, GLA): a decaying state, no
 //!   denominator, through the same chunks.
+//! * [`performer`] — Performer's FAVOR+: softmax estimated with positive orthogonal random
+//!   features, on the same feature-map machinery as linear attention.
 //!
 //! Tensors enter as [`View`]s, as for the exact kernel: `q [B, Hq, Nq, D]`,
 //! `k [B, Hkv, Nk, D]`, `v [B, Hkv, Nk, Dv]`, any strides, `Hq` a multiple of `Hkv`.
 
 pub mod gated;
+pub(crate) mod kernelized;
 pub mod linear;
+pub mod performer;
 
 use crate::error::{AttnError, Result};
 use crate::simd::{Gemm, Kernels};
 use crate::view::{View, ViewMut};
+use rayon::prelude::*;
 use std::borrow::Cow;
 
 /// The sizes of a call, checked once.
@@ -183,4 +188,54 @@ pub(crate) fn add_rows(z: &mut [f32], x: &[f32], width: usize) {
     for row in x.chunks_exact(width) {
         axpy(z, 1.0, row);
     }
+}
+
+/// The backward's outer loop of a feature-map variant: per (batch row, key/value head), in
+/// parallel, `per_head(b, kv, bh, (dq, db, dv))` for each query head `bh` of the group (its dQ
+/// rows written; the key features' gradient `db`, `nk × f`, and dV rows added), then
+/// `keys_back(b, kv, db, dk)` once. `kv` and `bh` index the flat `B·Hkv` and `B·Hq` heads.
+/// Writes dQ, dK and dV.
+#[allow(clippy::type_complexity)]
+pub(crate) fn backward_by_kv_head(
+    dims: Dims,
+    f: usize,
+    (dq, dk, dv): (&mut ViewMut, &mut ViewMut, &mut ViewMut),
+    per_head: impl Fn(usize, usize, usize, (&mut [f32], &mut [f32], &mut [f32])) + Sync,
+    keys_back: impl Fn(usize, usize, &[f32], &mut [f32]) + Sync,
+) -> Result<()> {
+    let Dims {
+        b,
+        hq,
+        hkv,
+        nq,
+        nk,
+        d,
+        dv: dvd,
+    } = dims;
+    crate::problem::expect_shape("dq", dq.shape(), [b, hq, nq, d])?;
+    crate::problem::expect_shape("dk", dk.shape(), [b, hkv, nk, d])?;
+    crate::problem::expect_shape("dv", dv.shape(), [b, hkv, nk, dvd])?;
+    let group = dims.group();
+    let per: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..b * hkv)
+        .into_par_iter()
+        .map(|kv| {
+            let bi = kv / hkv;
+            let mut dqs = vec![0.0f32; group * nq * d];
+            let (mut db, mut dvs) = (vec![0.0f32; nk * f], vec![0.0f32; nk * dvd]);
+            for (g, dqg) in dqs.chunks_exact_mut(nq * d).enumerate() {
+                let bh = bi * hq + kv % hkv * group + g;
+                per_head(bi, kv, bh, (dqg, &mut db, &mut dvs));
+            }
+            let mut dks = vec![0.0f32; nk * d];
+            keys_back(bi, kv, &db, &mut dks);
+            (dqs, dks, dvs)
+        })
+        .collect();
+    dq.for_each_row(|bi, h, i, row| {
+        let (kvh, g) = (h / group, h % group);
+        row.copy_from_slice(&per[bi * hkv + kvh].0[(g * nq + i) * d..][..d]);
+    });
+    dk.for_each_row(|bi, h, j, row| row.copy_from_slice(&per[bi * hkv + h].1[j * d..][..d]));
+    dv.for_each_row(|bi, h, j, row| row.copy_from_slice(&per[bi * hkv + h].2[j * dvd..][..dvd]));
+    Ok(())
 }
