@@ -152,7 +152,7 @@ impl CustomOp3 for Fused {
         let mut o = ViewMut::contiguous(&mut out, [b, hq, nq, dv]).map_err(attn_err)?;
         attentive::forward(q, k, v, &opts, &mut o, Some(&mut lse)).map_err(attn_err)?;
         if let Some(sink) = &self.cfg.probabilities {
-            let mut weights_only = opts.clone();
+            let mut weights_only = opts;
             weights_only.dropout = None;
             let p = attentive::probabilities(q, k, &weights_only).map_err(attn_err)?; // [B, Hq, Nq, Nk]
             *sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
