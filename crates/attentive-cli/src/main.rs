@@ -33,6 +33,7 @@ mod embed;
 mod g2p;
 mod outdir;
 mod peak;
+mod variant;
 mod viz;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -210,6 +211,16 @@ struct AttendArgs {
     /// Where dV goes, [B, Hkv, Nk, Dv].
     #[arg(long, requires = "grad_out")]
     dv: Option<PathBuf>,
+    /// Attention other than softmax over a mask (linear, gla, performer); --help lists each
+    /// one's parameters and conventions.
+    #[arg(long, value_enum, long_help = variant::HELP)]
+    variant: Option<variant::Variant>,
+    /// A variant's learned matrix or random draw, NAME=FILE.npy (float32); repeat for several.
+    #[arg(long = "param", value_name = "NAME=FILE.npy", value_parser = variant::parse_param, requires = "variant")]
+    params: Vec<(String, PathBuf)>,
+    /// Where the gradient of a variant's parameter goes (with --grad-out; gla's gates or decay).
+    #[arg(long, requires_all = ["variant", "grad_out"])]
+    d_param: Option<PathBuf>,
 }
 
 fn rank4(what: &str, a: &npy::Array<f32>) -> Result<[usize; 4], CliError> {
@@ -227,6 +238,9 @@ fn attend(a: AttendArgs) -> Result<(), CliError> {
     let k = npy::read_f32(&a.k)?;
     let v = npy::read_f32(&a.v)?;
     let (qs, ks, vs) = (rank4("q", &q)?, rank4("k", &k)?, rank4("v", &v)?);
+    if let Some(which) = a.variant {
+        return attend_variant(&a, which, (&q.data, qs), (&k.data, ks), (&v.data, vs));
+    }
     let slopes = a.alibi_slopes.as_deref().map(npy::read_f32).transpose()?;
     let mask = a.mask.as_deref().map(npy::read_bool).transpose()?;
     let bias = a.bias.as_deref().map(npy::read_f32).transpose()?;
@@ -306,6 +320,63 @@ fn attend(a: AttendArgs) -> Result<(), CliError> {
         outputs.push((pq.as_path(), save(&qs, dq)));
         outputs.push((pk.as_path(), save(&ks, dk)));
         outputs.push((pv.as_path(), save(&vs, dv)));
+    }
+    outdir::files(outputs)
+}
+
+/// `attend --variant`: the options of the exact kernel do not apply (each variant's own come as
+/// `--param`); the outputs are written as the exact kernel's are.
+fn attend_variant(
+    a: &AttendArgs,
+    which: variant::Variant,
+    q: (&[f32], [usize; 4]),
+    k: (&[f32], [usize; 4]),
+    v: (&[f32], [usize; 4]),
+) -> Result<(), CliError> {
+    let exact_only = [
+        ("--lse", a.lse.is_some()),
+        ("--scale", a.scale.is_some()),
+        ("--window", a.window.is_some()),
+        ("--softcap", a.softcap.is_some()),
+        ("--alibi-slopes", a.alibi_slopes.is_some()),
+        ("--pattern", a.pattern.is_some()),
+        ("--docs", a.docs.is_some()),
+        ("--mask", a.mask.is_some()),
+        ("--bias", a.bias.is_some()),
+        ("--dropout", a.dropout.is_some()),
+    ];
+    if let Some((flag, _)) = exact_only.iter().find(|(_, given)| *given) {
+        return Err(CliError::Input {
+            what: flag.to_string(),
+            reason: format!("is an option of exact attention, not of --variant {which:?}"),
+        });
+    }
+    let d_o = a.grad_out.as_deref().map(npy::read_f32).transpose()?;
+    let d_o = match &d_o {
+        Some(x) => Some((x.data.as_slice(), rank4("grad-out", x)?)),
+        None => None,
+    };
+    let out = variant::run(which, &a.params, a.causal.is_some(), q, k, v, d_o)?;
+    fn save<'w>(shape: &[usize], data: &'w [f32]) -> outdir::Write<'w> {
+        let shape = shape.to_vec();
+        Box::new(move |p| npy::write_f32(p, &shape, data))
+    }
+    let os = [q.1[0], q.1[1], q.1[2], v.1[3]];
+    let mut outputs = vec![(a.out.as_path(), save(&os, &out.o))];
+    if let (Some((dq, dk, dv)), Some(pq), Some(pk), Some(pv)) = (&out.grads, &a.dq, &a.dk, &a.dv) {
+        outputs.push((pq.as_path(), save(&q.1, dq)));
+        outputs.push((pk.as_path(), save(&k.1, dk)));
+        outputs.push((pv.as_path(), save(&v.1, dv)));
+    }
+    match (&out.d_param, &a.d_param) {
+        (Some((shape, g)), Some(p)) => outputs.push((p.as_path(), save(shape, g))),
+        (None, Some(_)) => {
+            return Err(CliError::Input {
+                what: "--d-param".into(),
+                reason: format!("--variant {which:?} has no parameter with a gradient here"),
+            })
+        }
+        _ => {}
     }
     outdir::files(outputs)
 }

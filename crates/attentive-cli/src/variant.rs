@@ -1,0 +1,185 @@
+//! `attentive attend --variant NAME`: attention other than softmax over a mask, on the same .npy
+//! inputs and outputs as the exact kernel, with every learned matrix or random draw passed in as
+//! `--param NAME=FILE.npy`, so anyone with numpy can check a variant against another
+//! implementation.
+
+use crate::error::CliError;
+use crate::npy;
+use attentive::variants::{gated, linear, performer};
+use attentive::{View, ViewMut};
+use std::path::PathBuf;
+
+/// The variants `attend` runs.
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+pub enum Variant {
+    /// Linear attention (Katharopoulos et al. 2020), φ = elu + 1, ε = 1e-6 after the dot
+    /// product; --causal for prefix sums. No parameters.
+    Linear,
+    /// Gated linear attention (GLA) or RetNet's decay, causal, no denominator:
+    /// S_t = e^{g_t} ⊙ S_{t−1} + k_t v_tᵀ, o_t = S_tᵀ(q_t/√D). --param gates=[B, Hkv, N, D] (log-gates
+    /// ≤ 0), or --param decay=[Hkv] (one log-decay per head).
+    Gla,
+    /// Performer FAVOR+, as performer-pytorch's softmax_kernel (feature ε 1e-4, per-row query
+    /// stabiliser, per-head key stabiliser; causal: none). --param features=[m, D].
+    Performer,
+}
+
+/// The long help of `--variant`.
+pub const HELP: &str = "Attention other than softmax over a mask. Each variant's parameters come as \
+--param NAME=FILE.npy (float32):
+  linear     φ = elu + 1, o_i = φ(q_i)ᵀ Σ_j φ(k_j) v_jᵀ / (φ(q_i)·Σ_j φ(k_j) + 1e-6); --causal for
+             prefix sums. No parameters.
+  gla        causal, S_t = e^{g_t} ⊙ S_{t−1} + k_t v_tᵀ, o_t = S_tᵀ q_t / √D. --param gates=[B, Hkv, N, D]
+             (log-gates ≤ 0, GLA) or --param decay=[Hkv] (one log-decay per head, RetNet).
+  performer  FAVOR+, exactly performer-pytorch's softmax_kernel (x' = x·D^(−1/4), feature ε 1e-4,
+             per-row query stabiliser, per-head key stabiliser, none when causal).
+             --param features=[m, D] (the random features ω).
+Gradients (--grad-out) are with respect to q, k and v; gla's also with respect to its gates or
+decay, written to --d-param.";
+
+/// `NAME=PATH`.
+pub fn parse_param(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}': expected NAME=FILE.npy"))?;
+    Ok((name.to_string(), PathBuf::from(path)))
+}
+
+fn input(what: impl Into<String>, reason: impl ToString) -> CliError {
+    CliError::Input {
+        what: what.into(),
+        reason: reason.to_string(),
+    }
+}
+
+/// What a variant's call produced: the output, and with a gradient of it, dQ, dK, dV and the
+/// parameter's gradient (with its shape) where there is one.
+pub struct Computed {
+    pub o: Vec<f32>,
+    pub grads: Option<(Vec<f32>, Vec<f32>, Vec<f32>)>,
+    pub d_param: Option<(Vec<usize>, Vec<f32>)>,
+}
+
+/// Runs `variant` on `q`, `k`, `v` (row-major, shapes given), with `d_o` for gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    variant: Variant,
+    params: &[(String, PathBuf)],
+    causal: bool,
+    (q, qs): (&[f32], [usize; 4]),
+    (k, ks): (&[f32], [usize; 4]),
+    (v, vs): (&[f32], [usize; 4]),
+    d_o: Option<(&[f32], [usize; 4])>,
+) -> Result<Computed, CliError> {
+    let known: &[&str] = match variant {
+        Variant::Linear => &[],
+        Variant::Gla => &["gates", "decay"],
+        Variant::Performer => &["features"],
+    };
+    let mut loaded = Vec::new();
+    for (name, path) in params {
+        if !known.contains(&name.as_str()) {
+            return Err(input(
+                format!("--param {name}"),
+                format!(
+                    "{variant:?} takes {}",
+                    if known.is_empty() {
+                        "no parameters".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+        loaded.push((name.as_str(), npy::read_f32(path)?));
+    }
+    let param = |name: &str| loaded.iter().find(|(n, _)| *n == name).map(|(_, a)| a);
+    let (qv, kv, vv) = (
+        View::contiguous(q, &qs)?,
+        View::contiguous(k, &ks)?,
+        View::contiguous(v, &vs)?,
+    );
+    let os = [qs[0], qs[1], qs[2], vs[3]];
+    let mut o = vec![0.0f32; os.iter().product()];
+    let mut grads = d_o.map(|_| {
+        (
+            vec![0.0f32; qs.iter().product()],
+            vec![0.0f32; ks.iter().product()],
+            vec![0.0f32; vs.iter().product()],
+        )
+    });
+    let mut d_param = None;
+    let dov = d_o.map(|(x, s)| View::contiguous(x, &s)).transpose()?;
+    macro_rules! views {
+        ($g:expr) => {
+            (
+                &mut ViewMut::contiguous(&mut $g.0, qs)?,
+                &mut ViewMut::contiguous(&mut $g.1, ks)?,
+                &mut ViewMut::contiguous(&mut $g.2, vs)?,
+            )
+        };
+    }
+    let mut out = ViewMut::contiguous(&mut o, os)?;
+    match variant {
+        Variant::Linear => {
+            let opts = linear::Linear {
+                causal,
+                ..Default::default()
+            };
+            linear::forward(qv, kv, vv, &opts, &mut out)?;
+            if let (Some(g), Some(d)) = (grads.as_mut(), dov) {
+                let (a, b, c) = views!(g);
+                linear::backward(qv, kv, vv, d, &opts, a, b, c)?;
+            }
+        }
+        Variant::Gla => {
+            if !causal {
+                return Err(input("--variant gla", "is causal only: give --causal"));
+            }
+            let decay = match (param("gates"), param("decay")) {
+                (Some(g), None) => gated::Decay::Gates(View::contiguous(&g.data, &g.shape)?),
+                (None, Some(d)) => gated::Decay::PerHead(&d.data),
+                _ => return Err(input(
+                    "--variant gla",
+                    "needs --param gates=FILE.npy [B, Hkv, N, D] or --param decay=FILE.npy [Hkv]",
+                )),
+            };
+            let opts = gated::Gated::new(decay);
+            gated::forward(qv, kv, vv, &opts, &mut out)?;
+            if let (Some(g), Some(d)) = (grads.as_mut(), dov) {
+                let shape = param("gates")
+                    .or(param("decay"))
+                    .map(|a| a.shape.clone())
+                    .unwrap_or_default();
+                let mut dg = vec![0.0f32; shape.iter().product()];
+                let (a, b, c) = views!(g);
+                gated::backward(qv, kv, vv, d, &opts, a, b, c, Some(&mut dg))?;
+                d_param = Some((shape, dg));
+            }
+        }
+        Variant::Performer => {
+            let w = param("features").ok_or_else(|| {
+                input(
+                    "--variant performer",
+                    "needs --param features=FILE.npy [m, D]",
+                )
+            })?;
+            if w.shape.len() != 2 || w.shape[1] != qs[3] {
+                return Err(input(
+                    "--param features",
+                    format!("shape {:?}: expected [m, {}]", w.shape, qs[3]),
+                ));
+            }
+            let opts = performer::Performer {
+                causal,
+                ..performer::Performer::new(&w.data)
+            };
+            performer::forward(qv, kv, vv, &opts, &mut out)?;
+            if let (Some(g), Some(d)) = (grads.as_mut(), dov) {
+                let (a, b, c) = views!(g);
+                performer::backward(qv, kv, vv, d, &opts, a, b, c)?;
+            }
+        }
+    }
+    Ok(Computed { o, grads, d_param })
+}

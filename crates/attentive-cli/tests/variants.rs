@@ -1,0 +1,210 @@
+//! `attentive attend --variant`: each variant's outputs and gradients from .npy files equal its
+//! f64 oracle's, parameters come in as `--param NAME=FILE.npy`, and misuse is a clear error.
+
+use attentive::reference::variants as oracle;
+use attentive::variants::{gated, linear, performer};
+use attentive::View;
+mod common;
+use common::write_npy as write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("attentive-variants-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn read(path: &Path) -> (Vec<u64>, Vec<f32>) {
+    let f =
+        npyz::NpyFile::new(std::io::BufReader::new(std::fs::File::open(path).unwrap())).unwrap();
+    (f.shape().to_vec(), f.into_vec().unwrap())
+}
+
+fn attentive(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_attentive"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn values(n: usize, seed: u32, amp: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((((i as u32).wrapping_mul(2654435761)) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+        .map(|x| x * amp)
+        .collect()
+}
+
+/// The largest difference, in f64.
+fn worst(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (*g as f64 - w).abs())
+        .fold(0.0, f64::max)
+}
+
+const S: [usize; 4] = [1, 2, 40, 8];
+
+/// Writes q, k, v and grad-out; returns them.
+fn inputs(d: &Path) -> [Vec<f32>; 4] {
+    let n: usize = S.iter().product();
+    let x = [
+        values(n, 1, 0.6),
+        values(n, 7, 0.6),
+        values(n, 13, 1.0),
+        values(n, 29, 1.0),
+    ];
+    for (name, data) in ["q", "k", "v", "g"].iter().zip(&x) {
+        write(&d.join(format!("{name}.npy")), &S.map(|s| s as u64), data);
+    }
+    x
+}
+
+fn run(d: &Path, extra: &[&str]) -> (bool, String) {
+    let p = |f: &str| d.join(f).display().to_string();
+    let mut args: Vec<String> = [
+        "attend",
+        "--q",
+        &p("q.npy"),
+        "--k",
+        &p("k.npy"),
+        "--v",
+        &p("v.npy"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(["--out", &p("o.npy"), "--grad-out", &p("g.npy")].map(String::from));
+    args.extend(
+        [
+            "--dq",
+            &p("dq.npy"),
+            "--dk",
+            &p("dk.npy"),
+            "--dv",
+            &p("dv.npy"),
+        ]
+        .map(String::from),
+    );
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    attentive(&refs)
+}
+
+fn check(d: &Path, want: (&[f64], &[f64], &[f64], &[f64]), what: &str) {
+    for (file, w) in [
+        ("o.npy", want.0),
+        ("dq.npy", want.1),
+        ("dk.npy", want.2),
+        ("dv.npy", want.3),
+    ] {
+        let (shape, got) = read(&d.join(file));
+        assert_eq!(shape, S.map(|s| s as u64), "{what} {file}");
+        let scale = w.iter().fold(1e-3f64, |a, x| a.max(x.abs()));
+        let e = worst(&got, w);
+        assert!(
+            e < 1e-5 * scale,
+            "{what} {file}: off by {e:e} (scale {scale:e})"
+        );
+    }
+}
+
+#[test]
+fn linear_gla_and_performer_from_files_equal_their_oracles() {
+    let d = dir("all");
+    let x = inputs(&d);
+    let v = |i: usize| View::contiguous(&x[i], &S).unwrap();
+    // Linear, causal.
+    let (ok, err) = run(&d, &["--variant", "linear", "--causal", "top-left"]);
+    assert!(ok, "{err}");
+    let opts = linear::Linear {
+        causal: true,
+        ..Default::default()
+    };
+    let w = oracle::linear::<f64>(v(0), v(1), v(2), v(3), &opts).unwrap();
+    check(&d, (&w.0, &w.1, &w.2, &w.3), "linear");
+    // GLA with gates, and their gradient.
+    let gates: Vec<f32> = values(S.iter().product(), 3, 0.5)
+        .iter()
+        .map(|x| -x.abs())
+        .collect();
+    write(&d.join("gates.npy"), &S.map(|s| s as u64), &gates);
+    let gp = format!("gates={}", d.join("gates.npy").display());
+    let dg = d.join("dg.npy").display().to_string();
+    let (ok, err) = run(
+        &d,
+        &[
+            "--variant",
+            "gla",
+            "--causal",
+            "top-left",
+            "--param",
+            &gp,
+            "--d-param",
+            &dg,
+        ],
+    );
+    assert!(ok, "{err}");
+    let gv = View::contiguous(&gates, &S).unwrap();
+    let w = oracle::gated::<f64>(
+        v(0),
+        v(1),
+        v(2),
+        v(3),
+        &gated::Gated::new(gated::Decay::Gates(gv)),
+    )
+    .unwrap();
+    check(&d, (&w.0, &w.1, &w.2, &w.3), "gla");
+    let (shape, got) = read(&d.join("dg.npy"));
+    assert_eq!(shape, S.map(|s| s as u64));
+    let scale = w.4.iter().fold(1e-3f64, |a, x| a.max(x.abs()));
+    assert!(worst(&got, &w.4) < 1e-4 * scale, "gla d-param");
+    // Performer with its features from a file.
+    let feats = performer::draw_features(24, S[3], 4);
+    write(&d.join("w.npy"), &[24, S[3] as u64], &feats);
+    let wp = format!("features={}", d.join("w.npy").display());
+    let (ok, err) = run(&d, &["--variant", "performer", "--param", &wp]);
+    assert!(ok, "{err}");
+    let w = oracle::performer::<f64>(v(0), v(1), v(2), v(3), &performer::Performer::new(&feats))
+        .unwrap();
+    check(&d, (&w.0, &w.1, &w.2, &w.3), "performer");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn misuse_is_a_clear_error() {
+    let d = dir("bad");
+    inputs(&d);
+    for (args, says) in [
+        (vec!["--variant", "performer"], "needs --param features"),
+        (
+            vec!["--variant", "gla", "--causal", "top-left"],
+            "needs --param gates",
+        ),
+        (vec!["--variant", "gla"], "causal only"),
+        (
+            vec!["--variant", "linear", "--param", "w=x.npy"],
+            "takes no parameters",
+        ),
+        (
+            vec!["--variant", "linear", "--softcap", "5"],
+            "option of exact attention",
+        ),
+    ] {
+        let (ok, err) = run(&d, &args);
+        assert!(!ok && err.contains(says), "{args:?}: {err}");
+        assert!(!d.join("o.npy").exists(), "{args:?} wrote an output");
+    }
+    // Features of the wrong width.
+    write(&d.join("w.npy"), &[4, 3], &[0.5f32; 12]);
+    let wp = format!("features={}", d.join("w.npy").display());
+    let (ok, err) = run(&d, &["--variant", "performer", "--param", &wp]);
+    assert!(!ok && err.contains("expected [m, 8]"), "{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}
