@@ -6,6 +6,8 @@
 //!   non-causal, causal chunk by chunk, and the recurrent step for decoding.
 //! * [`gated`] — decayed and gated linear attention (RetNet, GLA): a decaying state, no
 //!   denominator, through the same chunks.
+//! * [`linformer`] — Linformer: keys and values projected along the sequence, then exact
+//!   softmax over the projected rows on the fused kernel.
 //! * [`performer`] — Performer's FAVOR+: softmax estimated with positive orthogonal random
 //!   features, on the same feature-map machinery as linear attention.
 //!
@@ -15,6 +17,7 @@
 pub mod gated;
 pub(crate) mod kernelized;
 pub mod linear;
+pub mod linformer;
 pub mod performer;
 
 use crate::error::{AttnError, Result};
