@@ -5,7 +5,7 @@
 
 use crate::error::CliError;
 use crate::npy;
-use attentive::variants::{gated, linear, performer};
+use attentive::variants::{gated, linear, linformer, performer};
 use attentive::{View, ViewMut};
 use std::path::PathBuf;
 
@@ -22,6 +22,9 @@ pub enum Variant {
     /// Performer FAVOR+, as performer-pytorch's softmax_kernel (feature ε 1e-4, per-row query
     /// stabiliser, per-head key stabiliser; causal: none). --param features=[m, D].
     Performer,
+    /// Linformer: K′ = Eᵀ K, V′ = Fᵀ V, softmax(Q K′ᵀ/√D) V′. --param e=[N, k] and optionally
+    /// f=[N, k] (else F = E); no causal form.
+    Linformer,
 }
 
 /// The long help of `--variant`.
@@ -34,8 +37,10 @@ pub const HELP: &str = "Attention other than softmax over a mask. Each variant's
   performer  FAVOR+, exactly performer-pytorch's softmax_kernel (x' = x·D^(−1/4), feature ε 1e-4,
              per-row query stabiliser, per-head key stabiliser, none when causal).
              --param features=[m, D] (the random features ω).
+  linformer  K′ = Eᵀ K, V′ = Fᵀ V along the sequence, then softmax(Q K′ᵀ / √D) V′ (lucidrains' form).
+             --param e=[N, k], optionally --param f=[N, k] (F = E without it). No causal form.
 Gradients (--grad-out) are with respect to q, k and v; gla's also with respect to its gates or
-decay, written to --d-param.";
+decay, linformer's with respect to E (holding F's too when shared), written to --d-param.";
 
 /// `NAME=PATH`.
 pub fn parse_param(s: &str) -> Result<(String, PathBuf), String> {
@@ -75,6 +80,7 @@ pub fn run(
         Variant::Linear => &[],
         Variant::Gla => &["gates", "decay"],
         Variant::Performer => &["features"],
+        Variant::Linformer => &["e", "f"],
     };
     let mut loaded = Vec::new();
     for (name, path) in params {
@@ -178,6 +184,38 @@ pub fn run(
             if let (Some(g), Some(d)) = (grads.as_mut(), dov) {
                 let (a, b, c) = views!(g);
                 performer::backward(qv, kv, vv, d, &opts, a, b, c)?;
+            }
+        }
+        Variant::Linformer => {
+            if causal {
+                return Err(input(
+                    "--variant linformer",
+                    "has no causal form (its projections mix positions)",
+                ));
+            }
+            let e = param("e")
+                .ok_or_else(|| input("--variant linformer", "needs --param e=FILE.npy [N, k]"))?;
+            for (name, p) in [("e", Some(e)), ("f", param("f"))] {
+                if let Some(p) = p {
+                    if p.shape.len() != 2 || p.shape[0] != ks[2] || p.shape != e.shape {
+                        return Err(input(
+                            format!("--param {name}"),
+                            format!(
+                                "shape {:?}: expected [{}, k], E and F alike",
+                                p.shape, ks[2]
+                            ),
+                        ));
+                    }
+                }
+            }
+            let opts =
+                linformer::Linformer::new(&e.data, param("f").map(|f| &f.data[..]), e.shape[1]);
+            linformer::forward(qv, kv, vv, &opts, &mut out)?;
+            if let (Some(g), Some(d)) = (grads.as_mut(), dov) {
+                let mut de = vec![0.0f32; e.data.len()];
+                let (a, b, c) = views!(g);
+                linformer::backward(qv, kv, vv, d, &opts, (a, b, c), Some(&mut de), None)?;
+                d_param = Some((e.shape.clone(), de));
             }
         }
     }

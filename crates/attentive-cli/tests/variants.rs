@@ -2,7 +2,7 @@
 //! f64 oracle's, parameters come in as `--param NAME=FILE.npy`, and misuse is a clear error.
 
 use attentive::reference::variants as oracle;
-use attentive::variants::{gated, linear, performer};
+use attentive::variants::{gated, linear, linformer, performer};
 use attentive::View;
 mod common;
 use common::write_npy as write;
@@ -116,7 +116,7 @@ fn check(d: &Path, want: (&[f64], &[f64], &[f64], &[f64]), what: &str) {
 }
 
 #[test]
-fn linear_gla_and_performer_from_files_equal_their_oracles() {
+fn every_variant_from_files_equals_its_oracle() {
     let d = dir("all");
     let x = inputs(&d);
     let v = |i: usize| View::contiguous(&x[i], &S).unwrap();
@@ -174,6 +174,41 @@ fn linear_gla_and_performer_from_files_equal_their_oracles() {
     let w = oracle::performer::<f64>(v(0), v(1), v(2), v(3), &performer::Performer::new(&feats))
         .unwrap();
     check(&d, (&w.0, &w.1, &w.2, &w.3), "performer");
+    // Linformer with E (F shared) and E's gradient.
+    let e = values(S[2] * 6, 5, 0.3);
+    write(&d.join("e.npy"), &[S[2] as u64, 6], &e);
+    let ep = format!("e={}", d.join("e.npy").display());
+    let de = d.join("de.npy").display().to_string();
+    let (ok, err) = run(
+        &d,
+        &["--variant", "linformer", "--param", &ep, "--d-param", &de],
+    );
+    assert!(ok, "{err}");
+    let w = oracle::linformer::<f64>(
+        v(0),
+        v(1),
+        v(2),
+        v(3),
+        &linformer::Linformer::new(&e, None, 6),
+    )
+    .unwrap();
+    check(&d, (&w.0, &w.1, &w.2, &w.3), "linformer");
+    let (shape, got) = read(&d.join("de.npy"));
+    assert_eq!(shape, [S[2] as u64, 6]);
+    let scale = w.4.iter().fold(1e-3f64, |a, x| a.max(x.abs()));
+    assert!(worst(&got, &w.4) < 1e-4 * scale, "linformer d-param");
+    let (ok, err) = run(
+        &d,
+        &[
+            "--variant",
+            "linformer",
+            "--param",
+            &ep,
+            "--causal",
+            "top-left",
+        ],
+    );
+    assert!(!ok && err.contains("no causal form"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
 }
 
