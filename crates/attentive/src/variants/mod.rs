@@ -6,6 +6,8 @@
 //!   non-causal, causal chunk by chunk, and the recurrent step for decoding.
 //! * [`gated`] — decayed and gated linear attention (RetNet, GLA): a decaying state, no
 //!   denominator, through the same chunks.
+//! * [`adaptive_span`] — adaptive attention span: a learned soft ramp per head, a score rule
+//!   on the fused causal kernel with a window skipping the tiles beyond the span.
 //! * [`linformer`] — Linformer: keys and values projected along the sequence, then exact
 //!   softmax over the projected rows on the fused kernel.
 //! * [`performer`] — Performer's FAVOR+: softmax estimated with positive orthogonal random
@@ -14,6 +16,7 @@
 //! Tensors enter as [`View`]s, as for the exact kernel: `q [B, Hq, Nq, D]`,
 //! `k [B, Hkv, Nk, D]`, `v [B, Hkv, Nk, Dv]`, any strides, `Hq` a multiple of `Hkv`.
 
+pub mod adaptive_span;
 pub mod gated;
 pub(crate) mod kernelized;
 pub mod linear;
