@@ -9,7 +9,9 @@ use attentive::variants::adaptive_span::{backward, forward, span_loss, AdaptiveS
 use attentive::{AttnError, Causal, Isa, Options, View, ViewMut};
 use common::{check_rule, cv, Rng};
 
-fn shapes() -> Vec<(usize, usize, usize, usize, [f32; 3], usize, usize)> {
+type Shape = (usize, usize, usize, usize, [f32; 3], usize, usize);
+
+fn shapes() -> Vec<Shape> {
     // (b, h, n, d, span fractions, max span, ramp)
     vec![
         (1, 3, 1, 4, [0.2, 0.5, 1.3], 8, 2),

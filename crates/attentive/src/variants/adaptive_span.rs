@@ -2,7 +2,7 @@
 //! Causal softmax weights are multiplied by a soft ramp of the distance $x = i - j$ and
 //! renormalised,
 //! $$m_h(x) = \mathrm{clamp}\Big(\frac{R + z_h - x}{R}, 0, 1\Big),\qquad
-//!   a'_{ij} = \frac{m_h(i-j)\\,a_{ij}}{\sum_{j'} m_h(i-j')\\,a_{ij'}},$$
+//!   a'\_{ij} = \frac{m_h(i-j)\\,a_{ij}}{\sum_{j'} m_h(i-j')\\,a_{ij'}},$$
 //! with $z_h = c_h S$, $c_h \in [0, 1]$ the learned span fraction (clamped), `S` the largest span
 //! and `R` the ramp's width. The renormalised product is the softmax of $s + \ln m$, so the span is
 //! a [`ScoreRule`] on the fused causal kernel: $\ln m$ added where $m > 0$, the pairs with $m = 0$
@@ -173,7 +173,7 @@ pub fn backward(
     crate::backward_rule_params(q, k, v, o, lse, d_o, &span.options(), dq, dk, dv, d_current)
 }
 
-/// The paper's span penalty $\text{coeff}\cdot S\cdot\mathrm{mean}_h\\,c_h$ and its gradient with
+/// The paper's span penalty $\text{coeff}\cdot S\cdot\mathrm{mean}\_h\\,c_h$ and its gradient with
 /// respect to each $c_h$.
 pub fn span_loss(current: &[f32], max_span: usize, coeff: f32) -> (f32, Vec<f32>) {
     let n = current.len().max(1) as f32;
