@@ -221,6 +221,12 @@ struct AttendArgs {
     /// Where the gradient of a variant's parameter goes (with --grad-out; gla's gates or decay).
     #[arg(long, requires_all = ["variant", "grad_out"])]
     d_param: Option<PathBuf>,
+    /// adaptive-span's largest span S.
+    #[arg(long, requires = "variant")]
+    max_span: Option<usize>,
+    /// adaptive-span's ramp width R.
+    #[arg(long, default_value_t = 32, requires = "variant")]
+    ramp: usize,
 }
 
 fn rank4(what: &str, a: &npy::Array<f32>) -> Result<[usize; 4], CliError> {
@@ -356,7 +362,8 @@ fn attend_variant(
         Some(x) => Some((x.data.as_slice(), rank4("grad-out", x)?)),
         None => None,
     };
-    let out = variant::run(which, &a.params, a.causal.is_some(), q, k, v, d_o)?;
+    let rule = (a.causal.is_some(), a.max_span, a.ramp);
+    let out = variant::run(which, &a.params, rule, q, k, v, d_o)?;
     fn save<'w>(shape: &[usize], data: &'w [f32]) -> outdir::Write<'w> {
         let shape = shape.to_vec();
         Box::new(move |p| npy::write_f32(p, &shape, data))

@@ -5,7 +5,7 @@
 
 use crate::error::CliError;
 use crate::npy;
-use attentive::variants::{gated, linear, linformer, performer};
+use attentive::variants::{adaptive_span, gated, linear, linformer, performer};
 use attentive::{View, ViewMut};
 use std::path::PathBuf;
 
@@ -25,6 +25,9 @@ pub enum Variant {
     /// Linformer: K′ = Eᵀ K, V′ = Fᵀ V, softmax(Q K′ᵀ/√D) V′. --param e=[N, k] and optionally
     /// f=[N, k] (else F = E); no causal form.
     Linformer,
+    /// Adaptive attention span: causal softmax times the ramp clamp((R + z·S − (i − j))/R, 0, 1),
+    /// renormalised. --param z=[Hq] (span fractions in [0, 1]), --max-span S, --ramp R.
+    AdaptiveSpan,
 }
 
 /// The long help of `--variant`.
@@ -39,8 +42,12 @@ pub const HELP: &str = "Attention other than softmax over a mask. Each variant's
              --param features=[m, D] (the random features ω).
   linformer  K′ = Eᵀ K, V′ = Fᵀ V along the sequence, then softmax(Q K′ᵀ / √D) V′ (lucidrains' form).
              --param e=[N, k], optionally --param f=[N, k] (F = E without it). No causal form.
+  adaptive-span  causal softmax weights times the ramp m(x) = clamp((R + z·S − x)/R, 0, 1) of the
+             distance x = i − j, renormalised (Sukhbaatar et al.). --param z=[Hq] (each head's span
+             fraction, clamped to [0, 1]); --max-span S; --ramp R (default 32).
 Gradients (--grad-out) are with respect to q, k and v; gla's also with respect to its gates or
-decay, linformer's with respect to E (holding F's too when shared), written to --d-param.";
+decay, linformer's with respect to E (holding F's too when shared), adaptive-span's with respect
+to z, written to --d-param.";
 
 /// `NAME=PATH`.
 pub fn parse_param(s: &str) -> Result<(String, PathBuf), String> {
@@ -70,7 +77,7 @@ pub struct Computed {
 pub fn run(
     variant: Variant,
     params: &[(String, PathBuf)],
-    causal: bool,
+    (causal, max_span, ramp): (bool, Option<usize>, usize),
     (q, qs): (&[f32], [usize; 4]),
     (k, ks): (&[f32], [usize; 4]),
     (v, vs): (&[f32], [usize; 4]),
@@ -81,6 +88,7 @@ pub fn run(
         Variant::Gla => &["gates", "decay"],
         Variant::Performer => &["features"],
         Variant::Linformer => &["e", "f"],
+        Variant::AdaptiveSpan => &["z"],
     };
     let mut loaded = Vec::new();
     for (name, path) in params {
@@ -184,6 +192,27 @@ pub fn run(
             if let (Some(g), Some(d)) = (grads.as_mut(), dov) {
                 let (a, b, c) = views!(g);
                 performer::backward(qv, kv, vv, d, &opts, a, b, c)?;
+            }
+        }
+        Variant::AdaptiveSpan => {
+            let z = param("z")
+                .ok_or_else(|| input("--variant adaptive-span", "needs --param z=FILE.npy [Hq]"))?;
+            let max_span =
+                max_span.ok_or_else(|| input("--variant adaptive-span", "needs --max-span S"))?;
+            let span = adaptive_span::AdaptiveSpan {
+                current: &z.data,
+                max_span,
+                ramp,
+            };
+            let mut lse = vec![0.0f32; qs[0] * qs[1] * qs[2]];
+            adaptive_span::forward(qv, kv, vv, &span, &mut out, Some(&mut lse))?;
+            drop(out);
+            if let (Some(g), Some(d)) = (grads.as_mut(), dov) {
+                let mut dz = vec![0.0f32; z.data.len()];
+                let (a, b, c) = views!(g);
+                let ov = View::contiguous(&o, &os)?;
+                adaptive_span::backward(qv, kv, vv, (ov, &lse), d, &span, (a, b, c), &mut dz)?;
+                d_param = Some((z.shape.clone(), dz));
             }
         }
         Variant::Linformer => {

@@ -2,7 +2,7 @@
 //! f64 oracle's, parameters come in as `--param NAME=FILE.npy`, and misuse is a clear error.
 
 use attentive::reference::variants as oracle;
-use attentive::variants::{gated, linear, linformer, performer};
+use attentive::variants::{adaptive_span, gated, linear, linformer, performer};
 use attentive::View;
 mod common;
 use common::write_npy as write;
@@ -209,6 +209,39 @@ fn every_variant_from_files_equals_its_oracle() {
         ],
     );
     assert!(!ok && err.contains("no causal form"), "{err}");
+    // Adaptive span: z per head, its gradient against the rule's oracle.
+    let z = [0.3f32, 0.7];
+    write(&d.join("z.npy"), &[2], &z);
+    let zp = format!("z={}", d.join("z.npy").display());
+    let dz = d.join("dz.npy").display().to_string();
+    let span_args = [
+        "--variant",
+        "adaptive-span",
+        "--param",
+        &zp,
+        "--max-span",
+        "24",
+        "--ramp",
+        "6",
+        "--d-param",
+        &dz,
+    ];
+    let (ok, err) = run(&d, &span_args);
+    assert!(ok, "{err}");
+    let span = adaptive_span::AdaptiveSpan {
+        current: &z,
+        max_span: 24,
+        ramp: 6,
+    };
+    let o = attentive::reference::forward::<f64>(v(0), v(1), v(2), &span.options()).unwrap();
+    let g = attentive::reference::backward::<f64>(v(0), v(1), v(2), v(3), &span.options()).unwrap();
+    check(&d, (&o.o, &g.dq, &g.dk, &g.dv), "adaptive-span");
+    let (_, got) = read(&d.join("dz.npy"));
+    let scale = g.d_params.iter().fold(1e-3f64, |a, x| a.max(x.abs()));
+    assert!(
+        worst(&got, &g.d_params) < 1e-4 * scale,
+        "adaptive-span d-param"
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 
