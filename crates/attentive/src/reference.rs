@@ -26,6 +26,7 @@ use std::ops::{Add, Mul, Neg, Sub};
 
 /// The oracles of the [`variants`](crate::variants), each written beside its kernel.
 pub mod variants {
+    pub use crate::variants::additive::oracle::additive;
     pub use crate::variants::gated::oracle::gated;
     pub use crate::variants::linear::oracle::linear;
     pub use crate::variants::linformer::oracle::linformer;

@@ -6,6 +6,8 @@
 //!   non-causal, causal chunk by chunk, and the recurrent step for decoding.
 //! * [`gated`] — decayed and gated linear attention (RetNet, GLA): a decaying state, no
 //!   denominator, through the same chunks.
+//! * [`additive`] — Bahdanau's additive and Luong's dot, general and concat scores, for
+//!   encoder–decoder attention.
 //! * [`adaptive_span`] — adaptive attention span: a learned soft ramp per head, a score rule
 //!   on the fused causal kernel with a window skipping the tiles beyond the span.
 //! * [`linformer`] — Linformer: keys and values projected along the sequence, then exact
@@ -17,6 +19,7 @@
 //! `k [B, Hkv, Nk, D]`, `v [B, Hkv, Nk, Dv]`, any strides, `Hq` a multiple of `Hkv`.
 
 pub mod adaptive_span;
+pub mod additive;
 pub mod gated;
 pub(crate) mod kernelized;
 pub mod linear;
@@ -50,6 +53,13 @@ impl Dims {
     /// Checks `q`, `k`, `v` against each other: no empty dimension, one batch, one key count,
     /// one feature width for queries and keys, query heads a multiple of key/value heads.
     pub fn of(q: &View, k: &View, v: &View) -> Result<Dims> {
+        let dims = Self::of_cross(q, k, v)?;
+        crate::problem::expect_shape("k", k.shape(), [dims.b, dims.hkv, dims.nk, dims.d])?;
+        Ok(dims)
+    }
+
+    /// [`Dims::of`] where keys may be another width than queries (`d` is the queries').
+    pub fn of_cross(q: &View, k: &View, v: &View) -> Result<Dims> {
         for (name, t) in [("q", q), ("k", k), ("v", v)] {
             let s = t.shape();
             if let Some(dim) = s.iter().position(|&x| x == 0) {
@@ -60,8 +70,8 @@ impl Dims {
                 });
             }
         }
-        let ([b, hq, nq, d], [_, hkv, nk, _], [.., dv]) = (q.shape(), k.shape(), v.shape());
-        crate::problem::expect_shape("k", k.shape(), [b, hkv, nk, d])?;
+        let ([b, hq, nq, d], [_, hkv, nk, dk], [.., dv]) = (q.shape(), k.shape(), v.shape());
+        crate::problem::expect_shape("k", k.shape(), [b, hkv, nk, dk])?;
         crate::problem::expect_shape("v", v.shape(), [b, hkv, nk, dv])?;
         if hq % hkv != 0 {
             return Err(AttnError::HeadsNotDivisible {
