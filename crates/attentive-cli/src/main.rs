@@ -218,9 +218,10 @@ struct AttendArgs {
     /// A variant's learned matrix or random draw, NAME=FILE.npy (float32); repeat for several.
     #[arg(long = "param", value_name = "NAME=FILE.npy", value_parser = variant::parse_param, requires = "variant")]
     params: Vec<(String, PathBuf)>,
-    /// Where the gradient of a variant's parameter goes (with --grad-out; gla's gates or decay).
-    #[arg(long, requires_all = ["variant", "grad_out"])]
-    d_param: Option<PathBuf>,
+    /// Where the gradient of a variant's parameter goes, NAME=FILE.npy (with --grad-out); repeat
+    /// for several.
+    #[arg(long = "d-param", value_name = "NAME=FILE.npy", value_parser = variant::parse_param, requires_all = ["variant", "grad_out"])]
+    d_params: Vec<(String, PathBuf)>,
     /// adaptive-span's largest span S.
     #[arg(long, requires = "variant")]
     max_span: Option<usize>,
@@ -375,15 +376,22 @@ fn attend_variant(
         outputs.push((pk.as_path(), save(&k.1, dk)));
         outputs.push((pv.as_path(), save(&v.1, dv)));
     }
-    match (&out.d_param, &a.d_param) {
-        (Some((shape, g)), Some(p)) => outputs.push((p.as_path(), save(shape, g))),
-        (None, Some(_)) => {
+    for (name, path) in &a.d_params {
+        let Some((_, shape, g)) = out.d_params.iter().find(|(n, ..)| n == name) else {
+            let have: Vec<&str> = out.d_params.iter().map(|(n, ..)| *n).collect();
             return Err(CliError::Input {
-                what: "--d-param".into(),
-                reason: format!("--variant {which:?} has no parameter with a gradient here"),
-            })
-        }
-        _ => {}
+                what: format!("--d-param {name}"),
+                reason: format!(
+                    "--variant {which:?} gives gradients of: {}",
+                    if have.is_empty() {
+                        "no parameter".into()
+                    } else {
+                        have.join(", ")
+                    }
+                ),
+            });
+        };
+        outputs.push((path.as_path(), save(shape, g)));
     }
     outdir::files(outputs)
 }

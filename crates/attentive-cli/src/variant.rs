@@ -5,7 +5,7 @@
 
 use crate::error::CliError;
 use crate::npy;
-use attentive::variants::{adaptive_span, gated, linear, linformer, performer};
+use attentive::variants::{adaptive_span, additive, gated, linear, linformer, performer};
 use attentive::{View, ViewMut};
 use std::path::PathBuf;
 
@@ -28,6 +28,14 @@ pub enum Variant {
     /// Adaptive attention span: causal softmax times the ramp clamp((R + z·S − (i − j))/R, 0, 1),
     /// renormalised. --param z=[Hq] (span fractions in [0, 1]), --max-span S, --ramp R.
     AdaptiveSpan,
+    /// Bahdanau: vᵀ tanh(W_q q + W_k k), softmax over the keys. --param w_q=[A, Dq] w_k=[A, Dk] v=[A].
+    Additive,
+    /// Luong dot: q·k (no scale), softmax over the keys.
+    LuongDot,
+    /// Luong general: qᵀ W k. --param w=[Dq, Dk].
+    LuongGeneral,
+    /// Luong concat: vᵀ tanh(W [q; k]). --param w=[A, Dq + Dk] v=[A].
+    LuongConcat,
 }
 
 /// The long help of `--variant`.
@@ -45,9 +53,16 @@ pub const HELP: &str = "Attention other than softmax over a mask. Each variant's
   adaptive-span  causal softmax weights times the ramp m(x) = clamp((R + z·S − x)/R, 0, 1) of the
              distance x = i − j, renormalised (Sukhbaatar et al.). --param z=[Hq] (each head's span
              fraction, clamped to [0, 1]); --max-span S; --ramp R (default 32).
+  additive   Bahdanau: e_ij = vᵀ tanh(W_q q_i + W_k k_j), softmax over j, Σ α_ij v_j.
+             --param w_q=[A, Dq] w_k=[A, Dk] v=[A].
+  luong-dot  e_ij = q_i·k_j (no scale).
+  luong-general  e_ij = q_iᵀ W k_j. --param w=[Dq, Dk].
+  luong-concat   e_ij = vᵀ tanh(W [q_i; k_j]). --param w=[A, Dq + Dk] v=[A].
+             (A row whose keys are all hidden gives 0. Keys may be another width than queries.)
 Gradients (--grad-out) are with respect to q, k and v; gla's also with respect to its gates or
 decay, linformer's with respect to E (holding F's too when shared), adaptive-span's with respect
-to z, written to --d-param.";
+to z, the additive and Luong scores' with respect to their weights (w_q, w_k, v, w), written with
+--d-param NAME=FILE.npy.";
 
 /// `NAME=PATH`.
 pub fn parse_param(s: &str) -> Result<(String, PathBuf), String> {
@@ -64,12 +79,12 @@ fn input(what: impl Into<String>, reason: impl ToString) -> CliError {
     }
 }
 
-/// What a variant's call produced: the output, and with a gradient of it, dQ, dK, dV and the
-/// parameter's gradient (with its shape) where there is one.
+/// What a variant's call produced: the output, and with a gradient of it, dQ, dK, dV and each
+/// parameter's gradient, by name, with its shape.
 pub struct Computed {
     pub o: Vec<f32>,
     pub grads: Option<(Vec<f32>, Vec<f32>, Vec<f32>)>,
-    pub d_param: Option<(Vec<usize>, Vec<f32>)>,
+    pub d_params: Vec<(&'static str, Vec<usize>, Vec<f32>)>,
 }
 
 /// Runs `variant` on `q`, `k`, `v` (row-major, shapes given), with `d_o` for gradients.
@@ -89,6 +104,10 @@ pub fn run(
         Variant::Performer => &["features"],
         Variant::Linformer => &["e", "f"],
         Variant::AdaptiveSpan => &["z"],
+        Variant::Additive => &["w_q", "w_k", "v"],
+        Variant::LuongDot => &[],
+        Variant::LuongGeneral => &["w"],
+        Variant::LuongConcat => &["w", "v"],
     };
     let mut loaded = Vec::new();
     for (name, path) in params {
@@ -122,7 +141,7 @@ pub fn run(
             vec![0.0f32; vs.iter().product()],
         )
     });
-    let mut d_param = None;
+    let mut d_params = Vec::new();
     let dov = d_o.map(|(x, s)| View::contiguous(x, &s)).transpose()?;
     macro_rules! views {
         ($g:expr) => {
@@ -161,14 +180,14 @@ pub fn run(
             let opts = gated::Gated::new(decay);
             gated::forward(qv, kv, vv, &opts, &mut out)?;
             if let (Some(g), Some(d)) = (grads.as_mut(), dov) {
-                let shape = param("gates")
-                    .or(param("decay"))
-                    .map(|a| a.shape.clone())
-                    .unwrap_or_default();
-                let mut dg = vec![0.0f32; shape.iter().product()];
+                let (name, p) = match param("gates") {
+                    Some(p) => ("gates", p),
+                    None => ("decay", param("decay").expect("checked above")),
+                };
+                let mut dg = vec![0.0f32; p.data.len()];
                 let (a, b, c) = views!(g);
                 gated::backward(qv, kv, vv, d, &opts, a, b, c, Some(&mut dg))?;
-                d_param = Some((shape, dg));
+                d_params.push((name, p.shape.clone(), dg));
             }
         }
         Variant::Performer => {
@@ -206,13 +225,67 @@ pub fn run(
             };
             let mut lse = vec![0.0f32; qs[0] * qs[1] * qs[2]];
             adaptive_span::forward(qv, kv, vv, &span, &mut out, Some(&mut lse))?;
-            drop(out);
             if let (Some(g), Some(d)) = (grads.as_mut(), dov) {
                 let mut dz = vec![0.0f32; z.data.len()];
                 let (a, b, c) = views!(g);
                 let ov = View::contiguous(&o, &os)?;
                 adaptive_span::backward(qv, kv, vv, (ov, &lse), d, &span, (a, b, c), &mut dz)?;
-                d_param = Some((z.shape.clone(), dz));
+                d_params.push(("z", z.shape.clone(), dz));
+            }
+        }
+        Variant::Additive | Variant::LuongDot | Variant::LuongGeneral | Variant::LuongConcat => {
+            if causal {
+                return Err(input(
+                    format!("--variant {variant:?}"),
+                    "is encoder–decoder attention: no causal form",
+                ));
+            }
+            let need = |name: &str| {
+                param(name).map(|a| &a.data[..]).ok_or_else(|| {
+                    input(
+                        format!("--variant {variant:?}"),
+                        format!(
+                            "needs --param {}",
+                            known
+                                .iter()
+                                .map(|n| format!("{n}=FILE.npy"))
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        ),
+                    )
+                })
+            };
+            let score = match variant {
+                Variant::Additive => additive::Score::Additive {
+                    w_q: need("w_q")?,
+                    w_k: need("w_k")?,
+                    v: need("v")?,
+                },
+                Variant::LuongDot => additive::Score::Dot,
+                Variant::LuongGeneral => additive::Score::General { w: need("w")? },
+                _ => additive::Score::Concat {
+                    w: need("w")?,
+                    v: need("v")?,
+                },
+            };
+            let opts = additive::Additive {
+                score,
+                key_mask: None,
+            };
+            additive::forward(qv, kv, vv, &opts, &mut out, None)?;
+            if let (Some(g), Some(d)) = (grads.as_mut(), dov) {
+                let (a, b, c) = views!(g);
+                let wg = additive::backward(qv, kv, vv, d, &opts, a, b, c)?;
+                let shape = |name: &str| param(name).map(|a| a.shape.clone()).unwrap_or_default();
+                let names: &[(&'static str, Vec<f32>)] = match variant {
+                    Variant::Additive => &[("w_q", wg.w), ("w_k", wg.w_k), ("v", wg.v)],
+                    Variant::LuongGeneral => &[("w", wg.w)],
+                    Variant::LuongConcat => &[("w", wg.w), ("v", wg.v)],
+                    _ => &[],
+                };
+                for (name, g) in names {
+                    d_params.push((name, shape(name), g.clone()));
+                }
             }
         }
         Variant::Linformer => {
@@ -244,9 +317,9 @@ pub fn run(
                 let mut de = vec![0.0f32; e.data.len()];
                 let (a, b, c) = views!(g);
                 linformer::backward(qv, kv, vv, d, &opts, (a, b, c), Some(&mut de), None)?;
-                d_param = Some((e.shape.clone(), de));
+                d_params.push(("e", e.shape.clone(), de));
             }
         }
     }
-    Ok(Computed { o, grads, d_param })
+    Ok(Computed { o, grads, d_params })
 }

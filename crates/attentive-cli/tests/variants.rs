@@ -2,7 +2,7 @@
 //! f64 oracle's, parameters come in as `--param NAME=FILE.npy`, and misuse is a clear error.
 
 use attentive::reference::variants as oracle;
-use attentive::variants::{adaptive_span, gated, linear, linformer, performer};
+use attentive::variants::{adaptive_span, additive, gated, linear, linformer, performer};
 use attentive::View;
 mod common;
 use common::write_npy as write;
@@ -136,7 +136,7 @@ fn every_variant_from_files_equals_its_oracle() {
         .collect();
     write(&d.join("gates.npy"), &S.map(|s| s as u64), &gates);
     let gp = format!("gates={}", d.join("gates.npy").display());
-    let dg = d.join("dg.npy").display().to_string();
+    let dg = format!("gates={}", d.join("dg.npy").display());
     let (ok, err) = run(
         &d,
         &[
@@ -178,7 +178,7 @@ fn every_variant_from_files_equals_its_oracle() {
     let e = values(S[2] * 6, 5, 0.3);
     write(&d.join("e.npy"), &[S[2] as u64, 6], &e);
     let ep = format!("e={}", d.join("e.npy").display());
-    let de = d.join("de.npy").display().to_string();
+    let de = format!("e={}", d.join("de.npy").display());
     let (ok, err) = run(
         &d,
         &["--variant", "linformer", "--param", &ep, "--d-param", &de],
@@ -213,7 +213,7 @@ fn every_variant_from_files_equals_its_oracle() {
     let z = [0.3f32, 0.7];
     write(&d.join("z.npy"), &[2], &z);
     let zp = format!("z={}", d.join("z.npy").display());
-    let dz = d.join("dz.npy").display().to_string();
+    let dz = format!("z={}", d.join("dz.npy").display());
     let span_args = [
         "--variant",
         "adaptive-span",
@@ -241,6 +241,69 @@ fn every_variant_from_files_equals_its_oracle() {
     assert!(
         worst(&got, &g.d_params) < 1e-4 * scale,
         "adaptive-span d-param"
+    );
+    // Bahdanau with its three weights, and each weight's gradient.
+    let a = 5;
+    let (wq, wk, wv) = (
+        values(a * S[3], 17, 0.4),
+        values(a * S[3], 19, 0.4),
+        values(a, 23, 1.0),
+    );
+    write(&d.join("wq.npy"), &[a as u64, S[3] as u64], &wq);
+    write(&d.join("wk.npy"), &[a as u64, S[3] as u64], &wk);
+    write(&d.join("wv.npy"), &[a as u64], &wv);
+    let f = |s: &str| d.join(s).display().to_string();
+    let (pq, pk, pv) = (
+        format!("w_q={}", f("wq.npy")),
+        format!("w_k={}", f("wk.npy")),
+        format!("v={}", f("wv.npy")),
+    );
+    let (gq, gk, gvv) = (
+        format!("w_q={}", f("dwq.npy")),
+        format!("w_k={}", f("dwk.npy")),
+        format!("v={}", f("dwv.npy")),
+    );
+    let args = [
+        "--variant",
+        "additive",
+        "--param",
+        &pq,
+        "--param",
+        &pk,
+        "--param",
+        &pv,
+        "--d-param",
+        &gq,
+        "--d-param",
+        &gk,
+        "--d-param",
+        &gvv,
+    ];
+    let (ok, err) = run(&d, &args);
+    assert!(ok, "{err}");
+    let opts = additive::Additive {
+        score: additive::Score::Additive {
+            w_q: &wq,
+            w_k: &wk,
+            v: &wv,
+        },
+        key_mask: None,
+    };
+    let w = oracle::additive::<f64>(v(0), v(1), v(2), v(3), &opts).unwrap();
+    check(&d, (&w.0, &w.1, &w.2, &w.3), "additive");
+    for (file, want) in [
+        ("dwq.npy", &w.4[0]),
+        ("dwk.npy", &w.4[1]),
+        ("dwv.npy", &w.4[2]),
+    ] {
+        let (_, got) = read(&d.join(file));
+        let scale = want.iter().fold(1e-3f64, |a, x| a.max(x.abs()));
+        assert!(worst(&got, want) < 1e-4 * scale, "additive {file}");
+    }
+    let (ok, err) = run(&d, &["--variant", "luong-dot", "--d-param", &gq]);
+    assert!(
+        !ok && err.contains("gives gradients of: no parameter"),
+        "{err}"
     );
     let _ = std::fs::remove_dir_all(&d);
 }
