@@ -20,8 +20,7 @@
 //!   [`probabilities`] — the weights themselves, when you want to look.
 //! * [`merge`] — combine attention computed over disjoint key sets (decode splits, ring attention).
 //! * [`variants`] — attention that is not softmax over a mask (linear, gated linear, Performer,
-//!   Linformer, adaptive span), each with its
-//!   forward, backward and oracle.
+//!   Linformer, adaptive span, additive and Luong), each with its forward, backward and oracle.
 //! * [`reference`](mod@reference) — the naive oracle of every option, in f64 or f32, to test against.
 //! * [`matmul`] — dense products for the layers around attention, on the same micro-kernel.
 //! * [`HugeVec`] — a buffer on 2 MiB pages for large inputs such as a KV cache, which decoding
