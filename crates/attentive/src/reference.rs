@@ -28,6 +28,7 @@ use std::ops::{Add, Mul, Neg, Sub};
 pub mod variants {
     pub use crate::variants::additive::oracle::additive;
     pub use crate::variants::gated::oracle::gated;
+    pub use crate::variants::han::oracle::han_pool;
     pub use crate::variants::linear::oracle::linear;
     pub use crate::variants::linformer::oracle::linformer;
     pub use crate::variants::performer::oracle::{performer, performer_with};

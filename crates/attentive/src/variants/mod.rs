@@ -10,6 +10,8 @@
 //!   encoder–decoder attention.
 //! * [`adaptive_span`] — adaptive attention span: a learned soft ramp per head, a score rule
 //!   on the fused causal kernel with a window skipping the tiles beyond the span.
+//! * [`han`] — hierarchical attention pooling (words, then sentences) with learned context
+//!   vectors.
 //! * [`linformer`] — Linformer: keys and values projected along the sequence, then exact
 //!   softmax over the projected rows on the fused kernel.
 //! * [`performer`] — Performer's FAVOR+: softmax estimated with positive orthogonal random
@@ -21,6 +23,7 @@
 pub mod adaptive_span;
 pub mod additive;
 pub mod gated;
+pub mod han;
 pub(crate) mod kernelized;
 pub mod linear;
 pub mod linformer;
