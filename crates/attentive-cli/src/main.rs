@@ -228,6 +228,9 @@ struct AttendArgs {
     /// adaptive-span's ramp width R.
     #[arg(long, default_value_t = 32, requires = "variant")]
     ramp: usize,
+    /// nystrom's landmarks M (dividing the sequence length).
+    #[arg(long, requires = "variant")]
+    landmarks: Option<usize>,
 }
 
 fn rank4(what: &str, a: &npy::Array<f32>) -> Result<[usize; 4], CliError> {
@@ -363,7 +366,7 @@ fn attend_variant(
         Some(x) => Some((x.data.as_slice(), rank4("grad-out", x)?)),
         None => None,
     };
-    let rule = (a.causal.is_some(), a.max_span, a.ramp);
+    let rule = (a.causal.is_some(), a.max_span, a.ramp, a.landmarks);
     let out = variant::run(which, &a.params, rule, q, k, v, d_o)?;
     fn save<'w>(shape: &[usize], data: &'w [f32]) -> outdir::Write<'w> {
         let shape = shape.to_vec();

@@ -5,7 +5,7 @@
 
 use crate::error::CliError;
 use crate::npy;
-use attentive::variants::{adaptive_span, additive, gated, linear, linformer, performer};
+use attentive::variants::{adaptive_span, additive, gated, linear, linformer, nystrom, performer};
 use attentive::{View, ViewMut};
 use std::path::PathBuf;
 
@@ -36,6 +36,9 @@ pub enum Variant {
     LuongGeneral,
     /// Luong concat: vᵀ tanh(W [q; k]). --param w=[A, Dq + Dk] v=[A].
     LuongConcat,
+    /// Nyströmformer: landmarks as segment means, the iterative pseudo-inverse (6 iterations,
+    /// its initial scale per matrix). --landmarks M (dividing N).
+    Nystrom,
 }
 
 /// The long help of `--variant`.
@@ -59,6 +62,9 @@ pub const HELP: &str = "Attention other than softmax over a mask. Each variant's
   luong-general  e_ij = q_iᵀ W k_j. --param w=[Dq, Dk].
   luong-concat   e_ij = vᵀ tanh(W [q_i; k_j]). --param w=[A, Dq + Dk] v=[A].
              (A row whose keys are all hidden gives 0. Keys may be another width than queries.)
+  nystrom    softmax(Q K̃ᵀ) Z softmax(Q̃ Kᵀ) V, q and k scaled by D^(−1/4), landmarks Q̃, K̃ the means of M
+             contiguous segments, Z six iterations of the pseudo-inverse from Aᵀ / max colsum(A)
+             (taken per matrix, not over the batch). --landmarks M, dividing N.
 Gradients (--grad-out) are with respect to q, k and v; gla's also with respect to its gates or
 decay, linformer's with respect to E (holding F's too when shared), adaptive-span's with respect
 to z, the additive and Luong scores' with respect to their weights (w_q, w_k, v, w), written with
@@ -92,7 +98,7 @@ pub struct Computed {
 pub fn run(
     variant: Variant,
     params: &[(String, PathBuf)],
-    (causal, max_span, ramp): (bool, Option<usize>, usize),
+    (causal, max_span, ramp, landmarks): (bool, Option<usize>, usize, Option<usize>),
     (q, qs): (&[f32], [usize; 4]),
     (k, ks): (&[f32], [usize; 4]),
     (v, vs): (&[f32], [usize; 4]),
@@ -108,6 +114,7 @@ pub fn run(
         Variant::LuongDot => &[],
         Variant::LuongGeneral => &["w"],
         Variant::LuongConcat => &["w", "v"],
+        Variant::Nystrom => &[],
     };
     let mut loaded = Vec::new();
     for (name, path) in params {
@@ -286,6 +293,21 @@ pub fn run(
                 for (name, g) in names {
                     d_params.push((name, shape(name), g.clone()));
                 }
+            }
+        }
+        Variant::Nystrom => {
+            if causal {
+                return Err(input(
+                    "--variant nystrom",
+                    "has no causal form (its landmarks mix positions)",
+                ));
+            }
+            let m = landmarks.ok_or_else(|| input("--variant nystrom", "needs --landmarks M"))?;
+            let opts = nystrom::Nystrom::new(m);
+            nystrom::forward(qv, kv, vv, &opts, &mut out)?;
+            if let (Some(g), Some(d)) = (grads.as_mut(), dov) {
+                let (a, b, c) = views!(g);
+                nystrom::backward(qv, kv, vv, d, &opts, a, b, c)?;
             }
         }
         Variant::Linformer => {

@@ -2,7 +2,7 @@
 //! f64 oracle's, parameters come in as `--param NAME=FILE.npy`, and misuse is a clear error.
 
 use attentive::reference::variants as oracle;
-use attentive::variants::{adaptive_span, additive, gated, linear, linformer, performer};
+use attentive::variants::{adaptive_span, additive, gated, linear, linformer, nystrom, performer};
 use attentive::View;
 mod common;
 use common::write_npy as write;
@@ -300,6 +300,15 @@ fn every_variant_from_files_equals_its_oracle() {
         let scale = want.iter().fold(1e-3f64, |a, x| a.max(x.abs()));
         assert!(worst(&got, want) < 1e-4 * scale, "additive {file}");
     }
+    // Nyström: output against its oracle (its gradients are held to finite differences in the
+    // engine's tests); 40 positions in 8 segments.
+    let (ok, err) = run(&d, &["--variant", "nystrom", "--landmarks", "8"]);
+    assert!(ok, "{err}");
+    let want = oracle::nystrom::<f64>(v(0), v(1), v(2), &nystrom::Nystrom::new(8)).unwrap();
+    let (_, got) = read(&d.join("o.npy"));
+    assert!(worst(&got, &want) < 1e-5, "nystrom");
+    let (ok, err) = run(&d, &["--variant", "nystrom", "--landmarks", "7"]);
+    assert!(!ok && err.contains("landmarks"), "{err}");
     let (ok, err) = run(&d, &["--variant", "luong-dot", "--d-param", &gq]);
     assert!(
         !ok && err.contains("gives gradients of: no parameter"),

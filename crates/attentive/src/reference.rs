@@ -31,6 +31,7 @@ pub mod variants {
     pub use crate::variants::han::oracle::han_pool;
     pub use crate::variants::linear::oracle::linear;
     pub use crate::variants::linformer::oracle::linformer;
+    pub use crate::variants::nystrom::oracle::{nystrom, pinv};
     pub use crate::variants::performer::oracle::{performer, performer_with};
 }
 

@@ -14,6 +14,7 @@
 //!   vectors.
 //! * [`linformer`] — Linformer: keys and values projected along the sequence, then exact
 //!   softmax over the projected rows on the fused kernel.
+//! * [`nystrom`] — Nyströmformer: landmarks and the iterative pseudo-inverse.
 //! * [`performer`] — Performer's FAVOR+: softmax estimated with positive orthogonal random
 //!   features, on the same feature-map machinery as linear attention.
 //!
@@ -27,6 +28,7 @@ pub mod han;
 pub(crate) mod kernelized;
 pub mod linear;
 pub mod linformer;
+pub mod nystrom;
 pub mod performer;
 
 use crate::error::{AttnError, Result};
