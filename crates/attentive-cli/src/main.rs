@@ -454,6 +454,17 @@ struct BenchArgs {
     /// efficiency (speedup / threads).
     #[arg(long, conflicts_with = "serve")]
     scaling: bool,
+    /// Time a variant instead of exact attention, its parameters drawn: performer 256 features,
+    /// linformer k = 256, gla gates in [−0.1, 0], nystrom --landmarks (64), adaptive-span
+    /// z = ½ of --max-span (1024) with a ramp of 32.
+    #[arg(long, value_enum, conflicts_with_all = ["serve", "scaling", "half_kv", "inputs", "window", "pattern"])]
+    variant: Option<variant::Variant>,
+    /// nystrom's landmarks.
+    #[arg(long, default_value_t = 64)]
+    landmarks: usize,
+    /// adaptive-span's largest span.
+    #[arg(long, default_value_t = 1024)]
+    max_span: usize,
 }
 
 /// Resident set size now and its high-water mark, in bytes (Linux; 0 elsewhere).
@@ -482,6 +493,9 @@ fn huge_pages() -> u64 {
 }
 
 fn bench(a: BenchArgs) -> Result<(), CliError> {
+    if let Some(which) = a.variant {
+        return bench_variant(&a, which);
+    }
     let (b, hq, d) = (a.batch, a.heads, a.dim);
     let hkv = a.kv_heads.unwrap_or(hq);
     let (nq, nk) = (a.seq, a.kv_seq.unwrap_or(a.seq));
@@ -691,6 +705,110 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
 }
 
 /// `bench --serve`: answers `run`, `save DIR`, `rss` and `quit` on stdin (see [`BenchArgs`]).
+/// `bench --variant`: the variant's forward (and backward) on drawn inputs and parameters, timed
+/// as the exact kernel is (a first call, then about two seconds of calls, the median), with the
+/// peak resident memory beyond the inputs.
+fn bench_variant(a: &BenchArgs, which: variant::Variant) -> Result<(), CliError> {
+    let (b, hq, d) = (a.batch, a.heads, a.dim);
+    let hkv = a.kv_heads.unwrap_or(hq);
+    let n = a.seq;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut draw = |len: usize, lo: f32, hi: f32| -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                lo + (hi - lo) * ((state >> 40) as f32 / (1u64 << 24) as f32)
+            })
+            .collect()
+    };
+    let (qs, ks) = ([b, hq, n, d], [b, hkv, n, d]);
+    let (q, k) = (
+        draw(qs.iter().product(), -1.0, 1.0),
+        draw(ks.iter().product(), -1.0, 1.0),
+    );
+    let (v, d_o) = (
+        draw(ks.iter().product(), -1.0, 1.0),
+        draw(qs.iter().product(), -1.0, 1.0),
+    );
+    let arr = |shape: Vec<usize>, data: Vec<f32>| npy::Array { shape, data };
+    let kp = 256;
+    let params: Vec<(String, npy::Array<f32>)> = match which {
+        variant::Variant::Gla => vec![(
+            "gates".into(),
+            arr(ks.to_vec(), draw(ks.iter().product(), -0.1, 0.0)),
+        )],
+        variant::Variant::Performer => vec![(
+            "features".into(),
+            arr(
+                vec![kp, d],
+                attentive::variants::performer::draw_features(kp, d, 1),
+            ),
+        )],
+        variant::Variant::Linformer => vec![(
+            "e".into(),
+            arr(vec![n, kp], draw(n * kp, -1.0 / 16.0, 1.0 / 16.0)),
+        )],
+        variant::Variant::AdaptiveSpan => vec![("z".into(), arr(vec![hq], vec![0.5; hq]))],
+        variant::Variant::Additive => vec![
+            ("w_q".into(), arr(vec![d, d], draw(d * d, -0.1, 0.1))),
+            ("w_k".into(), arr(vec![d, d], draw(d * d, -0.1, 0.1))),
+            ("v".into(), arr(vec![d], draw(d, -1.0, 1.0))),
+        ],
+        variant::Variant::LuongGeneral => {
+            vec![("w".into(), arr(vec![d, d], draw(d * d, -0.1, 0.1)))]
+        }
+        variant::Variant::LuongConcat => vec![
+            ("w".into(), arr(vec![d, 2 * d], draw(2 * d * d, -0.1, 0.1))),
+            ("v".into(), arr(vec![d], draw(d, -1.0, 1.0))),
+        ],
+        _ => Vec::new(),
+    };
+    let rule = (a.causal.is_some(), Some(a.max_span), 32, Some(a.landmarks));
+    let (base_rss, _) = rss();
+    let run = || -> Result<f64, CliError> {
+        let t = Instant::now();
+        let grads = a.backward.then_some((&d_o[..], qs));
+        variant::compute(which, &params, rule, (&q, qs), (&k, ks), (&v, ks), grads)?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let first = run()?;
+    let iters = a
+        .iters
+        .unwrap_or_else(|| ((2.0 / first.max(1e-9)) as usize).clamp(3, 1000));
+    let mut times: Vec<f64> = (0..iters).map(|_| run()).collect::<Result<_, _>>()?;
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let (_, peak) = rss();
+    let mb = |x: u64| x as f64 / (1024.0 * 1024.0);
+    let name = which
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default();
+    out!(
+        "{name} B={b} Hq={hq} Hkv={hkv} N={n} D={d}{}{}: median {:.3} ms over {iters} runs, peak RSS {:.1} MB ({:.1} MB beyond the inputs), {} threads",
+        if a.causal.is_some() { " causal" } else { "" },
+        if a.backward { " forward+backward" } else { " forward" },
+        median * 1e3,
+        mb(peak),
+        mb(peak.saturating_sub(base_rss)),
+        rayon::current_num_threads(),
+    );
+    if a.json {
+        out!(
+            "{}",
+            serde_json::json!({
+                "variant": name, "batch": b, "heads": hq, "kv_heads": hkv, "seq": n, "dim": d,
+                "causal": a.causal.is_some(), "backward": a.backward, "iters": iters,
+                "median_ms": median * 1e3, "min_ms": times[0] * 1e3, "peak_rss_mb": mb(peak),
+                "extra_rss_mb": mb(peak.saturating_sub(base_rss)), "threads": rayon::current_num_threads(),
+            })
+        );
+    }
+    Ok(())
+}
+
 fn serve(
     run: &mut dyn FnMut(Option<&std::path::Path>) -> Result<f64, CliError>,
 ) -> Result<(), CliError> {

@@ -98,24 +98,13 @@ pub struct Computed {
 pub fn run(
     variant: Variant,
     params: &[(String, PathBuf)],
-    (causal, max_span, ramp, landmarks): (bool, Option<usize>, usize, Option<usize>),
-    (q, qs): (&[f32], [usize; 4]),
-    (k, ks): (&[f32], [usize; 4]),
-    (v, vs): (&[f32], [usize; 4]),
+    rule: Rule,
+    q: (&[f32], [usize; 4]),
+    k: (&[f32], [usize; 4]),
+    v: (&[f32], [usize; 4]),
     d_o: Option<(&[f32], [usize; 4])>,
 ) -> Result<Computed, CliError> {
-    let known: &[&str] = match variant {
-        Variant::Linear => &[],
-        Variant::Gla => &["gates", "decay"],
-        Variant::Performer => &["features"],
-        Variant::Linformer => &["e", "f"],
-        Variant::AdaptiveSpan => &["z"],
-        Variant::Additive => &["w_q", "w_k", "v"],
-        Variant::LuongDot => &[],
-        Variant::LuongGeneral => &["w"],
-        Variant::LuongConcat => &["w", "v"],
-        Variant::Nystrom => &[],
-    };
+    let known = variant.params();
     let mut loaded = Vec::new();
     for (name, path) in params {
         if !known.contains(&name.as_str()) {
@@ -131,9 +120,43 @@ pub fn run(
                 ),
             ));
         }
-        loaded.push((name.as_str(), npy::read_f32(path)?));
+        loaded.push((name.clone(), npy::read_f32(path)?));
     }
-    let param = |name: &str| loaded.iter().find(|(n, _)| *n == name).map(|(_, a)| a);
+    compute(variant, &loaded, rule, q, k, v, d_o)
+}
+
+/// `--causal`, `--max-span`, `--ramp` and `--landmarks`.
+pub type Rule = (bool, Option<usize>, usize, Option<usize>);
+
+impl Variant {
+    /// The names of its parameters.
+    pub fn params(self) -> &'static [&'static str] {
+        match self {
+            Variant::Linear | Variant::LuongDot | Variant::Nystrom => &[],
+            Variant::Gla => &["gates", "decay"],
+            Variant::Performer => &["features"],
+            Variant::Linformer => &["e", "f"],
+            Variant::AdaptiveSpan => &["z"],
+            Variant::Additive => &["w_q", "w_k", "v"],
+            Variant::LuongGeneral => &["w"],
+            Variant::LuongConcat => &["w", "v"],
+        }
+    }
+}
+
+/// [`run`] with the parameters in memory.
+#[allow(clippy::too_many_arguments)]
+pub fn compute(
+    variant: Variant,
+    loaded: &[(String, npy::Array<f32>)],
+    (causal, max_span, ramp, landmarks): Rule,
+    (q, qs): (&[f32], [usize; 4]),
+    (k, ks): (&[f32], [usize; 4]),
+    (v, vs): (&[f32], [usize; 4]),
+    d_o: Option<(&[f32], [usize; 4])>,
+) -> Result<Computed, CliError> {
+    let known = variant.params();
+    let param = |name: &str| loaded.iter().find(|(n, _)| n == name).map(|(_, a)| a);
     let (qv, kv, vv) = (
         View::contiguous(q, &qs)?,
         View::contiguous(k, &ks)?,
