@@ -364,6 +364,25 @@ impl G2p {
             .collect())
     }
 
+    /// A copy of the model with a fresh sink in `slot` of every attention module, and the sinks:
+    /// the encoder's, the decoder's self-attention's and its cross-attention's, layer by layer.
+    fn with_sinks(
+        &self,
+        slot: fn(&mut crate::mha::MultiHeadAttention) -> &mut Option<crate::op::MapSink>,
+    ) -> (Seq2Seq, [Vec<crate::op::MapSink>; 3]) {
+        let mut model = self.model.clone();
+        let put =
+            |m: &mut crate::mha::MultiHeadAttention| slot(m).insert(Default::default()).clone();
+        let enc = model.enc.iter_mut().map(|l| put(&mut l.attn)).collect();
+        let dec = model
+            .dec
+            .iter_mut()
+            .map(|l| put(&mut l.self_attn))
+            .collect();
+        let cross = model.dec.iter_mut().map(|l| put(&mut l.cross)).collect();
+        (model, [enc, dec, cross])
+    }
+
     /// Every attention module's $A \odot \partial y_t/\partial A$ for $y_t$ the logit of the
     /// phoneme written at each position `t` of a decoded word (`phones[t]`, and the end token
     /// at `t = phones.len()`), under teacher forcing on the decoded phonemes: the input of
@@ -379,25 +398,7 @@ impl G2p {
             candle_core::bail!("weight_grads: an empty word");
         }
         let dev = Device::Cpu;
-        let mut model = self.model.clone();
-        let sink = || -> crate::op::MapSink { Default::default() };
-        let (enc, dec, cross): (Vec<_>, Vec<_>, Vec<_>) = (
-            model
-                .enc
-                .iter_mut()
-                .map(|l| l.attn.weight_grads.insert(sink()).clone())
-                .collect(),
-            model
-                .dec
-                .iter_mut()
-                .map(|l| l.self_attn.weight_grads.insert(sink()).clone())
-                .collect(),
-            model
-                .dec
-                .iter_mut()
-                .map(|l| l.cross.weight_grads.insert(sink()).clone())
-                .collect(),
-        );
+        let (model, [enc, dec, cross]) = self.with_sinks(|m| &mut m.weight_grads);
         let (ns, nt, h) = (word.len(), phones.len() + 1, self.model.config.heads);
         let v = self.model.config.tgt_vocab;
         let (src, mask) = source_batch(&vec![word; nt], &dev)?;
@@ -459,25 +460,7 @@ impl G2p {
             candle_core::bail!("attention_maps: an empty word");
         }
         let dev = Device::Cpu;
-        let mut model = self.model.clone();
-        let sink = || -> crate::op::MapSink { Default::default() };
-        let (enc, dec, cross): (Vec<_>, Vec<_>, Vec<_>) = (
-            model
-                .enc
-                .iter_mut()
-                .map(|l| l.attn.probabilities.insert(sink()).clone())
-                .collect(),
-            model
-                .dec
-                .iter_mut()
-                .map(|l| l.self_attn.probabilities.insert(sink()).clone())
-                .collect(),
-            model
-                .dec
-                .iter_mut()
-                .map(|l| l.cross.probabilities.insert(sink()).clone())
-                .collect(),
-        );
+        let (model, [enc, dec, cross]) = self.with_sinks(|m| &mut m.probabilities);
         let (src, mask) = source_batch(&[word], &dev)?;
         let (tin, _, _) = target_batch(&[phones], &dev)?;
         let mem = model.encode(&src, &mask, Mode::EVAL)?;
