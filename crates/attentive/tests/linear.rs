@@ -130,8 +130,6 @@ fn oracle_gradients_equal_finite_differences() {
             key_mask: Some(&mask),
             ..Default::default()
         };
-        let cv = |x: &[f32], w: usize| View::contiguous(x, &[b, h, n, w]).unwrap().to_vec();
-        let _ = cv;
         let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
             let (o, ..) = oracle::<f64>(
                 View::contiguous(q, &[b, h, n, d]).unwrap(),

@@ -156,7 +156,7 @@ impl Tanh<'_> {
         let s = if self.stride == 0 { dk } else { self.stride };
         &self.w_k[a * s..a * s + dk]
     }
-    /// `x·W_ᵀ` for rows of `x`: `n × A`.
+    /// Each row of `x` projected by W_k (`keys`) or W_q: `n × A`.
     fn project(&self, x: &[f32], d: usize, keys: bool) -> Vec<f32> {
         x.chunks_exact(d)
             .flat_map(|r| {
