@@ -3,7 +3,8 @@
 # kernel (causal and not) timed in their own processes (so each peak memory is its own),
 # alternating over rounds, forward and forward+backward, B = 1, H = 8, D = 64, 2 threads.
 # Prints a table (median over rounds of each call's median, its ratio to exact attention of the
-# same causality, peak memory beyond the inputs) and writes every measurement to
+# same causality, peak memory beyond the inputs, and up to N = 16 384 the output's relative
+# Frobenius distance from exact softmax attention on the same inputs) and writes every measurement to
 # bench-out/variants.jsonl. The CPU model and the FMA ceiling measured in the same run head it.
 # Usage: sh bench/variants.sh [N ...]   (default 1024 4096 16384 65536; 65536 forward only)
 set -e
@@ -51,13 +52,15 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 by = {}
 for r in rows:
     by.setdefault((r["n"], r["mode"], r["label"]), []).append(r["result"])
-print("| N | pass | attention | median ms | speed-up over exact (same causality) | extra MB |")
-print("|---|---|---|---|---|---|")
+print("| N | pass | attention | median ms | speed-up over exact (same causality) | extra MB | relative distance from softmax |")
+print("|---|---|---|---|---|---|---|")
 for (n, mode, label), rs in sorted(by.items(), key=lambda x: (x[0][0], x[0][1])):
     ms = statistics.median(r["median_ms"] for r in rs)
     mb = max(r["extra_rss_mb"] for r in rs)
     causal = "causal" in label
     ref = by.get((n, mode, "exact causal" if causal else "exact"))
     ratio = statistics.median(r["median_ms"] for r in ref) / ms if ref else float("nan")
-    print(f"| {n} | {mode} | {label} | {ms:.1f} | {ratio:.2f} | {mb:.0f} |")
+    err = rs[0].get("error_vs_softmax")
+    dist = "–" if err is None else f"{err:.3f}"
+    print(f"| {n} | {mode} | {label} | {ms:.1f} | {ratio:.2f} | {mb:.0f} | {dist} |")
 EOF

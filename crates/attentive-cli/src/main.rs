@@ -781,25 +781,57 @@ fn bench_variant(a: &BenchArgs, which: variant::Variant) -> Result<(), CliError>
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let (_, peak) = rss();
+    // How far the output is from exact softmax attention of the same causality on the same
+    // inputs (relative Frobenius norm), up to 16 384 positions (exact attention's cost).
+    let error = if n <= 16_384 {
+        let got = variant::compute(which, &params, rule, (&q, qs), (&k, ks), (&v, ks), None)?.o;
+        let mut want = vec![0.0f32; got.len()];
+        let mut opts = Options::new();
+        opts.causal = a.causal.map(Into::into);
+        let (qv, kv, vv) = (
+            View::contiguous(&q, &qs)?,
+            View::contiguous(&k, &ks)?,
+            View::contiguous(&v, &ks)?,
+        );
+        forward(
+            qv,
+            kv,
+            vv,
+            &opts,
+            &mut ViewMut::contiguous(&mut want, qs)?,
+            None,
+        )?;
+        let num: f64 = got
+            .iter()
+            .zip(&want)
+            .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+            .sum();
+        let den: f64 = want.iter().map(|y| (*y as f64).powi(2)).sum();
+        Some((num / den).sqrt())
+    } else {
+        None
+    };
     let mb = |x: u64| x as f64 / (1024.0 * 1024.0);
     let name = which
         .to_possible_value()
         .map(|v| v.get_name().to_string())
         .unwrap_or_default();
     out!(
-        "{name} B={b} Hq={hq} Hkv={hkv} N={n} D={d}{}{}: median {:.3} ms over {iters} runs, peak RSS {:.1} MB ({:.1} MB beyond the inputs), {} threads",
+        "{name} B={b} Hq={hq} Hkv={hkv} N={n} D={d}{}{}: median {:.3} ms over {iters} runs, peak RSS {:.1} MB ({:.1} MB beyond the inputs), {} threads{}",
         if a.causal.is_some() { " causal" } else { "" },
         if a.backward { " forward+backward" } else { " forward" },
         median * 1e3,
         mb(peak),
         mb(peak.saturating_sub(base_rss)),
         rayon::current_num_threads(),
+        error.map_or(String::new(), |e| format!(", {e:.3e} from softmax attention (relative)")),
     );
     if a.json {
         out!(
             "{}",
             serde_json::json!({
                 "variant": name, "batch": b, "heads": hq, "kv_heads": hkv, "seq": n, "dim": d,
+                "error_vs_softmax": error,
                 "causal": a.causal.is_some(), "backward": a.backward, "iters": iters,
                 "median_ms": median * 1e3, "min_ms": times[0] * 1e3, "peak_rss_mb": mb(peak),
                 "extra_rss_mb": mb(peak.saturating_sub(base_rss)), "threads": rayon::current_num_threads(),
