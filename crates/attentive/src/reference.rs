@@ -31,6 +31,7 @@ pub mod variants {
     pub use crate::variants::han::oracle::han_pool;
     pub use crate::variants::linear::oracle::linear;
     pub use crate::variants::linformer::oracle::linformer;
+    pub use crate::variants::lsh::oracle::lsh;
     pub use crate::variants::nystrom::oracle::{nystrom, pinv};
     pub use crate::variants::performer::oracle::{performer, performer_with};
 }
@@ -57,6 +58,7 @@ pub trait Real:
     fn ln(self) -> Self;
     fn tanh(self) -> Self;
     fn recip(self) -> Self;
+    fn sqrt(self) -> Self;
     fn rule_score(rule: &dyn ScoreRule, s: Self, at: Pos) -> Self;
     fn rule_grad(rule: &dyn ScoreRule, s: Self, at: Pos) -> Self;
     fn rule_param_grad(rule: &dyn ScoreRule, g: Self, at: Pos, grad: &mut [Self]);
@@ -88,6 +90,9 @@ macro_rules! real {
             }
             fn recip(self) -> Self {
                 1.0 / self
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
             }
             fn rule_score(rule: &dyn ScoreRule, s: Self, at: Pos) -> Self {
                 rule.$score(s, at)

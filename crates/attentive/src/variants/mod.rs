@@ -15,6 +15,8 @@
 //! * [`linformer`] — Linformer: keys and values projected along the sequence, then exact
 //!   softmax over the projected rows on the fused kernel.
 //! * [`nystrom`] — Nyströmformer: landmarks and the iterative pseudo-inverse.
+//! * [`lsh`] — Reformer's LSH attention: shared queries and keys hashed by random rotations,
+//!   sorted by bucket, and attended chunk by chunk.
 //! * [`performer`] — Performer's FAVOR+: softmax estimated with positive orthogonal random
 //!   features, on the same feature-map machinery as linear attention.
 //!
@@ -28,6 +30,7 @@ pub mod han;
 pub(crate) mod kernelized;
 pub mod linear;
 pub mod linformer;
+pub mod lsh;
 pub mod nystrom;
 pub mod performer;
 

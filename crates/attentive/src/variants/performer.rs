@@ -432,13 +432,13 @@ pub fn draw_features(m: usize, d: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Standard normal draws from a seed: splitmix64 and Box–Muller, in f64.
-struct Gauss {
+pub(crate) struct Gauss {
     state: u64,
     spare: Option<f64>,
 }
 
 impl Gauss {
-    fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         Self {
             state: seed ^ 0x9e37_79b9_7f4a_7c15,
             spare: None,
@@ -453,7 +453,7 @@ impl Gauss {
         ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    fn next(&mut self) -> f64 {
+    pub(crate) fn next(&mut self) -> f64 {
         if let Some(s) = self.spare.take() {
             return s;
         }
