@@ -301,6 +301,7 @@ pub fn compute(
             let opts = additive::Additive {
                 score,
                 key_mask: None,
+                local: None,
             };
             additive::forward(qv, kv, vv, &opts, &mut out, None)?;
             if let (Some(g), Some(d)) = (grads.as_mut(), dov) {

@@ -288,6 +288,7 @@ fn every_variant_from_files_equals_its_oracle() {
             v: &wv,
         },
         key_mask: None,
+        local: None,
     };
     let w = oracle::additive::<f64>(v(0), v(1), v(2), v(3), &opts).unwrap();
     check(&d, (&w.0, &w.1, &w.2, &w.3), "additive");

@@ -1,10 +1,11 @@
-//! Bahdanau's additive and Luong's dot, general and concat scores against their f64 oracle by
-//! the accuracy rule (weights' gradients included), the oracle against finite differences,
-//! padding (a fully hidden row gives 0, never NaN), and bad input.
+//! Bahdanau's additive and Luong's dot, general and concat scores, global and under Luong's
+//! local-p window, against their f64 oracle by the accuracy rule (weights' gradients included),
+//! the oracle against finite differences, local-p's limits (a wide flat window is global
+//! attention), padding (a fully hidden row gives 0, never NaN), and bad input.
 
 mod common;
 use attentive::reference::variants::additive as oracle;
-use attentive::variants::additive::{backward, forward, Additive, Score};
+use attentive::variants::additive::{backward, forward, Additive, Local, Score};
 use attentive::{AttnError, View, ViewMut};
 use common::{check_rule, cv, Rng};
 
@@ -50,6 +51,7 @@ fn every_score_against_the_oracle() {
         (2, 2, 2, 6, 13, 4, 6, 3, 5),
     ] {
         let w = weights(&mut rng, a, dq, dk);
+        let (wp, vp) = (rng.vec(a * dq), rng.vec(a));
         let (q, k, v, g) = (
             rng.vec(b * hq * nq * dq),
             rng.vec(b * hkv * nk * dk),
@@ -64,10 +66,16 @@ fn every_score_against_the_oracle() {
             if matches!(score, Score::Dot) && dq != dk {
                 continue;
             }
-            for masked in [false, true] {
+            for (masked, local) in [(false, false), (true, false), (false, true), (true, true)] {
                 let opts = Additive {
                     score,
                     key_mask: masked.then_some(&mask[..]),
+                    local: local.then_some(Local {
+                        w_p: &wp,
+                        v_p: &vp,
+                        half_width: 1 + nk / 4,
+                        sigma: None,
+                    }),
                 };
                 let (qv, kv, vv, gv) = (
                     cv(&q, [b, hq, nq, dq]),
@@ -77,7 +85,9 @@ fn every_score_against_the_oracle() {
                 );
                 let o64 = oracle::<f64>(qv, kv, vv, gv, &opts).unwrap();
                 let o32 = oracle::<f32>(qv, kv, vv, gv, &opts).unwrap();
-                let at = |e: String| panic!("{score:?}, masked {masked}, n {nq}×{nk}: {e}");
+                let at = |e: String| {
+                    panic!("{score:?}, masked {masked}, local {local}, n {nq}×{nk}: {e}")
+                };
                 let mut o = vec![f32::NAN; b * hq * nq * dv];
                 forward(
                     qv,
@@ -106,7 +116,13 @@ fn every_score_against_the_oracle() {
                 check_rule("dQ", &dqg, &o32.1, &o64.1, 3.0).unwrap_or_else(at);
                 check_rule("dK", &dkg, &o32.2, &o64.2, 3.0).unwrap_or_else(at);
                 check_rule("dV", &dvg, &o32.3, &o64.3, 3.0).unwrap_or_else(at);
-                for (name, got, i) in [("dW", &wg.w, 0), ("dW_k", &wg.w_k, 1), ("dv", &wg.v, 2)] {
+                for (name, got, i) in [
+                    ("dW", &wg.w, 0),
+                    ("dW_k", &wg.w_k, 1),
+                    ("dv", &wg.v, 2),
+                    ("dW_p", &wg.w_p, 3),
+                    ("dv_p", &wg.v_p, 4),
+                ] {
                     assert_eq!(got.len(), o64.4[i].len(), "{score:?} {name}");
                     check_rule(name, got, &o32.4[i], &o64.4[i], 3.0).unwrap_or_else(at);
                 }
@@ -146,6 +162,7 @@ fn oracle_gradients_equal_finite_differences() {
             &Additive {
                 score,
                 key_mask: None,
+                local: None,
             },
         )
         .unwrap()
@@ -188,6 +205,117 @@ fn oracle_gradients_equal_finite_differences() {
     }
 }
 
+/// Local-p's oracle gradients (the centre's weights, queries, keys, values) against central
+/// differences, on a general score.
+#[test]
+fn local_p_oracle_gradients_equal_finite_differences() {
+    let mut rng = Rng::new(19);
+    let (nq, nk, d, dv, a) = (3, 9, 3, 2, 2);
+    let base = vec![
+        rng.vec(nq * d),
+        rng.vec(nk * d),
+        rng.vec(nk * dv),
+        rng.vec(d * d),
+        rng.vec(a * d),
+        rng.vec(a),
+    ];
+    let g = rng.vec(nq * dv);
+    let run = |x: &[Vec<f32>]| {
+        oracle::<f64>(
+            cv(&x[0], [1, 1, nq, d]),
+            cv(&x[1], [1, 1, nk, d]),
+            cv(&x[2], [1, 1, nk, dv]),
+            cv(&g, [1, 1, nq, dv]),
+            &Additive {
+                score: Score::General { w: &x[3] },
+                key_mask: None,
+                local: Some(Local {
+                    w_p: &x[4],
+                    v_p: &x[5],
+                    half_width: 3,
+                    sigma: None,
+                }),
+            },
+        )
+        .unwrap()
+    };
+    let out = run(&base);
+    let grads = [&out.1, &out.2, &out.3, &out.4[0], &out.4[3], &out.4[4]];
+    for (which, grad) in grads.iter().enumerate() {
+        for idx in 0..grad.len() {
+            let loss = |e: f32| {
+                let mut x = base.clone();
+                x[which][idx] += e;
+                run(&x)
+                    .0
+                    .iter()
+                    .zip(&g)
+                    .map(|(o, g)| o * *g as f64)
+                    .sum::<f64>()
+            };
+            let fd = (loss(1e-3) - loss(-1e-3)) / 2e-3;
+            assert!(
+                (fd - grad[idx]).abs() < 1e-4 * (1.0 + fd.abs()),
+                "tensor {which}[{idx}]: {} vs {fd}",
+                grad[idx]
+            );
+        }
+    }
+}
+
+/// A window wider than the keys with a flat Gaussian (σ huge) is global attention; with the
+/// centre pinned near key 6 (v_p large), a half-width 1 window sees keys 5..=7 only.
+#[test]
+fn local_p_limits() {
+    let mut rng = Rng::new(4);
+    let (nq, nk, d) = (4, 10, 3);
+    let (q, k, v) = (rng.vec(nq * d), rng.vec(nk * d), rng.vec(nk * d));
+    let run = |local: Option<Local>, k: &[f32], v: &[f32], nk: usize| {
+        let mut o = vec![0.0f32; nq * d];
+        forward(
+            cv(&q, [1, 1, nq, d]),
+            cv(k, [1, 1, nk, d]),
+            cv(v, [1, 1, nk, d]),
+            &Additive {
+                score: Score::Dot,
+                key_mask: None,
+                local,
+            },
+            &mut ViewMut::contiguous(&mut o, [1, 1, nq, d]).unwrap(),
+            None,
+        )
+        .unwrap();
+        o
+    };
+    let (wp, vp) = (rng.vec(2 * d), rng.vec(2));
+    let wide = Local {
+        w_p: &wp,
+        v_p: &vp,
+        half_width: 2 * nk,
+        sigma: Some(1e6),
+    };
+    let max = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    };
+    let err = max(&run(Some(wide), &k, &v, nk), &run(None, &k, &v, nk));
+    assert!(err < 1e-5, "{err}");
+    // W_p = 0: tanh(0) = 0, so z = 0 and p = Nk/2 = 5 for every query: keys 4..=6.
+    let zero = vec![0.0f32; 2 * d];
+    let pinned = Local {
+        w_p: &zero,
+        v_p: &vp,
+        half_width: 1,
+        sigma: Some(1e6),
+    };
+    let got = run(Some(pinned), &k, &v, nk);
+    let want = run(None, &k[4 * d..7 * d], &v[4 * d..7 * d], 3);
+    let err = max(&got, &want);
+    assert!(err < 1e-5, "{err}");
+}
+
 /// A row with every key hidden gives 0, not NaN.
 #[test]
 fn hidden_rows_are_zero() {
@@ -198,6 +326,7 @@ fn hidden_rows_are_zero() {
     let opts = Additive {
         score: Score::Dot,
         key_mask: Some(&mask),
+        local: None,
     };
     let mut o = [f32::NAN; 2];
     forward(
@@ -226,6 +355,7 @@ fn bad_input_is_a_clear_error() {
         &Additive {
             score: Score::Dot,
             key_mask: None,
+            local: None,
         },
         &mut out,
         None,
@@ -240,6 +370,7 @@ fn bad_input_is_a_clear_error() {
         &Additive {
             score: Score::General { w: &w },
             key_mask: None,
+            local: None,
         },
         &mut out,
         None,
@@ -261,6 +392,7 @@ fn bad_input_is_a_clear_error() {
                 v: &v,
             },
             key_mask: None,
+            local: None,
         },
         &mut out,
         None,
@@ -268,6 +400,33 @@ fn bad_input_is_a_clear_error() {
     .unwrap_err();
     assert!(
         matches!(e, AttnError::InvalidOption { option: "w_k", .. }),
+        "{e}"
+    ); // Local-p: W_p of the wrong size, a zero half-width (σ = 0).
+    let (wp, vp) = ([0.5f32; 5], [1.0f32; 2]);
+    let local = |w_p, half_width| Additive {
+        local: Some(Local {
+            w_p,
+            v_p: &vp,
+            half_width,
+            sigma: None,
+        }),
+        ..Additive::new(Score::Dot)
+    };
+    let e = forward(q, q, q, &local(&wp, 2), &mut out, None).unwrap_err();
+    assert!(
+        matches!(e, AttnError::LengthMismatch { tensor: "w_p", .. }),
+        "{e}"
+    );
+    let wp = [0.5f32; 6];
+    let e = forward(q, q, q, &local(&wp, 0), &mut out, None).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AttnError::InvalidOption {
+                option: "sigma",
+                ..
+            }
+        ),
         "{e}"
     );
 }

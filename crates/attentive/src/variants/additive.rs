@@ -8,6 +8,15 @@
 //! * Luong general: $e_{ij} = q_i^\top W k_j$, `W [Dq, Dk]`: the fused kernel over $\tilde k_j = W k_j$;
 //! * Luong concat: $e_{ij} = v^\top\tanh(W[q_i; k_j])$, `W [A, Dq + Dk]`: additive with `W` split.
 //!
+//! **Local-p** (Luong et al., 2015, [`Local`]) puts any of these scores under a learned window:
+//! each query predicts a real centre $p_i = N_k\,\sigma(v_p^\top\tanh(W_p q_i))$, the softmax
+//! runs over the keys $j$ with $|j - p_i| \le D$ (positions from 0), and its weights are then
+//! multiplied, not renormalised, by $\exp(-(j - p_i)^2/2\sigma^2)$, $\sigma = D/2$:
+//! $$o_i = \sum_{|j - p_i|\le D} \alpha_{ij}\,e^{-(j-p_i)^2/2\sigma^2}\,v_j.$$
+//! The centre gets its gradient through the Gaussian only (the window's ends are integers),
+//! and from it $W_p$, $v_p$ and $q_i$. Every key's score is still formed (cost `O(Nk)` a
+//! query, not `O(D)`).
+//!
 //! A row whose keys are all hidden gives output 0 and zero gradients (OpenNMT's −∞ masking
 //! gives NaN there). Gradients reach q, k, v and every weight: for the additive form, with
 //! $g_{ija} = \partial L/\partial e_{ij}\\,v_a(1 - \tanh^2 u_{ija})$, $dW_q = \sum_i (\sum_j g_{ij})q_i^\top$,
@@ -42,6 +51,67 @@ pub struct Additive<'a> {
     pub score: Score<'a>,
     /// The keys each batch row may use, `B × Nk` row-major (`true` = use): padding.
     pub key_mask: Option<&'a [bool]>,
+    /// Luong's local-p window; `None` is global attention.
+    pub local: Option<Local<'a>>,
+}
+
+impl<'a> Additive<'a> {
+    /// Global attention with `score`, no padding.
+    pub fn new(score: Score<'a>) -> Self {
+        Self {
+            score,
+            key_mask: None,
+            local: None,
+        }
+    }
+}
+
+/// Luong's local-p window: a predicted centre and a Gaussian over `[p − D, p + D]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Local<'a> {
+    /// $W_p$, `[A_p, Dq]` row-major.
+    pub w_p: &'a [f32],
+    /// $v_p$, `[A_p]`.
+    pub v_p: &'a [f32],
+    /// The half-width `D`.
+    pub half_width: usize,
+    /// The Gaussian's σ; `None` is `D/2`.
+    pub sigma: Option<f32>,
+}
+
+impl Local<'_> {
+    fn sigma(&self) -> f32 {
+        self.sigma.unwrap_or(self.half_width as f32 / 2.0)
+    }
+
+    /// Each query row's centre `p` (`nq`) and its `tanh(W_p q)` (`nq × A_p`).
+    fn centres(&self, q: &[f32], dq: usize, nk: usize) -> (Vec<f32>, Vec<f32>) {
+        let a = self.v_p.len();
+        let th: Vec<f32> = q
+            .chunks_exact(dq)
+            .flat_map(|qi| (0..a).map(move |c| super::dot(&self.w_p[c * dq..][..dq], qi).tanh()))
+            .collect();
+        let p = th
+            .chunks_exact(a)
+            .map(|t| nk as f32 / (1.0 + (-super::dot(self.v_p, t)).exp()))
+            .collect();
+        (p, th)
+    }
+
+    /// Hides the keys outside `[p − D, p + D]`.
+    fn window(&self, row: &mut [f32], p: f32) {
+        for (j, x) in row.iter_mut().enumerate() {
+            if (j as f32 - p).abs() > self.half_width as f32 {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+
+    /// The Gaussian at key `j` for centre `p`.
+    fn gauss(&self, j: usize, p: f32) -> f32 {
+        let (t, s) = (j as f32 - p, self.sigma());
+        (-t * t / (2.0 * s * s)).exp()
+    }
 }
 
 /// Gradients of the score's weights, shaped as the weights (empty where a score has none).
@@ -53,6 +123,10 @@ pub struct ScoreGrads {
     pub w_k: Vec<f32>,
     /// `dv` (additive, concat).
     pub v: Vec<f32>,
+    /// `dW_p` (local-p).
+    pub w_p: Vec<f32>,
+    /// `dv_p` (local-p).
+    pub v_p: Vec<f32>,
 }
 
 /// The additive form's pieces, whatever the score's name: `W_q` and `W_k` as strided rows.
@@ -123,6 +197,26 @@ impl<'a> Additive<'a> {
         if let Some(m) = self.key_mask {
             crate::problem::expect_len("key_mask", m.len(), dims.b * dims.nk)?;
         }
+        if let Some(l) = self.local {
+            if l.v_p.is_empty() {
+                return Err(AttnError::LengthMismatch {
+                    tensor: "v_p",
+                    expected: 1,
+                    got: 0,
+                });
+            }
+            crate::problem::expect_len("w_p", l.w_p.len(), l.v_p.len() * dq)?;
+            finite("w_p", l.w_p)?;
+            finite("v_p", l.v_p)?;
+            let sigma = l.sigma();
+            if !(sigma > 0.0 && sigma.is_finite()) {
+                return Err(AttnError::InvalidOption {
+                    option: "sigma",
+                    value: sigma as f64,
+                    reason: "the window's Gaussian needs a positive, finite sigma (half-width at least 1)",
+                });
+            }
+        }
         Ok(dims)
     }
 
@@ -174,9 +268,20 @@ impl Tanh<'_> {
 }
 
 /// The output rows of one head from its scores `e` (`nq × nk`, hidden keys already −∞): the
-/// softmax written back into `e` (0 for a row with no visible key) and `o`.
-fn softmax_out(e: &mut [f32], v: &[f32], (nk, dv): (usize, usize), o: &mut [f32]) {
-    for (row, oi) in e.chunks_exact_mut(nk).zip(o.chunks_exact_mut(dv)) {
+/// weights written back into `e` (0 for a row with no visible key) and `o`. With `local`, each
+/// row's softmax is then multiplied by its window's Gaussian (centres `p`).
+fn softmax_out(
+    e: &mut [f32],
+    v: &[f32],
+    (nk, dv): (usize, usize),
+    o: &mut [f32],
+    local: Option<(&Local, &[f32])>,
+) {
+    for (i, (row, oi)) in e
+        .chunks_exact_mut(nk)
+        .zip(o.chunks_exact_mut(dv))
+        .enumerate()
+    {
         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         oi.fill(0.0);
         if m == f32::NEG_INFINITY {
@@ -190,6 +295,9 @@ fn softmax_out(e: &mut [f32], v: &[f32], (nk, dv): (usize, usize), o: &mut [f32]
         }
         for (j, x) in row.iter_mut().enumerate() {
             *x /= z;
+            if let Some((l, p)) = local {
+                *x *= l.gauss(j, p[i]);
+            }
             super::axpy(oi, *x, &v[j * dv..(j + 1) * dv]);
         }
     }
@@ -206,7 +314,7 @@ fn softmax_out(e: &mut [f32], v: &[f32], (nk, dv): (usize, usize), o: &mut [f32]
 /// let k = [0.0f32, 3f32.ln()];
 /// let v = [4.0f32, 8.0];
 /// let mut o = [0.0f32];
-/// let opts = Additive { score: Score::Dot, key_mask: None };
+/// let opts = Additive::new(Score::Dot);
 /// forward(View::contiguous(&q, &[1, 1, 1, 1]).unwrap(), View::contiguous(&k, &[1, 1, 2, 1]).unwrap(),
 ///     View::contiguous(&v, &[1, 1, 2, 1]).unwrap(), &opts,
 ///     &mut ViewMut::contiguous(&mut o, [1, 1, 1, 1]).unwrap(), None).unwrap();
@@ -263,7 +371,15 @@ pub fn forward(
                     mask,
                     e,
                 );
-                softmax_out(e, &vh[kv * nk * dv..][..nk * dv], (nk, dv), o);
+                let centres = opts.local.map(|l| {
+                    let (p, _) = l.centres(qr, dq, nk);
+                    for (row, &pi) in e.chunks_exact_mut(nk).zip(&p) {
+                        l.window(row, pi);
+                    }
+                    (l, p)
+                });
+                let local = centres.as_ref().map(|(l, p)| (l, &p[..]));
+                softmax_out(e, &vh[kv * nk * dv..][..nk * dv], (nk, dv), o, local);
             })
     });
     if let Some(w) = weights {
@@ -369,6 +485,9 @@ pub fn backward(
         wq: Vec<f32>,
         wk: Vec<f32>,
         va: Vec<f32>,
+        /// dW_p, dv_p (local-p).
+        wp: Vec<f32>,
+        vp: Vec<f32>,
     }
     let parts: Vec<Part> = (0..b * hq)
         .into_par_iter()
@@ -384,20 +503,39 @@ pub fn backward(
             let mut p = vec![0.0f32; nq * nk];
             let mut o = vec![0.0f32; nq * dvd];
             scores(opts, (qr, kr, kt), (dqd, dkd), mask, &mut p);
-            softmax_out(&mut p, vr, (nk, dvd), &mut o);
-            // dV = Pᵀ dO; dE_ij = P_ij (dO_i·v_j − dO_i·o_i)
+            let centres = opts.local.map(|l| {
+                let (c, th) = l.centres(qr, dqd, nk);
+                for (row, &ci) in p.chunks_exact_mut(nk).zip(&c) {
+                    l.window(row, ci);
+                }
+                (l, c, th)
+            });
+            softmax_out(&mut p, vr, (nk, dvd), &mut o, None); // p = α, the softmax
+                                                              // With the Gaussian g (1 when global), w = α∘g: dV = wᵀ dO; dα_ij = g_ij dO_i·v_j;
+                                                              // dE_ij = α_ij (dα_ij − Σ_j α_ij dα_ij); the centre's dp_i = Σ_j w_ij dO_i·v_j (j − p_i)/σ².
             let mut dvp = vec![0.0f32; nk * dvd];
             let mut de = vec![0.0f32; nq * nk];
+            let mut dcentre = vec![0.0f32; nq];
             for i in 0..nq {
                 let doi = &dor[i * dvd..(i + 1) * dvd];
-                let di = super::dot(doi, &o[i * dvd..(i + 1) * dvd]);
+                let mut di = 0.0f32;
                 for j in 0..nk {
-                    let pij = p[i * nk + j];
-                    if pij == 0.0 {
+                    let a = p[i * nk + j];
+                    if a == 0.0 {
                         continue;
                     }
-                    super::axpy(&mut dvp[j * dvd..(j + 1) * dvd], pij, doi);
-                    de[i * nk + j] = pij * (super::dot(doi, &vr[j * dvd..(j + 1) * dvd]) - di);
+                    let g = centres.as_ref().map_or(1.0, |(l, c, _)| l.gauss(j, c[i]));
+                    let dvj = super::dot(doi, &vr[j * dvd..(j + 1) * dvd]);
+                    super::axpy(&mut dvp[j * dvd..(j + 1) * dvd], a * g, doi);
+                    de[i * nk + j] = g * dvj;
+                    di += a * g * dvj;
+                    if let Some((l, c, _)) = &centres {
+                        let sigma = l.sigma();
+                        dcentre[i] += a * g * dvj * (j as f32 - c[i]) / (sigma * sigma);
+                    }
+                }
+                for (e, &a) in de[i * nk..(i + 1) * nk].iter_mut().zip(&p[i * nk..]) {
+                    *e = a * (*e - di);
                 }
             }
             let (mut dqp, mut dkp) = (vec![0.0f32; nq * dqd], vec![0.0f32; nk * dkd]);
@@ -493,6 +631,28 @@ pub fn backward(
                     }
                 }
             }
+            // The centre p = Nk·σ(z), z = v_p·tanh(W_p q): dz = dp·p(1 − p/Nk).
+            let (mut wp, mut vp) = (Vec::new(), Vec::new());
+            if let Some((l, c, th)) = &centres {
+                let ap = l.v_p.len();
+                wp = vec![0.0f32; ap * dqd];
+                vp = vec![0.0f32; ap];
+                for i in 0..nq {
+                    let dz = dcentre[i] * c[i] * (1.0 - c[i] / nk as f32);
+                    let qi = &qr[i * dqd..(i + 1) * dqd];
+                    for a in 0..ap {
+                        let t = th[i * ap + a];
+                        vp[a] += dz * t;
+                        let du = dz * l.v_p[a] * (1.0 - t * t);
+                        super::axpy(&mut wp[a * dqd..(a + 1) * dqd], du, qi);
+                        super::axpy(
+                            &mut dqp[i * dqd..(i + 1) * dqd],
+                            du,
+                            &l.w_p[a * dqd..][..dqd],
+                        );
+                    }
+                }
+            }
             Part {
                 dq: dqp,
                 dk: dkp,
@@ -500,6 +660,8 @@ pub fn backward(
                 wq,
                 wk,
                 va,
+                wp,
+                vp,
             }
         })
         .collect();
@@ -518,6 +680,8 @@ pub fn backward(
             (&mut grads.w, &part.wq),
             (&mut grads.w_k, &part.wk),
             (&mut grads.v, &part.va),
+            (&mut grads.w_p, &part.wp),
+            (&mut grads.v_p, &part.vp),
         ] {
             if to.is_empty() {
                 to.resize(from.len(), 0.0);
@@ -552,8 +716,8 @@ pub fn backward(
 pub mod oracle {
     use super::*;
 
-    /// `(o, dq, dk, dv, [dW or dW_q, dW_k, dv])`, row-major.
-    pub type Out<T> = (Vec<T>, Vec<T>, Vec<T>, Vec<T>, [Vec<T>; 3]);
+    /// `(o, dq, dk, dv, [dW or dW_q, dW_k, dv, dW_p, dv_p])`, row-major.
+    pub type Out<T> = (Vec<T>, Vec<T>, Vec<T>, Vec<T>, [Vec<T>; 5]);
 
     /// # Errors
     /// As [`forward`].
@@ -618,13 +782,51 @@ pub mod oracle {
                 vec![T::ZERO; a_len],
             ),
         };
+        let (mut wp, mut vp) = match opts.local {
+            Some(l) => (vec![T::ZERO; l.w_p.len()], vec![T::ZERO; l.v_p.len()]),
+            None => (Vec::new(), Vec::new()),
+        };
         for bi in 0..b {
             for h in 0..hq {
                 let kh = h / group;
                 let qa = |i: usize, c: usize| f(q.at(bi, h, i, c));
                 let ka = |j: usize, c: usize| f(k.at(bi, kh, j, c));
                 for i in 0..nq {
-                    let vis = |j: usize| opts.key_mask.is_none_or(|m| m[bi * nk + j]);
+                    // Local-p: tanh(W_p q_i), the centre, the Gaussian at each key.
+                    let (th, centre) = match opts.local {
+                        Some(l) => {
+                            let th: Vec<T> = (0..l.v_p.len())
+                                .map(|a| {
+                                    (0..dq)
+                                        .fold(T::ZERO, |s, c| s + f(l.w_p[a * dq + c]) * qa(i, c))
+                                        .tanh()
+                                })
+                                .collect();
+                            let z = th
+                                .iter()
+                                .zip(l.v_p)
+                                .fold(T::ZERO, |s, (&t, &v)| s + f(v) * t);
+                            (th, f(nk as f32) * (T::ONE + (-z).exp()).recip())
+                        }
+                        None => (Vec::new(), T::ZERO),
+                    };
+                    let sigma = f(opts.local.map_or(1.0, |l| l.sigma()));
+                    let gauss = |j: usize| match opts.local {
+                        Some(_) => {
+                            let t = f(j as f32) - centre;
+                            (-(t * t) * (f(2.0) * sigma * sigma).recip()).exp()
+                        }
+                        None => T::ONE,
+                    };
+                    let in_window = |j: usize| {
+                        opts.local.is_none_or(|l| {
+                            let t = f(j as f32) - centre;
+                            let hw = f(l.half_width as f32);
+                            t <= hw && -t <= hw
+                        })
+                    };
+                    let vis =
+                        |j: usize| opts.key_mask.is_none_or(|m| m[bi * nk + j]) && in_window(j);
                     // e_ij, and for the tanh forms u_ija
                     let u = |j: usize, a: usize| {
                         (0..dq).fold(T::ZERO, |s, c| s + wq_at(a, c) * qa(i, c))
@@ -656,21 +858,28 @@ pub mod oracle {
                     let p: Vec<T> = ex.iter().map(|&x| x * z.recip()).collect();
                     let row = (bi * hq + h) * nq + i;
                     for c in 0..dv {
-                        o[row * dv + c] =
-                            (0..nk).fold(T::ZERO, |s, j| s + p[j] * f(v.at(bi, kh, j, c)));
+                        o[row * dv + c] = (0..nk)
+                            .fold(T::ZERO, |s, j| s + p[j] * gauss(j) * f(v.at(bi, kh, j, c)));
                     }
                     let g: Vec<T> = (0..dv).map(|c| f(d_o.at(bi, h, i, c))).collect();
                     let dd = (0..dv).fold(T::ZERO, |s, c| s + g[c] * o[row * dv + c]);
+                    let mut dcentre = T::ZERO;
                     for j in 0..nk {
                         if !vis(j) {
                             continue;
                         }
                         let kj = (bi * hkv + kh) * nk + j;
                         for c in 0..dv {
-                            gv[kj * dv + c] = gv[kj * dv + c] + p[j] * g[c];
+                            gv[kj * dv + c] = gv[kj * dv + c] + p[j] * gauss(j) * g[c];
                         }
-                        let de = p[j]
-                            * ((0..dv).fold(T::ZERO, |s, c| s + g[c] * f(v.at(bi, kh, j, c))) - dd);
+                        let gvj = (0..dv).fold(T::ZERO, |s, c| s + g[c] * f(v.at(bi, kh, j, c)));
+                        dcentre = dcentre
+                            + p[j]
+                                * gauss(j)
+                                * gvj
+                                * (f(j as f32) - centre)
+                                * (sigma * sigma).recip();
+                        let de = p[j] * (gauss(j) * gvj - dd);
                         match (opts.score, general) {
                             (_, Some(w)) => {
                                 for r in 0..dq {
@@ -705,6 +914,18 @@ pub mod oracle {
                             }
                         }
                     }
+                    if let Some(l) = opts.local {
+                        // centre = Nk·σ(z): dz = dcentre·centre·(1 − centre/Nk)
+                        let dz = dcentre * centre * (T::ONE - centre * f(nk as f32).recip());
+                        for a in 0..l.v_p.len() {
+                            vp[a] = vp[a] + dz * th[a];
+                            let du = dz * f(l.v_p[a]) * (T::ONE - th[a] * th[a]);
+                            for c in 0..dq {
+                                wp[a * dq + c] = wp[a * dq + c] + du * qa(i, c);
+                                gq[row * dq + c] = gq[row * dq + c] + du * f(l.w_p[a * dq + c]);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -721,6 +942,6 @@ pub mod oracle {
                 .collect();
             w2 = Vec::new();
         }
-        Ok((o, gq, gk, gv, [w1, w2, w3]))
+        Ok((o, gq, gk, gv, [w1, w2, w3, wp, vp]))
     }
 }
