@@ -231,6 +231,12 @@ struct AttendArgs {
     /// nystrom's landmarks M (dividing the sequence length).
     #[arg(long, requires = "variant")]
     landmarks: Option<usize>,
+    /// lsh's chunk length C (dividing the sequence length).
+    #[arg(long, requires = "variant")]
+    bucket_size: Option<usize>,
+    /// luong-local's window half-width D.
+    #[arg(long, default_value_t = 10, requires = "variant")]
+    half_width: usize,
 }
 
 fn rank4(what: &str, a: &npy::Array<f32>) -> Result<[usize; 4], CliError> {
@@ -366,7 +372,14 @@ fn attend_variant(
         Some(x) => Some((x.data.as_slice(), rank4("grad-out", x)?)),
         None => None,
     };
-    let rule = (a.causal.is_some(), a.max_span, a.ramp, a.landmarks);
+    let rule = variant::Rule {
+        causal: a.causal.is_some(),
+        max_span: a.max_span,
+        ramp: a.ramp,
+        landmarks: a.landmarks,
+        bucket_size: a.bucket_size,
+        half_width: a.half_width,
+    };
     let out = variant::run(which, &a.params, rule, q, k, v, d_o)?;
     fn save<'w>(shape: &[usize], data: &'w [f32]) -> outdir::Write<'w> {
         let shape = shape.to_vec();
@@ -456,7 +469,9 @@ struct BenchArgs {
     scaling: bool,
     /// Time a variant instead of exact attention, its parameters drawn: performer 256 features,
     /// linformer k = 256, gla gates in [−0.1, 0], nystrom --landmarks (64), adaptive-span
-    /// z = ½ of --max-span (1024) with a ramp of 32.
+    /// z = ½ of --max-span (1024) with a ramp of 32, lsh 2 rounds of 2N/C buckets in chunks of
+    /// --bucket-size (64) with keys = queries, luong-local half-width 10. lsh's distance is from
+    /// its own dense form (one chunk), the others' from softmax attention.
     #[arg(long, value_enum, conflicts_with_all = ["serve", "scaling", "half_kv", "inputs", "window", "pattern"])]
     variant: Option<variant::Variant>,
     /// nystrom's landmarks.
@@ -465,6 +480,9 @@ struct BenchArgs {
     /// adaptive-span's largest span.
     #[arg(long, default_value_t = 1024)]
     max_span: usize,
+    /// lsh's chunk length.
+    #[arg(long, default_value_t = 64)]
+    bucket_size: usize,
 }
 
 /// Resident set size now and its high-water mark, in bytes (Linux; 0 elsewhere).
@@ -724,10 +742,14 @@ fn bench_variant(a: &BenchArgs, which: variant::Variant) -> Result<(), CliError>
             .collect()
     };
     let (qs, ks) = ([b, hq, n, d], [b, hkv, n, d]);
-    let (q, k) = (
-        draw(qs.iter().product(), -1.0, 1.0),
-        draw(ks.iter().product(), -1.0, 1.0),
-    );
+    let lsh = which == variant::Variant::Lsh;
+    let q = draw(qs.iter().product(), -1.0, 1.0);
+    // lsh shares queries and keys.
+    let k = if lsh {
+        q.clone()
+    } else {
+        draw(ks.iter().product(), -1.0, 1.0)
+    };
     let (v, d_o) = (
         draw(ks.iter().product(), -1.0, 1.0),
         draw(qs.iter().product(), -1.0, 1.0),
@@ -763,9 +785,25 @@ fn bench_variant(a: &BenchArgs, which: variant::Variant) -> Result<(), CliError>
             ("w".into(), arr(vec![d, 2 * d], draw(2 * d * d, -0.1, 0.1))),
             ("v".into(), arr(vec![d], draw(d, -1.0, 1.0))),
         ],
+        variant::Variant::LuongLocal => vec![
+            ("w_p".into(), arr(vec![d, d], draw(d * d, -0.1, 0.1))),
+            ("v_p".into(), arr(vec![d], draw(d, -1.0, 1.0))),
+        ],
+        variant::Variant::Lsh => {
+            let buckets = (2 * n / a.bucket_size.max(1)).max(2) / 2 * 2;
+            let rot = attentive::variants::lsh::draw_rotations(2, d, buckets, 1);
+            vec![("rotations".into(), arr(vec![2, d, buckets / 2], rot))]
+        }
         _ => Vec::new(),
     };
-    let rule = (a.causal.is_some(), Some(a.max_span), 32, Some(a.landmarks));
+    let rule = variant::Rule {
+        causal: a.causal.is_some(),
+        max_span: Some(a.max_span),
+        ramp: 32,
+        landmarks: Some(a.landmarks),
+        bucket_size: Some(a.bucket_size),
+        half_width: 10,
+    };
     let (base_rss, _) = rss();
     let run = || -> Result<f64, CliError> {
         let t = Instant::now();
@@ -786,21 +824,29 @@ fn bench_variant(a: &BenchArgs, which: variant::Variant) -> Result<(), CliError>
     let error = if n <= 16_384 {
         let got = variant::compute(which, &params, rule, (&q, qs), (&k, ks), (&v, ks), None)?.o;
         let mut want = vec![0.0f32; got.len()];
-        let mut opts = Options::new();
-        opts.causal = a.causal.map(Into::into);
-        let (qv, kv, vv) = (
-            View::contiguous(&q, &qs)?,
-            View::contiguous(&k, &ks)?,
-            View::contiguous(&v, &ks)?,
-        );
-        forward(
-            qv,
-            kv,
-            vv,
-            &opts,
-            &mut ViewMut::contiguous(&mut want, qs)?,
-            None,
-        )?;
+        if lsh {
+            let dense = variant::Rule {
+                bucket_size: Some(n),
+                ..rule
+            };
+            want = variant::compute(which, &params, dense, (&q, qs), (&k, ks), (&v, ks), None)?.o;
+        } else {
+            let mut opts = Options::new();
+            opts.causal = a.causal.map(Into::into);
+            let (qv, kv, vv) = (
+                View::contiguous(&q, &qs)?,
+                View::contiguous(&k, &ks)?,
+                View::contiguous(&v, &ks)?,
+            );
+            forward(
+                qv,
+                kv,
+                vv,
+                &opts,
+                &mut ViewMut::contiguous(&mut want, qs)?,
+                None,
+            )?;
+        }
         let num: f64 = got
             .iter()
             .zip(&want)

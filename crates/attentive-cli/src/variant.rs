@@ -5,7 +5,9 @@
 
 use crate::error::CliError;
 use crate::npy;
-use attentive::variants::{adaptive_span, additive, gated, linear, linformer, nystrom, performer};
+use attentive::variants::{
+    adaptive_span, additive, gated, linear, linformer, lsh, nystrom, performer,
+};
 use attentive::{View, ViewMut};
 use std::path::PathBuf;
 
@@ -39,6 +41,13 @@ pub enum Variant {
     /// Nyströmformer: landmarks as segment means, the iterative pseudo-inverse (6 iterations,
     /// its initial scale per matrix). --landmarks M (dividing N).
     Nystrom,
+    /// Reformer LSH attention, shared QK (q and k the same tensor), as the HF port computes it.
+    /// --param rotations=[n_hashes, D, n_buckets/2], --bucket-size C (dividing N).
+    Lsh,
+    /// Luong local-p: a predicted centre p = N·σ(v_pᵀ tanh(W_p q)), the softmax over the keys
+    /// within --half-width D of it times a Gaussian (σ = D/2). --param w_p=[A, Dq] v_p=[A], and
+    /// w=[Dq, Dk] for the general score (dot without it).
+    LuongLocal,
 }
 
 /// The long help of `--variant`.
@@ -65,10 +74,21 @@ pub const HELP: &str = "Attention other than softmax over a mask. Each variant's
   nystrom    softmax(Q K̃ᵀ) Z softmax(Q̃ Kᵀ) V, q and k scaled by D^(−1/4), landmarks Q̃, K̃ the means of M
              contiguous segments, Z six iterations of the pseudo-inverse from Aᵀ / max colsum(A)
              (taken per matrix, not over the batch). --landmarks M, dividing N.
+  lsh        Reformer, as the HF port: queries and keys one tensor x (give the same file as q and
+             k), keys x·rsqrt(mean(x²) + 1e-6)/√D, logits x_i·k̂_j unscaled; each round's buckets
+             argmax([xR; −xR]); positions sorted stably by bucket, rounds laid end to end, chunks
+             of C attending to themselves and the chunk before (circularly); the self-match
+             −1e5, with --causal later keys −1e9; rounds combined by their log-sum-exp. N ≤ C is
+             dense attention. --param rotations=[n_hashes, D, n_buckets/2]; --bucket-size C
+             (dividing N: pad the sequence). dq holds x's whole gradient, dk is zero.
+  luong-local  local-p (Luong et al. 2015): p_i = Nk·σ(v_pᵀ tanh(W_p q_i)); softmax over the keys j
+             (from 0) with |j − p_i| ≤ D, each weight times exp(−(j − p_i)²/2σ²), σ = D/2, not
+             renormalised. --param w_p=[A, Dq] v_p=[A], and w=[Dq, Dk] for the general score
+             (dot without it); --half-width D (default 10).
 Gradients (--grad-out) are with respect to q, k and v; gla's also with respect to its gates or
 decay, linformer's with respect to E (holding F's too when shared), adaptive-span's with respect
-to z, the additive and Luong scores' with respect to their weights (w_q, w_k, v, w), written with
---d-param NAME=FILE.npy.";
+to z, the additive and Luong scores' with respect to their weights (w_q, w_k, v, w, w_p, v_p),
+written with --d-param NAME=FILE.npy.";
 
 /// `NAME=PATH`.
 pub fn parse_param(s: &str) -> Result<(String, PathBuf), String> {
@@ -125,8 +145,22 @@ pub fn run(
     compute(variant, &loaded, rule, q, k, v, d_o)
 }
 
-/// `--causal`, `--max-span`, `--ramp` and `--landmarks`.
-pub type Rule = (bool, Option<usize>, usize, Option<usize>);
+/// The variants' own flags.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Rule {
+    /// `--causal`.
+    pub causal: bool,
+    /// adaptive-span's `--max-span`.
+    pub max_span: Option<usize>,
+    /// adaptive-span's `--ramp`.
+    pub ramp: usize,
+    /// nystrom's `--landmarks`.
+    pub landmarks: Option<usize>,
+    /// lsh's `--bucket-size`.
+    pub bucket_size: Option<usize>,
+    /// luong-local's `--half-width`.
+    pub half_width: usize,
+}
 
 impl Variant {
     /// The names of its parameters.
@@ -140,6 +174,8 @@ impl Variant {
             Variant::Additive => &["w_q", "w_k", "v"],
             Variant::LuongGeneral => &["w"],
             Variant::LuongConcat => &["w", "v"],
+            Variant::Lsh => &["rotations"],
+            Variant::LuongLocal => &["w_p", "v_p", "w"],
         }
     }
 }
@@ -149,13 +185,20 @@ impl Variant {
 pub fn compute(
     variant: Variant,
     loaded: &[(String, npy::Array<f32>)],
-    (causal, max_span, ramp, landmarks): Rule,
+    rule: Rule,
     (q, qs): (&[f32], [usize; 4]),
     (k, ks): (&[f32], [usize; 4]),
     (v, vs): (&[f32], [usize; 4]),
     d_o: Option<(&[f32], [usize; 4])>,
 ) -> Result<Computed, CliError> {
     let known = variant.params();
+    let Rule {
+        causal,
+        max_span,
+        ramp,
+        landmarks,
+        ..
+    } = rule;
     let param = |name: &str| loaded.iter().find(|(n, _)| n == name).map(|(_, a)| a);
     let (qv, kv, vv) = (
         View::contiguous(q, &qs)?,
@@ -263,7 +306,11 @@ pub fn compute(
                 d_params.push(("z", z.shape.clone(), dz));
             }
         }
-        Variant::Additive | Variant::LuongDot | Variant::LuongGeneral | Variant::LuongConcat => {
+        Variant::Additive
+        | Variant::LuongDot
+        | Variant::LuongGeneral
+        | Variant::LuongConcat
+        | Variant::LuongLocal => {
             if causal {
                 return Err(input(
                     format!("--variant {variant:?}"),
@@ -278,6 +325,7 @@ pub fn compute(
                             "needs --param {}",
                             known
                                 .iter()
+                                .filter(|&&n| !(variant == Variant::LuongLocal && n == "w"))
                                 .map(|n| format!("{n}=FILE.npy"))
                                 .collect::<Vec<_>>()
                                 .join(" ")
@@ -293,15 +341,28 @@ pub fn compute(
                 },
                 Variant::LuongDot => additive::Score::Dot,
                 Variant::LuongGeneral => additive::Score::General { w: need("w")? },
+                Variant::LuongLocal => match param("w") {
+                    Some(w) => additive::Score::General { w: &w.data },
+                    None => additive::Score::Dot,
+                },
                 _ => additive::Score::Concat {
                     w: need("w")?,
                     v: need("v")?,
                 },
             };
+            let local = match variant {
+                Variant::LuongLocal => Some(additive::Local {
+                    w_p: need("w_p")?,
+                    v_p: need("v_p")?,
+                    half_width: rule.half_width,
+                    sigma: None,
+                }),
+                _ => None,
+            };
             let opts = additive::Additive {
                 score,
                 key_mask: None,
-                local: None,
+                local,
             };
             additive::forward(qv, kv, vv, &opts, &mut out, None)?;
             if let (Some(g), Some(d)) = (grads.as_mut(), dov) {
@@ -312,6 +373,10 @@ pub fn compute(
                     Variant::Additive => &[("w_q", wg.w), ("w_k", wg.w_k), ("v", wg.v)],
                     Variant::LuongGeneral => &[("w", wg.w)],
                     Variant::LuongConcat => &[("w", wg.w), ("v", wg.v)],
+                    Variant::LuongLocal if param("w").is_some() => {
+                        &[("w", wg.w), ("w_p", wg.w_p), ("v_p", wg.v_p)]
+                    }
+                    Variant::LuongLocal => &[("w_p", wg.w_p), ("v_p", wg.v_p)],
                     _ => &[],
                 };
                 for (name, g) in names {
@@ -364,6 +429,38 @@ pub fn compute(
                 let (a, b, c) = views!(g);
                 linformer::backward(qv, kv, vv, d, &opts, (a, b, c), Some(&mut de), None)?;
                 d_params.push(("e", e.shape.clone(), de));
+            }
+        }
+        Variant::Lsh => {
+            if k != q || ks != qs {
+                return Err(input(
+                    "--variant lsh",
+                    "shares queries and keys (Reformer): give the same tensor as q and k",
+                ));
+            }
+            let r = param("rotations").ok_or_else(|| {
+                input(
+                    "--variant lsh",
+                    "needs --param rotations=FILE.npy [n_hashes, D, n_buckets/2]",
+                )
+            })?;
+            if r.shape.len() != 3 || r.shape[1] != qs[3] || r.shape[0] == 0 || r.shape[2] == 0 {
+                return Err(input(
+                    "--param rotations",
+                    format!(
+                        "shape {:?}: expected [n_hashes, {}, n_buckets/2]",
+                        r.shape, qs[3]
+                    ),
+                ));
+            }
+            let c = rule
+                .bucket_size
+                .ok_or_else(|| input("--variant lsh", "needs --bucket-size C"))?;
+            let opts = lsh::Lsh::new(&r.data, r.shape[0], 2 * r.shape[2], c).causal(causal);
+            lsh::forward(qv, vv, &opts, &mut out)?;
+            if let (Some(g), Some(d)) = (grads.as_mut(), dov) {
+                let (a, _, c) = views!(g);
+                lsh::backward(qv, vv, d, &opts, a, c)?;
             }
         }
     }

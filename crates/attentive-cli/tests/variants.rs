@@ -2,7 +2,9 @@
 //! f64 oracle's, parameters come in as `--param NAME=FILE.npy`, and misuse is a clear error.
 
 use attentive::reference::variants as oracle;
-use attentive::variants::{adaptive_span, additive, gated, linear, linformer, nystrom, performer};
+use attentive::variants::{
+    adaptive_span, additive, gated, linear, linformer, lsh, nystrom, performer,
+};
 use attentive::View;
 mod common;
 use common::write_npy as write;
@@ -313,6 +315,109 @@ fn every_variant_from_files_equals_its_oracle() {
     let (ok, err) = run(&d, &["--variant", "luong-dot", "--d-param", &gq]);
     assert!(
         !ok && err.contains("gives gradients of: no parameter"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// LSH (keys = queries, rotations from a file, causal) and Luong local-p (general score, the
+/// centre's weights' gradients) from files equal their oracles.
+#[test]
+fn lsh_and_local_p_from_files_equal_their_oracles() {
+    let d = dir("lsh");
+    let [q, _, vv, g] = inputs(&d);
+    write(&d.join("k.npy"), &S.map(|s| s as u64), &q);
+    fn view(x: &[f32]) -> View<'_> {
+        View::contiguous(x, &S).unwrap()
+    }
+    let rot = lsh::draw_rotations(3, S[3], 6, 5);
+    write(&d.join("rot.npy"), &[3, S[3] as u64, 3], &rot);
+    let pr = format!("rotations={}", d.join("rot.npy").display());
+    let (ok, err) = run(
+        &d,
+        &[
+            "--variant",
+            "lsh",
+            "--param",
+            &pr,
+            "--bucket-size",
+            "8",
+            "--causal",
+            "top-left",
+        ],
+    );
+    assert!(ok, "{err}");
+    let opts = lsh::Lsh::new(&rot, 3, 6, 8).causal(true);
+    let w = oracle::lsh::<f64>(view(&q), view(&vv), view(&g), &opts).unwrap();
+    let zero = vec![0.0f64; w.1.len()];
+    check(&d, (&w.0, &w.1, &zero, &w.2), "lsh");
+    let (ok, err) = run(
+        &d,
+        &["--variant", "lsh", "--param", &pr, "--bucket-size", "7"],
+    );
+    assert!(!ok && err.contains("bucket_size"), "{err}");
+    // Keys other than the queries.
+    write(&d.join("k.npy"), &S.map(|s| s as u64), &vv);
+    let (ok, err) = run(
+        &d,
+        &["--variant", "lsh", "--param", &pr, "--bucket-size", "8"],
+    );
+    assert!(!ok && err.contains("same tensor as q and k"), "{err}");
+    // Local-p with the general score.
+    let k = values(S.iter().product(), 7, 0.6);
+    write(&d.join("k.npy"), &S.map(|s| s as u64), &k);
+    let (a, dd) = (5, S[3]);
+    let (w_p, v_p, wg) = (
+        values(a * dd, 3, 0.5),
+        values(a, 9, 1.0),
+        values(dd * dd, 11, 0.3),
+    );
+    let mut args = vec![
+        "--variant".to_string(),
+        "luong-local".into(),
+        "--half-width".into(),
+        "6".into(),
+    ];
+    for (name, data, shape) in [
+        ("w_p", &w_p, vec![a as u64, dd as u64]),
+        ("v_p", &v_p, vec![a as u64]),
+        ("w", &wg, vec![dd as u64, dd as u64]),
+    ] {
+        let f = d.join(format!("{name}.npy"));
+        write(&f, &shape, data);
+        args.extend(["--param".into(), format!("{name}={}", f.display())]);
+        args.extend([
+            "--d-param".into(),
+            format!("{name}={}", d.join(format!("d{name}.npy")).display()),
+        ]);
+    }
+    let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let (ok, err) = run(&d, &refs);
+    assert!(ok, "{err}");
+    let opts = additive::Additive {
+        score: additive::Score::General { w: &wg },
+        key_mask: None,
+        local: Some(additive::Local {
+            w_p: &w_p,
+            v_p: &v_p,
+            half_width: 6,
+            sigma: None,
+        }),
+    };
+    let w = oracle::additive::<f64>(view(&q), view(&k), view(&vv), view(&g), &opts).unwrap();
+    check(&d, (&w.0, &w.1, &w.2, &w.3), "luong-local");
+    for (file, want) in [
+        ("dw.npy", &w.4[0]),
+        ("dw_p.npy", &w.4[3]),
+        ("dv_p.npy", &w.4[4]),
+    ] {
+        let (_, got) = read(&d.join(file));
+        let scale = want.iter().fold(1e-3f64, |a, x| a.max(x.abs()));
+        assert!(worst(&got, want) < 1e-4 * scale, "luong-local {file}");
+    }
+    let (ok, err) = run(&d, &["--variant", "luong-local", "--param", &args[5]]);
+    assert!(
+        !ok && err.contains("needs --param w_p=FILE.npy v_p=FILE.npy"),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&d);

@@ -257,3 +257,33 @@ fn bad_input_is_a_clear_error() {
     let err = forward(xv, cv(&v, [1, 1, 5, 4]), &Lsh::new(&rot, 2, 4, 3), &mut out).unwrap_err();
     assert!(matches!(err, AttnError::ShapeMismatch { .. }), "{err}");
 }
+
+/// Position 0 under the causal mask sees only itself, at the logit −1e5, and in rounds whose
+/// window holds it twice its log-sum-exp is −1e5 + ln 2: an f32 `m + ln z` there rounds ln 2 to
+/// the grid of 1e5 (the naive f32 output is off by ~3e-3). The engine keeps `m` and `ln z`
+/// apart and stays at round-off.
+#[test]
+fn masked_logits_keep_their_precision() {
+    let s = [1usize, 2, 40, 8];
+    let n: usize = s.iter().product();
+    let (x, v, g) = (Rng::new(2).vec(n), Rng::new(3).vec(n), Rng::new(4).vec(n));
+    let rot = draw_rotations(3, 8, 6, 5);
+    let opts = Lsh::new(&rot, 3, 6, 8).causal(true);
+    let (xv, vv, gv) = (cv(&x, s), cv(&v, s), cv(&g, s));
+    let want = oracle::<f64>(xv, vv, gv, &opts).unwrap();
+    let naive = oracle::<f32>(xv, vv, gv, &opts).unwrap();
+    let mut o = vec![0.0f32; n];
+    forward(xv, vv, &opts, &mut ViewMut::contiguous(&mut o, s).unwrap()).unwrap();
+    let err = |got: &[f32]| {
+        got.iter()
+            .zip(&want.0)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0.0, f64::max)
+    };
+    assert!(
+        err(&naive.0) > 1e-4,
+        "the case lost its point: {}",
+        err(&naive.0)
+    );
+    assert!(err(&o) < 1e-6, "{}", err(&o));
+}

@@ -380,12 +380,14 @@ impl<'a> Head<'a> {
         self.x.len() / self.d
     }
 
-    /// The output (`N × Dv`) and each position's log-sum-exp over all its windows (`N`).
-    fn forward(&self, kern: &Kernels, causal: bool) -> (Vec<f32>, Vec<f32>) {
+    /// The output (`N × Dv`) and each position's log-sum-exp over all its windows, as its
+    /// largest logit `m` and `ln z` of the rest (`N` pairs): kept apart because masked logits
+    /// are ~1e5, where an f32 sum `m + ln z` would lose most of `ln z` to rounding.
+    fn forward(&self, kern: &Kernels, causal: bool) -> (Vec<f32>, Vec<(f32, f32)>) {
         let (c, w, dv, n) = (self.plan.c, self.plan.width(), self.dv, self.n());
         let slots = self.plan.order.len();
         let mut o_slots = vec![0.0f32; slots * dv]; // [rounds·N, Dv] in slot order
-        let mut lse_slots = vec![0.0f32; slots];
+        let mut lse_slots = vec![(0.0f32, 0.0f32); slots];
         o_slots
             .par_chunks_mut(c * dv)
             .zip(lse_slots.par_chunks_mut(c))
@@ -403,14 +405,14 @@ impl<'a> Head<'a> {
                         });
                         let inv = 1.0 / z;
                         row.iter_mut().for_each(|x| *x *= inv);
-                        *l = m + z.ln();
+                        *l = (m, z.ln());
                     }
                     gemm(kern, (c, w, dv), &sc.s, (w, 1), &sc.vw, dv, o, dv, false);
                 },
             );
         if self.plan.rounds == 1 {
             let mut o = vec![0.0f32; n * dv];
-            let mut lse = vec![0.0f32; n];
+            let mut lse = vec![(0.0f32, 0.0f32); n];
             for (slot, &p) in self.plan.order.iter().enumerate() {
                 o[p as usize * dv..][..dv].copy_from_slice(&o_slots[slot * dv..][..dv]);
                 lse[p as usize] = lse_slots[slot];
@@ -423,24 +425,22 @@ impl<'a> Head<'a> {
             slot_of[slot / n * n + p as usize] = slot;
         }
         let mut o = vec![0.0f32; n * dv];
-        let mut lse = vec![0.0f32; n];
+        let mut lse = vec![(0.0f32, 0.0f32); n];
         o.par_chunks_mut(dv)
             .zip(lse.par_iter_mut())
             .enumerate()
             .for_each(|(p, (o, l))| {
-                let at = |r: usize| slot_of[r * n + p];
-                let m =
-                    (0..self.plan.rounds).fold(f32::NEG_INFINITY, |a, r| a.max(lse_slots[at(r)]));
-                let z: f32 = (0..self.plan.rounds)
-                    .map(|r| (lse_slots[at(r)] - m).exp())
-                    .sum();
-                *l = m + z.ln();
-                for r in 0..self.plan.rounds {
-                    super::axpy(
-                        o,
-                        (lse_slots[at(r)] - *l).exp(),
-                        &o_slots[at(r) * dv..][..dv],
-                    );
+                let slot = |r: usize| slot_of[r * n + p];
+                let rounds = 0..self.plan.rounds;
+                let m = rounds
+                    .clone()
+                    .fold(f32::NEG_INFINITY, |a, r| a.max(lse_slots[slot(r)].0));
+                // Round r's weight is e^{(m_r − m) + ln z_r − ln Z}.
+                let rel = |r: usize| lse_slots[slot(r)].0 - m + lse_slots[slot(r)].1;
+                let lz = rounds.clone().map(|r| rel(r).exp()).sum::<f32>().ln();
+                *l = (m, lz);
+                for r in rounds {
+                    super::axpy(o, (rel(r) - lz).exp(), &o_slots[slot(r) * dv..][..dv]);
                 }
             });
         (o, lse)
@@ -481,9 +481,9 @@ impl<'a> Head<'a> {
                         .zip(dp.chunks_exact_mut(w))
                         .zip(&sc.qpos)
                 {
-                    let (l, di) = (lse[qp as usize], delta[qp as usize]);
+                    let ((m, lz), di) = (lse[qp as usize], delta[qp as usize]);
                     for ((s, ds), &kp) in row.iter_mut().zip(dpr.iter_mut()).zip(&sc.kpos) {
-                        *s = (*s - l).exp();
+                        *s = ((*s - m) - lz).exp();
                         *ds = if mask(qp, kp, causal).is_some() {
                             0.0
                         } else {
