@@ -287,3 +287,62 @@ fn masked_logits_keep_their_precision() {
     );
     assert!(err(&o) < 1e-6, "{}", err(&o));
 }
+
+/// Padding: with a key mask, engine and oracle agree (output and gradients), and the values at
+/// hidden positions do not reach any output.
+#[test]
+fn padding_against_the_oracle() {
+    let mut rng = Rng::new(31);
+    let (b, h, n, d) = (2, 2, 24, 8);
+    let s = [b, h, n, d];
+    let (x, v, g) = (
+        rng.vec(b * h * n * d),
+        rng.vec(b * h * n * d),
+        rng.vec(b * h * n * d),
+    );
+    // Row 0 keeps 17 positions, row 1 all.
+    let keep: Vec<bool> = (0..b * n).map(|i| i >= n || i < 17).collect();
+    let rot = draw_rotations(2, d, 4, 6);
+    for causal in [false, true] {
+        let opts = Lsh {
+            key_mask: Some(&keep),
+            ..Lsh::new(&rot, 2, 4, 6).causal(causal)
+        };
+        let (xv, vv, gv) = (cv(&x, s), cv(&v, s), cv(&g, s));
+        let o64 = oracle::<f64>(xv, vv, gv, &opts).unwrap();
+        let o32 = oracle::<f32>(xv, vv, gv, &opts).unwrap();
+        let mut o = vec![0.0f32; x.len()];
+        forward(xv, vv, &opts, &mut ViewMut::contiguous(&mut o, s).unwrap()).unwrap();
+        check_rule("O", &o, &o32.0, &o64.0, 2.0).unwrap();
+        let (mut dx, mut dvg) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
+        backward(
+            xv,
+            vv,
+            gv,
+            &opts,
+            &mut ViewMut::contiguous(&mut dx, s).unwrap(),
+            &mut ViewMut::contiguous(&mut dvg, s).unwrap(),
+        )
+        .unwrap();
+        check_rule("dX", &dx, &o32.1, &o64.1, 3.0).unwrap();
+        check_rule("dV", &dvg, &o32.2, &o64.2, 3.0).unwrap();
+        let mut v2 = v.clone();
+        for hh in 0..h {
+            v2[(hh * n + 17) * d..(hh * n + n) * d]
+                .iter_mut()
+                .for_each(|a| *a += 5.0);
+        }
+        let mut o2 = vec![0.0f32; x.len()];
+        forward(
+            xv,
+            cv(&v2, s),
+            &opts,
+            &mut ViewMut::contiguous(&mut o2, s).unwrap(),
+        )
+        .unwrap();
+        for hh in 0..h {
+            let real = (hh * n) * d..(hh * n + 17) * d;
+            assert_eq!(o[real.clone()], o2[real], "causal {causal}, head {hh}");
+        }
+    }
+}

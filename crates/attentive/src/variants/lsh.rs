@@ -54,6 +54,9 @@ pub struct Lsh<'a> {
     pub bucket_size: usize,
     /// Keys after a query's position are masked.
     pub causal: bool,
+    /// The positions each batch row may attend to, `B × N` row-major (`true` = use): padding,
+    /// whose keys get the logit −1e9 (its queries' outputs are computed and meaningless).
+    pub key_mask: Option<&'a [bool]>,
     /// The instruction set of the products (default: the fastest this CPU has).
     pub isa: Isa,
 }
@@ -72,6 +75,7 @@ impl<'a> Lsh<'a> {
             n_buckets,
             bucket_size,
             causal: false,
+            key_mask: None,
             isa: Isa::best(),
         }
     }
@@ -116,6 +120,9 @@ impl<'a> Lsh<'a> {
             self.rotations.len(),
             self.n_hashes * dims.d * self.n_buckets / 2,
         )?;
+        if let Some(m) = self.key_mask {
+            crate::problem::expect_len("key_mask", m.len(), dims.b * n)?;
+        }
         if let Some(&r) = self.rotations.iter().find(|r| !r.is_finite()) {
             return Err(AttnError::InvalidOption {
                 option: "rotations",
@@ -147,24 +154,26 @@ fn hash_round(kern: &Kernels, opts: &Lsh, r: usize, x: &[f32], d: usize) -> Vec<
     let rot = &opts.rotations[r * d * half..][..d * half];
     let n = x.len() / d;
     let mut buckets = vec![0u32; n];
-    let mut block = vec![0.0f32; HASH_ROWS * half];
-    for (start, out) in (0..n).step_by(HASH_ROWS).zip(buckets.chunks_mut(HASH_ROWS)) {
-        let rows = out.len();
-        gemm(
-            kern,
-            (rows, d, half),
-            &x[start * d..],
-            (d, 1),
-            rot,
-            half,
-            &mut block,
-            half,
-            false,
-        );
-        for (b, y) in out.iter_mut().zip(block.chunks_exact(half)) {
-            *b = argmax_signed(y.iter().copied()) as u32;
-        }
-    }
+    buckets.par_chunks_mut(HASH_ROWS).enumerate().for_each_init(
+        || vec![0.0f32; HASH_ROWS * half],
+        |block, (blk, out)| {
+            let (start, rows) = (blk * HASH_ROWS, out.len());
+            gemm(
+                kern,
+                (rows, d, half),
+                &x[start * d..],
+                (d, 1),
+                rot,
+                half,
+                block,
+                half,
+                false,
+            );
+            for (b, y) in out.iter_mut().zip(block.chunks_exact(half)) {
+                *b = argmax_signed(y.iter().copied()) as u32;
+            }
+        },
+    );
     buckets
 }
 
@@ -261,12 +270,12 @@ impl Plan {
     }
 }
 
-/// Whether a logit is replaced, and by what.
+/// Whether a logit is replaced, and by what (`keep`: the row's key mask).
 #[inline]
-fn mask(qpos: u32, kpos: u32, causal: bool) -> Option<f32> {
+fn mask(qpos: u32, kpos: u32, causal: bool, keep: Option<&[bool]>) -> Option<f32> {
     if kpos == qpos {
         Some(SELF_MASK)
-    } else if causal && kpos > qpos {
+    } else if (causal && kpos > qpos) || keep.is_some_and(|m| !m[kpos as usize]) {
         Some(MASKED)
     } else {
         None
@@ -295,6 +304,8 @@ struct Head<'a> {
     kn: Vec<f32>,
     rs: Vec<f32>,
     v: &'a [f32],
+    /// The batch row's key mask.
+    keep: Option<&'a [bool]>,
     plan: Plan,
     d: usize,
     dv: usize,
@@ -353,7 +364,7 @@ impl Scratch {
         );
         for (row, &qp) in self.s.chunks_exact_mut(w).zip(&self.qpos) {
             for (s, &kp) in row.iter_mut().zip(&self.kpos) {
-                if let Some(m) = mask(qp, kp, causal) {
+                if let Some(m) = mask(qp, kp, causal, h.keep) {
                     *s = m;
                 }
             }
@@ -362,7 +373,13 @@ impl Scratch {
 }
 
 impl<'a> Head<'a> {
-    fn new(kern: &Kernels, opts: &Lsh, x: &'a [f32], v: &'a [f32], d: usize) -> Self {
+    /// Head `bh` of the flat `B·H` heads.
+    fn new(
+        kern: &Kernels,
+        opts: &Lsh<'a>,
+        (x, v): (&'a [f32], &'a [f32]),
+        (bh, h, d): (usize, usize, usize),
+    ) -> Self {
         let n = x.len() / d;
         let (kn, rs) = normalise(x, d);
         Head {
@@ -370,6 +387,7 @@ impl<'a> Head<'a> {
             kn,
             rs,
             v,
+            keep: opts.key_mask.map(|m| &m[bh / h * n..][..n]),
             plan: Plan::new(kern, opts, x, (n, d)),
             d,
             dv: v.len() / n,
@@ -484,7 +502,7 @@ impl<'a> Head<'a> {
                     let ((m, lz), di) = (lse[qp as usize], delta[qp as usize]);
                     for ((s, ds), &kp) in row.iter_mut().zip(dpr.iter_mut()).zip(&sc.kpos) {
                         *s = ((*s - m) - lz).exp();
-                        *ds = if mask(qp, kp, causal).is_some() {
+                        *ds = if mask(qp, kp, causal, self.keep).is_some() {
                             0.0
                         } else {
                             *s * (*ds - di)
@@ -563,12 +581,13 @@ pub fn forward(x: View, v: View, opts: &Lsh, out: &mut ViewMut) -> Result<()> {
     crate::problem::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
     let (xs, vs) = (heads(&x), heads(&v));
     write_out(out, |o| {
-        for ((oh, xh), vh) in o
+        for (bh, ((oh, xh), vh)) in o
             .chunks_exact_mut(nq * dv)
             .zip(xs.chunks_exact(nq * d))
             .zip(vs.chunks_exact(nq * dv))
+            .enumerate()
         {
-            let head = Head::new(kern, opts, xh, vh, d);
+            let head = Head::new(kern, opts, (xh, vh), (bh, hq, d));
             oh.copy_from_slice(&head.forward(kern, opts.causal).0);
         }
     });
@@ -606,7 +625,10 @@ pub fn backward(
         .chunks_exact(nq * d)
         .zip(vs.chunks_exact(nq * dvd))
         .zip(gs.chunks_exact(nq * dvd))
-        .map(|((xh, vh), gh)| Head::new(kern, opts, xh, vh, d).backward(kern, opts.causal, gh))
+        .enumerate()
+        .map(|(bh, ((xh, vh), gh))| {
+            Head::new(kern, opts, (xh, vh), (bh, hq, d)).backward(kern, opts.causal, gh)
+        })
         .collect();
     write_out(dx, |o| {
         for (o, (g, _)) in o.chunks_exact_mut(nq * d).zip(&per) {
@@ -712,7 +734,8 @@ pub mod oracle {
                     w.extend(&slots[ch * c..(ch + 1) * c]);
                     w
                 };
-                let logit = |i: usize, j: usize| match mask(i as u32, j as u32, opts.causal) {
+                let keep = opts.key_mask.map(|m| &m[bi * n..(bi + 1) * n]);
+                let logit = |i: usize, j: usize| match mask(i as u32, j as u32, opts.causal, keep) {
                     Some(m) => f(m),
                     None => (0..d).fold(T::ZERO, |a, k| a + xr[i][k] * kn[j][k]),
                 };
@@ -765,7 +788,7 @@ pub mod oracle {
                             for e in 0..dv {
                                 dvv[at + e] = dvv[at + e] + p * g[i][e];
                             }
-                            if mask(i as u32, j as u32, opts.causal).is_some() {
+                            if mask(i as u32, j as u32, opts.causal, keep).is_some() {
                                 continue;
                             }
                             let ds = p * (dp - di);
