@@ -174,6 +174,7 @@ pub fn default_config() -> Config {
         dropout: 0.1,
         attn_dropout: 0.0,
         max_len: 40,
+        attention: Default::default(),
     }
 }
 
@@ -262,11 +263,23 @@ impl G2p {
         let mut done = vec![false; b];
         let mut last = vec![BOS; b];
         let max = self.model.config.max_len - 1;
-        for _ in 0..max {
-            let step = Tensor::from_vec(last.clone(), (b, 1), &dev)?;
-            let logits = self
-                .model
-                .decode(&step, &mem, &mask, Some(&mut caches), Mode::EVAL)?;
+        // LSH attention sorts the whole prefix: it decodes by recomputing it, without a cache.
+        let recompute = matches!(
+            self.model.config.attention,
+            crate::variants::SelfAttention::Lsh { .. }
+        );
+        let mut prefix: Vec<u32> = vec![BOS; b]; //                         [B, t] row-major
+        for t in 0..max {
+            let logits = if recompute {
+                let all = Tensor::from_vec(prefix.clone(), (b, t + 1), &dev)?;
+                self.model
+                    .decode(&all, &mem, &mask, None, Mode::EVAL)?
+                    .narrow(1, t, 1)?
+            } else {
+                let step = Tensor::from_vec(last.clone(), (b, 1), &dev)?;
+                self.model
+                    .decode(&step, &mem, &mask, Some(&mut caches), Mode::EVAL)?
+            };
             let next = logits.squeeze(1)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
             for i in 0..b {
                 if !done[i] {
@@ -280,6 +293,11 @@ impl G2p {
             if done.iter().all(|&d| d) {
                 break;
             }
+            prefix = prefix
+                .chunks_exact(t + 1)
+                .zip(&next)
+                .flat_map(|(row, &n)| row.iter().copied().chain([n]))
+                .collect();
             last = next;
         }
         Ok(out)

@@ -5,6 +5,8 @@
 //! * [`layers`] — seeded parameters, linear maps, embeddings, layer norm, softmax, dropout,
 //!   feed-forward blocks.
 //! * [`mha`] — multi-head attention: self and cross, grouped-query, KV cache, RoPE and ALiBi.
+//! * [`variants`] — self-attention other than exact softmax (linear, Performer, LSH,
+//!   Linformer) as differentiable ops on the engine, and the choice a Transformer makes.
 //! * [`transformer`] — encoder and decoder layers (pre- and post-norm) and the encoder–decoder
 //!   model.
 //! * [`train`] — the warmup schedule, label smoothing, gradient clipping, checkpoints
@@ -33,6 +35,7 @@ pub mod mha;
 pub mod op;
 pub mod train;
 pub mod transformer;
+pub mod variants;
 
 /// What can go wrong outside a tensor operation: files and configurations.
 #[derive(Debug, thiserror::Error)]

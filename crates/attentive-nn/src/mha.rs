@@ -94,6 +94,8 @@ pub fn rope(x: &Tensor, pairs: RopePairs, start: usize) -> Result<Tensor> {
 pub struct KvCache {
     k: Option<Tensor>,
     v: Option<Tensor>,
+    /// The queries too, for a self-attention variant (`[B, Hq, N, d_h]`).
+    q: Option<Tensor>,
 }
 
 impl KvCache {
@@ -132,6 +134,11 @@ pub struct MultiHeadAttention {
     /// When set, the fused backward leaves this module's $P \circ \partial L/\partial P$
     /// (`[B, Hq, Nq, Nk]`) here: gradient-weighted relevance (Chefer et al., 2021).
     pub weight_grads: Option<crate::op::MapSink>,
+    /// Self-attention other than exact softmax (see [`crate::variants`]); cross-attention and
+    /// `None` stay exact. With a cache, the queries are cached too and each call attends over
+    /// the whole prefix, keeping the new rows (LSH refuses a cache: its sort sees the whole
+    /// sequence, so decode it by recomputing the prefix).
+    pub variant: Option<crate::variants::Variant>,
     alibi: Vec<f32>,
 }
 
@@ -169,6 +176,7 @@ impl MultiHeadAttention {
             gates: None,
             probabilities: None,
             weight_grads: None,
+            variant: None,
             alibi: attentive::positional::alibi_slopes(heads),
         })
     }
@@ -224,6 +232,12 @@ impl MultiHeadAttention {
             _ => 0,
         };
         let q = self.split(&self.q.forward(x)?, self.heads)?; // [B, Hq, Nq, dh]
+        let q = match self.positions {
+            Some(Positions::Rope { pairs }) if !cross => rope(&q, pairs.into(), start)?,
+            _ => q,
+        };
+        // A self-attention variant with a cache: the whole prefix's queries.
+        let mut q_all = None;
         let (k, v) = match (cache, y) {
             // Cross-attention with a cache: project the memory once.
             (Some(c), Some(mem)) => {
@@ -242,6 +256,20 @@ impl MultiHeadAttention {
                 }
                 match cache {
                     Some(c) => {
+                        if let Some(var) = &self.variant {
+                            if matches!(var.kind, crate::variants::SelfAttention::Lsh { .. }) {
+                                candle_core::bail!(
+                                    "lsh attention decodes without a cache: each step's sort \
+                                     sees the whole prefix, so earlier rows of every layer change"
+                                );
+                            }
+                            let all = match &c.q {
+                                Some(old) => Tensor::cat(&[old, &q], 2)?,
+                                None => q.clone(),
+                            };
+                            c.q = Some(all.clone());
+                            q_all = Some(all);
+                        }
                         let k = match &c.k {
                             Some(old) => Tensor::cat(&[old, &k], 2)?,
                             None => k,
@@ -258,10 +286,13 @@ impl MultiHeadAttention {
                 }
             }
         };
-        let q = match self.positions {
-            Some(Positions::Rope { pairs }) if !cross => rope(&q, pairs.into(), start)?,
-            _ => q,
-        };
+        if let (Some(var), false) = (&self.variant, cross) {
+            let q_all = q_all.unwrap_or_else(|| q.clone());
+            let mask = if start == 0 { key_mask } else { None };
+            let o = var.forward(&q_all, &k, &v, causal, mask)?; //       [B, Hq, N, dh]
+            let o = o.narrow(2, q_all.dim(2)? - nq, nq)?;
+            return self.project_out(o, b, nq);
+        }
         let cfg = AttnConfig {
             causal: causal.then_some(Causal::BottomRight),
             alibi: (self.positions == Some(Positions::Alibi) && !cross).then(|| self.alibi.clone()),
@@ -281,6 +312,12 @@ impl MultiHeadAttention {
         } else {
             attention(&q, &k, &v, &cfg)?
         }; //                                                      [B, Hq, Nq, dh]
+        self.project_out(o, b, nq)
+    }
+
+    /// The head gates, then `[B, Hq, Nq, dh]` back to `[B, Nq, d_model]` through the output
+    /// projection.
+    fn project_out(&self, o: Tensor, b: usize, nq: usize) -> Result<Tensor> {
         let o = match &self.gates {
             Some(g) => o.broadcast_mul(&g.reshape((1, self.heads, 1, 1))?)?,
             None => o,

@@ -29,6 +29,10 @@ pub struct Config {
     pub attn_dropout: f32,
     /// Longest sequence the position table covers.
     pub max_len: usize,
+    /// What self-attention computes (cross-attention stays exact; a decoder keeps exact
+    /// attention for a variant with no causal form).
+    #[serde(default)]
+    pub attention: crate::variants::SelfAttention,
 }
 
 /// Sinusoidal or learned absolute positions, added to embeddings.
@@ -96,6 +100,19 @@ impl Mode<'_> {
     }
 }
 
+/// The self-attention variant of a layer, if the config asks for one it can use.
+fn variant(p: &Params, c: &Config, causal: bool) -> Result<Option<crate::variants::Variant>> {
+    use crate::variants::{SelfAttention, Variant};
+    if c.attention == SelfAttention::Exact || (causal && !c.attention.has_causal_form()) {
+        return Ok(None);
+    }
+    if matches!(c.attention, SelfAttention::Lsh { .. }) && c.kv_heads != c.heads {
+        candle_core::bail!("lsh attention shares queries and keys: it needs kv_heads = heads");
+    }
+    let hd = c.d_model / c.heads;
+    Variant::new(&p.pp("variant"), c.attention, hd, c.max_len).map(Some)
+}
+
 /// Self-attention and feed-forward, each in a residual block.
 #[derive(Clone, Debug)]
 pub struct EncoderLayer {
@@ -117,6 +134,7 @@ impl EncoderLayer {
             Some(c.positions),
         )?;
         attn.dropout = c.attn_dropout;
+        attn.variant = variant(&p.pp("attn"), c, false)?;
         Ok(Self {
             attn,
             ff: FeedForward::new(&p.pp("ff"), c.d_model, c.ff)?,
@@ -186,6 +204,7 @@ impl DecoderLayer {
         let mut cross =
             MultiHeadAttention::new(&p.pp("cross"), c.d_model, c.heads, c.kv_heads, None)?;
         self_attn.dropout = c.attn_dropout;
+        self_attn.variant = variant(&p.pp("self"), c, true)?;
         cross.dropout = c.attn_dropout;
         Ok(Self {
             self_attn,

@@ -23,6 +23,7 @@ fn config(positions: Positions, pre_norm: bool, kv_heads: usize) -> Config {
         dropout: 0.1,
         attn_dropout: 0.1,
         max_len: 32,
+        attention: Default::default(),
     }
 }
 

@@ -1,0 +1,291 @@
+//! The self-attention variants as candle ops: outputs and candle gradients equal the engine's
+//! f64 oracles (causal, padding, LSH's padding to whole chunks), Linformer's composition equals
+//! its oracle with E and F's gradients, and a Transformer with each variant decodes the same
+//! with its cache as without.
+
+use attentive::reference::variants as oracle;
+use attentive::variants::{linear, linformer, lsh, performer};
+use attentive::View;
+use attentive_nn::layers::Params;
+use attentive_nn::transformer::{Config, Mode, Seq2Seq};
+use attentive_nn::variants::{SelfAttention, Variant};
+use candle_core::{Device, Tensor, Var};
+
+fn randn(shape: [usize; 4], seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..shape.iter().product::<usize>())
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn worst(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(1e-3f64, |a, x| a.max(x.abs()));
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (*g as f64 - w).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+/// Runs `variant` through candle on `q`, `k`, `v` and `L = Σ O∘G`; returns O and the gradients.
+fn through_candle(
+    variant: &Variant,
+    x: [&[f32]; 4],
+    s: [usize; 4],
+    causal: bool,
+    mask: Option<&[bool]>,
+) -> [Vec<f32>; 4] {
+    let dev = Device::Cpu;
+    let t = |x: &[f32]| Var::from_tensor(&Tensor::from_vec(x.to_vec(), &s, &dev).unwrap()).unwrap();
+    let (q, k, v) = (t(x[0]), t(x[1]), t(x[2]));
+    let g = Tensor::from_vec(x[3].to_vec(), &s, &dev).unwrap();
+    let o = variant.forward(&q, &k, &v, causal, mask).unwrap();
+    let grads = (&o * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let grad = |x: &Var| grads.get(x).map_or(vec![0.0; s.iter().product()], flat);
+    [flat(&o), grad(&q), grad(&k), grad(&v)]
+}
+
+#[test]
+fn linear_performer_and_lsh_equal_their_oracles() {
+    let p = Params::new(3, &Device::Cpu);
+    let (b, h, n, d) = (2, 2, 13, 8);
+    let s = [b, h, n, d];
+    let (q, k, v, g) = (randn(s, 1), randn(s, 2), randn(s, 3), randn(s, 4));
+    // Row 0 has 9 real positions, row 1 all 13.
+    let keep: Vec<bool> = (0..b * n).map(|i| i >= n || i < 9).collect();
+    fn cv(x: &[f32], s: [usize; 4]) -> View<'_> {
+        View::contiguous(x, &s).unwrap()
+    }
+    for kind in [
+        SelfAttention::Linear,
+        SelfAttention::Performer { features: 32 },
+        SelfAttention::Lsh {
+            n_hashes: 2,
+            bucket_size: 4,
+        },
+    ] {
+        let var = Variant::new(&p.pp(format!("{kind:?}")), kind, d, 64).unwrap();
+        for causal in [false, true] {
+            for masked in [false, true] {
+                let mask = masked.then_some(&keep[..]);
+                let got = through_candle(&var, [&q, &k, &v, &g], s, causal, mask);
+                let (o, dq, dk, dv) = match kind {
+                    SelfAttention::Linear => oracle::linear::<f64>(
+                        cv(&q, s),
+                        cv(&k, s),
+                        cv(&v, s),
+                        cv(&g, s),
+                        &linear::Linear {
+                            causal,
+                            key_mask: mask,
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap(),
+                    SelfAttention::Performer { .. } => {
+                        let w = var_draws(&var);
+                        oracle::performer::<f64>(
+                            cv(&q, s),
+                            cv(&k, s),
+                            cv(&v, s),
+                            cv(&g, s),
+                            &performer::Performer {
+                                causal,
+                                key_mask: mask,
+                                ..performer::Performer::new(&w)
+                            },
+                        )
+                        .unwrap()
+                    }
+                    _ => {
+                        // Padded to 16 positions (a whole number of chunks), padding masked.
+                        let np = 16;
+                        let sp = [b, h, np, d];
+                        let pad = |x: &[f32]| -> Vec<f32> {
+                            x.chunks_exact(n * d)
+                                .flat_map(|r| {
+                                    r.iter()
+                                        .copied()
+                                        .chain(std::iter::repeat_n(0.0, (np - n) * d))
+                                })
+                                .collect()
+                        };
+                        let keep_p: Vec<bool> = (0..b * np)
+                            .map(|i| i % np < n && mask.is_none_or(|m| m[i / np * n + i % np]))
+                            .collect();
+                        let w = var_draws(&var);
+                        let nb = w.len() / (2 * d) * 2;
+                        let opts = lsh::Lsh {
+                            key_mask: Some(&keep_p),
+                            ..lsh::Lsh::new(&w, 2, nb, 4).causal(causal)
+                        };
+                        let (qp, vp, gp) = (pad(&q), pad(&v), pad(&g));
+                        let (o, dx, dv) =
+                            oracle::lsh::<f64>(cv(&qp, sp), cv(&vp, sp), cv(&gp, sp), &opts)
+                                .unwrap();
+                        let cut = |x: Vec<f64>| -> Vec<f64> {
+                            x.chunks_exact(np * d)
+                                .flat_map(|r| r[..n * d].to_vec())
+                                .collect()
+                        };
+                        (cut(o), cut(dx), vec![0.0; q.len()], cut(dv))
+                    }
+                };
+                // Padded queries' outputs are not defined the same way by every variant:
+                // compare the real rows (all rows when unmasked).
+                let real = |x: &[f32]| -> Vec<f32> { keep_rows(x, mask, s) };
+                let real64 = |x: &[f64]| -> Vec<f64> { keep_rows(x, mask, s) };
+                for (name, got, want, rows_only) in [
+                    ("O", &got[0], &o, true),
+                    ("dQ", &got[1], &dq, true),
+                    ("dK", &got[2], &dk, false),
+                    ("dV", &got[3], &dv, false),
+                ] {
+                    let (a, w) = if rows_only {
+                        (real(got), real64(want))
+                    } else {
+                        (got.clone(), want.clone())
+                    };
+                    let e = worst(&a, &w);
+                    assert!(
+                        e < 1e-5,
+                        "{kind:?} causal {causal} masked {masked} {name}: {e:e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The rows of real positions (every row without a mask).
+fn keep_rows<T: Copy>(x: &[T], mask: Option<&[bool]>, [b, h, n, d]: [usize; 4]) -> Vec<T> {
+    let mut out = Vec::new();
+    for bi in 0..b {
+        for hh in 0..h {
+            for i in 0..n {
+                if mask.is_none_or(|m| m[bi * n + i]) {
+                    out.extend_from_slice(&x[((bi * h + hh) * n + i) * d..][..d]);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn var_draws(v: &Variant) -> Vec<f32> {
+    v.draws().to_vec()
+}
+
+/// Linformer through candle (E, F learned, padding zeroed) equals its oracle, gradients of E
+/// and F included.
+#[test]
+fn linformer_equals_its_oracle() {
+    let p = Params::new(5, &Device::Cpu);
+    let (b, h, n, d, kp) = (1, 2, 10, 4, 3);
+    let s = [b, h, n, d];
+    let (q, k, v, g) = (randn(s, 5), randn(s, 6), randn(s, 7), randn(s, 8));
+    let var = Variant::new(&p, SelfAttention::Linformer { k: kp }, d, 16).unwrap();
+    let got = through_candle(&var, [&q, &k, &v, &g], s, false, None);
+    let (e, f) = var.projections().unwrap();
+    let e16 = e.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let f16 = f.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (e, f) = (&e16[..n * kp], &f16[..n * kp]);
+    let w = oracle::linformer::<f64>(
+        View::contiguous(&q, &s).unwrap(),
+        View::contiguous(&k, &s).unwrap(),
+        View::contiguous(&v, &s).unwrap(),
+        View::contiguous(&g, &s).unwrap(),
+        &linformer::Linformer::new(e, Some(f), kp),
+    )
+    .unwrap();
+    for (name, got, want) in [
+        ("O", &got[0], &w.0),
+        ("dQ", &got[1], &w.1),
+        ("dK", &got[2], &w.2),
+        ("dV", &got[3], &w.3),
+    ] {
+        let e = worst(got, want);
+        assert!(e < 1e-5, "linformer {name}: {e:e}");
+    }
+    let z = Tensor::zeros(&s[..], candle_core::DType::F32, &Device::Cpu).unwrap();
+    let err = var.forward(&z, &z, &z, true, None).unwrap_err();
+    assert!(err.to_string().contains("no causal form"), "{err}");
+}
+
+/// Decoding with the cache (queries cached) gives the logits of decoding the prefix at once,
+/// and of the whole target at once, for every variant but LSH, which refuses a cache (its sort
+/// sees the whole sequence, so every layer's earlier rows change as the prefix grows).
+#[test]
+fn cached_decoding_equals_decoding_at_once() {
+    for name in SelfAttention::NAMES {
+        let config = Config {
+            src_vocab: 12,
+            tgt_vocab: 10,
+            d_model: 16,
+            heads: 2,
+            kv_heads: 2,
+            ff: 32,
+            enc_layers: 1,
+            dec_layers: 2,
+            pre_norm: true,
+            positions: attentive_nn::mha::Positions::Sinusoidal,
+            dropout: 0.0,
+            attn_dropout: 0.0,
+            max_len: 16,
+            attention: SelfAttention::parse(name).unwrap(),
+        };
+        let p = Params::new(9, &Device::Cpu);
+        let model = Seq2Seq::new(&p, &config).unwrap();
+        let dev = Device::Cpu;
+        let src = Tensor::from_vec(vec![1u32, 4, 5, 6, 2, 3, 7, 0], (2, 4), &dev).unwrap();
+        let mask = [true, true, true, true, true, true, true, false];
+        let mem = model.encode(&src, &mask, Mode::EVAL).unwrap();
+        let tgt = Tensor::from_vec(vec![1u32, 3, 4, 5, 6, 1, 2, 8, 8, 9], (2, 5), &dev).unwrap();
+        let all = model.decode(&tgt, &mem, &mask, None, Mode::EVAL).unwrap(); // [2, 5, V]
+        let mut caches = model.caches();
+        for t in 0..5 {
+            let step = tgt.narrow(1, t, 1).unwrap();
+            let one = model.decode(&step, &mem, &mask, Some(&mut caches), Mode::EVAL);
+            if name == "lsh" {
+                let err = one.unwrap_err().to_string();
+                assert!(err.contains("without a cache"), "{err}");
+                break;
+            }
+            let one = one.unwrap();
+            let diff = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            // The prefix decoded at once, its last row.
+            let prefix = model
+                .decode(
+                    &tgt.narrow(1, 0, t + 1).unwrap(),
+                    &mem,
+                    &mask,
+                    None,
+                    Mode::EVAL,
+                )
+                .unwrap()
+                .narrow(1, t, 1)
+                .unwrap();
+            let e = diff(&one, &prefix);
+            assert!(e < 1e-4, "{name} step {t}: {e}");
+            // Rows ignore later positions: the whole target at once too.
+            let e = diff(&one, &all.narrow(1, t, 1).unwrap());
+            assert!(e < 1e-4, "{name} step {t} against all at once: {e}");
+        }
+    }
+}
