@@ -29,6 +29,12 @@ pub struct TrainArgs {
     /// Train through candle's unfused attention instead of the fused kernel (for comparison).
     #[arg(long)]
     unfused: bool,
+    /// What self-attention computes: exact (the fused kernel), linear (φ = elu + 1),
+    /// performer (64 random features), lsh (2 rounds, chunks of 4; decoded without a cache)
+    /// or linformer (k = 8; the decoder keeps exact attention, having no causal form).
+    /// Cross-attention stays exact.
+    #[arg(long, default_value = "exact", value_parser = clap::builder::PossibleValuesParser::new(attentive_nn::variants::SelfAttention::NAMES))]
+    attention: String,
 }
 
 #[derive(clap::Args)]
@@ -83,7 +89,17 @@ pub fn train(a: TrainArgs) -> Result<(), CliError> {
         ours: checkpoint_file,
     };
     folder.check()?;
-    let config = g2p::default_config();
+    let config = Config {
+        attention: attentive_nn::variants::SelfAttention::parse(&a.attention)
+            .expect("clap checked the name"),
+        ..g2p::default_config()
+    };
+    if a.unfused && a.attention != "exact" {
+        return Err(CliError::Input {
+            what: "--unfused".into(),
+            reason: "compares exact attention's two implementations: not with --attention".into(),
+        });
+    }
     let opts = TrainOptions {
         seconds: a.minutes * 60.0,
         seed: a.seed,
@@ -139,7 +155,11 @@ pub fn train(a: TrainArgs) -> Result<(), CliError> {
             "test_words": test.len(),
             "minutes": a.minutes,
             "seed": a.seed,
-            "command": format!("attentive train g2p --minutes {} --seed {}", a.minutes, a.seed),
+            "attention": a.attention,
+            "command": format!(
+                "attentive train g2p --minutes {} --seed {} --attention {}",
+                a.minutes, a.seed, a.attention
+            ),
         });
         let path = dir.join("eval.json");
         std::fs::write(&path, format!("{record:#}\n")).map_err(|e| CliError::Input {

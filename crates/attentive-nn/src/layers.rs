@@ -63,6 +63,11 @@ impl Params {
         }
     }
 
+    /// The prefix path, `a.b.c`.
+    pub fn path(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }

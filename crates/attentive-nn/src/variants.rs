@@ -2,7 +2,7 @@
 //! [`attentive::variants`], and the choice a Transformer makes among them ([`SelfAttention`]).
 //!
 //! * linear attention ($\phi = \mathrm{elu} + 1$) and Performer's FAVOR+ (random features drawn
-//!   once from the model's seed and kept fixed), causal or not, with padding;
+//!   once, seeded by the module's name, and kept fixed), causal or not, with padding;
 //! * Reformer's LSH attention: the query projection serves as queries and keys (shared QK;
 //!   the key projection is unused), rotations drawn once and fixed, sequences padded to a
 //!   multiple of the chunk with their padding masked;
@@ -73,10 +73,15 @@ pub struct Variant {
 }
 
 impl Variant {
-    /// For heads of width `head_dim` over sequences of up to `max_len`; draws and parameters
-    /// come from `p` (its seed, and `e`, `f` for Linformer).
+    /// For heads of width `head_dim` over sequences of up to `max_len`. The random draws are
+    /// seeded by the module's path in `p` (so a checkpoint loaded into a fresh model has the
+    /// same ones, and the other parameters' initial values do not move); Linformer's E and F
+    /// are parameters `e`, `f` of `p`.
     pub fn new(p: &Params, kind: SelfAttention, head_dim: usize, max_len: usize) -> Result<Self> {
-        let seed = p.next_u64();
+        // FNV-1a of the path.
+        let seed = p.path().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, c| {
+            (h ^ c as u64).wrapping_mul(0x100_0000_01b3)
+        });
         let (draws, n_buckets) = match kind {
             SelfAttention::Performer { features } => {
                 (performer::draw_features(features, head_dim, seed), 0)
