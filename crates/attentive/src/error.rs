@@ -78,3 +78,33 @@ pub enum AttnError {
 
 /// Result of the engine's calls.
 pub type Result<T> = std::result::Result<T, AttnError>;
+
+/// `got` must be `expected`, else a [`AttnError::ShapeMismatch`] naming `tensor`.
+pub(crate) fn expect_shape(
+    tensor: &'static str,
+    got: [usize; 4],
+    expected: [usize; 4],
+) -> Result<()> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(AttnError::ShapeMismatch {
+            tensor,
+            expected: expected.to_vec(),
+            got: got.to_vec(),
+        })
+    }
+}
+
+/// `len` must be `expected`, else a [`AttnError::LengthMismatch`] naming `tensor`.
+pub(crate) fn expect_len(tensor: &'static str, len: usize, expected: usize) -> Result<()> {
+    if len == expected {
+        Ok(())
+    } else {
+        Err(AttnError::LengthMismatch {
+            tensor,
+            expected,
+            got: len,
+        })
+    }
+}

@@ -20,11 +20,18 @@
 //!   [`probabilities`] — the weights themselves, when you want to look.
 //! * [`merge`] — combine attention computed over disjoint key sets (decode splits, ring attention).
 //! * [`variants`] — attention that is not softmax over a mask (linear, gated linear, Performer,
-//!   Linformer, adaptive span, additive and Luong), each with its forward, backward and oracle.
+//!   Linformer, Nyströmformer, Reformer LSH, adaptive span, additive and Luong with local-p,
+//!   hierarchical pooling), each with its forward, backward and oracle.
 //! * [`reference`](mod@reference) — the naive oracle of every option, in f64 or f32, to test against.
 //! * [`matmul`] — dense products for the layers around attention, on the same micro-kernel.
 //! * [`HugeVec`] — a buffer on 2 MiB pages for large inputs such as a KV cache, which decoding
 //!   streams faster from there than from a `Vec`'s small pages.
+//!
+//! Each family lives in one place in the source: the fused exact kernel in `exact/`, masks and
+//! patterns in `masks/` (public as [`pattern`] and [`blocks`]), positional schemes in
+//! [`positional`], the other math in [`variants`], the oracles in [`reference`](mod@reference),
+//! and below them the tile sizes and the rules on (b, h, i, j) ([`Pos`], [`MaskRule`],
+//! [`ScoreRule`]) that they share; each imports only what lies below it.
 //!
 //! Tensors enter as [`View`]s: a slice, a shape `[B, H, N, D]` and any strides, so `[B, N, H, D]`
 //! storage needs no copy. Every call validates its inputs first and returns an [`AttnError`]
@@ -43,34 +50,35 @@
 //! assert!(err < 1e-5);
 //! ```
 
-mod backward;
-pub mod blocks;
 pub mod dense;
-mod dropout;
 mod error;
-mod forward;
+mod exact;
+mod masks;
 mod options;
-pub mod pattern;
 pub mod positional;
-mod problem;
+mod real;
 pub mod reference;
-mod residue;
-pub mod shaw;
+mod rule;
 mod simd;
+mod tile;
 pub mod variants;
 mod view;
 mod workspace;
 
-pub use backward::{backward, backward_rule_params, backward_weighted};
-pub use blocks::{BlockCounts, BlockMask};
 pub use dense::matmul;
-pub use dropout::Dropout;
 pub use error::{AttnError, Result};
-pub use forward::{forward, forward_half_kv, merge, probabilities, visible_pairs};
+pub use exact::backward::{backward, backward_rule_params, backward_weighted};
+pub use exact::forward;
+pub use exact::forward::{forward_half_kv, merge, probabilities, visible_pairs};
 /// The f16 type K and V are stored in by [`forward_half_kv`].
 pub use half::f16;
-pub use options::{Causal, DocIds, MaskRule, Options, Pos, ScoreRule, Window};
+pub use masks::blocks::{BlockCounts, BlockMask};
+pub use masks::dropout::Dropout;
+pub use masks::{blocks, pattern};
+pub use options::{Causal, DocIds, Options, Window};
 pub use pattern::{Pattern, PatternError};
+pub use positional::shaw;
+pub use rule::{MaskRule, Pos, ScoreRule};
 pub use simd::Isa;
 pub use view::{contiguous_strides, View, ViewMut};
 pub use workspace::{Element, HugeVec};

@@ -18,11 +18,10 @@
 //! ```
 
 use crate::error::Result;
-use crate::options::{Causal, Options, Pos, ScoreRule};
-use crate::problem::Problem;
-use crate::shaw::Shaw;
+use crate::exact::problem::Problem;
+use crate::options::{Causal, Options, Pos};
+use crate::positional::shaw::Shaw;
 use crate::view::View;
-use std::ops::{Add, Mul, Neg, Sub};
 
 /// The oracles of the [`variants`](crate::variants), each written beside its kernel.
 pub mod variants {
@@ -36,78 +35,7 @@ pub mod variants {
     pub use crate::variants::performer::oracle::{performer, performer_with};
 }
 
-/// The float types the oracle computes in.
-pub trait Real:
-    Copy
-    + PartialOrd
-    + Add<Output = Self>
-    + Sub<Output = Self>
-    + Mul<Output = Self>
-    + Neg<Output = Self>
-    + Send
-    + Sync
-    + 'static
-{
-    const ZERO: Self;
-    const ONE: Self;
-    const NEG_INF: Self;
-    fn from_f32(x: f32) -> Self;
-    fn from_f64(x: f64) -> Self;
-    fn to_f64(self) -> f64;
-    fn exp(self) -> Self;
-    fn ln(self) -> Self;
-    fn tanh(self) -> Self;
-    fn recip(self) -> Self;
-    fn sqrt(self) -> Self;
-    fn rule_score(rule: &dyn ScoreRule, s: Self, at: Pos) -> Self;
-    fn rule_grad(rule: &dyn ScoreRule, s: Self, at: Pos) -> Self;
-    fn rule_param_grad(rule: &dyn ScoreRule, g: Self, at: Pos, grad: &mut [Self]);
-}
-
-macro_rules! real {
-    ($t:ty, $score:ident, $grad:ident, $param:ident) => {
-        impl Real for $t {
-            const ZERO: Self = 0.0;
-            const ONE: Self = 1.0;
-            const NEG_INF: Self = <$t>::NEG_INFINITY;
-            fn from_f32(x: f32) -> Self {
-                x as $t
-            }
-            fn from_f64(x: f64) -> Self {
-                x as $t
-            }
-            fn to_f64(self) -> f64 {
-                self as f64
-            }
-            fn exp(self) -> Self {
-                <$t>::exp(self)
-            }
-            fn ln(self) -> Self {
-                <$t>::ln(self)
-            }
-            fn tanh(self) -> Self {
-                <$t>::tanh(self)
-            }
-            fn recip(self) -> Self {
-                1.0 / self
-            }
-            fn sqrt(self) -> Self {
-                <$t>::sqrt(self)
-            }
-            fn rule_score(rule: &dyn ScoreRule, s: Self, at: Pos) -> Self {
-                rule.$score(s, at)
-            }
-            fn rule_grad(rule: &dyn ScoreRule, s: Self, at: Pos) -> Self {
-                rule.$grad(s, at)
-            }
-            fn rule_param_grad(rule: &dyn ScoreRule, g: Self, at: Pos, grad: &mut [Self]) {
-                rule.$param(g, at, grad)
-            }
-        }
-    };
-}
-real!(f32, score, grad, param_grad);
-real!(f64, score_f64, grad_f64, param_grad_f64);
+pub use crate::real::Real;
 
 /// Output of [`forward`]: `o` is `[B, Hq, Nq, Dv]` and `lse` is `[B, Hq, Nq]`, row-major.
 #[derive(Clone, Debug)]
@@ -122,7 +50,7 @@ pub struct Grads<T> {
     pub dq: Vec<T>,
     pub dk: Vec<T>,
     pub dv: Vec<T>,
-    /// Gradient of the score rule's parameters ([`ScoreRule::params`] of them).
+    /// Gradient of the score rule's parameters ([`ScoreRule::params`](crate::ScoreRule::params) of them).
     pub d_params: Vec<T>,
     /// $P_{ij}\\, dP_{ij}$ of every pair, `[B, Hq, Nq, Nk]` (P before dropout).
     pub weight_grads: Vec<T>,
@@ -334,10 +262,10 @@ fn backward_impl<T: Real>(
 ) -> Result<Grads<T>> {
     let or = Oracle::new(q, k, v, opts)?;
     let [b, hq, hkv, nq, nk, d, dv, group] = or.dims;
-    crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dv])?;
+    crate::error::expect_shape("d_o", d_o.shape(), [b, hq, nq, dv])?;
     if let Some((o, lse)) = stats {
-        crate::problem::expect_len("o", o.len(), b * hq * nq * dv)?;
-        crate::problem::expect_len("lse", lse.len(), b * hq * nq)?;
+        crate::error::expect_len("o", o.len(), b * hq * nq * dv)?;
+        crate::error::expect_len("lse", lse.len(), b * hq * nq)?;
     }
     let scale = T::from_f64(or.scale);
     let mut dq = vec![T::ZERO; b * hq * nq * d];
@@ -587,10 +515,10 @@ fn shaw_backward_impl<T: Real>(
     let or = Oracle::new(q, k, v, opts)?;
     let [b, hq, hkv, nq, nk, d, dv, group] = or.dims;
     let nb = shaw.buckets(opts, d, dv)?;
-    crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dv])?;
+    crate::error::expect_shape("d_o", d_o.shape(), [b, hq, nq, dv])?;
     if let Some((o, lse)) = stats {
-        crate::problem::expect_len("o", o.len(), b * hq * nq * dv)?;
-        crate::problem::expect_len("lse", lse.len(), b * hq * nq)?;
+        crate::error::expect_len("o", o.len(), b * hq * nq * dv)?;
+        crate::error::expect_len("lse", lse.len(), b * hq * nq)?;
     }
     let f = T::from_f32;
     let scale = T::from_f64(or.scale);

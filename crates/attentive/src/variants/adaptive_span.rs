@@ -55,7 +55,7 @@ impl AdaptiveSpan<'_> {
 
 impl ScoreRule for AdaptiveSpan<'_> {
     fn check(&self, [_, hq, nq, nk]: [usize; 4]) -> Result<()> {
-        crate::problem::expect_len("current", self.current.len(), hq)?;
+        crate::error::expect_len("current", self.current.len(), hq)?;
         if self.ramp == 0 {
             return Err(AttnError::InvalidOption {
                 option: "ramp",
@@ -168,7 +168,7 @@ pub fn backward(
     (dq, dk, dv): (&mut ViewMut, &mut ViewMut, &mut ViewMut),
     d_current: &mut [f32],
 ) -> Result<()> {
-    crate::problem::expect_len("d_current", d_current.len(), span.current.len())?;
+    crate::error::expect_len("d_current", d_current.len(), span.current.len())?;
     d_current.fill(0.0);
     crate::backward_rule_params(q, k, v, o, lse, d_o, &span.options(), dq, dk, dv, d_current)
 }

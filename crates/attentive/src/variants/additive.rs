@@ -24,7 +24,7 @@
 
 use super::{heads, write_out, Dims};
 use crate::error::{AttnError, Result};
-use crate::reference::Real;
+use crate::real::Real;
 use crate::view::{View, ViewMut};
 use rayon::prelude::*;
 
@@ -162,8 +162,8 @@ impl<'a> Additive<'a> {
                         got: 0,
                     });
                 }
-                crate::problem::expect_len("w_q", w_q.len(), a * dq)?;
-                crate::problem::expect_len("w_k", w_k.len(), a * dk)?;
+                crate::error::expect_len("w_q", w_q.len(), a * dq)?;
+                crate::error::expect_len("w_k", w_k.len(), a * dk)?;
                 finite("w_q", w_q)?;
                 finite("w_k", w_k)?;
                 finite("v", v)?;
@@ -178,7 +178,7 @@ impl<'a> Additive<'a> {
                 }
             }
             Score::General { w } => {
-                crate::problem::expect_len("w", w.len(), dq * dk)?;
+                crate::error::expect_len("w", w.len(), dq * dk)?;
                 finite("w", w)?;
             }
             Score::Concat { w, v } => {
@@ -189,13 +189,13 @@ impl<'a> Additive<'a> {
                         got: 0,
                     });
                 }
-                crate::problem::expect_len("w", w.len(), v.len() * (dq + dk))?;
+                crate::error::expect_len("w", w.len(), v.len() * (dq + dk))?;
                 finite("w", w)?;
                 finite("v", v)?;
             }
         }
         if let Some(m) = self.key_mask {
-            crate::problem::expect_len("key_mask", m.len(), dims.b * dims.nk)?;
+            crate::error::expect_len("key_mask", m.len(), dims.b * dims.nk)?;
         }
         if let Some(l) = self.local {
             if l.v_p.is_empty() {
@@ -205,7 +205,7 @@ impl<'a> Additive<'a> {
                     got: 0,
                 });
             }
-            crate::problem::expect_len("w_p", l.w_p.len(), l.v_p.len() * dq)?;
+            crate::error::expect_len("w_p", l.w_p.len(), l.v_p.len() * dq)?;
             finite("w_p", l.w_p)?;
             finite("v_p", l.v_p)?;
             let sigma = l.sigma();
@@ -343,9 +343,9 @@ pub fn forward(
         ..
     } = dims;
     let dk = k.shape()[3];
-    crate::problem::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
+    crate::error::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
     if let Some(w) = weights.as_deref() {
-        crate::problem::expect_len("weights", w.len(), b * hq * nq * nk)?;
+        crate::error::expect_len("weights", w.len(), b * hq * nq * nk)?;
     }
     let (qh, kh, vh) = (heads(&q), heads(&k), heads(&v));
     let ktilde = general_keys(opts, &kh, (dq, dk));
@@ -467,10 +467,10 @@ pub fn backward(
         dv: dvd,
     } = dims;
     let dkd = k.shape()[3];
-    crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
-    crate::problem::expect_shape("dq", dq.shape(), [b, hq, nq, dqd])?;
-    crate::problem::expect_shape("dk", dk.shape(), [b, hkv, nk, dkd])?;
-    crate::problem::expect_shape("dv", dv.shape(), [b, hkv, nk, dvd])?;
+    crate::error::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
+    crate::error::expect_shape("dq", dq.shape(), [b, hq, nq, dqd])?;
+    crate::error::expect_shape("dk", dk.shape(), [b, hkv, nk, dkd])?;
+    crate::error::expect_shape("dv", dv.shape(), [b, hkv, nk, dvd])?;
     let (qh, kh, vh, doh) = (heads(&q), heads(&k), heads(&v), heads(&d_o));
     let ktilde = general_keys(opts, &kh, (dqd, dkd));
     let group = dims.group();
@@ -740,7 +740,7 @@ pub mod oracle {
             dv,
         } = dims;
         let dk = k.shape()[3];
-        crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dv])?;
+        crate::error::expect_shape("d_o", d_o.shape(), [b, hq, nq, dv])?;
         let f = T::from_f32;
         let group = dims.group();
         // (W_q row a, W_k row a, v_a) as closures over the score's own layout.

@@ -21,7 +21,7 @@
 
 use super::{axpy, gemm, heads, write_out, Dims};
 use crate::error::{AttnError, Result};
-use crate::reference::Real;
+use crate::real::Real;
 use crate::simd::{Isa, Kernels};
 use crate::view::{View, ViewMut};
 use rayon::prelude::*;
@@ -70,7 +70,7 @@ impl<'a> Gated<'a> {
         let bad = |x: f32| !(x.is_finite() && x <= 0.0);
         match self.decay {
             Decay::PerHead(g) => {
-                crate::problem::expect_len("decay", g.len(), dims.hkv)?;
+                crate::error::expect_len("decay", g.len(), dims.hkv)?;
                 if let Some(&x) = g.iter().find(|&&x| bad(x)) {
                     return Err(AttnError::InvalidOption {
                         option: "decay",
@@ -80,7 +80,7 @@ impl<'a> Gated<'a> {
                 }
             }
             Decay::Gates(g) => {
-                crate::problem::expect_shape(
+                crate::error::expect_shape(
                     "gates",
                     g.shape(),
                     [dims.b, dims.hkv, dims.nk, dims.d],
@@ -375,7 +375,7 @@ pub fn forward(q: View, k: View, v: View, opts: &Gated, out: &mut ViewMut) -> Re
     let Dims {
         b, hq, nq, d, dv, ..
     } = dims;
-    crate::problem::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
+    crate::error::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
     let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt());
     let (qh, kh, vh, gh) = (heads(&q), heads(&k), heads(&v), opts.gates(&dims));
     write_out(out, |o| {
@@ -469,16 +469,16 @@ pub fn backward(
         dv: dvd,
         ..
     } = dims;
-    crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, n, dvd])?;
-    crate::problem::expect_shape("dq", dq.shape(), [b, hq, n, d])?;
-    crate::problem::expect_shape("dk", dk.shape(), [b, hkv, n, d])?;
-    crate::problem::expect_shape("dv", dv.shape(), [b, hkv, n, dvd])?;
+    crate::error::expect_shape("d_o", d_o.shape(), [b, hq, n, dvd])?;
+    crate::error::expect_shape("dq", dq.shape(), [b, hq, n, d])?;
+    crate::error::expect_shape("dk", dk.shape(), [b, hkv, n, d])?;
+    crate::error::expect_shape("dv", dv.shape(), [b, hkv, n, dvd])?;
     if let Some(g) = d_decay.as_deref() {
         let want = match opts.decay {
             Decay::PerHead(_) => hkv,
             Decay::Gates(_) => b * hkv * n * d,
         };
-        crate::problem::expect_len("d_decay", g.len(), want)?;
+        crate::error::expect_len("d_decay", g.len(), want)?;
     }
     let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt());
     let (qh, kh, vh, doh, gh) = (
@@ -669,7 +669,7 @@ pub mod oracle {
             dv,
             ..
         } = dims;
-        crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, n, dv])?;
+        crate::error::expect_shape("d_o", d_o.shape(), [b, hq, n, dv])?;
         let f = T::from_f32;
         let scale = f(opts.scale.unwrap_or(1.0 / (d as f32).sqrt()));
         let g = opts.gates(&dims);

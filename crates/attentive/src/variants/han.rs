@@ -9,7 +9,7 @@
 //! between the levels are not attention and are left to the model around this.
 
 use crate::error::{AttnError, Result};
-use crate::reference::Real;
+use crate::real::Real;
 
 /// One level's weights: `W [A, D]`, `b [A]`, context `c [A]`.
 #[derive(Clone, Copy, Debug)]
@@ -37,8 +37,8 @@ impl Level<'_> {
                 got: 0,
             });
         }
-        crate::problem::expect_len("w", self.w.len(), a * d)?;
-        crate::problem::expect_len("b", self.b.len(), a)?;
+        crate::error::expect_len("w", self.w.len(), a * d)?;
+        crate::error::expect_len("b", self.b.len(), a)?;
         for (name, x) in [("w", self.w), ("b", self.b), ("c", self.c)] {
             if let Some(&bad) = x.iter().find(|x| !x.is_finite()) {
                 return Err(AttnError::InvalidOption {
@@ -140,9 +140,9 @@ fn check_sizes(
             shape: vec![groups, n, d],
         });
     }
-    crate::problem::expect_len("h", h.len(), groups * n * d)?;
+    crate::error::expect_len("h", h.len(), groups * n * d)?;
     if let Some(m) = mask {
-        crate::problem::expect_len("mask", m.len(), groups * n)?;
+        crate::error::expect_len("mask", m.len(), groups * n)?;
     }
     Ok(())
 }
@@ -164,7 +164,7 @@ pub fn pool_backward(
 ) -> Result<(Vec<f32>, LevelGrads)> {
     check_sizes(h, (groups, n, d), mask)?;
     let a = level.check(d)?;
-    crate::problem::expect_len("ds", ds.len(), groups * d)?;
+    crate::error::expect_len("ds", ds.len(), groups * d)?;
     let mut dh = vec![0.0f32; h.len()];
     let mut grads = LevelGrads {
         w: vec![0.0; a * d],

@@ -22,7 +22,7 @@
 use super::kernelized::{head_backward, head_forward, keys_back_all, Features, Guard, Rule};
 use super::{axpy, dot, heads, write_out, Dims};
 use crate::error::{AttnError, Result};
-use crate::reference::Real;
+use crate::real::Real;
 use crate::simd::{Isa, Kernels};
 use crate::view::{View, ViewMut};
 use rayon::prelude::*;
@@ -112,7 +112,7 @@ impl Linear<'_> {
             });
         }
         if let Some(m) = self.key_mask {
-            crate::problem::expect_len("key_mask", m.len(), dims.b * dims.nk)?;
+            crate::error::expect_len("key_mask", m.len(), dims.b * dims.nk)?;
         }
         Ok(dims)
     }
@@ -218,7 +218,7 @@ pub fn forward(q: View, k: View, v: View, opts: &Linear, out: &mut ViewMut) -> R
         dv,
         ..
     } = dims;
-    crate::problem::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
+    crate::error::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
     let (qh, kh, vh) = (heads(&q), heads(&k), heads(&v));
     write_out(out, |o| {
         o.par_chunks_mut(nq * dv).enumerate().for_each(|(bh, o)| {
@@ -270,7 +270,7 @@ pub fn backward(
         dv: dvd,
         ..
     } = dims;
-    crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
+    crate::error::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
     let (qh, kh, vh, doh) = (heads(&q), heads(&k), heads(&v), heads(&d_o));
     let elu = |bi: usize, kv: usize, q| Elu {
         q,
@@ -343,8 +343,8 @@ impl LinearState {
     /// # Errors
     /// [`AttnError::LengthMismatch`] for a key not `d` or a value not `dv` long.
     pub fn push(&mut self, k: &[f32], v: &[f32]) -> Result<()> {
-        crate::problem::expect_len("k", k.len(), self.d)?;
-        crate::problem::expect_len("v", v.len(), self.dv)?;
+        crate::error::expect_len("k", k.len(), self.d)?;
+        crate::error::expect_len("v", v.len(), self.dv)?;
         let b: Vec<f32> = k.iter().map(|&x| phi(x)).collect();
         for (c, &bc) in b.iter().enumerate() {
             axpy(&mut self.s[c * self.dv..(c + 1) * self.dv], bc, v);
@@ -359,8 +359,8 @@ impl LinearState {
     /// # Errors
     /// [`AttnError::LengthMismatch`] for a query or output of the wrong length.
     pub fn read(&self, q: &[f32], eps: f32, out: &mut [f32]) -> Result<()> {
-        crate::problem::expect_len("q", q.len(), self.d)?;
-        crate::problem::expect_len("out", out.len(), self.dv)?;
+        crate::error::expect_len("q", q.len(), self.d)?;
+        crate::error::expect_len("out", out.len(), self.dv)?;
         let a: Vec<f32> = q.iter().map(|&x| phi(x)).collect();
         out.fill(0.0);
         for (c, &ac) in a.iter().enumerate() {
@@ -401,7 +401,7 @@ pub mod oracle {
             d,
             dv,
         } = dims;
-        crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dv])?;
+        crate::error::expect_shape("d_o", d_o.shape(), [b, hq, nq, dv])?;
         let f = T::from_f32;
         let phi = |x: f32| -> T {
             let x = f(x);

@@ -12,7 +12,7 @@
 use super::{gemm, heads, transpose, Dims};
 use crate::error::{AttnError, Result};
 use crate::options::Options;
-use crate::reference::Real;
+use crate::real::Real;
 use crate::simd::{Isa, Kernels};
 use crate::view::{View, ViewMut};
 use rayon::prelude::*;
@@ -55,7 +55,7 @@ impl<'a> Linformer<'a> {
         }
         for (name, p) in [("e", Some(self.e)), ("f", self.f)] {
             let Some(p) = p else { continue };
-            crate::problem::expect_len(name, p.len(), dims.nk * self.k)?;
+            crate::error::expect_len(name, p.len(), dims.nk * self.k)?;
             if let Some(&x) = p.iter().find(|x| !x.is_finite()) {
                 return Err(AttnError::InvalidOption {
                     option: "projection",
@@ -147,9 +147,9 @@ pub fn backward(
         dv: dvd,
     } = dims;
     let kp_len = opts.k;
-    crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
-    crate::problem::expect_shape("dk", dk.shape(), [b, hkv, nk, d])?;
-    crate::problem::expect_shape("dv", dv.shape(), [b, hkv, nk, dvd])?;
+    crate::error::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
+    crate::error::expect_shape("dk", dk.shape(), [b, hkv, nk, d])?;
+    crate::error::expect_shape("dv", dv.shape(), [b, hkv, nk, dvd])?;
     if opts.f.is_none() && d_f.is_some() {
         return Err(AttnError::ConflictingOptions {
             a: "d_f",
@@ -159,7 +159,7 @@ pub fn backward(
     }
     for (name, g) in [("d_e", d_e.as_deref()), ("d_f", d_f.as_deref())] {
         if let Some(g) = g {
-            crate::problem::expect_len(name, g.len(), nk * kp_len)?;
+            crate::error::expect_len(name, g.len(), nk * kp_len)?;
         }
     }
     let (kh, vh) = (heads(&k), heads(&v));
@@ -270,7 +270,7 @@ pub mod oracle {
             d,
             dv,
         } = dims;
-        crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dv])?;
+        crate::error::expect_shape("d_o", d_o.shape(), [b, hq, nq, dv])?;
         let f = T::from_f32;
         let kp = opts.k;
         let scale = f(opts.scale.unwrap_or(1.0 / (d as f32).sqrt()));

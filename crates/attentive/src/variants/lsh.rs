@@ -27,7 +27,7 @@
 
 use super::{gemm, heads, transpose, write_out, Dims};
 use crate::error::{AttnError, Result};
-use crate::reference::Real;
+use crate::real::Real;
 use crate::simd::{Isa, Kernels};
 use crate::view::{View, ViewMut};
 use rayon::prelude::*;
@@ -115,13 +115,13 @@ impl<'a> Lsh<'a> {
                 "must divide the sequence length (pad the sequence to a multiple of it)",
             );
         }
-        crate::problem::expect_len(
+        crate::error::expect_len(
             "rotations",
             self.rotations.len(),
             self.n_hashes * dims.d * self.n_buckets / 2,
         )?;
         if let Some(m) = self.key_mask {
-            crate::problem::expect_len("key_mask", m.len(), dims.b * n)?;
+            crate::error::expect_len("key_mask", m.len(), dims.b * n)?;
         }
         if let Some(&r) = self.rotations.iter().find(|r| !r.is_finite()) {
             return Err(AttnError::InvalidOption {
@@ -578,7 +578,7 @@ pub fn forward(x: View, v: View, opts: &Lsh, out: &mut ViewMut) -> Result<()> {
     let Dims {
         b, hq, nq, d, dv, ..
     } = dims;
-    crate::problem::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
+    crate::error::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
     let (xs, vs) = (heads(&x), heads(&v));
     write_out(out, |o| {
         for (bh, ((oh, xh), vh)) in o
@@ -617,9 +617,9 @@ pub fn backward(
         dv: dvd,
         ..
     } = dims;
-    crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
-    crate::problem::expect_shape("dx", dx.shape(), [b, hq, nq, d])?;
-    crate::problem::expect_shape("dv", dv.shape(), [b, hq, nq, dvd])?;
+    crate::error::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
+    crate::error::expect_shape("dx", dx.shape(), [b, hq, nq, d])?;
+    crate::error::expect_shape("dv", dv.shape(), [b, hq, nq, dvd])?;
     let (xs, vs, gs) = (heads(&x), heads(&v), heads(&d_o));
     let per: Vec<(Vec<f32>, Vec<f32>)> = xs
         .chunks_exact(nq * d)
@@ -666,7 +666,7 @@ pub mod oracle {
             dv,
             ..
         } = dims;
-        crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, n, dv])?;
+        crate::error::expect_shape("d_o", d_o.shape(), [b, hq, n, dv])?;
         let f = T::from_f32;
         let half = opts.n_buckets / 2;
         let (mut o, mut dx, mut dvv) = (

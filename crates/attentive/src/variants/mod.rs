@@ -62,7 +62,7 @@ impl Dims {
     /// one feature width for queries and keys, query heads a multiple of key/value heads.
     pub fn of(q: &View, k: &View, v: &View) -> Result<Dims> {
         let dims = Self::of_cross(q, k, v)?;
-        crate::problem::expect_shape("k", k.shape(), [dims.b, dims.hkv, dims.nk, dims.d])?;
+        crate::error::expect_shape("k", k.shape(), [dims.b, dims.hkv, dims.nk, dims.d])?;
         Ok(dims)
     }
 
@@ -79,8 +79,8 @@ impl Dims {
             }
         }
         let ([b, hq, nq, d], [_, hkv, nk, dk], [.., dv]) = (q.shape(), k.shape(), v.shape());
-        crate::problem::expect_shape("k", k.shape(), [b, hkv, nk, dk])?;
-        crate::problem::expect_shape("v", v.shape(), [b, hkv, nk, dv])?;
+        crate::error::expect_shape("k", k.shape(), [b, hkv, nk, dk])?;
+        crate::error::expect_shape("v", v.shape(), [b, hkv, nk, dv])?;
         if hq % hkv != 0 {
             return Err(AttnError::HeadsNotDivisible {
                 q_heads: hq,
@@ -236,9 +236,9 @@ pub(crate) fn backward_by_kv_head(
         d,
         dv: dvd,
     } = dims;
-    crate::problem::expect_shape("dq", dq.shape(), [b, hq, nq, d])?;
-    crate::problem::expect_shape("dk", dk.shape(), [b, hkv, nk, d])?;
-    crate::problem::expect_shape("dv", dv.shape(), [b, hkv, nk, dvd])?;
+    crate::error::expect_shape("dq", dq.shape(), [b, hq, nq, d])?;
+    crate::error::expect_shape("dk", dk.shape(), [b, hkv, nk, d])?;
+    crate::error::expect_shape("dv", dv.shape(), [b, hkv, nk, dvd])?;
     let group = dims.group();
     let per: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..b * hkv)
         .into_par_iter()

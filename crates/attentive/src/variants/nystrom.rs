@@ -14,7 +14,7 @@
 
 use super::{gemm, heads, transpose, Dims};
 use crate::error::{AttnError, Result};
-use crate::reference::Real;
+use crate::real::Real;
 use crate::simd::{Isa, Kernels};
 use crate::view::{View, ViewMut};
 use rayon::prelude::*;
@@ -256,7 +256,7 @@ pub fn forward(q: View, k: View, v: View, opts: &Nystrom, out: &mut ViewMut) -> 
         dv,
         ..
     } = dims;
-    crate::problem::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
+    crate::error::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
     let (qh, kh, vh) = (heads(&q), heads(&k), heads(&v));
     super::write_out(out, |o| {
         o.par_chunks_mut(nq * dv).enumerate().for_each(|(bh, o)| {
@@ -299,7 +299,7 @@ pub fn backward(
         dv: dvd,
         ..
     } = dims;
-    crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
+    crate::error::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
     let (qh, kh, vh, doh) = (heads(&q), heads(&k), heads(&v), heads(&d_o));
     super::backward_by_kv_head(
         dims,

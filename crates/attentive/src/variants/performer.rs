@@ -21,7 +21,7 @@
 use super::kernelized::{head_backward, head_forward, keys_back_all, Features, Guard, Rule};
 use super::{gemm, heads, write_out, Dims};
 use crate::error::{AttnError, Result};
-use crate::reference::Real;
+use crate::real::Real;
 use crate::simd::{Isa, Kernels};
 use crate::view::{View, ViewMut};
 use rayon::prelude::*;
@@ -81,7 +81,7 @@ impl<'a> Performer<'a> {
             });
         }
         if let Some(mask) = self.key_mask {
-            crate::problem::expect_len("key_mask", mask.len(), dims.b * dims.nk)?;
+            crate::error::expect_len("key_mask", mask.len(), dims.b * dims.nk)?;
         }
         Ok((dims, m))
     }
@@ -302,7 +302,7 @@ pub fn forward(q: View, k: View, v: View, opts: &Performer, out: &mut ViewMut) -
         dv,
         ..
     } = dims;
-    crate::problem::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
+    crate::error::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
     let (qh, kh, vh) = (heads(&q), heads(&k), heads(&v));
     let mut wt = vec![0.0f32; d * m];
     super::transpose(opts.features, (m, d), &mut wt);
@@ -358,7 +358,7 @@ pub fn backward(
         dv: dvd,
         ..
     } = dims;
-    crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
+    crate::error::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
     let (qh, kh, vh, doh) = (heads(&q), heads(&k), heads(&v), heads(&d_o));
     let mut wt = vec![0.0f32; d * m];
     super::transpose(opts.features, (m, d), &mut wt);
@@ -514,7 +514,7 @@ pub mod oracle {
             d,
             dv,
         } = dims;
-        crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dv])?;
+        crate::error::expect_shape("d_o", d_o.shape(), [b, hq, nq, dv])?;
         let f = T::from_f32;
         let c = f((d as f32).powf(-0.25));
         let r = f((m as f32).powf(-0.5));

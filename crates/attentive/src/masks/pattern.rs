@@ -53,7 +53,7 @@
 //! ```
 
 use crate::error::{AttnError, Result};
-use crate::options::{MaskRule, Pos};
+use crate::rule::{MaskRule, Pos};
 use std::fmt;
 use std::ops::{BitAnd, BitOr};
 use std::str::FromStr;

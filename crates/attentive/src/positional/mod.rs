@@ -1,8 +1,11 @@
 //! Positional schemes: encodings added to or rotating the inputs (sinusoidal, learned absolute,
-//! RoPE), and biases added to the scores (ALiBi slopes, T5 relative-position buckets).
+//! RoPE), biases added to the scores (ALiBi slopes, T5 relative-position buckets), and Shaw et
+//! al.'s relative position representations ([`shaw`]).
+
+pub mod shaw;
 
 use crate::error::{AttnError, Result};
-use crate::options::{Pos, ScoreRule};
+use crate::rule::{Pos, ScoreRule};
 use crate::view::ViewMut;
 
 /// ALiBi slopes for `n` heads (Press et al.): for `n` a power of two, $m_h = 2^{-8h/n}$ for
@@ -170,7 +173,7 @@ impl Rope {
                 reason: "exceeds the head dimension",
             });
         }
-        crate::problem::expect_len("positions", positions.len(), n)?;
+        crate::error::expect_len("positions", positions.len(), n)?;
         let half = self.dims / 2;
         // cos and sin per (row, pair), computed once in f64.
         let theta: Vec<f64> = (0..half)
@@ -267,7 +270,7 @@ impl ScoreRule for T5Bias<'_> {
                 reason: "needs at least 4 buckets and max_distance beyond the exact ones",
             });
         }
-        crate::problem::expect_len("t5 table", self.table.len(), hq * self.num_buckets)
+        crate::error::expect_len("t5 table", self.table.len(), hq * self.num_buckets)
     }
     fn score(&self, s: f32, at: Pos) -> f32 {
         s + self.table[self.index(at)]

@@ -3,13 +3,13 @@
 //! Everything a kernel needs to know about masks and score modifiers is answered here, so the
 //! forward, backward and decode kernels share one implementation of each rule.
 
-use crate::blocks::{Block, BlockMask, Entry};
-use crate::dropout::Dropout;
-use crate::error::{AttnError, Result};
-use crate::forward::{BC, BR};
+use crate::error::{expect_shape, AttnError, Result};
+use crate::masks::blocks::{Block, BlockMask, Entry};
+use crate::masks::dropout::Dropout;
+use crate::masks::pattern::{ones, Compiled};
 use crate::options::{Causal, DocIds, Options, Pos, ScoreRule, Window};
-use crate::pattern::{ones, Compiled};
 use crate::simd::{Isa, Kernels};
+use crate::tile::{BC, BR};
 use crate::view::{View, ViewMut};
 use half::f16;
 use std::borrow::Cow;
@@ -146,34 +146,6 @@ fn nonempty(tensor: &'static str, shape: [usize; 4]) -> Result<()> {
             shape: shape.to_vec(),
         }),
         None => Ok(()),
-    }
-}
-
-pub(crate) fn expect_shape(
-    tensor: &'static str,
-    got: [usize; 4],
-    expected: [usize; 4],
-) -> Result<()> {
-    if got == expected {
-        Ok(())
-    } else {
-        Err(AttnError::ShapeMismatch {
-            tensor,
-            expected: expected.to_vec(),
-            got: got.to_vec(),
-        })
-    }
-}
-
-pub(crate) fn expect_len(tensor: &'static str, len: usize, expected: usize) -> Result<()> {
-    if len == expected {
-        Ok(())
-    } else {
-        Err(AttnError::LengthMismatch {
-            tensor,
-            expected,
-            got: len,
-        })
     }
 }
 

@@ -26,9 +26,9 @@
 //! ```
 
 use crate::error::{AttnError, Result};
-use crate::forward::{BC, BR};
-use crate::options::MaskRule;
-use crate::pattern::{ones, Compiled, Cover, Pattern};
+use crate::masks::pattern::{ones, Compiled, Cover, Pattern};
+use crate::rule::MaskRule;
+use crate::tile::{BC, BR};
 use rayon::prelude::*;
 
 /// One non-empty tile: its index along the other axis, and where its row bits are.

@@ -52,10 +52,11 @@
 //! }
 //! ```
 
+use crate::error::{expect_len, expect_shape};
 use crate::error::{AttnError, Result};
-use crate::forward::{BC, BR};
+use crate::exact::problem::Problem;
 use crate::options::{Options, Pos, ScoreRule};
-use crate::problem::{expect_len, expect_shape, Problem};
+use crate::tile::{BC, BR};
 use crate::view::{View, ViewMut};
 use rayon::prelude::*;
 
@@ -251,7 +252,7 @@ impl Shaw<'_> {
             let (mut m, mut l) = (vec![0.0f32; rows], vec![0.0f32; rows]); // (B, Hq, Nq)
             let shape = [dims.b, dims.hq, nq, dv + 1];
             let out = &mut ViewMut::contiguous(&mut o, shape)?;
-            crate::forward::run_max_sum(&p, out, &mut m, &mut l)?;
+            crate::exact::forward::run_max_sum(&p, out, &mut m, &mut l)?;
             for (row, x) in m.iter_mut().enumerate() {
                 *x += r[row * nb + bucket];
             }
@@ -298,7 +299,7 @@ impl Shaw<'_> {
                     }
                     stats[nbands] = (m_in, l_in);
                     let mut share = [0.0f32; 3];
-                    *l = crate::forward::shares(&stats[..nbands + 1], &mut share);
+                    *l = crate::exact::forward::shares(&stats[..nbands + 1], &mut share);
                     if *l == f32::NEG_INFINITY {
                         o.fill(0.0);
                         o_attn.fill(0.0);
@@ -438,7 +439,7 @@ impl Shaw<'_> {
                 *x = saved.lse[row] - r[row * nb + bucket];
             }
             let p = Problem::new(q, k, v1, &plain)?.with_band(lo, hi);
-            crate::backward::run(
+            crate::exact::backward::run(
                 &p,
                 &lse_band,
                 &delta,

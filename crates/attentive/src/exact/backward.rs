@@ -22,12 +22,12 @@
 //! splits are added in a fixed order, so the result has the same bits whatever the thread count.
 
 use crate::error::Result;
-use crate::forward::{
-    gather_rows, pack_transposed, rows_ptr, score_tile, Keys, TileBufs, BC, BR, GROUP,
-};
+use crate::exact::kernel::{score_tile, Keys, TileBufs, GROUP};
+use crate::exact::pack::{gather_rows, pack_transposed, rows_ptr};
+use crate::exact::problem::{Problem, Span};
 use crate::options::Options;
-use crate::problem::{Problem, Span};
 use crate::simd::Gemm;
+use crate::tile::{BC, BR};
 use crate::view::{RawOut, RawSlice, View, ViewMut};
 use crate::workspace::{AVec, Buffer};
 use rayon::prelude::*;
@@ -166,9 +166,9 @@ pub fn backward_weighted(
     weight_grads: &mut [f32],
 ) -> Result<()> {
     let p = Problem::new(q, k, v, opts)?;
-    crate::problem::expect_shape("o", o.shape(), [p.b, p.hq, p.nq, p.dv])?;
-    crate::problem::expect_shape("d_o", d_o.shape(), [p.b, p.hq, p.nq, p.dv])?;
-    crate::problem::expect_len("weight_grads", weight_grads.len(), p.b * p.hq * p.nq * p.nk)?;
+    crate::error::expect_shape("o", o.shape(), [p.b, p.hq, p.nq, p.dv])?;
+    crate::error::expect_shape("d_o", d_o.shape(), [p.b, p.hq, p.nq, p.dv])?;
+    crate::error::expect_len("weight_grads", weight_grads.len(), p.b * p.hq * p.nq * p.nk)?;
     weight_grads.fill(0.0);
     let delta = deltas(&p, o, d_o);
     let sink = RawSlice::new(weight_grads);
@@ -195,8 +195,8 @@ pub fn backward_rule_params(
     d_params: &mut [f32],
 ) -> Result<()> {
     let p = Problem::new(q, k, v, opts)?;
-    crate::problem::expect_shape("o", o.shape(), [p.b, p.hq, p.nq, p.dv])?;
-    crate::problem::expect_shape("d_o", d_o.shape(), [p.b, p.hq, p.nq, p.dv])?;
+    crate::error::expect_shape("o", o.shape(), [p.b, p.hq, p.nq, p.dv])?;
+    crate::error::expect_shape("d_o", d_o.shape(), [p.b, p.hq, p.nq, p.dv])?;
     let delta = deltas(&p, o, d_o);
     run(&p, lse, &delta, d_o, dq, dk, dv, d_params)
 }
@@ -256,13 +256,13 @@ fn run_with(
         0
     } else {
         let n = p.score_rule().map_or(0, |r| r.params());
-        crate::problem::expect_len("d_params", d_params.len(), n)?;
+        crate::error::expect_len("d_params", d_params.len(), n)?;
         n
     };
     let (b, hq, hkv, nq, nk, d, dvd) = (p.b, p.hq, p.hkv, p.nq, p.nk, p.d, p.dv);
-    crate::problem::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
-    crate::problem::expect_len("lse", lse.len(), b * hq * nq)?;
-    crate::problem::expect_len("delta", delta.len(), b * hq * nq)?;
+    crate::error::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
+    crate::error::expect_len("lse", lse.len(), b * hq * nq)?;
+    crate::error::expect_len("delta", delta.len(), b * hq * nq)?;
     p.check_out("dq", dq, [b, hq, nq, d])?;
     p.check_out("dk", dk, [b, hkv, nk, d])?;
     p.check_out("dv", dv, [b, hkv, nk, dvd])?;
