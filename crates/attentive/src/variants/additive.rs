@@ -9,10 +9,10 @@
 //! * Luong concat: $e_{ij} = v^\top\tanh(W[q_i; k_j])$, `W [A, Dq + Dk]`: additive with `W` split.
 //!
 //! **Local-p** (Luong et al., 2015, [`Local`]) puts any of these scores under a learned window:
-//! each query predicts a real centre $p_i = N_k\,\sigma(v_p^\top\tanh(W_p q_i))$, the softmax
+//! each query predicts a real centre $p_i = N_k\\,\sigma(v_p^\top\tanh(W_p q_i))$, the softmax
 //! runs over the keys $j$ with $|j - p_i| \le D$ (positions from 0), and its weights are then
 //! multiplied, not renormalised, by $\exp(-(j - p_i)^2/2\sigma^2)$, $\sigma = D/2$:
-//! $$o_i = \sum_{|j - p_i|\le D} \alpha_{ij}\,e^{-(j-p_i)^2/2\sigma^2}\,v_j.$$
+//! $$o_i = \sum_{|j - p_i|\le D} \alpha_{ij}\\,e^{-(j-p_i)^2/2\sigma^2}\\,v_j.$$
 //! The centre gets its gradient through the Gaussian only (the window's ends are integers),
 //! and from it $W_p$, $v_p$ and $q_i$. Every key's score is still formed (cost `O(Nk)` a
 //! query, not `O(D)`).

@@ -1,7 +1,7 @@
 //! Reformer's LSH attention (Kitaev et al., 2020), as the HF port of trax computes it.
 //!
 //! Queries and keys are one tensor `x` (shared QK). Keys are `x` normalised,
-//! $$\hat k_j = \frac{x_j}{\sqrt{\mathrm{mean}(x_j^2) + 10^{-6}}\,\sqrt{D}},$$
+//! $$\hat k_j = \frac{x_j}{\sqrt{\mathrm{mean}(x_j^2) + 10^{-6}}\\,\sqrt{D}},$$
 //! queries are `x` as it is, and a logit is $x_i\cdot\hat k_j$ with no further scale.
 //!
 //! * **Hashing.** Round `r` of `n_hashes` rotates every `x_j` by $R_r \in \mathbb{R}^{D\times
@@ -17,7 +17,7 @@
 //!   $-10^9$. The logits are replaced, so neither has a gradient. Repeated keys are not
 //!   corrected for, as in the reference.
 //! * **Rounds.** Each round's output $o_r$ is combined by its log-sum-exp $\ell_r$:
-//!   $o = \sum_r e^{\ell_r - \mathrm{lse}_r(\ell_r)}\\,o_r$. That is one softmax over the
+//!   $o = \sum_r e^{\ell_r - \mathrm{lse}\_r(\ell_r)}\\,o_r$. That is one softmax over the
 //!   multiset union of a query's windows, which is how the backward treats it.
 //! * **Short sequences.** When `N ≤ C` every query attends to every key once (one round, no
 //!   hashing), as the reference does.
