@@ -3,7 +3,7 @@
 # seed, one after another on this machine, then scored on the held-out test split (greedy
 # decoding). Prints a table (steps reached, training tokens/s, test PER and WER) headed by the
 # CPU model, and keeps each checkpoint under bench-out/g2p-NAME/ (eval.json holds its score).
-# Usage: sh bench/g2p_attention.sh [MINUTES]   (default 5)
+# Usage: sh bench/g2p_attention.sh [MINUTES]   (default 5; NAMES="exact gla" for some)
 set -e
 cd "$(dirname "$0")/.."
 cargo build --release -q -p attentive-cli
@@ -13,7 +13,7 @@ mkdir -p bench-out
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(nproc) threads"
 echo "| self-attention | steps in $minutes min | tokens/s | test PER | test WER |"
 echo "|---|---:|---:|---:|---:|"
-for name in exact linear performer lsh linformer; do
+for name in ${NAMES:-exact linear performer lsh linformer gla adaptive-span}; do
     dir=bench-out/g2p-$name
     rm -rf "$dir"
     log=bench-out/g2p-$name.log

@@ -30,9 +30,10 @@ pub struct TrainArgs {
     #[arg(long)]
     unfused: bool,
     /// What self-attention computes: exact (the fused kernel), linear (φ = elu + 1),
-    /// performer (64 random features), lsh (2 rounds, chunks of 4; decoded without a cache)
-    /// or linformer (k = 8; the decoder keeps exact attention, having no causal form).
-    /// Cross-attention stays exact.
+    /// performer (64 random features), lsh (2 rounds, chunks of 4; decoded without a cache),
+    /// linformer (k = 8; the decoder keeps exact attention, having no causal form), gla (gates
+    /// from the keys) or adaptive-span (up to 32 keys back; these two are causal only, so the
+    /// encoder keeps exact attention). Cross-attention stays exact.
     #[arg(long, default_value = "exact", value_parser = clap::builder::PossibleValuesParser::new(attentive_nn::variants::SelfAttention::NAMES))]
     attention: String,
 }

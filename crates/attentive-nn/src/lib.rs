@@ -6,7 +6,8 @@
 //!   feed-forward blocks.
 //! * [`mha`] — multi-head attention: self and cross, grouped-query, KV cache, RoPE and ALiBi.
 //! * [`variants`] — self-attention other than exact softmax (linear, Performer, LSH,
-//!   Linformer) as differentiable ops on the engine, and the choice a Transformer makes.
+//!   Linformer, GLA, adaptive span) as differentiable ops on the engine, and the choice a
+//!   Transformer makes.
 //! * [`transformer`] — encoder and decoder layers (pre- and post-norm) and the encoder–decoder
 //!   model.
 //! * [`train`] — the warmup schedule, label smoothing, gradient clipping, checkpoints

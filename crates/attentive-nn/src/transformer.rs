@@ -103,14 +103,17 @@ impl Mode<'_> {
 /// The self-attention variant of a layer, if the config asks for one it can use.
 fn variant(p: &Params, c: &Config, causal: bool) -> Result<Option<crate::variants::Variant>> {
     use crate::variants::{SelfAttention, Variant};
-    if c.attention == SelfAttention::Exact || (causal && !c.attention.has_causal_form()) {
+    if c.attention == SelfAttention::Exact
+        || (causal && !c.attention.has_causal_form())
+        || (!causal && !c.attention.has_full_form())
+    {
         return Ok(None);
     }
     if matches!(c.attention, SelfAttention::Lsh { .. }) && c.kv_heads != c.heads {
         candle_core::bail!("lsh attention shares queries and keys: it needs kv_heads = heads");
     }
     let hd = c.d_model / c.heads;
-    Variant::new(&p.pp("variant"), c.attention, hd, c.max_len).map(Some)
+    Variant::new(&p.pp("variant"), c.attention, (c.heads, hd), c.max_len).map(Some)
 }
 
 /// Self-attention and feed-forward, each in a residual block.

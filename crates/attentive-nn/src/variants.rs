@@ -9,12 +9,20 @@
 //! * Linformer: learned E, F (`[max_len, k]`, the first N rows used) composed of candle
 //!   products, then the fused exact kernel over the `k` projected rows; padded keys are zeroed
 //!   before the projection. It has no causal form.
+//! * gated linear attention (GLA): log-gates from the keys, $g = \ln\sigma(k W_g + b)/16$ per
+//!   head and feature ($W_g$ `[d_h, d_h]` shared by the heads; 16 is the paper's τ), through
+//!   the engine's chunked decayed state. Causal only.
+//! * adaptive span: a learned span fraction per head `z` (`[H]`) on the fused causal kernel;
+//!   its gradient reaches `z` (the span loss is the trainer's to add). Causal only.
+//!
+//! The ops take three tensors: GLA's gates and the span fractions travel beside the values
+//! (`[v | g]`, `[v | z]` along the last axis) and their gradients come back the same way.
 //!
 //! Each op's backward is the engine's, checked against candle's own composition in the tests.
 
 use crate::layers::{Init, Params};
 use crate::op::{attention, AttnConfig};
-use attentive::variants::{linear, lsh, performer};
+use attentive::variants::{adaptive_span, gated, linear, lsh, performer};
 use attentive::{View, ViewMut};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -33,14 +41,27 @@ pub enum SelfAttention {
     Lsh { n_hashes: usize, bucket_size: usize },
     /// Linformer with keys and values projected to `k` rows.
     Linformer { k: usize },
+    /// Gated linear attention, gates from the keys.
+    Gla,
+    /// Adaptive attention span up to `max_span` keys back.
+    AdaptiveSpan { max_span: usize },
 }
 
 impl SelfAttention {
     /// The names `--attention` takes.
-    pub const NAMES: [&'static str; 5] = ["exact", "linear", "performer", "lsh", "linformer"];
+    pub const NAMES: [&'static str; 7] = [
+        "exact",
+        "linear",
+        "performer",
+        "lsh",
+        "linformer",
+        "gla",
+        "adaptive-span",
+    ];
 
     /// A name with the defaults a small model (G2P: words of up to ~30 symbols) uses:
-    /// performer 64 features, lsh 2 rounds of chunks of 4, linformer k = 8.
+    /// performer 64 features, lsh 2 rounds of chunks of 4, linformer k = 8, adaptive span up
+    /// to 32 keys.
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name {
             "exact" => Self::Exact,
@@ -51,6 +72,8 @@ impl SelfAttention {
                 bucket_size: 4,
             },
             "linformer" => Self::Linformer { k: 8 },
+            "gla" => Self::Gla,
+            "adaptive-span" => Self::AdaptiveSpan { max_span: 32 },
             _ => return None,
         })
     }
@@ -58,6 +81,11 @@ impl SelfAttention {
     /// Whether it has a causal form (a decoder's self-attention keeps exact attention when not).
     pub fn has_causal_form(self) -> bool {
         !matches!(self, Self::Linformer { .. })
+    }
+
+    /// Whether it has a form that sees every key (an encoder keeps exact attention when not).
+    pub fn has_full_form(self) -> bool {
+        !matches!(self, Self::Gla | Self::AdaptiveSpan { .. })
     }
 }
 
@@ -68,7 +96,8 @@ pub struct Variant {
     /// Performer's features `[m, d_h]`, or LSH's rotations `[n_hashes, d_h, n_buckets/2]`.
     draws: Vec<f32>,
     n_buckets: usize,
-    /// Linformer's E and F, `[max_len, k]`.
+    /// Linformer's E and F, `[max_len, k]`; GLA's W_g `[d_h, d_h]` and b `[d_h]`; adaptive
+    /// span's z `[H]` (first of the pair).
     projections: Option<(Tensor, Tensor)>,
 }
 
@@ -77,7 +106,12 @@ impl Variant {
     /// seeded by the module's path in `p` (so a checkpoint loaded into a fresh model has the
     /// same ones, and the other parameters' initial values do not move); Linformer's E and F
     /// are parameters `e`, `f` of `p`.
-    pub fn new(p: &Params, kind: SelfAttention, head_dim: usize, max_len: usize) -> Result<Self> {
+    pub fn new(
+        p: &Params,
+        kind: SelfAttention,
+        (heads, head_dim): (usize, usize),
+        max_len: usize,
+    ) -> Result<Self> {
         // FNV-1a of the path.
         let seed = p.path().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, c| {
             (h ^ c as u64).wrapping_mul(0x100_0000_01b3)
@@ -103,6 +137,22 @@ impl Variant {
                     p.get("e", &[max_len, k], init)?,
                     p.get("f", &[max_len, k], init)?,
                 ))
+            }
+            SelfAttention::Gla => Some((
+                p.get(
+                    "w_g",
+                    &[head_dim, head_dim],
+                    Init::Xavier {
+                        fan_in: head_dim,
+                        fan_out: head_dim,
+                    },
+                )?,
+                // σ(b + …) near 1 at the start: gates close to e^0, little forgetting.
+                p.get("b_g", &[head_dim], Init::Const(3.0))?,
+            )),
+            SelfAttention::AdaptiveSpan { .. } => {
+                let z = p.get("z", &[heads], Init::Const(0.5))?;
+                Some((z.clone(), z))
             }
             _ => None,
         };
@@ -186,6 +236,32 @@ impl Variant {
                 };
                 pad(q)?.apply_op2(&pad(v)?, op)?.narrow(2, 0, n)
             }
+            SelfAttention::Gla | SelfAttention::AdaptiveSpan { .. } if !causal => {
+                candle_core::bail!("{:?} is causal only", self.kind)
+            }
+            SelfAttention::Gla => {
+                let (w, bias) = self.projections.as_ref().expect("made with the kind");
+                let k = k.contiguous()?;
+                // g = ln σ(k W_g + b) / τ                                  [B, H, N, d_h]
+                let u = k.broadcast_matmul(w)?.broadcast_add(bias)?;
+                let g = (candle_nn::ops::sigmoid(&u)?.log()? / GLA_TAU)?;
+                let vg = Tensor::cat(&[&v.contiguous()?, &g], 3)?.contiguous()?;
+                q.contiguous()?.apply_op3(&k, &vg, Gated)
+            }
+            SelfAttention::AdaptiveSpan { max_span } => {
+                let (z, _) = self.projections.as_ref().expect("made with the kind");
+                let (b, h, n, _) = v.dims4()?;
+                let zc = z.reshape((1, h, 1, 1))?.broadcast_as((b, h, n, 1))?;
+                let vz = Tensor::cat(&[&v.contiguous()?, &zc.contiguous()?], 3)?.contiguous()?;
+                q.contiguous()?.apply_op3(
+                    &k.contiguous()?,
+                    &vz,
+                    Span {
+                        max_span,
+                        lse: std::sync::Mutex::new(None),
+                    },
+                )
+            }
             SelfAttention::Linformer { .. } => {
                 if causal {
                     candle_core::bail!("linformer has no causal form");
@@ -208,6 +284,12 @@ impl Variant {
         }
     }
 }
+
+/// GLA's temperature τ: log-gates are `ln σ(·)/τ` (Yang et al., 2024).
+const GLA_TAU: f64 = 16.0;
+
+/// The adaptive span's ramp width R.
+const SPAN_RAMP: usize = 4;
 
 fn err(e: attentive::AttnError) -> candle_core::Error {
     candle_core::Error::wrap(e)
@@ -412,6 +494,233 @@ impl CustomOp2 for Lsh {
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
             Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+/// `[v | extra]` (`[B, H, N, Dv + e]`, contiguous) as views of `v` and of the extra columns.
+fn split_last<'a>(
+    data: &'a [f32],
+    [b, h, n, w]: [usize; 4],
+    dv: usize,
+) -> Result<(View<'a>, View<'a>)> {
+    let strides = [h * n * w, n * w, w, 1];
+    Ok((
+        View::new(data, [b, h, n, dv], strides).map_err(err)?,
+        View::new(&data[dv..], [b, h, n, w - dv], strides).map_err(err)?,
+    ))
+}
+
+/// `[a | b]` along the last axis of two row-major `[B, H, N, ·]` buffers.
+fn join_last(a: &[f32], wa: usize, b: &[f32], wb: usize) -> Vec<f32> {
+    a.chunks_exact(wa)
+        .zip(b.chunks_exact(wb))
+        .flat_map(|(x, y)| x.iter().chain(y).copied())
+        .collect()
+}
+
+/// Gated linear attention of `q` over `k` and `[v | g]`, `g` the log-gates (`[B, H, N, D]`).
+struct Gated;
+
+impl CustomOp3 for Gated {
+    fn name(&self) -> &'static str {
+        "attentive-gated-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((q, qs), (k, ks), (vg, vs)) = (
+            data(s1, l1, "q")?,
+            data(s2, l2, "k")?,
+            data(s3, l3, "[v | g]")?,
+        );
+        let dv = vs[3] - ks[3];
+        let (v, g) = split_last(vg, vs, dv)?;
+        let os = [qs[0], qs[1], qs[2], dv];
+        let mut o = vec![0.0f32; os.iter().product()];
+        gated::forward(
+            View::contiguous(q, &qs).map_err(err)?,
+            View::contiguous(k, &ks).map_err(err)?,
+            v,
+            &gated::Gated::new(gated::Decay::Gates(g)),
+            &mut ViewMut::contiguous(&mut o, os).map_err(err)?,
+        )
+        .map_err(err)?;
+        Ok((CpuStorage::F32(o), Shape::from(os.to_vec())))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        vg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let ((q_, qs), (k_, ks), (vg_, vs), (g_, gs)) =
+            (host(q)?, host(k)?, host(vg)?, host(grad)?);
+        let (d, dv) = (ks[3], vs[3] - ks[3]);
+        let (v, gates) = split_last(&vg_, vs, dv)?;
+        let vshape = [vs[0], vs[1], vs[2], dv];
+        let (mut dq, mut dk, mut dvv, mut dg) = (
+            vec![0.0f32; q_.len()],
+            vec![0.0f32; k_.len()],
+            vec![0.0f32; vshape.iter().product()],
+            vec![0.0f32; k_.len()],
+        );
+        gated::backward(
+            View::contiguous(&q_, &qs).map_err(err)?,
+            View::contiguous(&k_, &ks).map_err(err)?,
+            v,
+            View::contiguous(&g_, &gs).map_err(err)?,
+            &gated::Gated::new(gated::Decay::Gates(gates)),
+            &mut ViewMut::contiguous(&mut dq, qs).map_err(err)?,
+            &mut ViewMut::contiguous(&mut dk, ks).map_err(err)?,
+            &mut ViewMut::contiguous(&mut dvv, vshape).map_err(err)?,
+            Some(&mut dg),
+        )
+        .map_err(err)?;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(
+                join_last(&dvv, dv, &dg, d),
+                vg.shape(),
+                dev,
+            )?),
+        ))
+    }
+}
+
+/// Adaptive-span attention of `q` over `k` and `[v | z]`, `z` each head's span fraction
+/// broadcast over batch and positions (read at `[0, h, 0]`).
+struct Span {
+    max_span: usize,
+    /// The forward's log-sum-exp, for the backward.
+    lse: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl Span {
+    /// Each head's span fraction from `[v | z]`.
+    fn fractions(z: &View) -> Vec<f32> {
+        (0..z.shape()[1]).map(|h| z.at(0, h, 0, 0)).collect()
+    }
+}
+
+impl CustomOp3 for Span {
+    fn name(&self) -> &'static str {
+        "attentive-adaptive-span-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((q, qs), (k, ks), (vz, vs)) = (
+            data(s1, l1, "q")?,
+            data(s2, l2, "k")?,
+            data(s3, l3, "[v | z]")?,
+        );
+        let dv = vs[3] - 1;
+        let (v, z) = split_last(vz, vs, dv)?;
+        let current = Self::fractions(&z);
+        let span = adaptive_span::AdaptiveSpan {
+            current: &current,
+            max_span: self.max_span,
+            ramp: SPAN_RAMP,
+        };
+        let os = [qs[0], qs[1], qs[2], dv];
+        let mut o = vec![0.0f32; os.iter().product()];
+        let mut lse = vec![0.0f32; qs[0] * qs[1] * qs[2]];
+        adaptive_span::forward(
+            View::contiguous(q, &qs).map_err(err)?,
+            View::contiguous(k, &ks).map_err(err)?,
+            v,
+            &span,
+            &mut ViewMut::contiguous(&mut o, os).map_err(err)?,
+            Some(&mut lse),
+        )
+        .map_err(err)?;
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+        Ok((CpuStorage::F32(o), Shape::from(os.to_vec())))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        vz: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self
+            .lse
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                candle_core::Error::Msg("adaptive span: backward before forward".into())
+            })?;
+        let ((q_, qs), (k_, ks), (vz_, vs), (o_, os), (g_, gs)) =
+            (host(q)?, host(k)?, host(vz)?, host(res)?, host(grad)?);
+        let dv = vs[3] - 1;
+        let (v, z) = split_last(&vz_, vs, dv)?;
+        let current = Self::fractions(&z);
+        let span = adaptive_span::AdaptiveSpan {
+            current: &current,
+            max_span: self.max_span,
+            ramp: SPAN_RAMP,
+        };
+        let vshape = [vs[0], vs[1], vs[2], dv];
+        let (mut dq, mut dk, mut dvv, mut dz) = (
+            vec![0.0f32; q_.len()],
+            vec![0.0f32; k_.len()],
+            vec![0.0f32; vshape.iter().product()],
+            vec![0.0f32; current.len()],
+        );
+        adaptive_span::backward(
+            View::contiguous(&q_, &qs).map_err(err)?,
+            View::contiguous(&k_, &ks).map_err(err)?,
+            v,
+            (View::contiguous(&o_, &os).map_err(err)?, &lse),
+            View::contiguous(&g_, &gs).map_err(err)?,
+            &span,
+            (
+                &mut ViewMut::contiguous(&mut dq, qs).map_err(err)?,
+                &mut ViewMut::contiguous(&mut dk, ks).map_err(err)?,
+                &mut ViewMut::contiguous(&mut dvv, vshape).map_err(err)?,
+            ),
+            &mut dz,
+        )
+        .map_err(err)?;
+        // z was broadcast over batch and positions: its whole gradient at [0, h, 0], zero
+        // elsewhere, sums back to dz through the broadcast.
+        let mut dzc = vec![0.0f32; vs[0] * vs[1] * vs[2]];
+        for (h, g) in dz.iter().enumerate() {
+            dzc[h * vs[2]] = *g;
+        }
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(
+                join_last(&dvv, dv, &dzc, 1),
+                vz.shape(),
+                dev,
+            )?),
         ))
     }
 }

@@ -71,7 +71,7 @@ fn linear_performer_and_lsh_equal_their_oracles() {
             bucket_size: 4,
         },
     ] {
-        let var = Variant::new(&p.pp(format!("{kind:?}")), kind, d, 64).unwrap();
+        let var = Variant::new(&p.pp(format!("{kind:?}")), kind, (h, d), 64).unwrap();
         for causal in [false, true] {
             for masked in [false, true] {
                 let mask = masked.then_some(&keep[..]);
@@ -191,7 +191,7 @@ fn linformer_equals_its_oracle() {
     let (b, h, n, d, kp) = (1, 2, 10, 4, 3);
     let s = [b, h, n, d];
     let (q, k, v, g) = (randn(s, 5), randn(s, 6), randn(s, 7), randn(s, 8));
-    let var = Variant::new(&p, SelfAttention::Linformer { k: kp }, d, 16).unwrap();
+    let var = Variant::new(&p, SelfAttention::Linformer { k: kp }, (h, d), 16).unwrap();
     let got = through_candle(&var, [&q, &k, &v, &g], s, false, None);
     let (e, f) = var.projections().unwrap();
     let e16 = e.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -287,5 +287,143 @@ fn cached_decoding_equals_decoding_at_once() {
             let e = diff(&one, &all.narrow(1, t, 1).unwrap());
             assert!(e < 1e-4, "{name} step {t} against all at once: {e}");
         }
+    }
+}
+
+/// GLA through candle: the output and the gradients equal the engine's f64 oracle on the gates
+/// the module forms, `g = ln σ(k W_g + b)/16`; the keys' gradient includes the path through the
+/// gates, `dk += (dg/16 ∘ (1 − σ(u))) W_gᵀ`.
+#[test]
+fn gla_equals_its_oracle_through_the_gates() {
+    use attentive::variants::gated;
+    let p = Params::new(11, &Device::Cpu);
+    let (b, h, n, d) = (2, 2, 70, 8);
+    let s = [b, h, n, d];
+    let (q, k, v, g) = (randn(s, 21), randn(s, 22), randn(s, 23), randn(s, 24));
+    let var = Variant::new(&p, SelfAttention::Gla, (h, d), 128).unwrap();
+    let got = through_candle(&var, [&q, &k, &v, &g], s, true, None);
+    let (w, bias) = var.projections().unwrap();
+    let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap(); //  [d, d]
+    let bias = bias.to_vec1::<f32>().unwrap();
+    // u = k W + b, σ(u), the gates
+    let u: Vec<f64> = k
+        .chunks_exact(d)
+        .flat_map(|row| {
+            let (w, bias) = (&w, &bias);
+            (0..d).map(move |c| {
+                bias[c] as f64
+                    + (0..d)
+                        .map(|r| row[r] as f64 * w[r * d + c] as f64)
+                        .sum::<f64>()
+            })
+        })
+        .collect();
+    let sig: Vec<f64> = u.iter().map(|x| 1.0 / (1.0 + (-x).exp())).collect();
+    let gates: Vec<f32> = sig.iter().map(|x| (x.ln() / 16.0) as f32).collect();
+    let (o, dq, dk, dv, dg) = oracle::gated::<f64>(
+        View::contiguous(&q, &s).unwrap(),
+        View::contiguous(&k, &s).unwrap(),
+        View::contiguous(&v, &s).unwrap(),
+        View::contiguous(&g, &s).unwrap(),
+        &gated::Gated::new(gated::Decay::Gates(View::contiguous(&gates, &s).unwrap())),
+    )
+    .unwrap();
+    let mut dk_all = dk.clone();
+    for (dkr, (dgr, sr)) in dk_all
+        .chunks_exact_mut(d)
+        .zip(dg.chunks_exact(d).zip(sig.chunks_exact(d)))
+    {
+        for r in 0..d {
+            dkr[r] += (0..d)
+                .map(|c| dgr[c] / 16.0 * (1.0 - sr[c]) * w[r * d + c] as f64)
+                .sum::<f64>();
+        }
+    }
+    for (name, got, want) in [
+        ("O", &got[0], &o),
+        ("dQ", &got[1], &dq),
+        ("dK", &got[2], &dk_all),
+        ("dV", &got[3], &dv),
+    ] {
+        let e = worst(got, want);
+        assert!(e < 1e-4, "gla {name}: {e:e}");
+    }
+}
+
+/// Adaptive span through candle: the output equals the exact oracle with the span's score
+/// rule, and the span fractions' gradient equals the engine's.
+#[test]
+fn adaptive_span_equals_its_oracle_and_trains_z() {
+    use attentive::variants::adaptive_span::{self, AdaptiveSpan};
+    let p = Params::new(12, &Device::Cpu);
+    let (b, h, n, d) = (1, 2, 50, 8);
+    let s = [b, h, n, d];
+    let (q, k, v, g) = (randn(s, 31), randn(s, 32), randn(s, 33), randn(s, 34));
+    let var = Variant::new(&p, SelfAttention::AdaptiveSpan { max_span: 32 }, (h, d), 64).unwrap();
+    let dev = Device::Cpu;
+    let t =
+        |x: &[f32]| Var::from_tensor(&Tensor::from_vec(x.to_vec(), &s[..], &dev).unwrap()).unwrap();
+    let (qv, kv, vv) = (t(&q), t(&k), t(&v));
+    let o = var.forward(&qv, &kv, &vv, true, None).unwrap();
+    let gt = Tensor::from_vec(g.clone(), &s[..], &dev).unwrap();
+    let grads = (&o * &gt).unwrap().sum_all().unwrap().backward().unwrap();
+    let (z, _) = var.projections().unwrap();
+    let dz = grads.get(z).unwrap().to_vec1::<f32>().unwrap();
+    let current = z.to_vec1::<f32>().unwrap();
+    let span = AdaptiveSpan {
+        current: &current,
+        max_span: 32,
+        ramp: 4,
+    };
+    let want = attentive::reference::forward::<f64>(
+        View::contiguous(&q, &s).unwrap(),
+        View::contiguous(&k, &s).unwrap(),
+        View::contiguous(&v, &s).unwrap(),
+        &span.options(),
+    )
+    .unwrap();
+    let got = o.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(worst(&got, &want.o) < 1e-5, "adaptive span O");
+    let mut oe = vec![0.0f32; q.len()];
+    let mut lse = vec![0.0f32; b * h * n];
+    adaptive_span::forward(
+        View::contiguous(&q, &s).unwrap(),
+        View::contiguous(&k, &s).unwrap(),
+        View::contiguous(&v, &s).unwrap(),
+        &span,
+        &mut attentive::ViewMut::contiguous(&mut oe, s).unwrap(),
+        Some(&mut lse),
+    )
+    .unwrap();
+    let (mut a, mut bb, mut c, mut dz_e) = (
+        vec![0.0f32; q.len()],
+        vec![0.0f32; q.len()],
+        vec![0.0f32; q.len()],
+        vec![0.0f32; h],
+    );
+    adaptive_span::backward(
+        View::contiguous(&q, &s).unwrap(),
+        View::contiguous(&k, &s).unwrap(),
+        View::contiguous(&v, &s).unwrap(),
+        (View::contiguous(&oe, &s).unwrap(), &lse),
+        View::contiguous(&g, &s).unwrap(),
+        &span,
+        (
+            &mut attentive::ViewMut::contiguous(&mut a, s).unwrap(),
+            &mut attentive::ViewMut::contiguous(&mut bb, s).unwrap(),
+            &mut attentive::ViewMut::contiguous(&mut c, s).unwrap(),
+        ),
+        &mut dz_e,
+    )
+    .unwrap();
+    assert!(
+        dz_e.iter().any(|x| x.abs() > 1e-6),
+        "the case lost its point: {dz_e:?}"
+    );
+    for (x, y) in dz.iter().zip(&dz_e) {
+        assert!(
+            (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+            "dz {dz:?} vs {dz_e:?}"
+        );
     }
 }
