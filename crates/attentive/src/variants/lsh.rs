@@ -270,6 +270,24 @@ impl Plan {
     }
 }
 
+/// The largest element of `row`, on the vector kernels.
+fn row_max(kern: &Kernels, row: &[f32]) -> f32 {
+    // SAFETY: the kernel reads `row.len()` elements from the start of `row`.
+    unsafe { (kern.max)(row.as_ptr(), row.len()) }
+}
+
+/// `row ← e^{row − m}`, returning the sum, on the vector kernels.
+fn exp_shift(kern: &Kernels, row: &mut [f32], m: f32) -> f32 {
+    // SAFETY: the kernel reads and writes `row.len()` elements from the start of `row`.
+    unsafe { (kern.exp_sum)(row.as_mut_ptr(), row.len(), 1.0, m) }
+}
+
+/// `row ← a·row`, on the vector kernels.
+fn scale(kern: &Kernels, row: &mut [f32], a: f32) {
+    // SAFETY: the kernel reads and writes `row.len()` elements from the start of `row`.
+    unsafe { (kern.scale)(row.as_mut_ptr(), row.len(), a) }
+}
+
 /// Whether a logit is replaced, and by what (`keep`: the row's key mask).
 #[inline]
 fn mask(qpos: u32, kpos: u32, causal: bool, keep: Option<&[bool]>) -> Option<f32> {
@@ -415,14 +433,9 @@ impl<'a> Head<'a> {
                 |sc, (ch, (o, lse))| {
                     sc.logits(kern, self, ch, causal);
                     for (row, l) in sc.s.chunks_exact_mut(w).zip(lse.iter_mut()) {
-                        let m = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                        let mut z = 0.0f32;
-                        row.iter_mut().for_each(|x| {
-                            *x = (*x - m).exp();
-                            z += *x;
-                        });
-                        let inv = 1.0 / z;
-                        row.iter_mut().for_each(|x| *x *= inv);
+                        let m = row_max(kern, row);
+                        let z = exp_shift(kern, row, m);
+                        scale(kern, row, 1.0 / z);
                         *l = (m, z.ln());
                     }
                     gemm(kern, (c, w, dv), &sc.s, (w, 1), &sc.vw, dv, o, dv, false);
@@ -500,8 +513,10 @@ impl<'a> Head<'a> {
                         .zip(&sc.qpos)
                 {
                     let ((m, lz), di) = (lse[qp as usize], delta[qp as usize]);
+                    // e^{s − m}·e^{−ln z}: m and ln z kept apart (see `forward`).
+                    exp_shift(kern, row, m);
+                    scale(kern, row, (-lz).exp());
                     for ((s, ds), &kp) in row.iter_mut().zip(dpr.iter_mut()).zip(&sc.kpos) {
-                        *s = ((*s - m) - lz).exp();
                         *ds = if mask(qp, kp, causal, self.keep).is_some() {
                             0.0
                         } else {
