@@ -33,6 +33,7 @@ mod embed;
 mod g2p;
 mod outdir;
 mod peak;
+mod pool;
 mod variant;
 mod viz;
 use std::path::PathBuf;
@@ -76,6 +77,9 @@ enum Command {
     /// Spelling to pronunciation with the shipped Transformer: transcriptions, test-set PER and
     /// WER, and each word's cross-attention alignment as SVG heatmaps and one HTML page.
     Demo(g2p::DemoArgs),
+    /// Hierarchical attention pooling (HAN) on float32 .npy files: words into sentence vectors
+    /// and sentences into a document vector (or one level of groups), and its gradients.
+    Pool(pool::PoolArgs),
 }
 
 #[derive(Subcommand)]
@@ -935,6 +939,7 @@ fn main() -> ExitCode {
         Command::Viz(a) => viz::viz(a),
         Command::Train(TrainCommand::G2p(a)) => g2p::train(a),
         Command::Demo(a) => g2p::demo(a),
+        Command::Pool(a) => pool::pool(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
