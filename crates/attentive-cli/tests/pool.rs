@@ -227,7 +227,10 @@ fn misuse_is_a_clear_error() {
     let i = wrong.iter().position(|f| f.starts_with("w=")).unwrap();
     wrong[i] = format!("w={}", p("w5.npy"));
     let (ok, err) = run("h.npy", &wrong);
-    assert!(!ok && err.contains("w: expected 20 elements, got 15"), "{err}");
+    assert!(
+        !ok && err.contains("w: expected 20 elements, got 15"),
+        "{err}"
+    );
     assert!(!d.join("o.npy").exists());
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -5,6 +5,8 @@
 //! * [`layers`] — seeded parameters, linear maps, embeddings, layer norm, softmax, dropout,
 //!   feed-forward blocks.
 //! * [`mha`] — multi-head attention: self and cross, grouped-query, KV cache, RoPE and ALiBi.
+//! * [`scored`] — attention with a learned score: Bahdanau and Luong (dot, general, concat,
+//!   local-p) for encoder–decoder models, and hierarchical attention pooling (HAN).
 //! * [`variants`] — self-attention other than exact softmax (linear, Performer, LSH,
 //!   Linformer, GLA, adaptive span) as differentiable ops on the engine, and the choice a
 //!   Transformer makes.
@@ -34,6 +36,7 @@ pub mod g2p;
 pub mod layers;
 pub mod mha;
 pub mod op;
+pub mod scored;
 pub mod train;
 pub mod transformer;
 pub mod variants;

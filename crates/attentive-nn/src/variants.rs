@@ -14,6 +14,9 @@
 //!   the engine's chunked decayed state. Causal only.
 //! * adaptive span: a learned span fraction per head `z` (`[H]`) on the fused causal kernel;
 //!   its gradient reaches `z` (the span loss is the trainer's to add). Causal only.
+//! * Nyströmformer: landmarks as segment means, the iterative pseudo-inverse. Its landmarks
+//!   must divide N and its segment means would mix padding in, so it refuses a key mask: for
+//!   inputs of one length (not the G2P model's padded batches). No causal form.
 //!
 //! The ops take three tensors: GLA's gates and the span fractions travel beside the values
 //! (`[v | g]`, `[v | z]` along the last axis) and their gradients come back the same way.
@@ -22,7 +25,7 @@
 
 use crate::layers::{Init, Params};
 use crate::op::{attention, AttnConfig};
-use attentive::variants::{adaptive_span, gated, linear, lsh, performer};
+use attentive::variants::{adaptive_span, gated, linear, lsh, nystrom, performer};
 use attentive::{View, ViewMut};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -45,6 +48,8 @@ pub enum SelfAttention {
     Gla,
     /// Adaptive attention span up to `max_span` keys back.
     AdaptiveSpan { max_span: usize },
+    /// Nyströmformer with this many landmarks (dividing N; no padding, no causal form).
+    Nystrom { landmarks: usize },
 }
 
 impl SelfAttention {
@@ -80,7 +85,7 @@ impl SelfAttention {
 
     /// Whether it has a causal form (a decoder's self-attention keeps exact attention when not).
     pub fn has_causal_form(self) -> bool {
-        !matches!(self, Self::Linformer { .. })
+        !matches!(self, Self::Linformer { .. } | Self::Nystrom { .. })
     }
 
     /// Whether it has a form that sees every key (an encoder keeps exact attention when not).
@@ -260,6 +265,22 @@ impl Variant {
                         max_span,
                         lse: std::sync::Mutex::new(None),
                     },
+                )
+            }
+            SelfAttention::Nystrom { landmarks } => {
+                if causal {
+                    candle_core::bail!("nystrom has no causal form");
+                }
+                if key_mask.is_some_and(|m| m.iter().any(|&x| !x)) {
+                    candle_core::bail!(
+                        "nystrom cannot hide padding (its landmarks average every position): \
+                         give it sequences of one length"
+                    );
+                }
+                q.contiguous()?.apply_op3(
+                    &k.contiguous()?,
+                    &v.contiguous()?,
+                    NystromOp { landmarks },
                 )
             }
             SelfAttention::Linformer { .. } => {
@@ -721,6 +742,74 @@ impl CustomOp3 for Span {
                 vz.shape(),
                 dev,
             )?),
+        ))
+    }
+}
+
+/// Nyströmformer attention.
+struct NystromOp {
+    landmarks: usize,
+}
+
+impl CustomOp3 for NystromOp {
+    fn name(&self) -> &'static str {
+        "attentive-nystrom-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((q, qs), (k, ks), (v, vs)) =
+            (data(s1, l1, "q")?, data(s2, l2, "k")?, data(s3, l3, "v")?);
+        let os = [qs[0], qs[1], qs[2], vs[3]];
+        let mut o = vec![0.0f32; os.iter().product()];
+        nystrom::forward(
+            View::contiguous(q, &qs).map_err(err)?,
+            View::contiguous(k, &ks).map_err(err)?,
+            View::contiguous(v, &vs).map_err(err)?,
+            &nystrom::Nystrom::new(self.landmarks),
+            &mut ViewMut::contiguous(&mut o, os).map_err(err)?,
+        )
+        .map_err(err)?;
+        Ok((CpuStorage::F32(o), Shape::from(os.to_vec())))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let ((q_, qs), (k_, ks), (v_, vs), (g_, gs)) = (host(q)?, host(k)?, host(v)?, host(grad)?);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0.0f32; q_.len()],
+            vec![0.0f32; k_.len()],
+            vec![0.0f32; v_.len()],
+        );
+        nystrom::backward(
+            View::contiguous(&q_, &qs).map_err(err)?,
+            View::contiguous(&k_, &ks).map_err(err)?,
+            View::contiguous(&v_, &vs).map_err(err)?,
+            View::contiguous(&g_, &gs).map_err(err)?,
+            &nystrom::Nystrom::new(self.landmarks),
+            &mut ViewMut::contiguous(&mut dq, qs).map_err(err)?,
+            &mut ViewMut::contiguous(&mut dk, ks).map_err(err)?,
+            &mut ViewMut::contiguous(&mut dv, vs).map_err(err)?,
+        )
+        .map_err(err)?;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
         ))
     }
 }
