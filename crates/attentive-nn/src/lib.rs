@@ -33,6 +33,7 @@
 //! ```
 
 pub mod g2p;
+mod host;
 pub mod layers;
 pub mod mha;
 pub mod op;

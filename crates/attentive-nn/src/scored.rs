@@ -11,9 +11,10 @@
 //! weight into one flat tensor (`[v | weights…]`), and its backward returns their gradients in
 //! the same order, so candle carries each to its parameter.
 
+use crate::host::{err, output, Arg, Buf};
 use crate::layers::{Init, Params};
 use attentive::variants::{additive, han};
-use attentive::{View, ViewMut};
+use attentive::View;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// Luong's and Bahdanau's scores.
@@ -107,11 +108,8 @@ impl ScoredAttention {
     }
 }
 
-fn err(e: attentive::AttnError) -> candle_core::Error {
-    candle_core::Error::wrap(e)
-}
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, name: &str) -> Result<&'a [f32]> {
+/// A flat (any-rank) contiguous f32 argument of a forward.
+fn flat_arg<'a>(s: &'a CpuStorage, l: &Layout, name: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(d) = s else {
         candle_core::bail!("{name} must be f32");
     };
@@ -119,12 +117,6 @@ fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, name: &str) -> Result<&'a [f32]
         Some((a, b)) => Ok(&d[a..b]),
         None => candle_core::bail!("{name} must be contiguous"),
     }
-}
-
-fn dims4(l: &Layout, name: &str) -> Result<[usize; 4]> {
-    l.dims()
-        .try_into()
-        .map_err(|_| candle_core::Error::Msg(format!("{name} must be 4-D [B, H, N, D]")))
 }
 
 /// The score over `q`, `k` and `[v | weights…]` (flat).
@@ -197,25 +189,12 @@ impl CustomOp3 for ScoredOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, packed) = (
-            contiguous(s1, l1, "q")?,
-            contiguous(s2, l2, "k")?,
-            contiguous(s3, l3, "[v | weights]")?,
-        );
-        let (qs, ks) = (dims4(l1, "q")?, dims4(l2, "k")?);
-        let (v, opts) = self.unpack(packed);
-        let os = [qs[0], qs[1], qs[2], self.v_shape[3]];
-        let mut o = vec![0.0f32; os.iter().product()];
-        additive::forward(
-            View::contiguous(q, &qs).map_err(err)?,
-            View::contiguous(k, &ks).map_err(err)?,
-            View::contiguous(v, &self.v_shape).map_err(err)?,
-            &opts,
-            &mut ViewMut::contiguous(&mut o, os).map_err(err)?,
-            None,
-        )
-        .map_err(err)?;
-        Ok((CpuStorage::F32(o), Shape::from(os.to_vec())))
+        let (q, k) = (Arg::of(s1, l1, "q")?, Arg::of(s2, l2, "k")?);
+        let (v, opts) = self.unpack(flat_arg(s3, l3, "[v | weights]")?);
+        let v = View::contiguous(v, &self.v_shape).map_err(err)?;
+        let mut o = output(q.shape, self.v_shape[3]);
+        additive::forward(q.view()?, k.view()?, v, &opts, &mut o.view()?, None).map_err(err)?;
+        Ok(o.storage())
     }
 
     fn bwd(
@@ -226,30 +205,20 @@ impl CustomOp3 for ScoredOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-        let (q_, k_, p_, g_) = (flat(q)?, flat(k)?, flat(packed)?, flat(grad)?);
-        let qs: [usize; 4] = q.dims().try_into().expect("checked in the forward");
-        let ks: [usize; 4] = k.dims().try_into().expect("checked in the forward");
-        let os = [qs[0], qs[1], qs[2], self.v_shape[3]];
-        let (v, opts) = self.unpack(&p_);
+        let (qa, ka, ga) = (Arg::host(q)?, Arg::host(k)?, Arg::host(grad)?);
+        let packed_data = packed.flatten_all()?.to_vec1::<f32>()?;
+        let (v, opts) = self.unpack(&packed_data);
+        let v = View::contiguous(v, &self.v_shape).map_err(err)?;
         let (mut dq, mut dk, mut dv) = (
-            vec![0.0f32; q_.len()],
-            vec![0.0f32; k_.len()],
-            vec![0.0f32; v.len()],
+            Buf::zeros(qa.shape),
+            Buf::zeros(ka.shape),
+            Buf::zeros(self.v_shape),
         );
-        let wg = additive::backward(
-            View::contiguous(&q_, &qs).map_err(err)?,
-            View::contiguous(&k_, &ks).map_err(err)?,
-            View::contiguous(v, &self.v_shape).map_err(err)?,
-            View::contiguous(&g_, &os).map_err(err)?,
-            &opts,
-            &mut ViewMut::contiguous(&mut dq, qs).map_err(err)?,
-            &mut ViewMut::contiguous(&mut dk, ks).map_err(err)?,
-            &mut ViewMut::contiguous(&mut dv, self.v_shape).map_err(err)?,
-        )
-        .map_err(err)?;
+        let (a, b, c) = (&mut dq.view()?, &mut dk.view()?, &mut dv.view()?);
+        let wg = additive::backward(qa.view()?, ka.view()?, v, ga.view()?, &opts, a, b, c)
+            .map_err(err)?;
         // [dv | each weight's gradient], in packing order.
-        let mut d = dv;
+        let mut d = dv.data;
         match self.score {
             Score::Additive => [&wg.w, &wg.w_k, &wg.v].iter().for_each(|g| d.extend(*g)),
             Score::Dot => {}
@@ -260,11 +229,10 @@ impl CustomOp3 for ScoredOp {
             d.extend(&wg.w_p);
             d.extend(&wg.v_p);
         }
-        let dev = q.device();
         Ok((
-            Some(Tensor::from_vec(dq, q.shape(), dev)?),
-            Some(Tensor::from_vec(dk, k.shape(), dev)?),
-            Some(Tensor::from_vec(d, packed.shape(), dev)?),
+            dq.grad(q)?,
+            dk.grad(k)?,
+            Some(Tensor::from_vec(d, packed.shape(), packed.device())?),
         ))
     }
 }
@@ -376,7 +344,7 @@ impl CustomOp2 for PoolOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (h, packed) = (contiguous(s1, l1, "h")?, contiguous(s2, l2, "weights")?);
+        let (h, packed) = (flat_arg(s1, l1, "h")?, flat_arg(s2, l2, "weights")?);
         let (g, n, d) = dims3(l1)?;
         let (s, _) =
             han::pool(h, (g, n, d), self.mask.as_deref(), &self.level(packed, d)).map_err(err)?;

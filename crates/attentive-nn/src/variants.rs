@@ -23,6 +23,7 @@
 //!
 //! Each op's backward is the engine's, checked against candle's own composition in the tests.
 
+use crate::host::{err, output, Arg, Buf};
 use crate::layers::{Init, Params};
 use crate::op::{attention, AttnConfig};
 use attentive::variants::{adaptive_span, gated, linear, lsh, nystrom, performer};
@@ -312,39 +313,51 @@ const GLA_TAU: f64 = 16.0;
 /// The adaptive span's ramp width R.
 const SPAN_RAMP: usize = 4;
 
-fn err(e: attentive::AttnError) -> candle_core::Error {
-    candle_core::Error::wrap(e)
-}
-
-/// Row-major f32 data of a CPU tensor argument and its 4-D shape.
-fn data<'a>(s: &'a CpuStorage, l: &Layout, name: &str) -> Result<(&'a [f32], [usize; 4])> {
-    let CpuStorage::F32(d) = s else {
-        candle_core::bail!("attention: {name} must be f32");
-    };
-    let dims: [usize; 4] = l
-        .dims()
-        .try_into()
-        .map_err(|_| candle_core::Error::Msg(format!("{name} must be 4-D [B, H, N, D]")))?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok((&d[a..b], dims)),
-        None => candle_core::bail!("attention: {name} must be contiguous"),
-    }
-}
-
-/// The storage and layout of a tensor, made contiguous.
-fn host(t: &Tensor) -> Result<(Vec<f32>, [usize; 4])> {
-    let dims: [usize; 4] = t
-        .dims()
-        .try_into()
-        .map_err(|_| candle_core::Error::Msg("expected a 4-D tensor".into()))?;
-    Ok((t.flatten_all()?.to_vec1::<f32>()?, dims))
-}
-
 /// Linear attention (`features: None`) or FAVOR+.
 struct Kernelized {
     features: Option<Vec<f32>>,
     causal: bool,
     key_mask: Option<Vec<bool>>,
+}
+
+impl Kernelized {
+    /// Runs the engine's forward into `out`, or, given `back` (the output's gradient and
+    /// dQ, dK, dV to write), its backward.
+    fn call(
+        &self,
+        (q, k, v): (View, View, View),
+        out: Option<&mut ViewMut>,
+        back: Option<(View, [&mut ViewMut; 3])>,
+    ) -> Result<()> {
+        let mask = self.key_mask.as_deref();
+        match &self.features {
+            None => {
+                let opts = linear::Linear {
+                    causal: self.causal,
+                    key_mask: mask,
+                    ..Default::default()
+                };
+                match (out, back) {
+                    (Some(o), _) => linear::forward(q, k, v, &opts, o),
+                    (_, Some((g, [a, b, c]))) => linear::backward(q, k, v, g, &opts, a, b, c),
+                    _ => Ok(()),
+                }
+            }
+            Some(w) => {
+                let opts = performer::Performer {
+                    causal: self.causal,
+                    key_mask: mask,
+                    ..performer::Performer::new(w)
+                };
+                match (out, back) {
+                    (Some(o), _) => performer::forward(q, k, v, &opts, o),
+                    (_, Some((g, [a, b, c]))) => performer::backward(q, k, v, g, &opts, a, b, c),
+                    _ => Ok(()),
+                }
+            }
+        }
+        .map_err(err)
+    }
 }
 
 impl CustomOp3 for Kernelized {
@@ -361,37 +374,18 @@ impl CustomOp3 for Kernelized {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let ((q, qs), (k, ks), (v, vs)) =
-            (data(s1, l1, "q")?, data(s2, l2, "k")?, data(s3, l3, "v")?);
-        let os = [qs[0], qs[1], qs[2], vs[3]];
-        let mut o = vec![0.0f32; os.iter().product()];
-        let (qv, kv, vv) = (
-            View::contiguous(q, &qs).map_err(err)?,
-            View::contiguous(k, &ks).map_err(err)?,
-            View::contiguous(v, &vs).map_err(err)?,
+        let (q, k, v) = (
+            Arg::of(s1, l1, "q")?,
+            Arg::of(s2, l2, "k")?,
+            Arg::of(s3, l3, "v")?,
         );
-        let mut out = ViewMut::contiguous(&mut o, os).map_err(err)?;
-        let mask = self.key_mask.as_deref();
-        match &self.features {
-            None => {
-                let opts = linear::Linear {
-                    causal: self.causal,
-                    key_mask: mask,
-                    ..Default::default()
-                };
-                linear::forward(qv, kv, vv, &opts, &mut out)
-            }
-            Some(w) => {
-                let opts = performer::Performer {
-                    causal: self.causal,
-                    key_mask: mask,
-                    ..performer::Performer::new(w)
-                };
-                performer::forward(qv, kv, vv, &opts, &mut out)
-            }
-        }
-        .map_err(err)?;
-        Ok((CpuStorage::F32(o), Shape::from(os.to_vec())))
+        let mut o = output(q.shape, v.shape[3]);
+        self.call(
+            (q.view()?, k.view()?, v.view()?),
+            Some(&mut o.view()?),
+            None,
+        )?;
+        Ok(o.storage())
     }
 
     fn bwd(
@@ -402,49 +396,26 @@ impl CustomOp3 for Kernelized {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let ((q_, qs), (k_, ks), (v_, vs), (g_, gs)) = (host(q)?, host(k)?, host(v)?, host(grad)?);
+        let (qa, ka, va, ga) = (
+            Arg::host(q)?,
+            Arg::host(k)?,
+            Arg::host(v)?,
+            Arg::host(grad)?,
+        );
         let (mut dq, mut dk, mut dv) = (
-            vec![0.0f32; q_.len()],
-            vec![0.0f32; k_.len()],
-            vec![0.0f32; v_.len()],
+            Buf::zeros(qa.shape),
+            Buf::zeros(ka.shape),
+            Buf::zeros(va.shape),
         );
-        let (qv, kv, vv, gv) = (
-            View::contiguous(&q_, &qs).map_err(err)?,
-            View::contiguous(&k_, &ks).map_err(err)?,
-            View::contiguous(&v_, &vs).map_err(err)?,
-            View::contiguous(&g_, &gs).map_err(err)?,
-        );
-        let (a, b, c) = (
-            &mut ViewMut::contiguous(&mut dq, qs).map_err(err)?,
-            &mut ViewMut::contiguous(&mut dk, ks).map_err(err)?,
-            &mut ViewMut::contiguous(&mut dv, vs).map_err(err)?,
-        );
-        let mask = self.key_mask.as_deref();
-        match &self.features {
-            None => {
-                let opts = linear::Linear {
-                    causal: self.causal,
-                    key_mask: mask,
-                    ..Default::default()
-                };
-                linear::backward(qv, kv, vv, gv, &opts, a, b, c)
-            }
-            Some(w) => {
-                let opts = performer::Performer {
-                    causal: self.causal,
-                    key_mask: mask,
-                    ..performer::Performer::new(w)
-                };
-                performer::backward(qv, kv, vv, gv, &opts, a, b, c)
-            }
-        }
-        .map_err(err)?;
-        let dev = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, q.shape(), dev)?),
-            Some(Tensor::from_vec(dk, k.shape(), dev)?),
-            Some(Tensor::from_vec(dv, v.shape(), dev)?),
-        ))
+        self.call(
+            (qa.view()?, ka.view()?, va.view()?),
+            None,
+            Some((
+                ga.view()?,
+                [&mut dq.view()?, &mut dk.view()?, &mut dv.view()?],
+            )),
+        )?;
+        Ok((dq.grad(q)?, dk.grad(k)?, dv.grad(v)?))
     }
 }
 
@@ -480,17 +451,10 @@ impl CustomOp2 for Lsh {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let ((x, xs), (v, vs)) = (data(s1, l1, "x")?, data(s2, l2, "v")?);
-        let os = [xs[0], xs[1], xs[2], vs[3]];
-        let mut o = vec![0.0f32; os.iter().product()];
-        lsh::forward(
-            View::contiguous(x, &xs).map_err(err)?,
-            View::contiguous(v, &vs).map_err(err)?,
-            &self.opts(xs[3]),
-            &mut ViewMut::contiguous(&mut o, os).map_err(err)?,
-        )
-        .map_err(err)?;
-        Ok((CpuStorage::F32(o), Shape::from(os.to_vec())))
+        let (x, v) = (Arg::of(s1, l1, "x")?, Arg::of(s2, l2, "v")?);
+        let mut o = output(x.shape, v.shape[3]);
+        lsh::forward(x.view()?, v.view()?, &self.opts(x.shape[3]), &mut o.view()?).map_err(err)?;
+        Ok(o.storage())
     }
 
     fn bwd(
@@ -500,31 +464,24 @@ impl CustomOp2 for Lsh {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let ((x_, xs), (v_, vs), (g_, gs)) = (host(x)?, host(v)?, host(grad)?);
-        let (mut dx, mut dv) = (vec![0.0f32; x_.len()], vec![0.0f32; v_.len()]);
+        let (xa, va, ga) = (Arg::host(x)?, Arg::host(v)?, Arg::host(grad)?);
+        let (mut dx, mut dv) = (Buf::zeros(xa.shape), Buf::zeros(va.shape));
+        let opts = self.opts(xa.shape[3]);
         lsh::backward(
-            View::contiguous(&x_, &xs).map_err(err)?,
-            View::contiguous(&v_, &vs).map_err(err)?,
-            View::contiguous(&g_, &gs).map_err(err)?,
-            &self.opts(xs[3]),
-            &mut ViewMut::contiguous(&mut dx, xs).map_err(err)?,
-            &mut ViewMut::contiguous(&mut dv, vs).map_err(err)?,
+            xa.view()?,
+            va.view()?,
+            ga.view()?,
+            &opts,
+            &mut dx.view()?,
+            &mut dv.view()?,
         )
         .map_err(err)?;
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dv, v.shape(), dev)?),
-        ))
+        Ok((dx.grad(x)?, dv.grad(v)?))
     }
 }
 
 /// `[v | extra]` (`[B, H, N, Dv + e]`, contiguous) as views of `v` and of the extra columns.
-fn split_last<'a>(
-    data: &'a [f32],
-    [b, h, n, w]: [usize; 4],
-    dv: usize,
-) -> Result<(View<'a>, View<'a>)> {
+fn split_last(data: &[f32], [b, h, n, w]: [usize; 4], dv: usize) -> Result<(View<'_>, View<'_>)> {
     let strides = [h * n * w, n * w, w, 1];
     Ok((
         View::new(data, [b, h, n, dv], strides).map_err(err)?,
@@ -557,24 +514,17 @@ impl CustomOp3 for Gated {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let ((q, qs), (k, ks), (vg, vs)) = (
-            data(s1, l1, "q")?,
-            data(s2, l2, "k")?,
-            data(s3, l3, "[v | g]")?,
+        let (q, k, vg) = (
+            Arg::of(s1, l1, "q")?,
+            Arg::of(s2, l2, "k")?,
+            Arg::of(s3, l3, "[v | g]")?,
         );
-        let dv = vs[3] - ks[3];
-        let (v, g) = split_last(vg, vs, dv)?;
-        let os = [qs[0], qs[1], qs[2], dv];
-        let mut o = vec![0.0f32; os.iter().product()];
-        gated::forward(
-            View::contiguous(q, &qs).map_err(err)?,
-            View::contiguous(k, &ks).map_err(err)?,
-            v,
-            &gated::Gated::new(gated::Decay::Gates(g)),
-            &mut ViewMut::contiguous(&mut o, os).map_err(err)?,
-        )
-        .map_err(err)?;
-        Ok((CpuStorage::F32(o), Shape::from(os.to_vec())))
+        let dv = vg.shape[3] - k.shape[3];
+        let (v, g) = split_last(vg.data, vg.shape, dv)?;
+        let mut o = output(q.shape, dv);
+        let opts = gated::Gated::new(gated::Decay::Gates(g));
+        gated::forward(q.view()?, k.view()?, v, &opts, &mut o.view()?).map_err(err)?;
+        Ok(o.storage())
     }
 
     fn bwd(
@@ -585,39 +535,40 @@ impl CustomOp3 for Gated {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let ((q_, qs), (k_, ks), (vg_, vs), (g_, gs)) =
-            (host(q)?, host(k)?, host(vg)?, host(grad)?);
-        let (d, dv) = (ks[3], vs[3] - ks[3]);
-        let (v, gates) = split_last(&vg_, vs, dv)?;
-        let vshape = [vs[0], vs[1], vs[2], dv];
-        let (mut dq, mut dk, mut dvv, mut dg) = (
-            vec![0.0f32; q_.len()],
-            vec![0.0f32; k_.len()],
-            vec![0.0f32; vshape.iter().product()],
-            vec![0.0f32; k_.len()],
+        let (qa, ka, vga, ga) = (
+            Arg::host(q)?,
+            Arg::host(k)?,
+            Arg::host(vg)?,
+            Arg::host(grad)?,
         );
+        let (d, dvw) = (ka.shape[3], vga.shape[3] - ka.shape[3]);
+        let (v, gates) = split_last(&vga.data, vga.shape, dvw)?;
+        let [b, h, n, _] = vga.shape;
+        let (mut dq, mut dk, mut dv) = (
+            Buf::zeros(qa.shape),
+            Buf::zeros(ka.shape),
+            Buf::zeros([b, h, n, dvw]),
+        );
+        let mut dg = vec![0.0f32; ka.data.len()];
+        let opts = gated::Gated::new(gated::Decay::Gates(gates));
+        let (a, c, e) = (&mut dq.view()?, &mut dk.view()?, &mut dv.view()?);
         gated::backward(
-            View::contiguous(&q_, &qs).map_err(err)?,
-            View::contiguous(&k_, &ks).map_err(err)?,
+            qa.view()?,
+            ka.view()?,
             v,
-            View::contiguous(&g_, &gs).map_err(err)?,
-            &gated::Gated::new(gated::Decay::Gates(gates)),
-            &mut ViewMut::contiguous(&mut dq, qs).map_err(err)?,
-            &mut ViewMut::contiguous(&mut dk, ks).map_err(err)?,
-            &mut ViewMut::contiguous(&mut dvv, vshape).map_err(err)?,
+            ga.view()?,
+            &opts,
+            a,
+            c,
+            e,
             Some(&mut dg),
         )
         .map_err(err)?;
-        let dev = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, q.shape(), dev)?),
-            Some(Tensor::from_vec(dk, k.shape(), dev)?),
-            Some(Tensor::from_vec(
-                join_last(&dvv, dv, &dg, d),
-                vg.shape(),
-                dev,
-            )?),
-        ))
+        let dvg = Buf {
+            data: join_last(&dv.data, dvw, &dg, d),
+            shape: vga.shape,
+        };
+        Ok((dq.grad(q)?, dk.grad(k)?, dvg.grad(vg)?))
     }
 }
 
@@ -630,9 +581,17 @@ struct Span {
 }
 
 impl Span {
-    /// Each head's span fraction from `[v | z]`.
+    /// Each head's span fraction from the `z` column.
     fn fractions(z: &View) -> Vec<f32> {
         (0..z.shape()[1]).map(|h| z.at(0, h, 0, 0)).collect()
+    }
+
+    fn span<'a>(&self, current: &'a [f32]) -> adaptive_span::AdaptiveSpan<'a> {
+        adaptive_span::AdaptiveSpan {
+            current,
+            max_span: self.max_span,
+            ramp: SPAN_RAMP,
+        }
     }
 }
 
@@ -650,33 +609,27 @@ impl CustomOp3 for Span {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let ((q, qs), (k, ks), (vz, vs)) = (
-            data(s1, l1, "q")?,
-            data(s2, l2, "k")?,
-            data(s3, l3, "[v | z]")?,
+        let (q, k, vz) = (
+            Arg::of(s1, l1, "q")?,
+            Arg::of(s2, l2, "k")?,
+            Arg::of(s3, l3, "[v | z]")?,
         );
-        let dv = vs[3] - 1;
-        let (v, z) = split_last(vz, vs, dv)?;
+        let (v, z) = split_last(vz.data, vz.shape, vz.shape[3] - 1)?;
         let current = Self::fractions(&z);
-        let span = adaptive_span::AdaptiveSpan {
-            current: &current,
-            max_span: self.max_span,
-            ramp: SPAN_RAMP,
-        };
-        let os = [qs[0], qs[1], qs[2], dv];
-        let mut o = vec![0.0f32; os.iter().product()];
-        let mut lse = vec![0.0f32; qs[0] * qs[1] * qs[2]];
+        let mut o = output(q.shape, vz.shape[3] - 1);
+        let mut lse = vec![0.0f32; q.shape[0] * q.shape[1] * q.shape[2]];
+        let span = self.span(&current);
         adaptive_span::forward(
-            View::contiguous(q, &qs).map_err(err)?,
-            View::contiguous(k, &ks).map_err(err)?,
+            q.view()?,
+            k.view()?,
             v,
             &span,
-            &mut ViewMut::contiguous(&mut o, os).map_err(err)?,
+            &mut o.view()?,
             Some(&mut lse),
         )
         .map_err(err)?;
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
-        Ok((CpuStorage::F32(o), Shape::from(os.to_vec())))
+        Ok(o.storage())
     }
 
     fn bwd(
@@ -695,54 +648,39 @@ impl CustomOp3 for Span {
             .ok_or_else(|| {
                 candle_core::Error::Msg("adaptive span: backward before forward".into())
             })?;
-        let ((q_, qs), (k_, ks), (vz_, vs), (o_, os), (g_, gs)) =
-            (host(q)?, host(k)?, host(vz)?, host(res)?, host(grad)?);
-        let dv = vs[3] - 1;
-        let (v, z) = split_last(&vz_, vs, dv)?;
+        let (qa, ka, vza) = (Arg::host(q)?, Arg::host(k)?, Arg::host(vz)?);
+        let (oa, ga) = (Arg::host(res)?, Arg::host(grad)?);
+        let [b, h, n, w] = vza.shape;
+        let (v, z) = split_last(&vza.data, vza.shape, w - 1)?;
         let current = Self::fractions(&z);
-        let span = adaptive_span::AdaptiveSpan {
-            current: &current,
-            max_span: self.max_span,
-            ramp: SPAN_RAMP,
-        };
-        let vshape = [vs[0], vs[1], vs[2], dv];
-        let (mut dq, mut dk, mut dvv, mut dz) = (
-            vec![0.0f32; q_.len()],
-            vec![0.0f32; k_.len()],
-            vec![0.0f32; vshape.iter().product()],
-            vec![0.0f32; current.len()],
+        let (mut dq, mut dk, mut dv) = (
+            Buf::zeros(qa.shape),
+            Buf::zeros(ka.shape),
+            Buf::zeros([b, h, n, w - 1]),
         );
+        let mut dz = vec![0.0f32; current.len()];
         adaptive_span::backward(
-            View::contiguous(&q_, &qs).map_err(err)?,
-            View::contiguous(&k_, &ks).map_err(err)?,
+            qa.view()?,
+            ka.view()?,
             v,
-            (View::contiguous(&o_, &os).map_err(err)?, &lse),
-            View::contiguous(&g_, &gs).map_err(err)?,
-            &span,
-            (
-                &mut ViewMut::contiguous(&mut dq, qs).map_err(err)?,
-                &mut ViewMut::contiguous(&mut dk, ks).map_err(err)?,
-                &mut ViewMut::contiguous(&mut dvv, vshape).map_err(err)?,
-            ),
+            (oa.view()?, &lse),
+            ga.view()?,
+            &self.span(&current),
+            (&mut dq.view()?, &mut dk.view()?, &mut dv.view()?),
             &mut dz,
         )
         .map_err(err)?;
         // z was broadcast over batch and positions: its whole gradient at [0, h, 0], zero
         // elsewhere, sums back to dz through the broadcast.
-        let mut dzc = vec![0.0f32; vs[0] * vs[1] * vs[2]];
-        for (h, g) in dz.iter().enumerate() {
-            dzc[h * vs[2]] = *g;
+        let mut dzc = vec![0.0f32; b * h * n];
+        for (hh, g) in dz.iter().enumerate() {
+            dzc[hh * n] = *g;
         }
-        let dev = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, q.shape(), dev)?),
-            Some(Tensor::from_vec(dk, k.shape(), dev)?),
-            Some(Tensor::from_vec(
-                join_last(&dvv, dv, &dzc, 1),
-                vz.shape(),
-                dev,
-            )?),
-        ))
+        let dvz = Buf {
+            data: join_last(&dv.data, w - 1, &dzc, 1),
+            shape: vza.shape,
+        };
+        Ok((dq.grad(q)?, dk.grad(k)?, dvz.grad(vz)?))
     }
 }
 
@@ -765,19 +703,15 @@ impl CustomOp3 for NystromOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let ((q, qs), (k, ks), (v, vs)) =
-            (data(s1, l1, "q")?, data(s2, l2, "k")?, data(s3, l3, "v")?);
-        let os = [qs[0], qs[1], qs[2], vs[3]];
-        let mut o = vec![0.0f32; os.iter().product()];
-        nystrom::forward(
-            View::contiguous(q, &qs).map_err(err)?,
-            View::contiguous(k, &ks).map_err(err)?,
-            View::contiguous(v, &vs).map_err(err)?,
-            &nystrom::Nystrom::new(self.landmarks),
-            &mut ViewMut::contiguous(&mut o, os).map_err(err)?,
-        )
-        .map_err(err)?;
-        Ok((CpuStorage::F32(o), Shape::from(os.to_vec())))
+        let (q, k, v) = (
+            Arg::of(s1, l1, "q")?,
+            Arg::of(s2, l2, "k")?,
+            Arg::of(s3, l3, "v")?,
+        );
+        let mut o = output(q.shape, v.shape[3]);
+        let opts = nystrom::Nystrom::new(self.landmarks);
+        nystrom::forward(q.view()?, k.view()?, v.view()?, &opts, &mut o.view()?).map_err(err)?;
+        Ok(o.storage())
     }
 
     fn bwd(
@@ -788,28 +722,30 @@ impl CustomOp3 for NystromOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let ((q_, qs), (k_, ks), (v_, vs), (g_, gs)) = (host(q)?, host(k)?, host(v)?, host(grad)?);
-        let (mut dq, mut dk, mut dv) = (
-            vec![0.0f32; q_.len()],
-            vec![0.0f32; k_.len()],
-            vec![0.0f32; v_.len()],
+        let (qa, ka, va, ga) = (
+            Arg::host(q)?,
+            Arg::host(k)?,
+            Arg::host(v)?,
+            Arg::host(grad)?,
         );
+        let (mut dq, mut dk, mut dv) = (
+            Buf::zeros(qa.shape),
+            Buf::zeros(ka.shape),
+            Buf::zeros(va.shape),
+        );
+        let opts = nystrom::Nystrom::new(self.landmarks);
+        let (a, b, c) = (&mut dq.view()?, &mut dk.view()?, &mut dv.view()?);
         nystrom::backward(
-            View::contiguous(&q_, &qs).map_err(err)?,
-            View::contiguous(&k_, &ks).map_err(err)?,
-            View::contiguous(&v_, &vs).map_err(err)?,
-            View::contiguous(&g_, &gs).map_err(err)?,
-            &nystrom::Nystrom::new(self.landmarks),
-            &mut ViewMut::contiguous(&mut dq, qs).map_err(err)?,
-            &mut ViewMut::contiguous(&mut dk, ks).map_err(err)?,
-            &mut ViewMut::contiguous(&mut dv, vs).map_err(err)?,
+            qa.view()?,
+            ka.view()?,
+            va.view()?,
+            ga.view()?,
+            &opts,
+            a,
+            b,
+            c,
         )
         .map_err(err)?;
-        let dev = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, q.shape(), dev)?),
-            Some(Tensor::from_vec(dk, k.shape(), dev)?),
-            Some(Tensor::from_vec(dv, v.shape(), dev)?),
-        ))
+        Ok((dq.grad(q)?, dk.grad(k)?, dv.grad(v)?))
     }
 }
