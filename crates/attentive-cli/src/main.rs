@@ -874,7 +874,10 @@ fn bench_variant(a: &BenchArgs, which: variant::Variant) -> Result<(), CliError>
         mb(peak),
         mb(peak.saturating_sub(base_rss)),
         rayon::current_num_threads(),
-        error.map_or(String::new(), |e| format!(", {e:.3e} from softmax attention (relative)")),
+        error.map_or(String::new(), |e| format!(
+            ", {e:.3e} from {} (relative)",
+            if lsh { "its one-chunk form" } else { "softmax attention" }
+        )),
     );
     if a.json {
         out!(
