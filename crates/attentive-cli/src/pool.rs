@@ -136,8 +136,7 @@ pub fn pool(a: PoolArgs) -> Result<(), CliError> {
     type Saved = Vec<(PathBuf, Vec<usize>, Vec<f32>)>;
     let mut saved: Saved = Vec::new();
     let mut grads: Vec<(String, Vec<f32>)> = Vec::new();
-    let d_h;
-    if doc {
+    let d_h = if doc {
         let dims = (h.shape[0], h.shape[1], h.shape[2], d);
         let (word, sent) = (levels[0].level(), levels[1].level());
         let (out, sv, wa, sa) = han::document(&h.data, dims, mask.as_deref(), (&word, &sent))?;
@@ -151,7 +150,7 @@ pub fn pool(a: PoolArgs) -> Result<(), CliError> {
                 saved.push((p.clone(), shape, data));
             }
         }
-        d_h = match &grad {
+        match &grad {
             Some(g) => {
                 expect_shape("--grad-out", &g.shape, &[dims.0, d])?;
                 let (dh, wg, sg) = han::document_backward(
@@ -166,7 +165,7 @@ pub fn pool(a: PoolArgs) -> Result<(), CliError> {
                 Some(dh)
             }
             None => None,
-        };
+        }
     } else {
         if a.sentences.is_some() || a.sentence_weights.is_some() {
             return Err(input(
@@ -181,7 +180,7 @@ pub fn pool(a: PoolArgs) -> Result<(), CliError> {
         if let Some(p) = &a.weights {
             saved.push((p.clone(), rows.to_vec(), alpha));
         }
-        d_h = match &grad {
+        match &grad {
             Some(g) => {
                 expect_shape("--grad-out", &g.shape, &[dims.0, d])?;
                 let (dh, lg) = han::pool_backward(&h.data, dims, mask.as_deref(), &level, &g.data)?;
@@ -189,8 +188,8 @@ pub fn pool(a: PoolArgs) -> Result<(), CliError> {
                 Some(dh)
             }
             None => None,
-        };
-    }
+        }
+    };
     if let (Some(dh), Some(p)) = (d_h, &a.dh) {
         saved.push((p.clone(), h.shape.clone(), dh));
     }

@@ -131,7 +131,7 @@ fn one_level_and_a_document_equal_the_oracle() {
     let (docs, sents, words) = (2, 3, 4);
     let h = values(docs * sents * words * dd, 5, 1.0);
     let mask: Vec<bool> = (0..docs * sents * words)
-        .map(|i| !(i / words == 2) && i % words != 1)
+        .map(|i| i / words != 2 && i % words != 1)
         .collect();
     let dd_doc = values(docs * dd, 11, 1.0);
     let shape4 = [docs as u64, sents as u64, words as u64, dd as u64];

@@ -97,7 +97,7 @@ impl<'a> Lsh<'a> {
         if self.n_hashes == 0 {
             return bad("n_hashes", 0, "at least one hashing round");
         }
-        if self.n_buckets < 2 || self.n_buckets % 2 != 0 {
+        if self.n_buckets < 2 || !self.n_buckets.is_multiple_of(2) {
             return bad(
                 "n_buckets",
                 self.n_buckets,
@@ -188,7 +188,7 @@ fn argmax_signed<T: PartialOrd + std::ops::Neg<Output = T> + Copy>(
         .enumerate()
         .chain(y.map(|t| -t).enumerate().map(|(i, t)| (half + i, t)))
     {
-        if best.1.map_or(true, |b| val > b) {
+        if best.1.is_none_or(|b| val > b) {
             best = (i, Some(val));
         }
     }
