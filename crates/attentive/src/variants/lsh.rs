@@ -169,15 +169,31 @@ fn hash_round(kern: &Kernels, opts: &Lsh, r: usize, x: &[f32], d: usize) -> Vec<
                 half,
                 false,
             );
-            for (b, y) in out.iter_mut().zip(block.chunks_exact(half)) {
-                *b = argmax_signed(y.iter().copied()) as u32;
+            for (b, y) in out.iter_mut().zip(block.chunks_exact_mut(half)) {
+                *b = argmax_signed_f32(kern, y) as u32;
             }
         },
     );
     buckets
 }
 
-/// The index of the first maximum of `[y; −y]`.
+/// [`argmax_signed`] on the vector kernels, overwriting `y` with `−y`: the first maximum of
+/// `[y; −y]` is `y`'s first maximum when that is at least `max(−y)` (the first half comes
+/// first), else the first maximum of `−y` in the second half. Negation and comparison are
+/// exact, so the index is the definition's.
+fn argmax_signed_f32(kern: &Kernels, y: &mut [f32]) -> usize {
+    let hi = row_max(kern, y);
+    y.iter_mut().for_each(|v| *v = -*v);
+    let neg = row_max(kern, y);
+    let first = |target: f32| y.iter().position(|&v| v == target).unwrap_or(0);
+    if hi >= neg {
+        first(-hi)
+    } else {
+        y.len() + first(neg)
+    }
+}
+
+/// The index of the first maximum of `[y; −y]`, by definition (the oracle's).
 fn argmax_signed<T: PartialOrd + std::ops::Neg<Output = T> + Copy>(
     y: impl Iterator<Item = T> + Clone,
 ) -> usize {
@@ -827,5 +843,48 @@ pub mod oracle {
             }
         }
         Ok((o, dx, dvv))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one-pass argmax equals the definition, ties included (the first maximum wins, the
+    /// first half before the second).
+    #[test]
+    fn one_pass_argmax_equals_the_definition() {
+        let cases: [&[f32]; 6] = [
+            &[0.5],
+            &[-0.5],
+            &[1.0, -1.0],
+            &[-1.0, 1.0, 1.0, -1.0],
+            &[0.0, 0.0, 0.0],
+            &[0.25, -0.75, 0.75, -0.25],
+        ];
+        let check = |y: &[f32]| {
+            for isa in Isa::all_available() {
+                let kern = isa.kernels().unwrap();
+                let mut scratch = y.to_vec();
+                let got = argmax_signed_f32(kern, &mut scratch);
+                assert_eq!(got, argmax_signed(y.iter().copied()), "{isa:?}: {y:?}");
+            }
+        };
+        for y in cases {
+            check(y);
+        }
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        for n in 1..40 {
+            let y: Vec<f32> = (0..n)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    // Few distinct values, so ties are common.
+                    (s % 7) as f32 - 3.0
+                })
+                .collect();
+            check(&y);
+        }
     }
 }
