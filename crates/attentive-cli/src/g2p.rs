@@ -363,8 +363,9 @@ struct Shown {
     /// The dictionary pronunciation closest to the model's, and the edits between them.
     closest: Option<(Vec<u32>, Vec<Edit>)>,
     align: Vec<Vec<f32>>,
-    /// Row t: gradient-weighted relevance of each letter to phoneme t.
-    relevance: Vec<Vec<f32>>,
+    /// Row t: gradient-weighted relevance of each letter to phoneme t; `None` for a model whose
+    /// self-attention forms no weights (a variant other than exact).
+    relevance: Option<Vec<Vec<f32>>>,
 }
 
 impl Shown {
@@ -434,7 +435,10 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
             model.greedy(&[&code]).map_err(nn_err)?.remove(0)
         };
         let align = model.alignment(&code, &phones).map_err(nn_err)?;
-        let relevance = letter_relevance(&model, &code, &phones)?;
+        let exact = model.model.config.attention == attentive_nn::variants::SelfAttention::Exact;
+        let relevance = exact
+            .then(|| letter_relevance(&model, &code, &phones))
+            .transpose()?;
         let entry = g2p::lookup(w);
         let closest = entry.as_ref().map(|e| {
             let best = e
@@ -532,13 +536,19 @@ pub fn demo(a: DemoArgs) -> Result<(), CliError> {
             let (svg, head_view, relevance) = alignment_svgs(s);
             let stem = sanitize(&s.word);
             for (file, text) in [
-                (format!("{stem}.svg"), &svg),
-                (format!("{stem}-headview.svg"), &head_view),
-                (format!("{stem}-relevance.svg"), &relevance),
+                (format!("{stem}.svg"), Some(&svg)),
+                (format!("{stem}-headview.svg"), Some(&head_view)),
+                (format!("{stem}-relevance.svg"), relevance.as_ref()),
             ] {
+                let Some(text) = text else { continue };
                 let file = dir.join(file);
                 std::fs::write(&file, text).map_err(|e| io(&file, e))?;
             }
+            let relevance = relevance.unwrap_or_else(|| {
+                "<p class=\"note\">No relevance picture: this model's self-attention forms no \
+                 attention weights.</p>"
+                    .to_string()
+            });
             page.push_str(&format!(
                 "<section><h2>{}</h2><p class=\"note\">{}{}</p>{}{svg}{head_view}{relevance}</section>\n",
                 s.word,
@@ -750,7 +760,7 @@ fn letter_relevance(model: &G2p, code: &[u32], phones: &[u32]) -> Result<Vec<Vec
 /// A word's cross-attention alignment (rows: the phonemes written, columns: the letters read) as
 /// attentive-viz draws it: a heatmap, and the head view (letters on the right, each phoneme's
 /// lines to the letters it read).
-fn alignment_svgs(s: &Shown) -> (String, String, String) {
+fn alignment_svgs(s: &Shown) -> (String, String, Option<String>) {
     let phones: Vec<String> = s
         .phones
         .iter()
@@ -770,11 +780,14 @@ fn alignment_svgs(s: &Shown) -> (String, String, String) {
         })
         .collect();
     let title = format!("{}: what each phoneme read", s.word);
-    let relevance: Vec<f32> = s.relevance.iter().flatten().copied().collect();
     let rel_title = format!("{}: which letters each phoneme depends on", s.word);
+    let relevance = s.relevance.as_ref().map(|r| {
+        let flat: Vec<f32> = r.iter().flatten().copied().collect();
+        attentive_viz::svg::heatmap(&flat, (nq, nk), &phones, &letters, &rel_title)
+    });
     (
         attentive_viz::svg::heatmap(&flat, (nq, nk), &phones, &letters, &title),
         attentive_viz::svg::head_view(&flat, (nq, nk), &phones, &letters, &title),
-        attentive_viz::svg::heatmap(&relevance, (nq, nk), &phones, &letters, &rel_title),
+        relevance,
     )
 }

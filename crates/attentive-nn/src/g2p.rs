@@ -410,10 +410,18 @@ impl G2p {
     /// $y_t$'s gradient.
     ///
     /// # Errors
-    /// An empty word; candle's errors.
+    /// An empty word; a model whose self-attention is not exact (linear, LSH, … form no
+    /// weights to weigh); candle's errors.
     pub fn weight_grads(&self, word: &[u32], phones: &[u32]) -> Result<Vec<WeightedMaps>> {
         if word.is_empty() {
             candle_core::bail!("weight_grads: an empty word");
+        }
+        let attention = self.model.config.attention;
+        if attention != crate::variants::SelfAttention::Exact {
+            candle_core::bail!(
+                "weight_grads: this model's self-attention is {attention:?}, which forms no \
+                 attention weights to weigh"
+            );
         }
         let dev = Device::Cpu;
         let (model, [enc, dec, cross]) = self.with_sinks(|m| &mut m.weight_grads);

@@ -427,3 +427,65 @@ fn adaptive_span_equals_its_oracle_and_trains_z() {
         );
     }
 }
+
+/// A checkpoint of a model with each self-attention loads into a model made from another seed
+/// and computes the same logits: learned projections and gates travel in the file, random
+/// features and rotations are drawn again from the modules' paths.
+#[test]
+fn checkpoints_of_every_variant_round_trip() {
+    let dev = Device::Cpu;
+    for name in SelfAttention::NAMES {
+        let config = Config {
+            src_vocab: 12,
+            tgt_vocab: 10,
+            d_model: 16,
+            heads: 2,
+            kv_heads: 2,
+            ff: 32,
+            enc_layers: 1,
+            dec_layers: 1,
+            pre_norm: true,
+            positions: attentive_nn::mha::Positions::Sinusoidal,
+            dropout: 0.0,
+            attn_dropout: 0.0,
+            max_len: 16,
+            attention: SelfAttention::parse(name).unwrap(),
+        };
+        let dir =
+            std::env::temp_dir().join(format!("attentive-nn-var-{}-{name}", std::process::id()));
+        let p = Params::new(1, &dev);
+        let m = Seq2Seq::new(&p, &config).unwrap();
+        attentive_nn::train::save_checkpoint(&dir, &p, &config).unwrap();
+        let loaded: Config = attentive_nn::train::load_config(&dir).unwrap();
+        assert_eq!(loaded, config, "{name}");
+        let p2 = Params::new(99, &dev);
+        let m2 = Seq2Seq::new(&p2, &loaded).unwrap();
+        p2.load(&dir.join("model.safetensors")).unwrap();
+        let src = Tensor::from_vec(vec![1u32, 4, 5, 6, 7, 2, 3, 8, 9, 3], (2, 5), &dev).unwrap();
+        let mask = [true; 10];
+        let tgt = Tensor::from_vec(vec![1u32, 3, 4, 5, 1, 2, 8, 9], (2, 4), &dev).unwrap();
+        let logits = |m: &Seq2Seq| {
+            let mem = m.encode(&src, &mask, Mode::EVAL).unwrap();
+            flat(&m.decode(&tgt, &mem, &mask, None, Mode::EVAL).unwrap())
+        };
+        assert_eq!(logits(&m), logits(&m2), "{name}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Gradient-weighted relevance needs attention weights: a G2P model with linear self-attention
+/// refuses it with a clear error instead of returning maps that are not there.
+#[test]
+fn relevance_needs_exact_attention() {
+    let config = Config {
+        attention: SelfAttention::Linear,
+        ..attentive_nn::g2p::default_config()
+    };
+    let g = attentive_nn::g2p::G2p::new(&config, 1).unwrap();
+    let err = g.weight_grads(&[3, 4, 5], &[6, 7]).unwrap_err().to_string();
+    assert!(err.contains("forms no attention weights"), "{err}");
+}
