@@ -238,7 +238,7 @@ impl CustomOp3 for ScoredOp {
 }
 
 /// Attention pooling with a learned context vector: $u_t = \tanh(W h_t + b)$,
-/// $\alpha = \mathrm{softmax}_t(u_t\cdot c)$ over the visible rows, $s = \sum_t \alpha_t h_t$.
+/// $\alpha = \mathrm{softmax}\_t(u_t\cdot c)$ over the visible rows, $s = \sum_t \alpha_t h_t$.
 #[derive(Clone, Debug)]
 pub struct AttentionPool {
     /// `W [A, D]`, `b [A]`, `c [A]`.
