@@ -90,7 +90,7 @@ fn linear_performer_and_lsh_equal_their_oracles() {
                     )
                     .unwrap(),
                     SelfAttention::Performer { .. } => {
-                        let w = var_draws(&var);
+                        let w = var.draws().to_vec();
                         oracle::performer::<f64>(
                             cv(&q, s),
                             cv(&k, s),
@@ -120,7 +120,7 @@ fn linear_performer_and_lsh_equal_their_oracles() {
                         let keep_p: Vec<bool> = (0..b * np)
                             .map(|i| i % np < n && mask.is_none_or(|m| m[i / np * n + i % np]))
                             .collect();
-                        let w = var_draws(&var);
+                        let w = var.draws().to_vec();
                         let nb = w.len() / (2 * d) * 2;
                         let opts = lsh::Lsh {
                             key_mask: Some(&keep_p),
@@ -177,10 +177,6 @@ fn keep_rows<T: Copy>(x: &[T], mask: Option<&[bool]>, [b, h, n, d]: [usize; 4]) 
         }
     }
     out
-}
-
-fn var_draws(v: &Variant) -> Vec<f32> {
-    v.draws().to_vec()
 }
 
 /// Linformer through candle (E, F learned, padding zeroed) equals its oracle, gradients of E
