@@ -21,6 +21,12 @@
 //!   multiset union of a query's windows, which is how the backward treats it.
 //! * **Short sequences.** When `N ≤ C` every query attends to every key once (one round, no
 //!   hashing), as the reference does.
+//! * **Causality.** With `causal`, no output weighs a later position's value. Later *keys* can
+//!   still change an earlier output: the sort sees the whole sequence, so they can move chunk
+//!   boundaries. That is the method's definition (the reference's too); decode by recomputing
+//!   the prefix, not with a cache.
+//! * **Precision.** Each log-sum-exp is kept as its maximum and `ln z` apart: next to the
+//!   masked logits (~1e5) an f32 sum would round `ln z` away.
 //!
 //! `N` must be a multiple of `C` when longer than it (pad the sequence). Memory is
 //! `O(n_hashes·N·(D + Dv))` per head and `O(C²)` per chunk, never `N²`.
@@ -38,7 +44,8 @@ pub const SELF_MASK: f32 = -1e5;
 pub const MASKED: f32 = -1e9;
 /// Added to the mean square of `x` before the key normalisation's square root.
 pub const NORM_EPS: f32 = 1e-6;
-/// Rows hashed at once: the rotated block (`256 × n_b/2`) stays in L2 for `n_b ≤ 1024`.
+/// Rows hashed at once: the rotated block (`256 × n_b/2` f32, 1 MiB at `n_b = 2048`) stays in
+/// the 2 MiB L2.
 const HASH_ROWS: usize = 256;
 
 /// The options of [`forward`] and [`backward`].
