@@ -288,8 +288,7 @@ impl MultiHeadAttention {
         };
         if let (Some(var), false) = (&self.variant, cross) {
             let q_all = q_all.unwrap_or_else(|| q.clone());
-            let mask = if start == 0 { key_mask } else { None };
-            let o = var.forward(&q_all, &k, &v, causal, mask)?; //       [B, Hq, N, dh]
+            let o = var.forward(&q_all, &k, &v, causal, key_mask)?; //   [B, Hq, N, dh]
             let o = o.narrow(2, q_all.dim(2)? - nq, nq)?;
             return self.project_out(o, b, nq);
         }

@@ -201,15 +201,13 @@ impl Variant {
                 };
                 attention(q, k, v, &cfg)
             }
-            SelfAttention::Linear | SelfAttention::Performer { .. } => q.contiguous()?.apply_op3(
-                &k.contiguous()?,
-                &v.contiguous()?,
-                Kernelized {
-                    features: (self.kind != SelfAttention::Linear).then(|| self.draws.clone()),
-                    causal,
-                    key_mask: mask,
-                },
-            ),
+            SelfAttention::Linear | SelfAttention::Performer { .. } => {
+                let kind = match self.kind {
+                    SelfAttention::Linear => Plain::Linear,
+                    _ => Plain::Performer(self.draws.clone()),
+                };
+                plain(q, k, v, kind, causal, mask)
+            }
             SelfAttention::Lsh { bucket_size, .. } => {
                 let n = q.dim(2)?;
                 let b = q.dim(0)?;
@@ -278,11 +276,7 @@ impl Variant {
                          give it sequences of one length"
                     );
                 }
-                q.contiguous()?.apply_op3(
-                    &k.contiguous()?,
-                    &v.contiguous()?,
-                    NystromOp { landmarks },
-                )
+                plain(q, k, v, Plain::Nystrom(landmarks), false, None)
             }
             SelfAttention::Linformer { .. } => {
                 if causal {
@@ -313,46 +307,77 @@ const GLA_TAU: f64 = 16.0;
 /// The adaptive span's ramp width R.
 const SPAN_RAMP: usize = 4;
 
-/// Linear attention (`features: None`) or FAVOR+.
-struct Kernelized {
-    features: Option<Vec<f32>>,
+/// The variants whose engine calls take q, k and v alone.
+enum Plain {
+    Linear,
+    /// FAVOR+ with these features.
+    Performer(Vec<f32>),
+    /// Nyström with this many landmarks.
+    Nystrom(usize),
+}
+
+/// A forward into its output, or a backward from the output's gradient into dQ, dK, dV.
+enum Pass<'a, 'b> {
+    Forward(&'a mut ViewMut<'b>),
+    Backward(View<'b>, [&'a mut ViewMut<'b>; 3]),
+}
+
+/// `kind` on `q`, `k`, `v` made contiguous.
+fn plain(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    kind: Plain,
+    causal: bool,
+    key_mask: Option<Vec<bool>>,
+) -> Result<Tensor> {
+    let op = PlainOp {
+        kind,
+        causal,
+        key_mask,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// Linear attention, FAVOR+ or Nyström as a candle op.
+struct PlainOp {
+    kind: Plain,
     causal: bool,
     key_mask: Option<Vec<bool>>,
 }
 
-impl Kernelized {
-    /// Runs the engine's forward into `out`, or, given `back` (the output's gradient and
-    /// dQ, dK, dV to write), its backward.
-    fn call(
-        &self,
-        (q, k, v): (View, View, View),
-        out: Option<&mut ViewMut>,
-        back: Option<(View, [&mut ViewMut; 3])>,
-    ) -> Result<()> {
+impl PlainOp {
+    fn call(&self, (q, k, v): (View, View, View), pass: Pass) -> Result<()> {
         let mask = self.key_mask.as_deref();
-        match &self.features {
-            None => {
+        match &self.kind {
+            Plain::Linear => {
                 let opts = linear::Linear {
                     causal: self.causal,
                     key_mask: mask,
                     ..Default::default()
                 };
-                match (out, back) {
-                    (Some(o), _) => linear::forward(q, k, v, &opts, o),
-                    (_, Some((g, [a, b, c]))) => linear::backward(q, k, v, g, &opts, a, b, c),
-                    _ => Ok(()),
+                match pass {
+                    Pass::Forward(o) => linear::forward(q, k, v, &opts, o),
+                    Pass::Backward(g, [a, b, c]) => linear::backward(q, k, v, g, &opts, a, b, c),
                 }
             }
-            Some(w) => {
+            Plain::Performer(w) => {
                 let opts = performer::Performer {
                     causal: self.causal,
                     key_mask: mask,
                     ..performer::Performer::new(w)
                 };
-                match (out, back) {
-                    (Some(o), _) => performer::forward(q, k, v, &opts, o),
-                    (_, Some((g, [a, b, c]))) => performer::backward(q, k, v, g, &opts, a, b, c),
-                    _ => Ok(()),
+                match pass {
+                    Pass::Forward(o) => performer::forward(q, k, v, &opts, o),
+                    Pass::Backward(g, [a, b, c]) => performer::backward(q, k, v, g, &opts, a, b, c),
+                }
+            }
+            Plain::Nystrom(m) => {
+                let opts = nystrom::Nystrom::new(*m);
+                match pass {
+                    Pass::Forward(o) => nystrom::forward(q, k, v, &opts, o),
+                    Pass::Backward(g, [a, b, c]) => nystrom::backward(q, k, v, g, &opts, a, b, c),
                 }
             }
         }
@@ -360,9 +385,9 @@ impl Kernelized {
     }
 }
 
-impl CustomOp3 for Kernelized {
+impl CustomOp3 for PlainOp {
     fn name(&self) -> &'static str {
-        "attentive-kernelized-attention"
+        "attentive-variant-attention"
     }
 
     fn cpu_fwd(
@@ -382,8 +407,7 @@ impl CustomOp3 for Kernelized {
         let mut o = output(q.shape, v.shape[3]);
         self.call(
             (q.view()?, k.view()?, v.view()?),
-            Some(&mut o.view()?),
-            None,
+            Pass::Forward(&mut o.view()?),
         )?;
         Ok(o.storage())
     }
@@ -407,13 +431,10 @@ impl CustomOp3 for Kernelized {
             Buf::zeros(ka.shape),
             Buf::zeros(va.shape),
         );
+        let grads = [&mut dq.view()?, &mut dk.view()?, &mut dv.view()?];
         self.call(
             (qa.view()?, ka.view()?, va.view()?),
-            None,
-            Some((
-                ga.view()?,
-                [&mut dq.view()?, &mut dk.view()?, &mut dv.view()?],
-            )),
+            Pass::Backward(ga.view()?, grads),
         )?;
         Ok((dq.grad(q)?, dk.grad(k)?, dv.grad(v)?))
     }
@@ -681,71 +702,5 @@ impl CustomOp3 for Span {
             shape: vza.shape,
         };
         Ok((dq.grad(q)?, dk.grad(k)?, dvz.grad(vz)?))
-    }
-}
-
-/// Nyströmformer attention.
-struct NystromOp {
-    landmarks: usize,
-}
-
-impl CustomOp3 for NystromOp {
-    fn name(&self) -> &'static str {
-        "attentive-nystrom-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (
-            Arg::of(s1, l1, "q")?,
-            Arg::of(s2, l2, "k")?,
-            Arg::of(s3, l3, "v")?,
-        );
-        let mut o = output(q.shape, v.shape[3]);
-        let opts = nystrom::Nystrom::new(self.landmarks);
-        nystrom::forward(q.view()?, k.view()?, v.view()?, &opts, &mut o.view()?).map_err(err)?;
-        Ok(o.storage())
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (qa, ka, va, ga) = (
-            Arg::host(q)?,
-            Arg::host(k)?,
-            Arg::host(v)?,
-            Arg::host(grad)?,
-        );
-        let (mut dq, mut dk, mut dv) = (
-            Buf::zeros(qa.shape),
-            Buf::zeros(ka.shape),
-            Buf::zeros(va.shape),
-        );
-        let opts = nystrom::Nystrom::new(self.landmarks);
-        let (a, b, c) = (&mut dq.view()?, &mut dk.view()?, &mut dv.view()?);
-        nystrom::backward(
-            qa.view()?,
-            ka.view()?,
-            va.view()?,
-            ga.view()?,
-            &opts,
-            a,
-            b,
-            c,
-        )
-        .map_err(err)?;
-        Ok((dq.grad(q)?, dk.grad(k)?, dv.grad(v)?))
     }
 }
