@@ -105,6 +105,27 @@ impl From<CausalArg> for Causal {
     }
 }
 
+/// An instruction set to force instead of the fastest this CPU runs.
+#[derive(Clone, Copy, ValueEnum)]
+enum IsaArg {
+    /// AVX-512 with AMX tiles for the forward's products (Intel Xeon 4th generation and later).
+    Amx,
+    Avx512,
+    Avx2,
+    Scalar,
+}
+
+impl From<IsaArg> for attentive::Isa {
+    fn from(i: IsaArg) -> attentive::Isa {
+        match i {
+            IsaArg::Amx => attentive::Isa::Amx,
+            IsaArg::Avx512 => attentive::Isa::Avx512,
+            IsaArg::Avx2 => attentive::Isa::Avx2,
+            IsaArg::Scalar => attentive::Isa::Scalar,
+        }
+    }
+}
+
 /// Help for `--window`, shared by `attend` and `bench`.
 const WINDOW_HELP: &str = "Sliding window L,R aligned bottom-right: query i sees keys \
 [i+Nk−Nq−L, i+Nk−Nq+R]. A side written inf or -1 is open (FlashAttention's window_size=(-1, 0) \
@@ -487,6 +508,9 @@ struct BenchArgs {
     /// lsh's chunk length.
     #[arg(long, default_value_t = 64)]
     bucket_size: usize,
+    /// Force an instruction set (default: the fastest this CPU runs), to compare them.
+    #[arg(long, value_enum)]
+    isa: Option<IsaArg>,
 }
 
 /// Resident set size now and its high-water mark, in bytes (Linux; 0 elsewhere).
@@ -576,6 +600,7 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
         opts = opts.window(l, r);
     }
     opts.pattern = a.pattern.as_ref();
+    opts.isa = a.isa.map(Into::into);
     let (qv, kv, vv) = (
         View::contiguous(&q, &qs)?,
         View::contiguous(&k, &ks)?,
@@ -716,7 +741,7 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
             "causal": a.causal.map(|c| c.to_possible_value().unwrap().get_name().to_string()),
             "window": a.window.map(|(l, r)| [l, r]),
             "pattern": a.pattern.as_ref().map(|p| p.to_string()),
-            "backward": a.backward, "half_kv": a.half_kv, "kv_gbps": kv_gbps, "threads": rayon::current_num_threads(), "iters": iters,
+            "backward": a.backward, "half_kv": a.half_kv, "kv_gbps": kv_gbps, "threads": rayon::current_num_threads(), "iters": iters, "isa": format!("{:?}", opts.isa.unwrap_or_else(attentive::Isa::best)),
             "median_ms": median * 1e3, "min_ms": times[0] * 1e3, "gflops": gflops,
             "pairs": pairs, "peak_rss_mb": mb(peak), "extra_rss_mb": mb(peak.saturating_sub(base_rss)),
             "huge_pages_mb": mb(huge_pages()),

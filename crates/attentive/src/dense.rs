@@ -483,7 +483,7 @@ mod elementwise {
                     unsafe fn avx2($($arg: $ty),*) { $generic($($arg),*) }
                     match isa {
                         // SAFETY: the caller checked `isa.kernels()`, so this CPU runs `isa`.
-                        Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                        Isa::Avx512 | Isa::Amx => return unsafe { avx512($($arg),*) },
                         // SAFETY: as above.
                         Isa::Avx2 => return unsafe { avx2($($arg),*) },
                         Isa::Scalar => {}

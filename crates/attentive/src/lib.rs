@@ -50,6 +50,7 @@
 //! assert!(err < 1e-5);
 //! ```
 
+mod amx;
 pub mod dense;
 mod error;
 mod exact;

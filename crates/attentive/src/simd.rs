@@ -13,6 +13,10 @@ use half::f16;
 /// An instruction set the kernels can run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Isa {
+    /// AVX-512 with Intel's AMX tiles: the fused forward's two products (QKᵀ and P·V) run on
+    /// the tiles from three bf16 parts of each f32, to f32 accuracy (see the `amx` module);
+    /// everything else as [`Isa::Avx512`].
+    Amx,
     /// 512-bit vectors, 32 registers.
     Avx512,
     /// 256-bit vectors with fused multiply-add, 16 registers.
@@ -26,6 +30,8 @@ impl Isa {
     pub fn available(self) -> bool {
         match self {
             Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => Isa::Avx512.available() && crate::amx::available(),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
             #[cfg(target_arch = "x86_64")]
@@ -41,7 +47,7 @@ impl Isa {
 
     /// The fastest instruction set this CPU runs.
     pub fn best() -> Isa {
-        [Isa::Avx512, Isa::Avx2]
+        [Isa::Amx, Isa::Avx512, Isa::Avx2]
             .into_iter()
             .find(|isa| isa.available())
             .unwrap_or(Isa::Scalar)
@@ -49,7 +55,7 @@ impl Isa {
 
     /// Every instruction set this CPU runs, fastest first.
     pub fn all_available() -> Vec<Isa> {
-        [Isa::Avx512, Isa::Avx2, Isa::Scalar]
+        [Isa::Amx, Isa::Avx512, Isa::Avx2, Isa::Scalar]
             .into_iter()
             .filter(|isa| isa.available())
             .collect()
@@ -61,6 +67,9 @@ impl Isa {
         }
         Ok(match self {
             Isa::Scalar => &SCALAR,
+            // AMX cores are Intel's.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => &x86::AVX512_XEON,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 if x86::intel() => &x86::AVX512_XEON,
             #[cfg(target_arch = "x86_64")]

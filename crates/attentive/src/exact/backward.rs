@@ -21,9 +21,10 @@
 //! threads write the same element. dQ is accumulated per split in a buffer of its own and the
 //! splits are added in a fixed order, so the result has the same bits whatever the thread count.
 
+use crate::amx;
 use crate::error::Result;
-use crate::exact::kernel::{score_tile, Keys, TileBufs, GROUP};
-use crate::exact::pack::{gather_rows, pack_transposed, rows_ptr};
+use crate::exact::kernel::{score_tile, AmxScratch, Keys, TileBufs, GROUP};
+use crate::exact::pack::{gather_rows, k_part, pack_transposed, rows_ptr, split_scores};
 use crate::exact::problem::{Problem, Span};
 use crate::options::Options;
 use crate::simd::Gemm;
@@ -57,6 +58,9 @@ struct Scratch {
     part: AVec,
     spans: Vec<Span>,
     hulls: Vec<(usize, usize)>,
+    /// Where the forward's scores came from the AMX products ([`split_scores`]): the query
+    /// rows' bf16 parts, and the key tile's (`3 × k_part`).
+    amx: Option<(AmxScratch, AVec)>,
 }
 
 impl Scratch {
@@ -77,6 +81,8 @@ impl Scratch {
             part: AVec::filled(BC.max(BR) * p.d.max(p.dv), 0.0),
             spans: vec![Span::EMPTY; BR],
             hulls: vec![(0, 0); BR.div_ceil(GROUP)],
+            amx: split_scores(p)
+                .then(|| (AmxScratch::new(p), AVec::filled(3 * k_part(p.d) / 2, 0.0))),
         }
     }
 }
@@ -351,8 +357,17 @@ fn key_tile(
     scr.dv[..w * dv].fill(0.0);
     let (ilo, ihi) = p.rows_seeing(j0, j0 + w);
     // Scores from K's rows (few queries, as the forward did) or from a packed Kᵀ tile.
-    let keys_at = match Keys::unpacked(p) {
-        Keys::Rows => Keys::Rows,
+    let keys_at = match (Keys::unpacked(p), scr.amx.as_mut()) {
+        (Keys::Rows, _) => Keys::Rows,
+        (_, Some((_, kparts))) => {
+            let at = kparts.as_mut_ptr().cast::<u16>();
+            // SAFETY: scr.k holds w ≤ BC gathered rows of D floats; kparts three parts of BC / 16
+            // column tiles; AMX is available (Problem::amx).
+            unsafe {
+                amx::pack_transposed(scr.k.as_ptr(), (w, d, d), BC / amx::TILE, k_part(d), at)
+            };
+            Keys::Split(at)
+        }
         _ => {
             pack_transposed(&p.k, (b, kvh), (j0, w), BC, &mut scr.kt, kern);
             Keys::Packed(scr.kt.as_ptr(), BC)
@@ -372,6 +387,10 @@ fn key_tile(
             }
             // Q and dO rows where they lie when their rows are contiguous, else gathered.
             let (qp, ldq) = rows_ptr(&p.q, (b, h), i0, rows, &mut scr.q);
+            let q_parts = scr.amx.as_mut().map(|(a, _)| {
+                a.split_q(p, (qp, ldq), rows);
+                (a.q_parts(), a.d_pad)
+            });
             let bufs = TileBufs {
                 q: qp,
                 q_rs: ldq,
@@ -383,6 +402,7 @@ fn key_tile(
                 kbuf: &mut scr.k,
                 // Never grown: the backward packs its Kᵀ tile itself, never `Keys::Pack`.
                 wide: &mut Vec::new(),
+                q_parts,
             };
             // S = Q·Kᵀ                                              // (rows, w)
             if score_tile(p, keys_at, (b, h), i0, rows, j0, (0, p.nk), blk, bufs).is_none() {

@@ -138,29 +138,6 @@ pub(crate) fn run_after(
     Ok(())
 }
 
-/// Whether to pack all of Kᵀ before the tile loop. A packed tile is written once and read by
-/// every query tile (of every query head of its group) whose band reaches it; packing each tile
-/// on the fly into the L1-resident `Scratch::kbuf` instead costs one transpose per visit but no
-/// write and re-read of a copy through memory. Measured at N = 8192, D = 64: on the fly is 6%
-/// faster for a 128-key window (3 visits per tile), even at 8 visits, and 2% slower at 16.
-fn pack_up_front(p: &Problem) -> bool {
-    const MIN_VISITS: usize = 8;
-    // Row spans' ends never decrease with the row, so a tile's first and last rows bound it.
-    let visits: usize = (0..p.nq)
-        .step_by(BR)
-        .map(|i0| {
-            let (a, _) = p.row_span(i0);
-            let (_, e) = p.row_span((i0 + BR).min(p.nq) - 1);
-            if a < e {
-                e.div_ceil(BC) - a / BC
-            } else {
-                0
-            }
-        })
-        .sum();
-    visits * p.group >= MIN_VISITS * p.nk.div_ceil(BC)
-}
-
 /// Task `task` of [`tiled`] as `(batch, head, query tile)`: batch-major, or head-major for
 /// [`Problem::heads_outer`].
 fn task_of(p: &Problem, qt: usize, task: usize) -> (usize, usize, usize) {
@@ -174,6 +151,12 @@ fn task_of(p: &Problem, qt: usize, task: usize) -> (usize, usize, usize) {
 
 fn tiled(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
     let packed = (pack_up_front(p) && p.class_keys.is_none()).then(|| PackedK::new(p));
+    debug_assert_eq!(
+        packed
+            .as_ref()
+            .is_some_and(|pk| pk.split_k(0, 0, p.hkv, 0).is_some()),
+        split_scores(p)
+    );
     let qt = p.nq.div_ceil(BR);
     let emit = |scr: &mut Scratch, (b, h): (usize, usize), i0: usize, rows: usize| {
         let bh = b * p.hq + h;
@@ -432,6 +415,8 @@ pub fn probabilities(q: View, k: View, opts: &Options) -> Result<Vec<f32>> {
         &mut ViewMut::contiguous(&mut o, [p.b, p.hq, p.nq, 1])?,
         Some(&mut lse),
     )?;
+    // The scores as the forward computed them (see split_scores).
+    let split = split_scores(&p).then(|| PackedK::new(&p));
     let mut probs = vec![0.0f32; p.b * p.hq * p.nq * p.nk];
     // Tasks (b·h, query tile): each owns the rows of its tile within its head's Nq·Nk block.
     let tasks = probs
@@ -449,25 +434,20 @@ pub fn probabilities(q: View, k: View, opts: &Options) -> Result<Vec<f32>> {
             let i0 = t * BR;
             let rows = BR.min(p.nq - i0);
             let q = rows_ptr(&p.q, (b, h), i0, rows, &mut scr.q);
+            if let (Some(_), Some(a)) = (&split, scr.amx.as_mut()) {
+                a.split_q(&p, q, rows);
+            }
             for j0 in (0..p.nk).step_by(BC) {
                 let w = BC.min(p.nk - j0);
                 let Some(blk) = p.block((b, h), t, j0 / BC) else {
                     continue;
                 };
+                let keys = split
+                    .as_ref()
+                    .and_then(|pk| pk.split_k(b, h / p.group, p.hkv, j0))
+                    .map_or(Keys::unpacked(&p), Keys::Split);
                 let bufs = scr.tile_bufs(q, 0, 0);
-                if score_tile(
-                    &p,
-                    Keys::unpacked(&p),
-                    (b, h),
-                    i0,
-                    rows,
-                    j0,
-                    (0, p.nk),
-                    blk,
-                    bufs,
-                )
-                .is_none()
-                {
+                if score_tile(&p, keys, (b, h), i0, rows, j0, (0, p.nk), blk, bufs).is_none() {
                     continue;
                 }
                 for r in 0..rows {

@@ -20,6 +20,7 @@
 //! combined with [`merge`], the same function sequence-parallel and ring attention need.
 
 use super::pack::*;
+use crate::amx;
 use crate::exact::problem::{Problem, Span};
 use crate::masks::blocks::Block;
 use crate::simd::{Dots, Gemm, OnlineSoftmax, CLASS_TILES};
@@ -72,6 +73,56 @@ pub(crate) struct Scratch {
     pub cls_m: [AVec; CLASS_TILES],
     pub cls_l: [AVec; CLASS_TILES],
     pub cls_o: [AVec; CLASS_TILES],
+    /// The AMX products' operands ([`Problem::amx`]).
+    pub amx: Option<AmxScratch>,
+}
+
+/// Buffers of the AMX products: the query rows' and the weights' bf16 parts (three parts each,
+/// side by side, bf16 in pairs per f32) and P·V's product before it joins the output.
+pub(crate) struct AmxScratch {
+    /// `3 × BR × d_pad` bf16: the parts of the query tile (rows past its end zero).
+    q: AVec,
+    /// `3 × BR × SW` bf16: the parts of a run's weights.
+    p: AVec,
+    /// `BR × dv_pad` f32.
+    c: AVec,
+    pub(crate) d_pad: usize,
+    dv_pad: usize,
+}
+
+impl AmxScratch {
+    pub(crate) fn new(p: &Problem) -> Self {
+        let (d_pad, dv_pad) = (
+            p.d.next_multiple_of(amx::STEP),
+            p.dv.next_multiple_of(2 * amx::TILE),
+        );
+        Self {
+            q: AVec::filled(3 * BR * d_pad / 2, 0.0),
+            p: AVec::filled(3 * BR * SW / 2, 0.0),
+            c: AVec::filled(BR * dv_pad, 0.0),
+            d_pad,
+            dv_pad,
+        }
+    }
+
+    /// The three parts of `q`, rows of `d_pad` bf16.
+    pub(crate) fn q_parts(&self) -> [*const u16; 3] {
+        let base = self.q.as_ptr().cast::<u16>();
+        [0, 1, 2].map(|k| base.wrapping_add(k * BR * self.d_pad))
+    }
+
+    /// Splits rows `0..rows` of Q (row stride `q_rs`) into the parts, zeroing rows up to the
+    /// next multiple of 32.
+    pub(crate) fn split_q(&mut self, p: &Problem, (q, q_rs): (*const f32, usize), rows: usize) {
+        let base = self.q.as_mut_ptr().cast::<u16>();
+        for r in 0..rows.next_multiple_of(32) {
+            let parts = [0, 1, 2].map(|k| base.wrapping_add((k * BR + r) * self.d_pad));
+            let cols = if r < rows { (0, p.d) } else { (0, 0) };
+            // SAFETY: row r < rows of Q holds D floats (read only then); each part has room
+            // for BR ≥ 32·ceil(rows/32) rows of d_pad bf16; AMX is available (Problem::amx).
+            unsafe { amx::split_row(q.wrapping_add(r * q_rs), cols, self.d_pad, parts) };
+        }
+    }
 }
 
 impl Scratch {
@@ -95,6 +146,7 @@ impl Scratch {
             cls_m: Default::default(),
             cls_l: Default::default(),
             cls_o: Default::default(),
+            amx: p.amx.then(|| AmxScratch::new(p)),
         }
     }
 }
@@ -115,6 +167,8 @@ pub(crate) struct TileBufs<'s> {
     pub kbuf: &'s mut [f32],
     /// Room for f16 K rows widened before packing (`Keys::Pack` only).
     pub wide: &'s mut Vec<f32>,
+    /// The query rows' bf16 parts (`Keys::Split` only).
+    pub q_parts: Option<([*const u16; 3], usize)>,
 }
 
 /// Where [`score_tile`] finds K.
@@ -127,6 +181,8 @@ pub(crate) enum Keys {
     Pack,
     /// Dot products with K's rows where they lie (few queries: decoding).
     Rows,
+    /// A tile of Kᵀ as bf16 parts for the AMX product ([`Split`]).
+    Split(*const u16),
 }
 
 impl Keys {
@@ -181,6 +237,29 @@ pub(crate) fn score_tile(
         }
     }
     let (kt, panel) = match keys_at {
+        Keys::Split(kt) => {
+            // The whole tile: its scores outside the groups' hulls are never read.
+            let ragged = group_hulls(t.spans, t.hulls, rows, w);
+            let (q_parts, d_pad) = t.q_parts.expect("query parts beside split keys");
+            let part = k_part(p.d);
+            // SAFETY: the query parts hold 32·ceil(rows/32) ≤ BR rows of d_pad bf16, the split
+            // tile BC / 16 column tiles of d_pad / 32 steps per part, and t.s rows up to BR
+            // of SW ≥ col + BC floats at stride lds.
+            unsafe {
+                amx::gemm(&amx::TileGemm {
+                    mb: rows.div_ceil(32),
+                    nb: w.div_ceil(32),
+                    steps: d_pad / amx::STEP,
+                    a: q_parts,
+                    lda: d_pad,
+                    b: [0, 1, 2].map(|k| kt.wrapping_add(k * part)),
+                    b_cols: k_cols(p.d),
+                    c: t.s.as_mut_ptr(),
+                    ldc: t.lds,
+                })
+            };
+            return Some(ragged);
+        }
         Keys::Packed(kt, panel) => (kt, panel),
         Keys::Pack => {
             pack_k(p, (b, h / p.group), (j0, w), BC, t.kbuf, t.wide);
@@ -227,21 +306,7 @@ pub(crate) fn score_tile(
             return Some(false);
         }
     };
-    let mut area = 0;
-    for (g, hull) in t.hulls[..rows.div_ceil(GROUP)].iter_mut().enumerate() {
-        let group = &t.spans[g * GROUP..((g + 1) * GROUP).min(rows)];
-        let (a, e) = group
-            .iter()
-            .filter(|s| !s.is_empty())
-            .fold((w, 0), |(a, e), s| (a.min(s.a), e.max(s.b)));
-        *hull = (a, e.max(a));
-        area += group.len() * (e.max(a) - a);
-    }
-    // Worth splitting when it saves a quarter of the tile.
-    let ragged = 4 * area <= 3 * rows * w;
-    if !ragged {
-        t.hulls[..rows.div_ceil(GROUP)].fill((0, w));
-    }
+    let ragged = group_hulls(t.spans, t.hulls, rows, w);
     // One GEMM over the tile, or one per group over its hull.
     let one = [(0, w)];
     let (groups, group_rows): (&[(usize, usize)], usize) = if ragged {
@@ -285,6 +350,27 @@ pub(crate) fn score_tile(
     Some(ragged)
 }
 
+/// Each group's hull of its rows' spans into `t.hulls`, and whether computing the hulls alone
+/// is worth it (a ragged tile); when it is not, every hull is the whole tile.
+fn group_hulls(spans: &[Span], hulls: &mut [(usize, usize)], rows: usize, w: usize) -> bool {
+    let mut area = 0;
+    for (g, hull) in hulls[..rows.div_ceil(GROUP)].iter_mut().enumerate() {
+        let group = &spans[g * GROUP..((g + 1) * GROUP).min(rows)];
+        let (a, e) = group
+            .iter()
+            .filter(|s| !s.is_empty())
+            .fold((w, 0), |(a, e), s| (a.min(s.a), e.max(s.b)));
+        *hull = (a, e.max(a));
+        area += group.len() * (e.max(a) - a);
+    }
+    // Worth splitting when it saves a quarter of the tile.
+    let ragged = 4 * area <= 3 * rows * w;
+    if !ragged {
+        hulls[..rows.div_ceil(GROUP)].fill((0, w));
+    }
+    ragged
+}
+
 impl Scratch {
     /// The tile buffers for query rows at `q` (row stride `q_rs`, unit column stride), for tile
     /// `u` of a run, whose scores start at column `col`.
@@ -303,6 +389,7 @@ impl Scratch {
             hulls: &mut self.hulls[u * NG..],
             kbuf: &mut self.kbuf,
             wide: &mut self.wide,
+            q_parts: self.amx.as_ref().map(|a| (a.q_parts(), a.d_pad)),
         }
     }
 }
@@ -353,6 +440,10 @@ pub(crate) fn attend_rows(
     let dv = p.dv;
     let kvh = h / p.group;
     let q = rows_ptr(&p.q, (b, h), i0, rows, &mut scr.q);
+    if packed.is_some_and(|pk| pk.split_k(b, kvh, p.hkv, 0).is_some()) {
+        let bufs = scr.amx.as_mut().expect("AMX scratch beside split keys");
+        bufs.split_q(p, q, rows);
+    }
     scr.fresh = true;
     scr.m[..rows].fill(f32::NEG_INFINITY);
     scr.l[..rows].fill(0.0);
@@ -384,7 +475,10 @@ pub(crate) fn attend_rows(
             flush_run(p, packed, (b, h, kvh), i0, rows, &mut run, scr);
         }
         let kt = packed.map_or(Keys::unpacked(p), |pk| {
-            Keys::Packed(pk.tile(b, kvh, p.hkv, j0), pk.panel)
+            match pk.split_k(b, kvh, p.hkv, j0) {
+                Some(kt) => Keys::Split(kt),
+                None => Keys::Packed(pk.tile(b, kvh, p.hkv, j0), pk.panel),
+            }
         });
         let (u, col) = (run.tiles, run.w);
         let bufs = scr.tile_bufs(q, u, col);
@@ -560,6 +654,9 @@ fn pv_and_add(
     scr: &mut Scratch,
 ) {
     let (dv, kern) = (p.dv, p.kern);
+    if let VRows::Split(v, j) = vr {
+        return pv_tiles(p, rows, (v, j), hulls, size, col, scr);
+    }
     // The first product is O itself (O is 0 and alpha multiplies nothing).
     let fresh = std::mem::replace(&mut scr.fresh, false);
     for (g, &(a, e)) in hulls.iter().enumerate() {
@@ -590,6 +687,7 @@ fn pv_and_add(
                     (vp.add(a * ldv), ldv, kern.lanes),
                     c,
                 )),
+                VRows::Split(..) => unreachable!("taken by pv_tiles"),
                 VRows::Panels(vp, width, stride) => {
                     // Each panel's columns of T (row stride Dv) from that panel's rows.
                     for (q, c0) in (0..dv).step_by(width).enumerate() {
@@ -618,6 +716,77 @@ fn pv_and_add(
                 scr.alpha[r],
             )
         };
+    }
+}
+
+/// [`pv_and_add`] on AMX tiles: P's rows split into bf16 parts over the widest hull (zero
+/// outside each group's hull), one product with V's parts (`v`, key `j` at score column
+/// `col`), then O ← alpha·O + T.
+fn pv_tiles(
+    p: &Problem,
+    rows: usize,
+    (v, j): (*const u16, usize),
+    hulls: &[(usize, usize)],
+    size: usize,
+    col: usize,
+    scr: &mut Scratch,
+) {
+    let (dv, kern) = (p.dv, p.kern);
+    let fresh = std::mem::replace(&mut scr.fresh, false);
+    let bufs = scr.amx.as_mut().expect("AMX scratch beside split values");
+    let width = hulls
+        .iter()
+        .map(|h| h.1)
+        .max()
+        .unwrap_or(0)
+        .next_multiple_of(amx::STEP);
+    let parts = bufs.p.as_mut_ptr().cast::<u16>();
+    let part = |k: usize, r: usize| parts.wrapping_add(k * BR * SW + r * SW);
+    for r in 0..rows.next_multiple_of(32) {
+        let (a, e) = if r < rows { hulls[r / size] } else { (0, 0) };
+        // SAFETY: row r < rows of scr.s holds weights at columns col + a..col + e (read only
+        // there); each part row has SW ≥ width bf16, for BR ≥ 32·ceil(rows/32) rows.
+        unsafe {
+            amx::split_row(
+                scr.s[r * SW + col..].as_ptr(),
+                (a, e.max(a)),
+                width,
+                [0, 1, 2].map(|k| part(k, r)),
+            )
+        };
+    }
+    let (dv_pad, c) = (bufs.dv_pad, bufs.c.as_mut_ptr());
+    if width > 0 {
+        let vp = v_part(p);
+        // SAFETY: P's parts hold 32·ceil(rows/32) rows of SW ≥ width bf16; V's parts
+        // dv_pad / 16 column tiles of every step of the head's keys, of which steps
+        // j/32..(j + width)/32 are read (j a tile start, j + width within the padded keys);
+        // C holds BR rows of dv_pad floats.
+        unsafe {
+            amx::gemm(&amx::TileGemm {
+                mb: rows.div_ceil(32),
+                nb: dv_pad / 32,
+                steps: width / amx::STEP,
+                a: [0, 1, 2].map(|k| part(k, 0).cast_const()),
+                lda: SW,
+                b: [0, 1, 2].map(|k| v.wrapping_add(k * vp + j / amx::STEP * amx::B_TILE)),
+                b_cols: v_cols(p.nk),
+                c,
+                ldc: dv_pad,
+            })
+        };
+    } else {
+        bufs.c[..rows * dv_pad].fill(0.0);
+    }
+    for r in 0..rows {
+        let t = &bufs.c[r * dv_pad..r * dv_pad + dv];
+        let o = &mut scr.o[r * dv..(r + 1) * dv];
+        if fresh {
+            o.copy_from_slice(t);
+        } else {
+            // SAFETY: o and t hold dv floats each.
+            unsafe { (kern.scale_add)(o.as_mut_ptr(), t.as_ptr(), dv, scr.alpha[r]) };
+        }
     }
 }
 

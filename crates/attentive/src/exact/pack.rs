@@ -2,9 +2,10 @@
 //! panels (`Kᵀ`, tile by tile) and V into panels, or gathered per tile when packing would cost
 //! more than it saves.
 
+use crate::amx;
 use crate::exact::problem::Problem;
 use crate::simd::{Kernels, Transpose};
-use crate::tile::BC;
+use crate::tile::{BC, BR};
 use crate::view::View;
 use crate::workspace::Buffer;
 use half::f16;
@@ -92,6 +93,9 @@ pub(crate) enum VRows {
     /// f32 rows in column panels `width` floats wide, `stride` floats apart: row `j` of panel
     /// `q` at `q·stride + j·width` (one panel when V is only copied onto cache lines).
     Panels(*const f32, usize, usize),
+    /// V of one key head as bf16 parts for the AMX product ([`Split`]), and the key of the
+    /// first score column.
+    Split(*const u16, usize),
 }
 
 /// Columns per panel of V's copy when Dv > 64: two vectors, so that each P·V pass streams one
@@ -147,6 +151,37 @@ pub(crate) fn pack_k(
     pack_transposed(&view, (0, 0), (0, w), ld, dst, p.kern);
 }
 
+/// Whether to pack all of Kᵀ before the tile loop. A packed tile is written once and read by
+/// every query tile (of every query head of its group) whose band reaches it; packing each tile
+/// on the fly into the L1-resident `Scratch::kbuf` instead costs one transpose per visit but no
+/// write and re-read of a copy through memory. Measured at N = 8192, D = 64: on the fly is 6%
+/// faster for a 128-key window (3 visits per tile), even at 8 visits, and 2% slower at 16.
+pub(crate) fn pack_up_front(p: &Problem) -> bool {
+    const MIN_VISITS: usize = 8;
+    // Row spans' ends never decrease with the row, so a tile's first and last rows bound it.
+    let visits: usize = (0..p.nq)
+        .step_by(BR)
+        .map(|i0| {
+            let (a, _) = p.row_span(i0);
+            let (_, e) = p.row_span((i0 + BR).min(p.nq) - 1);
+            if a < e {
+                e.div_ceil(BC) - a / BC
+            } else {
+                0
+            }
+        })
+        .sum();
+    visits * p.group >= MIN_VISITS * p.nk.div_ceil(BC)
+}
+
+/// Whether the forward's scores come from the AMX products: where the tiled pass packs K up
+/// front ([`PackedK::new`], on [`Problem::amx`]). The backward recomputes the scores the same way
+/// wherever this holds, so that its weights `exp(S − LSE)` see the bits the forward's LSE
+/// was summed from.
+pub(crate) fn split_scores(p: &Problem) -> bool {
+    p.amx && p.class_keys.is_none() && pack_up_front(p)
+}
+
 /// Copies rows `n0..n0 + rows` of `view[b, h]` into `buf` (row-major, `width` columns).
 pub(crate) fn gather_rows(
     view: &View,
@@ -194,6 +229,72 @@ pub(crate) struct PackedK {
     /// cache lines (`width` = Dv rounded up to 16) when V's own rows do not start on them. The
     /// P·V micro-kernel loads V as whole vectors, and a vector straddling two lines costs two.
     v: Option<(Buffer, usize, usize)>,
+    /// K and V as bf16 parts instead, for the AMX products ([`Problem::amx`]).
+    split: Option<Split>,
+}
+
+/// K and V of every key head as the three bf16 parts the AMX products read (see `amx`): per
+/// key head and tile of `BC` keys, Kᵀ's parts ([`k_part`] bf16 each, side by side); per key
+/// head, V's parts ([`v_part`] each), keys padded to whole tiles.
+pub(crate) struct Split {
+    k: Buffer,
+    v: Buffer,
+}
+
+/// bf16 of one part of a tile's Kᵀ: `BC / 16` column tiles of `d_pad / 32` steps.
+pub(crate) fn k_part(d: usize) -> usize {
+    BC / amx::TILE * k_cols(d)
+}
+
+/// bf16 from one column tile of a Kᵀ part to the next.
+pub(crate) fn k_cols(d: usize) -> usize {
+    d.div_ceil(amx::STEP) * amx::B_TILE
+}
+
+/// bf16 from one column tile of a V part to the next: every key of a head, padded to tiles.
+pub(crate) fn v_cols(nk: usize) -> usize {
+    nk.div_ceil(BC) * BC / amx::STEP * amx::B_TILE
+}
+
+/// bf16 of one part of a key head's V.
+pub(crate) fn v_part(p: &Problem) -> usize {
+    p.dv.next_multiple_of(2 * amx::TILE) / amx::TILE * v_cols(p.nk)
+}
+
+impl Split {
+    fn new(p: &Problem) -> Self {
+        let tiles = p.nk.div_ceil(BC);
+        let (k_tile, v_head) = (3 * k_part(p.d), 3 * v_part(p));
+        let heads = p.b * p.hkv;
+        // bf16 in pairs per f32 of the buffers.
+        let mut k = Buffer::uninit(heads * tiles * k_tile / 2);
+        let mut v = Buffer::uninit(heads * v_head / 2);
+        let (kp, vp) = (k.as_mut_ptr() as usize, v.as_mut_ptr() as usize);
+        let dv_pad = p.dv.next_multiple_of(2 * amx::TILE);
+        (0..heads * tiles).into_par_iter().for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(kbuf, vbuf), idx| {
+                let (bh, t) = (idx / tiles, idx % tiles);
+                let (b, kvh) = (bh / p.hkv, bh % p.hkv);
+                let (j0, w) = (t * BC, BC.min(p.nk - t * BC));
+                kbuf.resize(BC * p.d, 0.0);
+                vbuf.resize(BC * p.dv, 0.0);
+                let (kr, ldk) = kv_rows(p, Kv::K, (b, kvh), j0, w, kbuf);
+                let (vr, ldv) = kv_rows(p, Kv::V, (b, kvh), j0, w, vbuf);
+                // SAFETY: kv_rows gives w rows of D (Dv) floats at stride ldk (ldv). Tile t of
+                // head bh owns bf16 [idx·k_tile, (idx + 1)·k_tile) of K's parts, and steps
+                // 2t, 2t + 1 of every column tile of its head's V parts: disjoint regions.
+                unsafe {
+                    let kd = (kp as *mut u16).add(idx * k_tile);
+                    amx::pack_transposed(kr, (w, p.d, ldk), BC / amx::TILE, k_part(p.d), kd);
+                    let vd = (vp as *mut u16).add(bh * v_head + j0 / amx::STEP * amx::B_TILE);
+                    let cols = (v_cols(p.nk), v_part(p));
+                    amx::pack_rows(vr, (w, p.dv, ldv), (BC, dv_pad), cols, vd);
+                }
+            },
+        );
+        Self { k, v }
+    }
 }
 
 // SAFETY: `base` points into the owned buffer. Its elements are written only by `new` before
@@ -282,6 +383,12 @@ fn pack_v(p: &Problem) -> Option<(Buffer, usize, usize)> {
 
 impl PackedK {
     pub fn new(p: &Problem) -> Self {
+        if p.amx {
+            let mut pk = Self::lazy_in(p, BC, 0);
+            pk.ready.clear();
+            pk.split = Some(Split::new(p));
+            return pk;
+        }
         let mut pk = Self::lazy(p, BC);
         let (tiles, stride) = (pk.tiles, panel_stride(p.d, BC));
         // SAFETY: `base` addresses the whole buffer, which nothing else references yet.
@@ -300,6 +407,13 @@ impl PackedK {
 
     /// Rows `j0..` of V of `(b, kvh)` from the copy in panels, if there is one.
     pub fn v_rows(&self, p: &Problem, (b, kvh): (usize, usize), j0: usize) -> Option<VRows> {
+        if let Some(sp) = &self.split {
+            let head = (b * p.hkv + kvh) * 3 * v_part(p);
+            return Some(VRows::Split(
+                sp.v.as_ptr().cast::<u16>().wrapping_add(head),
+                j0,
+            ));
+        }
         let (buf, width, stride) = self.v.as_ref()?;
         let head = (b * p.hkv + kvh) * p.dv.div_ceil(*width) * stride;
         Some(VRows::Panels(
@@ -314,8 +428,13 @@ impl PackedK {
     /// the task that needs it, just before it reads it.
     pub fn lazy(p: &Problem, panel: usize) -> Self {
         let tiles = p.nk.div_ceil(BC);
+        let len = p.b * p.hkv * tiles * BC / panel * panel_stride(p.d, panel);
+        Self::lazy_in(p, panel, len)
+    }
+
+    fn lazy_in(p: &Problem, panel: usize, len: usize) -> Self {
+        let tiles = p.nk.div_ceil(BC);
         let heads = p.b * p.hkv;
-        let len = heads * tiles * BC / panel * panel_stride(p.d, panel);
         let mut data = Buffer::uninit(len);
         Self {
             base: data.as_mut_ptr(),
@@ -326,6 +445,7 @@ impl PackedK {
             panel,
             ready: (0..heads).map(|_| std::sync::OnceLock::new()).collect(),
             v: None,
+            split: None,
         }
     }
 
@@ -350,6 +470,16 @@ impl PackedK {
                 pack_k(p, (b, kvh), keys, self.panel, dst, &mut rows);
             }
         });
+    }
+
+    /// The bf16 parts of Kᵀ of keys `j0..` (a tile start) of key head `hkv` of batch `b`,
+    /// when the copy is [`Split`].
+    pub fn split_k(&self, b: usize, hkv: usize, hkvs: usize, j0: usize) -> Option<*const u16> {
+        let sp = self.split.as_ref()?;
+        let idx = (b * hkvs + hkv) * self.tiles + j0 / BC;
+        let at = idx * 3 * k_part(self.d);
+        assert!(at < sp.k.len() * 2, "tile {idx} outside the split copy");
+        Some(sp.k.as_ptr().cast::<u16>().wrapping_add(at))
     }
 
     pub fn tile(&self, b: usize, hkv: usize, hkvs: usize, j0: usize) -> *const f32 {

@@ -136,6 +136,8 @@ pub(crate) struct Problem<'a> {
     score_rule: Option<&'a dyn ScoreRule>,
     pub dropout: Option<Dropout>,
     pub kern: &'static Kernels,
+    /// The forward's products run on AMX tiles ([`Isa::Amx`]) where K and V are packed.
+    pub amx: bool,
 }
 
 fn nonempty(tensor: &'static str, shape: [usize; 4]) -> Result<()> {
@@ -271,7 +273,8 @@ impl<'a> Problem<'a> {
                 Some(Cow::Owned(BlockMask::build(&rule, b, hq, nq, nk)))
             }
         };
-        let kern = opts.isa.unwrap_or_else(Isa::best).kernels()?;
+        let isa = opts.isa.unwrap_or_else(Isa::best);
+        let kern = isa.kernels()?;
         Ok(Self {
             b,
             hq,
@@ -302,6 +305,7 @@ impl<'a> Problem<'a> {
             score_rule: opts.score_rule,
             dropout: opts.dropout.filter(|d| d.p > 0.0),
             kern,
+            amx: isa == Isa::Amx,
         })
     }
 

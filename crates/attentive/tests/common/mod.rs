@@ -216,14 +216,19 @@ impl Case {
     pub fn random(rng: &mut Rng, n_max: usize) -> Case {
         let ns = [1usize, 2, 3, 7, 16, 17, 31, 63, 64, 65, 100, 129, 150, 200];
         let ns: Vec<usize> = ns.iter().copied().filter(|&n| n <= n_max).collect();
+        Case::random_lengths(rng, &ns)
+    }
+
+    /// A random case whose sequence lengths are drawn from `ns`.
+    pub fn random_lengths(rng: &mut Rng, ns: &[usize]) -> Case {
         let d = rng.pick(&[1, 8, 16, 32, 40, 64, 80, 96, 128, 256]);
         let (hkv, group) = (rng.pick(&[1, 2]), rng.pick(&[1, 2, 3]));
         let mut c = Case::plain(
             rng.pick(&[1, 2]),
             hkv * group,
             hkv,
-            rng.pick(&ns),
-            rng.pick(&ns),
+            rng.pick(ns),
+            rng.pick(ns),
             d,
         );
         c.dv = if rng.chance(0.3) {
