@@ -93,19 +93,10 @@ pub(crate) struct TileGemm {
 /// 32·steps` bf16, B's parts `2·nb` column tiles of `steps` tiles, C `32·mb` rows of `ldc ≥
 /// 32·nb` floats.
 pub(crate) unsafe fn gemm(g: &TileGemm) {
-    gemm_then(g, &mut || {})
-}
-
-/// [`gemm`], calling `between` after each reduction step of the small products of a block
-/// (`mb · nb · steps` calls): vector work placed there runs while the tile unit multiplies.
-///
-/// # Safety
-/// As [`gemm`].
-pub(crate) unsafe fn gemm_then(g: &TileGemm, between: &mut dyn FnMut()) {
     #[cfg(target_arch = "x86_64")]
-    x86::gemm(g, between);
+    x86::gemm(g);
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (g, between);
+    let _ = g;
 }
 
 /// `dst[p][c] = part p of src[c]` for `c` in `lo..hi`, 0 elsewhere in `0..n` (a multiple of
@@ -275,7 +266,7 @@ mod x86 {
         CONFIGURED.set(true);
     }
 
-    pub(super) unsafe fn gemm(g: &TileGemm, between: &mut dyn FnMut()) {
+    pub(super) unsafe fn gemm(g: &TileGemm) {
         configure();
         let (lda, ldc) = (g.lda * 2, g.ldc * 4);
         for rb in 0..g.mb {
@@ -352,7 +343,6 @@ mod x86 {
                         s = in(reg) 64usize,
                         options(nostack, readonly)
                     );
-                    between();
                 }
                 // Then h·h, whose partial sums are the large ones.
                 for t in 0..g.steps {

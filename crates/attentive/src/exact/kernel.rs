@@ -82,15 +82,8 @@ pub(crate) struct Scratch {
 pub(crate) struct AmxScratch {
     /// `3 × BR × d_pad` bf16: the parts of the query tile (rows past its end zero).
     q: AVec,
-    /// Twice `3 × BR × SW` bf16: the parts of a run's weights, and of the run before it while
-    /// its product is pending.
-    p: [AVec; 2],
-    /// Which of `p` the next run splits into.
-    cur: usize,
-    /// The last run's P·V, issued while the next run's rows take their softmax step.
-    pending: Option<PendingPv>,
-    /// That run's rescaling of O (`alpha` of its softmax step).
-    alpha: Vec<f32>,
+    /// `3 × BR × SW` bf16: the parts of a run's weights.
+    p: AVec,
     /// `BR × dv_pad` f32.
     c: AVec,
     pub(crate) d_pad: usize,
@@ -105,10 +98,7 @@ impl AmxScratch {
         );
         Self {
             q: AVec::filled(3 * BR * d_pad / 2, 0.0),
-            p: std::array::from_fn(|_| AVec::filled(3 * BR * SW / 2, 0.0)),
-            cur: 0,
-            pending: None,
-            alpha: vec![1.0; BR],
+            p: AVec::filled(3 * BR * SW / 2, 0.0),
             c: AVec::filled(BR * dv_pad, 0.0),
             d_pad,
             dv_pad,
@@ -119,29 +109,6 @@ impl AmxScratch {
     pub(crate) fn q_parts(&self) -> [*const u16; 3] {
         let base = self.q.as_ptr().cast::<u16>();
         [0, 1, 2].map(|k| base.wrapping_add(k * BR * self.d_pad))
-    }
-
-    /// The parts of weights buffer `buf`, rows of `SW` bf16.
-    fn p_parts(&mut self, buf: usize) -> [*mut u16; 3] {
-        let base = self.p[buf].as_mut_ptr().cast::<u16>();
-        [0, 1, 2].map(|k| base.wrapping_add(k * BR * SW))
-    }
-
-    /// The tile GEMM of a pending product into `c`.
-    fn pv_gemm(&mut self, p: &Problem, pd: &PendingPv) -> amx::TileGemm {
-        let vp = v_part(p);
-        let a = self.p_parts(pd.buf).map(|x| x.cast_const());
-        amx::TileGemm {
-            mb: pd.rows.div_ceil(32),
-            nb: self.dv_pad / 32,
-            steps: pd.width / amx::STEP,
-            a,
-            lda: SW,
-            b: [0, 1, 2].map(|k| pd.v.wrapping_add(k * vp + pd.j / amx::STEP * amx::B_TILE)),
-            b_cols: v_cols(p.nk),
-            c: self.c.as_mut_ptr(),
-            ldc: self.dv_pad,
-        }
     }
 
     /// Splits rows `0..rows` of Q (row stride `q_rs`) into the parts, zeroing rows up to the
@@ -182,18 +149,6 @@ impl Scratch {
             amx: p.amx.then(|| AmxScratch::new(p)),
         }
     }
-}
-
-/// A run's P·V on the tiles: P's parts in weights buffer `buf` (`rows` rows, `width` columns),
-/// V's parts from key `j` (`v`: the key head's), and whether its product is O itself.
-#[derive(Clone, Copy)]
-struct PendingPv {
-    rows: usize,
-    width: usize,
-    v: *const u16,
-    j: usize,
-    buf: usize,
-    fresh: bool,
 }
 
 /// Buffers [`score_tile`] reads and writes.
@@ -549,7 +504,6 @@ pub(crate) fn attend_rows(
         }
     }
     flush_run(p, packed, (b, h, kvh), i0, rows, &mut run, scr);
-    finish_pending(p, scr);
     let kern = p.kern;
     for r in 0..rows {
         let l = scr.l[r];
@@ -611,6 +565,7 @@ fn flush_run(
     if run.tiles == 0 {
         return;
     }
+    let kern = p.kern;
     let ng = rows.div_ceil(GROUP);
     // Each group of rows over the union of its hulls (every row at once when no tile is ragged):
     // scores outside it are never read.
@@ -632,220 +587,57 @@ fn flush_run(
         hulls[0] = (0, run.w);
         (1, rows)
     };
-    if let Some(VRows::Split(v, j)) = packed.and_then(|pk| pk.v_rows(p, (b, kvh), run.j0)) {
-        flush_split(
-            p,
-            (b, h, i0),
-            rows,
-            run,
-            (&hulls[..groups], size),
-            (v, j),
-            scr,
-        );
-        *run = Run::default();
-        return;
-    }
-    for (g, &hull) in hulls[..groups].iter().enumerate() {
-        let rs = (g * size, ((g + 1) * size).min(rows));
-        let rb = RowBufs {
-            s: &mut scr.s,
-            m: &mut scr.m,
-            l: &mut scr.l,
-            alpha: &mut scr.alpha,
-            spans: &scr.spans,
+    for (g, &(a, e)) in hulls[..groups].iter().enumerate() {
+        let (r0, r1) = (g * size, ((g + 1) * size).min(rows));
+        if a >= e {
+            scr.alpha[r0..r1].fill(1.0);
+            continue;
+        }
+        // Whole vectors of 16 lanes: a partial one costs lane-by-lane sums.
+        let (a, e) = (a / 16 * 16, e.next_multiple_of(16).min(run.w));
+        // Keys outside a row's span become −∞ (none when every row sees its tiles whole).
+        let fill_rows = if run.partial { r0..r1 } else { r0..r0 };
+        for r in fill_rows {
+            for u in 0..run.tiles {
+                let (c0, c1) = ((u * BC).max(a), (u * BC + run.widths[u]).min(e));
+                if c0 >= c1 {
+                    continue;
+                }
+                let span = scr.spans[u * BR + r];
+                let row = &mut scr.s[r * SW..];
+                if span.is_empty() {
+                    row[c0..c1].fill(f32::NEG_INFINITY);
+                } else {
+                    row[c0..(u * BC + span.a).max(c0)].fill(f32::NEG_INFINITY);
+                    row[(u * BC + span.b).min(c1)..c1].fill(f32::NEG_INFINITY);
+                }
+            }
+        }
+        // SAFETY: rows r0..r1 and columns a..e ≤ run.w of scr.s (BR × SW) hold scores; m, l
+        // and alpha hold BR ≥ r1 entries.
+        unsafe {
+            (kern.online_softmax)(&OnlineSoftmax {
+                s: scr.s[r0 * SW + a..].as_mut_ptr(),
+                lds: SW,
+                rows: r1 - r0,
+                n: e - a,
+                scale: p.scale,
+                m: scr.m[r0..].as_mut_ptr(),
+                l: scr.l[r0..].as_mut_ptr(),
+                alpha: scr.alpha[r0..].as_mut_ptr(),
+            })
         };
-        softmax_rows(p, (b, h, i0), run, rs, hull, rb);
+        for r in r0..r1 {
+            p.apply_dropout(
+                (b, h, i0 + r),
+                run.j0 + a,
+                &mut scr.s[r * SW + a..r * SW + e],
+            );
+        }
     }
     let vr = v_rows(p, packed, (b, kvh), (run.j0, run.w), &mut scr.vt);
     pv_and_add(p, rows, vr, &hulls[..groups], size, 0, scr);
     *run = Run::default();
-}
-
-/// What [`softmax_rows`] reads and writes of a [`Scratch`].
-struct RowBufs<'a> {
-    s: &'a mut [f32],
-    m: &'a mut [f32],
-    l: &'a mut [f32],
-    alpha: &'a mut [f32],
-    spans: &'a [Span],
-}
-
-/// The softmax step of rows `r0..r1` of a run over their hull `(a, e)` of its score columns:
-/// keys outside a row's span become −∞, then the online softmax and dropout. Returns the
-/// columns it computed weights for (the hull widened to whole vectors; empty for an empty hull,
-/// whose rows keep alpha = 1).
-fn softmax_rows(
-    p: &Problem,
-    (b, h, i0): (usize, usize, usize),
-    run: &Run,
-    (r0, r1): (usize, usize),
-    (a, e): (usize, usize),
-    t: RowBufs,
-) -> (usize, usize) {
-    if a >= e {
-        t.alpha[r0..r1].fill(1.0);
-        return (0, 0);
-    }
-    // Whole vectors of 16 lanes: a partial one costs lane-by-lane sums.
-    let (a, e) = (a / 16 * 16, e.next_multiple_of(16).min(run.w));
-    // Keys outside a row's span become −∞ (none when every row sees its tiles whole).
-    let fill_rows = if run.partial { r0..r1 } else { r0..r0 };
-    for r in fill_rows {
-        for u in 0..run.tiles {
-            let (c0, c1) = ((u * BC).max(a), (u * BC + run.widths[u]).min(e));
-            if c0 >= c1 {
-                continue;
-            }
-            let span = t.spans[u * BR + r];
-            let row = &mut t.s[r * SW..];
-            if span.is_empty() {
-                row[c0..c1].fill(f32::NEG_INFINITY);
-            } else {
-                row[c0..(u * BC + span.a).max(c0)].fill(f32::NEG_INFINITY);
-                row[(u * BC + span.b).min(c1)..c1].fill(f32::NEG_INFINITY);
-            }
-        }
-    }
-    // SAFETY: rows r0..r1 and columns a..e ≤ run.w of s (BR × SW) hold scores; m, l and
-    // alpha hold BR ≥ r1 entries.
-    unsafe {
-        (p.kern.online_softmax)(&OnlineSoftmax {
-            s: t.s[r0 * SW + a..].as_mut_ptr(),
-            lds: SW,
-            rows: r1 - r0,
-            n: e - a,
-            scale: p.scale,
-            m: t.m[r0..].as_mut_ptr(),
-            l: t.l[r0..].as_mut_ptr(),
-            alpha: t.alpha[r0..].as_mut_ptr(),
-        })
-    };
-    for r in r0..r1 {
-        p.apply_dropout((b, h, i0 + r), run.j0 + a, &mut t.s[r * SW + a..r * SW + e]);
-    }
-    (a, e)
-}
-
-/// [`flush_run`] with V split for the AMX products: row by row, each row's softmax step and
-/// its weights' split, placed between the tile steps of the previous run's pending P·V (the
-/// vector units and the tile unit then work at once); then that product joins O, and this
-/// run's becomes the pending one. The arithmetic, and its order on O, is that of
-/// [`pv_tiles`] run after each softmax step.
-fn flush_split(
-    p: &Problem,
-    (b, h, i0): (usize, usize, usize),
-    rows: usize,
-    run: &Run,
-    (hulls, size): (&[(usize, usize)], usize),
-    (v, j): (*const u16, usize),
-    scr: &mut Scratch,
-) {
-    let amx_scr = scr.amx.as_mut().expect("AMX scratch beside split values");
-    let buf = amx_scr.cur;
-    let parts = amx_scr.p_parts(buf);
-    let width = hulls
-        .iter()
-        .filter(|h| h.0 < h.1)
-        .map(|h| h.1.next_multiple_of(16).min(run.w))
-        .max()
-        .unwrap_or(0)
-        .next_multiple_of(amx::STEP);
-    let pending = amx_scr.pending.take();
-    let issued = pending.map(|pd| (pd, amx_scr.pv_gemm(p, &pd)));
-    let rows_pad = rows.next_multiple_of(32);
-    let mut next = 0;
-    let mut work = |n: usize| {
-        for _ in 0..n {
-            if next == rows_pad {
-                return;
-            }
-            let r = next;
-            next += 1;
-            let cols = if r < rows {
-                let rb = RowBufs {
-                    s: &mut scr.s,
-                    m: &mut scr.m,
-                    l: &mut scr.l,
-                    alpha: &mut scr.alpha,
-                    spans: &scr.spans,
-                };
-                softmax_rows(p, (b, h, i0), run, (r, r + 1), hulls[r / size], rb)
-            } else {
-                (0, 0)
-            };
-            // SAFETY: row r < rows of scr.s holds weights at columns cols (read only there);
-            // each part has room for BR ≥ rows_pad rows of SW ≥ width bf16.
-            unsafe {
-                amx::split_row(
-                    scr.s[r * SW..].as_ptr(),
-                    cols,
-                    width,
-                    parts.map(|x| x.wrapping_add(r * SW)),
-                )
-            };
-        }
-    };
-    if let Some((pd, g)) = &issued {
-        if pd.width > 0 {
-            let per = rows_pad.div_ceil(g.mb * g.nb * g.steps);
-            // SAFETY: the pending run's parts (the other weights buffer) hold its rows, V's
-            // parts its keys, C BR rows of dv_pad (pv_gemm); `work` writes neither.
-            unsafe { amx::gemm_then(g, &mut || work(per)) };
-        }
-    }
-    work(rows_pad);
-    if let Some((pd, _)) = issued {
-        finish_pv(p, &pd, scr);
-    }
-    let amx_scr = scr.amx.as_mut().expect("AMX scratch beside split values");
-    amx_scr.alpha[..rows].copy_from_slice(&scr.alpha[..rows]);
-    let fresh = std::mem::replace(&mut scr.fresh, false);
-    amx_scr.pending = Some(PendingPv {
-        rows,
-        width,
-        v,
-        j,
-        buf,
-        fresh,
-    });
-    amx_scr.cur ^= 1;
-}
-
-/// O ← alpha·O + T for a pending product whose GEMM has run (or T = 0 when it had no columns),
-/// with the alpha of its own softmax step.
-fn finish_pv(p: &Problem, pd: &PendingPv, scr: &mut Scratch) {
-    let (dv, kern) = (p.dv, p.kern);
-    let amx_scr = scr.amx.as_mut().expect("AMX scratch beside split values");
-    let dv_pad = amx_scr.dv_pad;
-    if pd.width == 0 {
-        amx_scr.c[..pd.rows * dv_pad].fill(0.0);
-    }
-    for r in 0..pd.rows {
-        let t = &amx_scr.c[r * dv_pad..r * dv_pad + dv];
-        let o = &mut scr.o[r * dv..(r + 1) * dv];
-        if pd.fresh {
-            o.copy_from_slice(t);
-        } else {
-            // SAFETY: o and t hold dv floats each.
-            unsafe { (kern.scale_add)(o.as_mut_ptr(), t.as_ptr(), dv, amx_scr.alpha[r]) };
-        }
-    }
-}
-
-/// Runs the pending P·V, if any, and adds it to O.
-fn finish_pending(p: &Problem, scr: &mut Scratch) {
-    let Some(amx_scr) = scr.amx.as_mut() else {
-        return;
-    };
-    let Some(pd) = amx_scr.pending.take() else {
-        return;
-    };
-    if pd.width > 0 {
-        let g = amx_scr.pv_gemm(p, &pd);
-        // SAFETY: as in flush_split.
-        unsafe { amx::gemm(&g) };
-    }
-    finish_pv(p, &pd, scr);
 }
 
 /// T = P·V for each group of `size` rows over its hull of score columns (P is 0 outside its
@@ -939,16 +731,17 @@ fn pv_tiles(
     col: usize,
     scr: &mut Scratch,
 ) {
-    finish_pending(p, scr);
-    let amx_scr = scr.amx.as_mut().expect("AMX scratch beside split values");
-    let buf = amx_scr.cur;
-    let parts = amx_scr.p_parts(buf);
+    let (dv, kern) = (p.dv, p.kern);
+    let fresh = std::mem::replace(&mut scr.fresh, false);
+    let bufs = scr.amx.as_mut().expect("AMX scratch beside split values");
     let width = hulls
         .iter()
         .map(|h| h.1)
         .max()
         .unwrap_or(0)
         .next_multiple_of(amx::STEP);
+    let parts = bufs.p.as_mut_ptr().cast::<u16>();
+    let part = |k: usize, r: usize| parts.wrapping_add(k * BR * SW + r * SW);
     for r in 0..rows.next_multiple_of(32) {
         let (a, e) = if r < rows { hulls[r / size] } else { (0, 0) };
         // SAFETY: row r < rows of scr.s holds weights at columns col + a..col + e (read only
@@ -958,21 +751,43 @@ fn pv_tiles(
                 scr.s[r * SW + col..].as_ptr(),
                 (a, e.max(a)),
                 width,
-                parts.map(|x| x.wrapping_add(r * SW)),
+                [0, 1, 2].map(|k| part(k, r)),
             )
         };
     }
-    amx_scr.alpha[..rows].copy_from_slice(&scr.alpha[..rows]);
-    let fresh = std::mem::replace(&mut scr.fresh, false);
-    amx_scr.pending = Some(PendingPv {
-        rows,
-        width,
-        v,
-        j,
-        buf,
-        fresh,
-    });
-    finish_pending(p, scr);
+    let (dv_pad, c) = (bufs.dv_pad, bufs.c.as_mut_ptr());
+    if width > 0 {
+        let vp = v_part(p);
+        // SAFETY: P's parts hold 32·ceil(rows/32) rows of SW ≥ width bf16; V's parts
+        // dv_pad / 16 column tiles of every step of the head's keys, of which steps
+        // j/32..(j + width)/32 are read (j a tile start, j + width within the padded keys);
+        // C holds BR rows of dv_pad floats.
+        unsafe {
+            amx::gemm(&amx::TileGemm {
+                mb: rows.div_ceil(32),
+                nb: dv_pad / 32,
+                steps: width / amx::STEP,
+                a: [0, 1, 2].map(|k| part(k, 0).cast_const()),
+                lda: SW,
+                b: [0, 1, 2].map(|k| v.wrapping_add(k * vp + j / amx::STEP * amx::B_TILE)),
+                b_cols: v_cols(p.nk),
+                c,
+                ldc: dv_pad,
+            })
+        };
+    } else {
+        bufs.c[..rows * dv_pad].fill(0.0);
+    }
+    for r in 0..rows {
+        let t = &bufs.c[r * dv_pad..r * dv_pad + dv];
+        let o = &mut scr.o[r * dv..(r + 1) * dv];
+        if fresh {
+            o.copy_from_slice(t);
+        } else {
+            // SAFETY: o and t hold dv floats each.
+            unsafe { (kern.scale_add)(o.as_mut_ptr(), t.as_ptr(), dv, scr.alpha[r]) };
+        }
+    }
 }
 
 /// `C (m × n) = P·V` over `k` keys: P at row stride [`SW`], V's rows (contiguous, `lanes` per
