@@ -196,7 +196,7 @@ fn tiled(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
         // each head, and wake again).
         let pk = PackedK::lazy(p, p.kern.lanes);
         (0..p.b * p.hq * sets.len()).into_par_iter().for_each_init(
-            || Scratch::new(p),
+            || Scratch::pooled(p),
             |scr, task| {
                 let (bh, (t0, count)) = (task / sets.len(), sets[task % sets.len()]);
                 let (b, h) = (bh / p.hq, bh % p.hq);
@@ -226,7 +226,7 @@ fn tiled(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
         return;
     }
     (0..p.b * p.hq * qt).into_par_iter().for_each_init(
-        || Scratch::new(p),
+        || Scratch::pooled(p),
         |scr, task| {
             let (b, h, t) = task_of(p, qt, task);
             let i0 = t * BR;
@@ -248,7 +248,7 @@ fn decode(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
         .zip(parts_l.par_chunks_mut(nq))
         .enumerate()
         .for_each_init(
-            || Scratch::new(p),
+            || Scratch::pooled(p),
             |scr, (task, (po, pl))| {
                 let (bh, c) = (task / chunks, task % chunks);
                 let (b, h) = (bh / p.hq, bh % p.hq);
@@ -428,7 +428,7 @@ pub fn probabilities(q: View, k: View, opts: &Options) -> Result<Vec<f32>> {
                 .map(move |(t, dst)| (bh, t, dst))
         });
     tasks.for_each_init(
-        || Scratch::new(&p),
+        || Scratch::pooled(&p),
         |scr, (bh, t, dst)| {
             let (b, h) = (bh / p.hq, bh % p.hq);
             let i0 = t * BR;
