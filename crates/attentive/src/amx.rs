@@ -26,6 +26,11 @@
 //!   `16c..16c + 16` at reduction step `t` (32 rows) is 16 rows of pairs,
 //!   `tile[p][j] = (B[32t + 2p][16c + j], B[32t + 2p + 1][16c + j])`, 1 KiB contiguous.
 //!
+//! Inputs are finite: an infinite element of q or k splits into ∞ and NaN, so its scores are
+//! NaN here where the FMA path may give ±∞ (a key scored −∞ then weighs 0 there, and its row
+//! is NaN here). Magnitudes above the largest bf16 (3.39·10³⁸, just under f32's largest) round
+//! to ∞ likewise.
+//!
 //! [`available`] asks the CPU and the kernel (Linux grants the tile state per process on
 //! request); each thread configures its tiles on first use ([`gemm`]).
 
