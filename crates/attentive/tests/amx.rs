@@ -47,36 +47,24 @@ fn half_kv_equals_widened_inputs() {
     let shape = [b, h, n, d];
     let half = b * h * n * d;
     let opts = Options::new().causal(Causal::BottomRight).isa(Isa::Amx);
-    let (mut o16, mut o32) = (vec![0.0; half], vec![0.0; half]);
     let qv = View::contiguous(&q, &shape).unwrap();
-    let (k16, v16) = (
-        View::contiguous(&kv[..half], &shape).unwrap(),
-        View::contiguous(&kv[half..], &shape).unwrap(),
-    );
-    forward_half_kv(
-        qv,
-        k16,
-        v16,
-        &opts,
-        &mut ViewMut::contiguous(&mut o16, shape).unwrap(),
-        None,
-    )
-    .unwrap();
-    let (k32, v32) = (
-        View::contiguous(&wide[..half], &shape).unwrap(),
-        View::contiguous(&wide[half..], &shape).unwrap(),
-    );
-    forward(
-        qv,
-        k32,
-        v32,
-        &opts,
-        &mut ViewMut::contiguous(&mut o32, shape).unwrap(),
-        None,
-    )
-    .unwrap();
+    let (k16, v16) = halves(&kv, shape);
+    let (k32, v32) = halves(&wide, shape);
+    let mut o16 = vec![0.0; half];
+    let mut o32 = vec![0.0; half];
+    let mut out16 = ViewMut::contiguous(&mut o16, shape).unwrap();
+    forward_half_kv(qv, k16, v16, &opts, &mut out16, None).unwrap();
+    let mut out32 = ViewMut::contiguous(&mut o32, shape).unwrap();
+    forward(qv, k32, v32, &opts, &mut out32, None).unwrap();
     assert_eq!(o16, o32);
     let r64 = attentive::reference::forward::<f64>(qv, k32, v32, &opts).unwrap();
     let r32 = attentive::reference::forward::<f32>(qv, k32, v32, &opts).unwrap();
     check_rule("O", &o32, &r32.o, &r64.o, 2.0).unwrap();
+}
+
+/// The first and second halves of `x` as views of `shape`.
+fn halves<T: attentive::Element>(x: &[T], shape: [usize; 4]) -> (View<'_, T>, View<'_, T>) {
+    let half = x.len() / 2;
+    let view = |x| View::contiguous(x, &shape).unwrap();
+    (view(&x[..half]), view(&x[half..]))
 }

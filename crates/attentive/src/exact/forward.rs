@@ -151,12 +151,6 @@ fn task_of(p: &Problem, qt: usize, task: usize) -> (usize, usize, usize) {
 
 fn tiled(p: &Problem, out: RawOut, stats: Stats, prior: Option<Prior>) {
     let packed = (pack_up_front(p) && p.class_keys.is_none()).then(|| PackedK::new(p));
-    debug_assert_eq!(
-        packed
-            .as_ref()
-            .is_some_and(|pk| pk.split_k(0, 0, p.hkv, 0).is_some()),
-        split_scores(p)
-    );
     let qt = p.nq.div_ceil(BR);
     let emit = |scr: &mut Scratch, (b, h): (usize, usize), i0: usize, rows: usize| {
         let bh = b * p.hq + h;
