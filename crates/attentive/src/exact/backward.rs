@@ -30,7 +30,7 @@ use crate::options::Options;
 use crate::simd::Gemm;
 use crate::tile::{BC, BR};
 use crate::view::{RawOut, RawSlice, View, ViewMut};
-use crate::workspace::{AVec, Buffer};
+use crate::workspace::{AVec, Buffer, Pool};
 use rayon::prelude::*;
 
 /// Fewest tasks the backward aims for: enough to balance two to eight threads. When
@@ -62,6 +62,9 @@ struct Scratch {
     /// rows' bf16 parts, and the key tile's (`3 × k_part`).
     amx: Option<(AmxScratch, AVec)>,
 }
+
+/// Scratch kept between tasks and calls, by (D, Dv, AMX scores).
+static POOL: Pool<Scratch, (usize, usize, bool)> = Pool::new();
 
 impl Scratch {
     fn new(p: &Problem) -> Self {
@@ -283,7 +286,7 @@ fn run_with(
     let mut param_parts = vec![0.0f32; b * hkv * splits * n_params];
     let pparts = RawSlice::new(&mut param_parts);
     (0..b * hkv * splits).into_par_iter().for_each_init(
-        || Scratch::new(p),
+        || POOL.take((p.d, p.dv, split_scores(p)), || Scratch::new(p)),
         |scr, task| {
             // SAFETY: task `task` alone owns its slice of the parameter buffers.
             let d_rule = unsafe { pparts.slice_mut(task * n_params, n_params) };

@@ -26,7 +26,7 @@ use crate::masks::blocks::Block;
 use crate::simd::{Dots, Gemm, OnlineSoftmax, CLASS_TILES};
 use crate::tile::{BC, BR};
 use crate::view::View;
-use crate::workspace::AVec;
+use crate::workspace::{AVec, Pool, Pooled};
 
 /// At most this many queries take the decode path (no Kᵀ packing, keys split across threads):
 /// below it, packing K would cost more memory traffic than the attention itself.
@@ -75,41 +75,9 @@ pub(crate) struct Scratch {
     pub cls_o: [AVec; CLASS_TILES],
     /// The AMX products' operands ([`Problem::amx`]).
     pub amx: Option<AmxScratch>,
-    /// What the buffers were sized for: (D, Dv, AMX).
-    fits: (usize, usize, bool),
 }
 
-/// Scratch kept between uses: rayon starts a task's `init` for every piece of work it splits
-/// off, and each fresh [`Scratch`] is a few hundred KiB allocated and zeroed (with AMX, its
-/// page faults took 2.75% of a forward at D = 128). At most this many per thread are kept.
-const POOLED_PER_THREAD: usize = 2;
-
-static POOL: std::sync::Mutex<Vec<Scratch>> = std::sync::Mutex::new(Vec::new());
-
-/// A [`Scratch`] from the pool, returned to it when dropped.
-pub(crate) struct Pooled(Option<Scratch>);
-
-impl std::ops::Deref for Pooled {
-    type Target = Scratch;
-    fn deref(&self) -> &Scratch {
-        self.0.as_ref().expect("taken only on drop")
-    }
-}
-
-impl std::ops::DerefMut for Pooled {
-    fn deref_mut(&mut self) -> &mut Scratch {
-        self.0.as_mut().expect("taken only on drop")
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.len() < POOLED_PER_THREAD * rayon::current_num_threads() {
-            pool.extend(self.0.take());
-        }
-    }
-}
+static POOL: Pool<Scratch, (usize, usize, bool)> = Pool::new();
 
 /// Buffers of the AMX products: the query rows' and the weights' bf16 parts (three parts each,
 /// side by side, bf16 in pairs per f32) and P·V's product before it joins the output.
@@ -160,16 +128,9 @@ impl AmxScratch {
 }
 
 impl Scratch {
-    /// A scratch for `p` from the pool, or a new one.
-    pub fn pooled(p: &Problem) -> Pooled {
-        let fits = (p.d, p.dv, p.amx);
-        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        let kept = pool
-            .iter()
-            .position(|s| s.fits == fits)
-            .map(|i| pool.swap_remove(i));
-        drop(pool);
-        Pooled(Some(kept.unwrap_or_else(|| Scratch::new(p))))
+    /// A scratch for `p`, kept from an earlier task or call if one fits.
+    pub fn pooled(p: &Problem) -> Pooled<'static, Scratch, (usize, usize, bool)> {
+        POOL.take((p.d, p.dv, p.amx), || Scratch::new(p))
     }
 
     pub fn new(p: &Problem) -> Self {
@@ -193,7 +154,6 @@ impl Scratch {
             cls_l: Default::default(),
             cls_o: Default::default(),
             amx: p.amx.then(|| AmxScratch::new(p)),
-            fits: (p.d, p.dv, p.amx),
         }
     }
 }
