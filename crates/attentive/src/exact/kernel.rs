@@ -77,6 +77,7 @@ pub(crate) struct Scratch {
     pub amx: Option<AmxScratch>,
 }
 
+/// Scratch kept between tasks and calls, by (D, Dv, AMX).
 static POOL: Pool<Scratch, (usize, usize, bool)> = Pool::new();
 
 /// Buffers of the AMX products: the query rows' and the weights' bf16 parts (three parts each,
