@@ -28,9 +28,6 @@ use crate::tile::{BC, BR};
 use crate::view::View;
 use crate::workspace::{AVec, Pool, Pooled};
 
-/// At most this many queries take the decode path (no Kᵀ packing, keys split across threads):
-/// below it, packing K would cost more memory traffic than the attention itself.
-pub(crate) const DECODE_MAX_Q: usize = 16;
 /// Keys per decode chunk: 1024 keys of K and V at D = 128 are 1 MiB, half the 2 MiB L2, and a
 /// 32k-key cache gives 32 chunks per head, enough to keep every thread busy.
 pub(crate) const DECODE_CHUNK: usize = 1024;

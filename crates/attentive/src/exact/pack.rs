@@ -11,6 +11,10 @@ use crate::workspace::Buffer;
 use half::f16;
 use rayon::prelude::*;
 
+/// At most this many queries take the decode path (no Kᵀ packing, keys split across threads):
+/// below it, packing K would cost more memory traffic than the attention itself.
+pub(crate) const DECODE_MAX_Q: usize = 16;
+
 /// Pointer to rows `n0..n0 + rows` of `view[b, h]` as a row-major block with unit column stride:
 /// the view's own memory when its last stride is 1, otherwise a copy in `buf`.
 pub(crate) fn rows_ptr(
@@ -174,12 +178,12 @@ pub(crate) fn pack_up_front(p: &Problem) -> bool {
     visits * p.group >= MIN_VISITS * p.nk.div_ceil(BC)
 }
 
-/// Whether the forward's scores come from the AMX products: where the tiled pass packs K up
-/// front ([`PackedK::new`], on [`Problem::amx`]). The backward recomputes the scores the same way
-/// wherever this holds, so that its weights `exp(S − LSE)` see the bits the forward's LSE
-/// was summed from.
+/// Whether the forward's scores come from the AMX products: where the tiled pass (more than
+/// [`DECODE_MAX_Q`] queries) packs K up front ([`PackedK::new`], on [`Problem::amx`]). The
+/// backward and `probabilities` recompute the scores the same way wherever this holds, so that
+/// their weights `exp(S − LSE)` see the bits the forward's LSE was summed from.
 pub(crate) fn split_scores(p: &Problem) -> bool {
-    p.amx && p.class_keys.is_none() && pack_up_front(p)
+    p.amx && p.nq > DECODE_MAX_Q && p.class_keys.is_none() && pack_up_front(p)
 }
 
 /// Copies rows `n0..n0 + rows` of `view[b, h]` into `buf` (row-major, `width` columns).
