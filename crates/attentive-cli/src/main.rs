@@ -720,8 +720,9 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
     let kv_bytes = (k.len() + v.len()) * if a.half_kv { 2 } else { 4 };
     let kv_gbps = kv_bytes as f64 / median / 1e9;
     let mb = |x: u64| x as f64 / (1024.0 * 1024.0);
+    let isa = format!("{:?}", opts.isa.unwrap_or_else(attentive::Isa::best));
     out!(
-        "attention B={b} Hq={hq} Hkv={hkv} Nq={nq} Nk={nk} D={d}{}{}{}{}{}: median {:.3} ms over {iters} runs, {gflops:.1} GFLOP/s, K and V read at {kv_gbps:.1} GB/s, peak RSS {:.1} MB ({:.1} MB beyond inputs and outputs), {} threads",
+        "attention B={b} Hq={hq} Hkv={hkv} Nq={nq} Nk={nk} D={d}{}{}{}{}{}: median {:.3} ms over {iters} runs, {gflops:.1} GFLOP/s, K and V read at {kv_gbps:.1} GB/s, peak RSS {:.1} MB ({:.1} MB beyond inputs and outputs), {} threads, {isa}",
         a.causal.map_or(String::new(), |c| format!(" causal={}", c.to_possible_value().unwrap().get_name())),
         a.window.map_or(String::new(), |(l, r)| {
             let side = |x: usize| if x == usize::MAX { "inf".to_string() } else { x.to_string() };
@@ -741,7 +742,7 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
             "causal": a.causal.map(|c| c.to_possible_value().unwrap().get_name().to_string()),
             "window": a.window.map(|(l, r)| [l, r]),
             "pattern": a.pattern.as_ref().map(|p| p.to_string()),
-            "backward": a.backward, "half_kv": a.half_kv, "kv_gbps": kv_gbps, "threads": rayon::current_num_threads(), "iters": iters, "isa": format!("{:?}", opts.isa.unwrap_or_else(attentive::Isa::best)),
+            "backward": a.backward, "half_kv": a.half_kv, "kv_gbps": kv_gbps, "threads": rayon::current_num_threads(), "iters": iters, "isa": isa,
             "median_ms": median * 1e3, "min_ms": times[0] * 1e3, "gflops": gflops,
             "pairs": pairs, "peak_rss_mb": mb(peak), "extra_rss_mb": mb(peak.saturating_sub(base_rss)),
             "huge_pages_mb": mb(huge_pages()),

@@ -215,28 +215,33 @@ fn linformer_equals_its_oracle() {
     assert!(err.to_string().contains("no causal form"), "{err}");
 }
 
+/// A small model with self-attention `name` and `dec_layers` decoder layers.
+fn tiny(name: &str, dec_layers: usize) -> Config {
+    Config {
+        src_vocab: 12,
+        tgt_vocab: 10,
+        d_model: 16,
+        heads: 2,
+        kv_heads: 2,
+        ff: 32,
+        enc_layers: 1,
+        dec_layers,
+        pre_norm: true,
+        positions: attentive_nn::mha::Positions::Sinusoidal,
+        dropout: 0.0,
+        attn_dropout: 0.0,
+        max_len: 16,
+        attention: SelfAttention::parse(name).unwrap(),
+    }
+}
+
 /// Decoding with the cache (queries cached) gives the logits of decoding the prefix at once,
 /// and of the whole target at once, for every variant but LSH, which refuses a cache (its sort
 /// sees the whole sequence, so every layer's earlier rows change as the prefix grows).
 #[test]
 fn cached_decoding_equals_decoding_at_once() {
     for name in SelfAttention::NAMES {
-        let config = Config {
-            src_vocab: 12,
-            tgt_vocab: 10,
-            d_model: 16,
-            heads: 2,
-            kv_heads: 2,
-            ff: 32,
-            enc_layers: 1,
-            dec_layers: 2,
-            pre_norm: true,
-            positions: attentive_nn::mha::Positions::Sinusoidal,
-            dropout: 0.0,
-            attn_dropout: 0.0,
-            max_len: 16,
-            attention: SelfAttention::parse(name).unwrap(),
-        };
+        let config = tiny(name, 2);
         let p = Params::new(9, &Device::Cpu);
         let model = Seq2Seq::new(&p, &config).unwrap();
         let dev = Device::Cpu;
@@ -431,22 +436,7 @@ fn adaptive_span_equals_its_oracle_and_trains_z() {
 fn checkpoints_of_every_variant_round_trip() {
     let dev = Device::Cpu;
     for name in SelfAttention::NAMES {
-        let config = Config {
-            src_vocab: 12,
-            tgt_vocab: 10,
-            d_model: 16,
-            heads: 2,
-            kv_heads: 2,
-            ff: 32,
-            enc_layers: 1,
-            dec_layers: 1,
-            pre_norm: true,
-            positions: attentive_nn::mha::Positions::Sinusoidal,
-            dropout: 0.0,
-            attn_dropout: 0.0,
-            max_len: 16,
-            attention: SelfAttention::parse(name).unwrap(),
-        };
+        let config = tiny(name, 1);
         let dir =
             std::env::temp_dir().join(format!("attentive-nn-var-{}-{name}", std::process::id()));
         let p = Params::new(1, &dev);

@@ -271,6 +271,54 @@ mod x86 {
         CONFIGURED.set(true);
     }
 
+    /// A's two row tiles at `a` and `a16` bytes further (row stride `lda` bytes) into tmm4 and
+    /// tmm5.
+    ///
+    /// # Safety
+    /// Both tiles lie inside A; the tiles are configured.
+    #[inline(always)]
+    unsafe fn load_a(a: *const u16, a16: usize, lda: usize) {
+        asm!(
+            "tileloadd tmm4, [{a} + {lda}]",
+            "tileloadd tmm5, [{a2} + {lda}]",
+            a = in(reg) a,
+            a2 = in(reg) a.byte_add(a16),
+            lda = in(reg) lda,
+            options(nostack, readonly)
+        );
+    }
+
+    /// B's two column tiles at `b` and `b16` bytes further into tmm6 and tmm7.
+    ///
+    /// # Safety
+    /// Both tiles lie inside B; the tiles are configured.
+    #[inline(always)]
+    unsafe fn load_b(b: *const u16, b16: usize) {
+        asm!(
+            "tileloadd tmm6, [{b} + {s}]",
+            "tileloadd tmm7, [{b2} + {s}]",
+            b = in(reg) b,
+            b2 = in(reg) b.byte_add(b16),
+            s = in(reg) 64usize,
+            options(nostack, readonly)
+        );
+    }
+
+    /// The 2 × 2 block of accumulators in tmm0–3 += (tmm4; tmm5) · (tmm6, tmm7).
+    ///
+    /// # Safety
+    /// The tiles are configured.
+    #[inline(always)]
+    unsafe fn mul4() {
+        asm!(
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            options(nostack, nomem)
+        );
+    }
+
     pub(super) unsafe fn gemm(g: &TileGemm) {
         configure();
         let (lda, ldc) = (g.lda * 2, g.ldc * 4);
@@ -288,88 +336,28 @@ mod x86 {
                 let (a16, b16) = (TILE * lda, g.b_cols * 2);
                 // The five small products of every step, each factor loaded once per step
                 // where the tiles allow: B_h (m·h, l·h), B_m (m·m, h·m), B_l (h·l).
+                // SAFETY (every load below): the tiles lie inside the operands (the caller's
+                // contract).
                 for t in 0..g.steps {
                     let (at, bt) = (a0.map(|a| a.add(t * STEP)), b0.map(|b| b.add(t * B_TILE)));
-                    // SAFETY: the tiles lie inside the operands (the caller's contract);
-                    // tmm0–3 accumulate the 2 × 2 block, tmm4–5 hold A's rows, tmm6–7 B's
-                    // columns.
-                    asm!(
-                        "tileloadd tmm6, [{bh} + {s}]",
-                        "lea {t}, [{bh} + {b16}]",
-                        "tileloadd tmm7, [{t} + {s}]",
-                        "tileloadd tmm4, [{am} + {lda}]",
-                        "lea {t}, [{am} + {a16}]",
-                        "tileloadd tmm5, [{t} + {lda}]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        "tileloadd tmm4, [{al} + {lda}]",
-                        "lea {t}, [{al} + {a16}]",
-                        "tileloadd tmm5, [{t} + {lda}]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        "tileloadd tmm6, [{bm} + {s}]",
-                        "lea {t}, [{bm} + {b16}]",
-                        "tileloadd tmm7, [{t} + {s}]",
-                        "tileloadd tmm4, [{am} + {lda}]",
-                        "lea {t}, [{am} + {a16}]",
-                        "tileloadd tmm5, [{t} + {lda}]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        "tileloadd tmm4, [{ah} + {lda}]",
-                        "lea {t}, [{ah} + {a16}]",
-                        "tileloadd tmm5, [{t} + {lda}]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        "tileloadd tmm6, [{bl} + {s}]",
-                        "lea {t}, [{bl} + {b16}]",
-                        "tileloadd tmm7, [{t} + {s}]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        ah = in(reg) at[0],
-                        am = in(reg) at[1],
-                        al = in(reg) at[2],
-                        a16 = in(reg) a16,
-                        t = out(reg) _,
-                        bh = in(reg) bt[0],
-                        bm = in(reg) bt[1],
-                        bl = in(reg) bt[2],
-                        b16 = in(reg) b16,
-                        lda = in(reg) lda,
-                        s = in(reg) 64usize,
-                        options(nostack, readonly)
-                    );
+                    load_b(bt[0], b16);
+                    load_a(at[1], a16, lda);
+                    mul4();
+                    load_a(at[2], a16, lda);
+                    mul4();
+                    load_b(bt[1], b16);
+                    load_a(at[1], a16, lda);
+                    mul4();
+                    load_a(at[0], a16, lda);
+                    mul4();
+                    load_b(bt[2], b16);
+                    mul4();
                 }
                 // Then h·h, whose partial sums are the large ones.
                 for t in 0..g.steps {
-                    let (ah, bh) = (a0[0].add(t * STEP), b0[0].add(t * B_TILE));
-                    // SAFETY: as above.
-                    asm!(
-                        "tileloadd tmm4, [{a0} + {lda}]",
-                        "tileloadd tmm5, [{a1} + {lda}]",
-                        "tileloadd tmm6, [{b0} + {s}]",
-                        "tileloadd tmm7, [{b1} + {s}]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        a0 = in(reg) ah,
-                        a1 = in(reg) ah.byte_add(a16),
-                        b0 = in(reg) bh,
-                        b1 = in(reg) bh.byte_add(b16),
-                        lda = in(reg) lda,
-                        s = in(reg) 64usize,
-                        options(nostack, readonly)
-                    );
+                    load_a(a0[0].add(t * STEP), a16, lda);
+                    load_b(b0[0].add(t * B_TILE), b16);
+                    mul4();
                 }
                 let c = g.c.add(rb * 32 * g.ldc + cb * 32);
                 // SAFETY: the 32 × 32 block lies inside C.
