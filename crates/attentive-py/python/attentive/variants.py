@@ -1,0 +1,1 @@
+"""Attention beyond softmax over a mask (filled in below)."""

@@ -1,0 +1,626 @@
+//! `attentive._attentive`: the engine's calls on NumPy arrays, for the Python package
+//! (`python/attentive`), which adds PyTorch, flash-attn's call shape and HF transformers on top.
+//!
+//! Every array is read where it lies: a float32 array of any non-negative strides becomes an
+//! engine [`View`] over its own buffer, and each output is allocated once as a NumPy array that
+//! the kernel writes into. The kernel runs with the GIL released. Every engine error becomes
+//! `attentive.AttentionError`, a `ValueError` carrying the engine's message.
+
+use attentive::{Causal, Isa, Options, Pattern, View, ViewMut};
+use numpy::ndarray::ArrayViewD;
+use numpy::{
+    Element, PyArray1, PyArray4, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn,
+    PyUntypedArrayMethods,
+};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+mod variants;
+mod viz;
+
+create_exception!(
+    _attentive,
+    AttentionError,
+    PyValueError,
+    "Bad input to an attention call: the engine's message says which tensor and why."
+);
+
+/// The engine's error as a Python exception.
+pub(crate) fn err(e: impl std::fmt::Display) -> PyErr {
+    AttentionError::new_err(e.to_string())
+}
+
+/// The strides of `a` in elements, when none is negative; the shape and strides right-aligned
+/// into four dimensions (missing leading ones of size 1).
+fn layout<T>(name: &str, a: &ArrayViewD<T>, exact4: bool) -> PyResult<([usize; 4], [usize; 4])> {
+    let nd = a.ndim();
+    if (exact4 && nd != 4) || nd == 0 || nd > 4 {
+        let want = if exact4 { "4 dimensions" } else { "1 to 4 dimensions" };
+        return Err(err(format!(
+            "{name}: expected {want}, got shape {:?}",
+            a.shape()
+        )));
+    }
+    let (mut shape, mut strides) = ([1usize; 4], [0usize; 4]);
+    for (k, (&n, &s)) in a.shape().iter().zip(a.strides()).enumerate() {
+        if s < 0 {
+            return Err(err(format!(
+                "{name}: negative strides {:?} (pass a copy, e.g. np.ascontiguousarray)",
+                a.strides()
+            )));
+        }
+        shape[4 - nd + k] = n;
+        strides[4 - nd + k] = s as usize;
+    }
+    Ok((shape, strides))
+}
+
+/// A strided view of `a` over its own buffer (no copy).
+fn view<'a, T: Element + Copy>(
+    name: &str,
+    a: &'a PyReadonlyArrayDyn<T>,
+    exact4: bool,
+) -> PyResult<View<'a, T>> {
+    let arr = a.as_array();
+    let (shape, strides) = layout(name, &arr, exact4)?;
+    let len = if shape.contains(&0) {
+        0
+    } else {
+        1 + (0..4).map(|k| (shape[k] - 1) * strides[k]).sum::<usize>()
+    };
+    // SAFETY: NumPy guarantees every element of the array lies in its buffer; with non-negative
+    // strides the first element is at the data pointer and the last `len − 1` elements further,
+    // so the slice covers exactly the span from the first element to the last. The array stays
+    // borrowed (read-only) for the slice's lifetime.
+    let data = unsafe { std::slice::from_raw_parts(arr.as_ptr(), len) };
+    View::new(data, shape, strides).map_err(|e| err(format!("{name}: {e}")))
+}
+
+/// A fresh zeroed float32 array of `shape`.
+fn zeros<'py>(py: Python<'py>, shape: &[usize]) -> Bound<'py, PyArrayDyn<f32>> {
+    PyArrayDyn::zeros(py, shape, false)
+}
+
+/// The shape an output of `[B, H, N, D]` is allocated in: as is, or `[B, N, H, D]`.
+fn layout_of([b, h, n, d]: [usize; 4], bnhd: bool) -> [usize; 4] {
+    if bnhd {
+        [b, n, h, d]
+    } else {
+        [b, h, n, d]
+    }
+}
+
+/// The `[B, H, N, D]` view the kernel writes of an output allocated by [`layout_of`].
+fn out_view(data: &mut [f32], shape: [usize; 4], bnhd: bool) -> attentive::Result<ViewMut<'_>> {
+    let [b, h, n, d] = shape;
+    if bnhd {
+        ViewMut::from_bnhd(data, [b, n, h, d])
+    } else {
+        ViewMut::contiguous(data, shape)
+    }
+}
+
+/// A raw pointer the closure run without the GIL may carry (the arrays it points into outlive
+/// the call and no Python code can reach them meanwhile: they are fresh outputs).
+struct Out(*mut f32, usize);
+// SAFETY: the pointer is used by one call at a time, on a buffer no other thread touches.
+unsafe impl Send for Out {}
+
+impl Out {
+    fn of(a: &Bound<PyArrayDyn<f32>>) -> Out {
+        Out(a.data(), a.len())
+    }
+    /// # Safety
+    /// The array behind the pointer is alive and not aliased.
+    unsafe fn slice<'a>(&self) -> &'a mut [f32] {
+        std::slice::from_raw_parts_mut(self.0, self.1)
+    }
+}
+
+fn parse_isa(s: &str) -> PyResult<Isa> {
+    match s {
+        "amx" => Ok(Isa::Amx),
+        "avx512" => Ok(Isa::Avx512),
+        "avx2" => Ok(Isa::Avx2),
+        "scalar" => Ok(Isa::Scalar),
+        _ => Err(err(format!(
+            "isa: {s:?} is not one of amx, avx512, avx2, scalar"
+        ))),
+    }
+}
+
+/// The instruction sets this CPU runs, fastest first.
+#[pyfunction]
+fn instruction_sets() -> Vec<&'static str> {
+    Isa::all_available()
+        .into_iter()
+        .map(|i| match i {
+            Isa::Amx => "amx",
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Scalar => "scalar",
+        })
+        .collect()
+}
+
+/// A structured pattern tabulated per tile for `batch × heads` problems of `nq` queries and `nk`
+/// keys: build once, pass as `block_mask=` to every call of that shape.
+#[pyclass(frozen, module = "attentive")]
+struct BlockMask {
+    inner: attentive::BlockMask,
+    pattern: String,
+}
+
+#[pymethods]
+impl BlockMask {
+    #[new]
+    #[pyo3(signature = (pattern, nq, nk, batch=1, heads=1))]
+    fn new(pattern: &str, nq: usize, nk: usize, batch: usize, heads: usize) -> PyResult<Self> {
+        let p: Pattern = pattern.parse().map_err(err)?;
+        let inner = attentive::BlockMask::new(&p, batch, heads, nq, nk).map_err(err)?;
+        Ok(Self {
+            inner,
+            pattern: pattern.to_string(),
+        })
+    }
+
+    /// Whether query `i` sees key `j` in batch `b`, head `h`.
+    #[pyo3(signature = (i, j, b=0, h=0))]
+    fn visible(&self, i: usize, j: usize, b: usize, h: usize) -> bool {
+        self.inner.visible(b, h, i, j)
+    }
+
+    /// Tiles kept whole, kept in part, and skipped: `(full, partial, empty)`.
+    fn counts(&self) -> (usize, usize, usize) {
+        let c = self.inner.counts();
+        (c.full, c.partial, c.empty)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("BlockMask({:?})", self.pattern)
+    }
+}
+
+/// The options of one call, as Python passed them; [`Opts::options`] borrows them as the engine's.
+struct Opts<'py> {
+    scale: Option<f32>,
+    causal: Option<Causal>,
+    window: Option<(usize, usize)>,
+    softcap: Option<f32>,
+    alibi: Option<PyReadonlyArray1<'py, f32>>,
+    mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    bias: Option<PyReadonlyArrayDyn<'py, f32>>,
+    docs: Option<(PyReadonlyArray1<'py, u32>, PyReadonlyArray1<'py, u32>)>,
+    pattern: Option<Pattern>,
+    block_mask: Option<Bound<'py, BlockMask>>,
+    dropout: Option<(f32, u64)>,
+    isa: Option<Isa>,
+}
+
+impl<'py> Opts<'py> {
+    #[allow(clippy::too_many_arguments)]
+    fn parse(
+        scale: Option<f32>,
+        causal: Option<&str>,
+        window: Option<(i64, i64)>,
+        softcap: Option<f32>,
+        alibi: Option<PyReadonlyArray1<'py, f32>>,
+        mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+        bias: Option<PyReadonlyArrayDyn<'py, f32>>,
+        docs: Option<(PyReadonlyArray1<'py, u32>, PyReadonlyArray1<'py, u32>)>,
+        pattern: Option<&str>,
+        block_mask: Option<Bound<'py, BlockMask>>,
+        dropout: f32,
+        seed: u64,
+        isa: Option<&str>,
+    ) -> PyResult<Self> {
+        let causal = match causal {
+            None => None,
+            Some("top-left") => Some(Causal::TopLeft),
+            Some("bottom-right") => Some(Causal::BottomRight),
+            Some(c) => {
+                return Err(err(format!(
+                    "causal: {c:?} is not \"top-left\" or \"bottom-right\""
+                )))
+            }
+        };
+        // A negative side is open, as flash-attn's window_size=(-1, -1).
+        let side = |x: i64| usize::try_from(x).unwrap_or(usize::MAX);
+        Ok(Self {
+            scale,
+            causal,
+            window: window.map(|(l, r)| (side(l), side(r))),
+            softcap,
+            alibi,
+            mask,
+            bias,
+            docs,
+            pattern: pattern
+                .map(|p| p.parse::<Pattern>())
+                .transpose()
+                .map_err(err)?,
+            block_mask,
+            dropout: (dropout != 0.0).then_some((dropout, seed)),
+            isa: isa.map(parse_isa).transpose()?,
+        })
+    }
+
+    /// The engine's options, borrowing the arrays.
+    fn options(&self) -> PyResult<Options<'_>> {
+        let mut o = Options::new();
+        o.scale = self.scale;
+        o.causal = self.causal;
+        if let Some((l, r)) = self.window {
+            o = o.window(l, r);
+        }
+        o.softcap = self.softcap;
+        if let Some(a) = &self.alibi {
+            o.alibi_slopes = Some(a.as_slice().map_err(|_| err("alibi: not contiguous"))?);
+        }
+        if let Some(m) = &self.mask {
+            o.mask = Some(view("attn_mask", m, false)?);
+        }
+        if let Some(b) = &self.bias {
+            o.bias = Some(view("attn_mask", b, false)?);
+        }
+        if let Some((q, k)) = &self.docs {
+            let ids = |a: &'_ PyReadonlyArray1<u32>| {
+                a.as_slice()
+                    .map_err(|_| err("document ids: not contiguous"))
+                    .map(|s| s as *const [u32])
+            };
+            let (q, k) = (ids(q)?, ids(k)?);
+            // SAFETY: the slices borrow arrays held by self for as long as the options live.
+            o.docs = Some(attentive::DocIds {
+                q: unsafe { &*q },
+                k: unsafe { &*k },
+            });
+        }
+        o.pattern = self.pattern.as_ref();
+        o.block_mask = self.block_mask.as_ref().map(|b| &b.get().inner);
+        if let Some((p, seed)) = self.dropout {
+            o = o.dropout(p, seed);
+        }
+        o.isa = self.isa;
+        Ok(o)
+    }
+}
+
+/// Keys and values as the forward reads them: float32, or float16 (a half-precision KV cache).
+enum Kv<'py> {
+    F32(PyReadonlyArrayDyn<'py, f32>),
+    F16(PyReadonlyArrayDyn<'py, attentive::f16>),
+}
+
+impl<'py> Kv<'py> {
+    fn extract(name: &str, x: &Bound<'py, PyAny>) -> PyResult<Self> {
+        if let Ok(a) = x.extract::<PyReadonlyArrayDyn<f32>>() {
+            return Ok(Kv::F32(a));
+        }
+        if let Ok(a) = x.extract::<PyReadonlyArrayDyn<attentive::f16>>() {
+            return Ok(Kv::F16(a));
+        }
+        Err(PyTypeError::new_err(format!(
+            "{name}: expected a float32 (or, for k and v, float16) NumPy array, got {}",
+            describe(x)
+        )))
+    }
+}
+
+fn describe(x: &Bound<PyAny>) -> String {
+    match x.getattr("dtype") {
+        Ok(d) => format!("{} of dtype {d}", x.get_type()),
+        Err(_) => x.get_type().to_string(),
+    }
+}
+
+fn f32_array<'py>(name: &str, x: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
+    x.extract().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{name}: expected a float32 NumPy array, got {}",
+            describe(x)
+        ))
+    })
+}
+
+/// Exact attention: `(o [B, Hq, Nq, Dv], lse [B, Hq, Nq])`. `k` and `v` may be float16.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, *, scale=None, causal=None, window=None, softcap=None,
+    alibi=None, mask=None, bias=None, docs=None, pattern=None, block_mask=None,
+    dropout=0.0, seed=0, isa=None, out_bnhd=false))]
+#[allow(clippy::too_many_arguments)]
+fn forward<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    scale: Option<f32>,
+    causal: Option<&str>,
+    window: Option<(i64, i64)>,
+    softcap: Option<f32>,
+    alibi: Option<PyReadonlyArray1<'py, f32>>,
+    mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    bias: Option<PyReadonlyArrayDyn<'py, f32>>,
+    docs: Option<(PyReadonlyArray1<'py, u32>, PyReadonlyArray1<'py, u32>)>,
+    pattern: Option<&str>,
+    block_mask: Option<Bound<'py, BlockMask>>,
+    dropout: f32,
+    seed: u64,
+    isa: Option<&str>,
+    out_bnhd: bool,
+) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
+    let opts = Opts::parse(
+        scale, causal, window, softcap, alibi, mask, bias, docs, pattern, block_mask, dropout,
+        seed, isa,
+    )?;
+    let q = f32_array("q", q)?;
+    let (k, v) = (Kv::extract("k", k)?, Kv::extract("v", v)?);
+    let qv = view("q", &q, true)?;
+    let [b, hq, nq, _] = qv.shape();
+    let dv = match &v {
+        Kv::F32(a) => view("v", a, true)?.shape()[3],
+        Kv::F16(a) => view("v", a, true)?.shape()[3],
+    };
+    let o = zeros(py, &layout_of([b, hq, nq, dv], out_bnhd));
+    let lse = zeros(py, &[b, hq, nq]);
+    let (po, pl) = (Out::of(&o), Out::of(&lse));
+    let options = opts.options()?;
+    let run = match (&k, &v) {
+        (Kv::F32(k), Kv::F32(v)) => {
+            let (kv, vv) = (view("k", k, true)?, view("v", v, true)?);
+            py.detach(move || on_threads(move || {
+                // SAFETY: o and lse are fresh arrays held above for the whole call.
+                let (os, ls) = unsafe { (po.slice(), pl.slice()) };
+                let mut out = out_view(os, [b, hq, nq, dv], out_bnhd)?;
+                attentive::forward(qv, kv, vv, &options, &mut out, Some(ls))
+            }))
+        }
+        (Kv::F16(k), Kv::F16(v)) => {
+            let (kv, vv) = (view("k", k, true)?, view("v", v, true)?);
+            py.detach(move || on_threads(move || {
+                // SAFETY: as above.
+                let (os, ls) = unsafe { (po.slice(), pl.slice()) };
+                let mut out = out_view(os, [b, hq, nq, dv], out_bnhd)?;
+                attentive::forward_half_kv(qv, kv, vv, &options, &mut out, Some(ls))
+            }))
+        }
+        _ => {
+            return Err(PyTypeError::new_err(
+                "k and v: both float32 or both float16",
+            ))
+        }
+    };
+    run.map_err(err)?;
+    Ok((o, lse))
+}
+
+/// Gradients `(dq, dk, dv)` of attention from the forward's output `o` and `lse`, given `do`,
+/// with the options the forward ran with.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, o, lse, d_o, *, scale=None, causal=None, window=None,
+    softcap=None, alibi=None, mask=None, bias=None, docs=None, pattern=None, block_mask=None,
+    dropout=0.0, seed=0, isa=None, grads_bnhd=false))]
+#[allow(clippy::too_many_arguments)]
+fn backward<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    o: &Bound<'py, PyAny>,
+    lse: &Bound<'py, PyAny>,
+    d_o: &Bound<'py, PyAny>,
+    scale: Option<f32>,
+    causal: Option<&str>,
+    window: Option<(i64, i64)>,
+    softcap: Option<f32>,
+    alibi: Option<PyReadonlyArray1<'py, f32>>,
+    mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    bias: Option<PyReadonlyArrayDyn<'py, f32>>,
+    docs: Option<(PyReadonlyArray1<'py, u32>, PyReadonlyArray1<'py, u32>)>,
+    pattern: Option<&str>,
+    block_mask: Option<Bound<'py, BlockMask>>,
+    dropout: f32,
+    seed: u64,
+    isa: Option<&str>,
+    grads_bnhd: bool,
+) -> PyResult<(
+    Bound<'py, PyArrayDyn<f32>>,
+    Bound<'py, PyArrayDyn<f32>>,
+    Bound<'py, PyArrayDyn<f32>>,
+)> {
+    let opts = Opts::parse(
+        scale, causal, window, softcap, alibi, mask, bias, docs, pattern, block_mask, dropout,
+        seed, isa,
+    )?;
+    let arrays = [
+        f32_array("q", q)?,
+        f32_array("k", k)?,
+        f32_array("v", v)?,
+        f32_array("o", o)?,
+        f32_array("d_o", d_o)?,
+    ];
+    let lse = f32_array("lse", lse)?;
+    let lse_s = lse
+        .as_slice()
+        .map_err(|_| err("lse: not contiguous"))?;
+    let [qv, kv, vv, ov, dov] = [
+        view("q", &arrays[0], true)?,
+        view("k", &arrays[1], true)?,
+        view("v", &arrays[2], true)?,
+        view("o", &arrays[3], true)?,
+        view("d_o", &arrays[4], true)?,
+    ];
+    let (sq, sk, sv) = (qv.shape(), kv.shape(), vv.shape());
+    let dq = zeros(py, &layout_of(sq, grads_bnhd));
+    let dk = zeros(py, &layout_of(sk, grads_bnhd));
+    let dvv = zeros(py, &layout_of(sv, grads_bnhd));
+    let (pq, pk, pv) = (Out::of(&dq), Out::of(&dk), Out::of(&dvv));
+    let options = opts.options()?;
+    py.detach(move || on_threads(move || {
+        // SAFETY: dq, dk and dv are fresh arrays held above for the whole call.
+        let (a, b, c) = unsafe { (pq.slice(), pk.slice(), pv.slice()) };
+        attentive::backward(
+            qv,
+            kv,
+            vv,
+            ov,
+            lse_s,
+            dov,
+            &options,
+            &mut out_view(a, sq, grads_bnhd)?,
+            &mut out_view(b, sk, grads_bnhd)?,
+            &mut out_view(c, sv, grads_bnhd)?,
+        )
+    }))
+    .map_err(err)?;
+    Ok((dq, dk, dvv))
+}
+
+/// The attention weights themselves, `[B, Hq, Nq, Nk]` (0 where a key is masked).
+#[pyfunction]
+#[pyo3(signature = (q, k, *, scale=None, causal=None, window=None, softcap=None,
+    alibi=None, mask=None, bias=None, docs=None, pattern=None, block_mask=None, isa=None))]
+#[allow(clippy::too_many_arguments)]
+fn probabilities<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    scale: Option<f32>,
+    causal: Option<&str>,
+    window: Option<(i64, i64)>,
+    softcap: Option<f32>,
+    alibi: Option<PyReadonlyArray1<'py, f32>>,
+    mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    bias: Option<PyReadonlyArrayDyn<'py, f32>>,
+    docs: Option<(PyReadonlyArray1<'py, u32>, PyReadonlyArray1<'py, u32>)>,
+    pattern: Option<&str>,
+    block_mask: Option<Bound<'py, BlockMask>>,
+    isa: Option<&str>,
+) -> PyResult<Bound<'py, PyArray4<f32>>> {
+    let opts = Opts::parse(
+        scale, causal, window, softcap, alibi, mask, bias, docs, pattern, block_mask, 0.0, 0,
+        isa,
+    )?;
+    let (q, k) = (f32_array("q", q)?, f32_array("k", k)?);
+    let (qv, kv) = (view("q", &q, true)?, view("k", &k, true)?);
+    let options = opts.options()?;
+    let [b, hq, nq, _] = qv.shape();
+    let nk = kv.shape()[2];
+    let p = py
+        .detach(move || on_threads(move || attentive::probabilities(qv, kv, &options)))
+        .map_err(err)?;
+    PyArray1::from_vec(py, p)
+        .reshape([b, hq, nq, nk])
+        .map_err(|e| err(e.to_string()))
+}
+
+/// Merges attention over two disjoint key sets: `(o, lse)` of their union, from each part's
+/// output and log-sum-exp (the same shapes).
+#[pyfunction]
+fn merge<'py>(
+    py: Python<'py>,
+    o1: PyReadonlyArrayDyn<'py, f32>,
+    lse1: PyReadonlyArrayDyn<'py, f32>,
+    o2: PyReadonlyArrayDyn<'py, f32>,
+    lse2: PyReadonlyArrayDyn<'py, f32>,
+) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
+    if o1.shape() != o2.shape() || lse1.shape() != lse2.shape() {
+        return Err(err(format!(
+            "merge: shapes differ: o {:?} and {:?}, lse {:?} and {:?}",
+            o1.shape(),
+            o2.shape(),
+            lse1.shape(),
+            lse2.shape()
+        )));
+    }
+    let o = o1.as_array().to_owned().into_pyarray_dyn(py);
+    let lse = lse1.as_array().to_owned().into_pyarray_dyn(py);
+    let o2c = o2.as_array().as_standard_layout().into_owned();
+    let l2c = lse2.as_array().as_standard_layout().into_owned();
+    {
+        let mut ow = o.readwrite();
+        let mut lw = lse.readwrite();
+        let (os, ls) = (
+            ow.as_slice_mut().map_err(err)?,
+            lw.as_slice_mut().map_err(err)?,
+        );
+        let (o2s, l2s) = (o2c.as_slice().unwrap_or(&[]), l2c.as_slice().unwrap_or(&[]));
+        attentive::merge(os, ls, o2s, l2s).map_err(err)?;
+    }
+    Ok((o, lse))
+}
+
+trait IntoPyArrayDyn {
+    fn into_pyarray_dyn<'py>(self, py: Python<'py>) -> Bound<'py, PyArrayDyn<f32>>;
+}
+
+impl IntoPyArrayDyn for numpy::ndarray::ArrayD<f32> {
+    fn into_pyarray_dyn<'py>(self, py: Python<'py>) -> Bound<'py, PyArrayDyn<f32>> {
+        let std = self.as_standard_layout().into_owned();
+        PyArrayDyn::from_owned_array(py, std)
+    }
+}
+
+/// Threads each calling Python thread runs its kernels on; 0: rayon's global pool (one thread
+/// per core, or `RAYON_NUM_THREADS`), shared by every caller.
+static THREADS: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This Python thread's own pool, when [`THREADS`] asks for one.
+    static POOL: RefCell<Option<(usize, rayon::ThreadPool)>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` (a kernel call, without the GIL) on the calling thread's share of threads.
+pub(crate) fn on_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let n = THREADS.load(Ordering::Relaxed);
+    if n == 0 {
+        return f();
+    }
+    POOL.with_borrow_mut(|pool| {
+        if pool.as_ref().is_none_or(|(m, _)| *m != n) {
+            let built = rayon::ThreadPoolBuilder::new().num_threads(n).build();
+            *pool = built.ok().map(|p| (n, p));
+        }
+        match pool {
+            Some((_, p)) => p.install(f),
+            None => f(),
+        }
+    })
+}
+
+/// Sets how many threads each Python thread's attention calls run on: `n` threads of its own
+/// (two Python threads calling at once then use 2n), or 0 for one shared pool of one thread
+/// per core (the default). Returns True.
+#[pyfunction]
+fn set_num_threads(n: usize) -> bool {
+    THREADS.store(n, Ordering::Relaxed);
+    true
+}
+
+/// How many threads a call from this Python thread runs on.
+#[pyfunction]
+fn num_threads() -> usize {
+    match THREADS.load(Ordering::Relaxed) {
+        0 => rayon::current_num_threads(),
+        n => n,
+    }
+}
+
+#[pymodule]
+fn _attentive(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("AttentionError", m.py().get_type::<AttentionError>())?;
+    m.add_class::<BlockMask>()?;
+    m.add_function(wrap_pyfunction!(forward, m)?)?;
+    m.add_function(wrap_pyfunction!(backward, m)?)?;
+    m.add_function(wrap_pyfunction!(probabilities, m)?)?;
+    m.add_function(wrap_pyfunction!(merge, m)?)?;
+    m.add_function(wrap_pyfunction!(instruction_sets, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    variants::register(m)?;
+    viz::register(m)?;
+    Ok(())
+}
