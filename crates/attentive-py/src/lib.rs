@@ -59,7 +59,7 @@ fn layout<T>(name: &str, a: &ArrayViewD<T>, exact4: bool) -> PyResult<([usize; 4
 }
 
 /// A strided view of `a` over its own buffer (no copy).
-fn view<'a, T: Element + Copy>(
+pub(crate) fn view<'a, T: Element + Copy>(
     name: &str,
     a: &'a PyReadonlyArrayDyn<T>,
     exact4: bool,
@@ -80,7 +80,7 @@ fn view<'a, T: Element + Copy>(
 }
 
 /// A fresh zeroed float32 array of `shape`.
-fn zeros<'py>(py: Python<'py>, shape: &[usize]) -> Bound<'py, PyArrayDyn<f32>> {
+pub(crate) fn zeros<'py>(py: Python<'py>, shape: &[usize]) -> Bound<'py, PyArrayDyn<f32>> {
     PyArrayDyn::zeros(py, shape, false)
 }
 
@@ -105,17 +105,17 @@ fn out_view(data: &mut [f32], shape: [usize; 4], bnhd: bool) -> attentive::Resul
 
 /// A raw pointer the closure run without the GIL may carry (the arrays it points into outlive
 /// the call and no Python code can reach them meanwhile: they are fresh outputs).
-struct Out(*mut f32, usize);
+pub(crate) struct Out(*mut f32, usize);
 // SAFETY: the pointer is used by one call at a time, on a buffer no other thread touches.
 unsafe impl Send for Out {}
 
 impl Out {
-    fn of(a: &Bound<PyArrayDyn<f32>>) -> Out {
+    pub(crate) fn of(a: &Bound<PyArrayDyn<f32>>) -> Out {
         Out(a.data(), a.len())
     }
     /// # Safety
     /// The array behind the pointer is alive and not aliased.
-    unsafe fn slice<'a>(&self) -> &'a mut [f32] {
+    pub(crate) unsafe fn slice<'a>(&self) -> &'a mut [f32] {
         std::slice::from_raw_parts_mut(self.0, self.1)
     }
 }
@@ -317,7 +317,7 @@ fn describe(x: &Bound<PyAny>) -> String {
     }
 }
 
-fn f32_array<'py>(name: &str, x: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
+pub(crate) fn f32_array<'py>(name: &str, x: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
     x.extract().map_err(|_| {
         PyTypeError::new_err(format!(
             "{name}: expected a float32 NumPy array, got {}",
