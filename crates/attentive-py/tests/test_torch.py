@@ -265,3 +265,25 @@ def test_hf_gqa_and_causal_translation():
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
                                           attn_mask=pad).transpose(1, 2)
     torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
+
+
+def test_dropout_backward_uses_the_forward_mask():
+    # With dropout the weights are P∘Z (Z regenerated from the seed drawn from torch's generator).
+    # Values = the identity matrix read them out: dV must be (P∘Z)ᵀ·dO exactly as that forward
+    # gives them, by the rule; and torch.manual_seed makes the call reproducible.
+    n, d = 48, 16
+    q, k = torch.randn(1, 2, n, d), torch.randn(1, 2, n, d)
+    v = torch.randn(1, 2, n, n)
+    d_o = torch.randn(1, 2, n, n)
+    torch.manual_seed(5)
+    qa, ka, va = (x.clone().requires_grad_() for x in (q, k, v))
+    o = attentive.scaled_dot_product_attention(qa, ka, va, dropout_p=0.25)
+    o.backward(d_o)
+    torch.manual_seed(5)
+    eye = torch.eye(n).expand(1, 2, n, n)
+    pz = attentive.scaled_dot_product_attention(q, k, eye, dropout_p=0.25)
+    dropped = (pz == 0).float().mean().item()
+    assert abs(dropped - 0.25) < 0.05, dropped
+    torch.testing.assert_close(o, pz @ v, atol=1e-5, rtol=1e-5)
+    want = pz.double().transpose(-1, -2) @ d_o.double()
+    torch.testing.assert_close(va.grad.double(), want, atol=1e-5, rtol=1e-5)
