@@ -124,6 +124,13 @@ impl<T, K: PartialEq> Pool<T, K> {
     }
 }
 
+impl<T, K> Pooled<'_, T, K> {
+    /// Drops the scratch instead of returning it to the pool.
+    pub fn discard(mut self) {
+        self.item = None;
+    }
+}
+
 impl<T, K> Deref for Pooled<'_, T, K> {
     type Target = T;
     fn deref(&self) -> &T {
@@ -203,7 +210,7 @@ impl DerefMut for Buffer {
 }
 
 /// Bytes of one transparent huge page on x86-64 and most aarch64 Linux systems.
-const HUGE_PAGE: usize = 2 << 20;
+pub(crate) const HUGE_PAGE: usize = 2 << 20;
 
 /// A fixed-length buffer for large inputs, a KV cache above all, placed on 2 MiB pages where the
 /// operating system offers them.

@@ -24,7 +24,9 @@
 use crate::amx;
 use crate::error::Result;
 use crate::exact::kernel::{score_tile, AmxScratch, Keys, TileBufs, GROUP};
-use crate::exact::pack::{gather_rows, k_part, pack_transposed, rows_ptr, split_scores};
+use crate::exact::pack::{
+    gather_rows, huge_copy, k_part, pack_transposed, rows_ptr, split_scores,
+};
 use crate::exact::problem::{Problem, Span};
 use crate::options::Options;
 use crate::simd::Gemm;
@@ -95,8 +97,8 @@ impl Scratch {
 ///
 /// The options must be the ones the forward ran with (same masks, rules and dropout seed).
 /// Rows that saw no key get zero gradients. For grouped-query attention dK and dV sum over the
-/// query heads of each group. Extra memory: `D` (B·Hq·Nq floats) and, when `B·Hkv < 8`, up to
-/// four dQ-sized buffers.
+/// query heads of each group. Extra memory: `D` (B·Hq·Nq floats), copies of Q and dO on 2 MiB
+/// pages when each is 2 MiB or more, and, when `B·Hkv < 8`, up to four dQ-sized buffers.
 ///
 /// ```
 /// use attentive::{backward, forward, Options, View, ViewMut};
@@ -276,6 +278,10 @@ fn run_with(
     p.check_out("dk", dk, [b, hkv, nk, d])?;
     p.check_out("dv", dv, [b, hkv, nk, dvd])?;
 
+    // Q and dO, read once per key tile, from 2 MiB pages (copies when they are large).
+    let (q_copy, do_copy) = (huge_copy(&p.q), huge_copy(&d_o));
+    let q_rows = q_copy.as_ref().map_or(p.q, |c| c.view());
+    let d_o = do_copy.as_ref().map_or(d_o, |c| c.view());
     let tiles = nk.div_ceil(BC);
     let splits = MIN_TASKS.div_ceil(b * hkv).clamp(1, MAX_SPLITS).min(tiles);
     let group_len = p.group * nq * d;
@@ -299,7 +305,7 @@ fn run_with(
                     p,
                     (bk / hkv, bk % hkv),
                     t * BC,
-                    (&d_o, lse, delta),
+                    (&q_rows, &d_o, lse, delta),
                     dq_acc,
                     d_rule,
                     scr,
@@ -337,7 +343,8 @@ fn run_with(
     Ok(())
 }
 
-/// Gradient contributions of one key tile `[j0, j0 + BC)` of key/value head `kvh`: writes its dK
+/// Gradient contributions of one key tile `[j0, j0 + BC)` of key/value head `kvh` (queries read
+/// from `q`, the problem's Q or its copy): writes its dK
 /// and dV rows and adds to `dq_acc` (`group × Nq × D`, the query heads of this group) and to
 /// `d_rule`, the score rule's parameter gradient (empty when not asked for).
 #[allow(clippy::too_many_arguments)]
@@ -345,7 +352,7 @@ fn key_tile(
     p: &Problem,
     (b, kvh): (usize, usize),
     j0: usize,
-    (d_o, lse, delta): (&View, &[f32], &[f32]),
+    (q, d_o, lse, delta): (&View, &View, &[f32], &[f32]),
     dq_acc: &mut [f32],
     d_rule: &mut [f32],
     scr: &mut Scratch,
@@ -389,7 +396,7 @@ fn key_tile(
                 continue;
             }
             // Q and dO rows where they lie when their rows are contiguous, else gathered.
-            let (qp, ldq) = rows_ptr(&p.q, (b, h), i0, rows, &mut scr.q);
+            let (qp, ldq) = rows_ptr(q, (b, h), i0, rows, &mut scr.q);
             let q_parts = scr.amx.as_mut().map(|(a, _)| {
                 a.split_q(p, (qp, ldq), rows);
                 (a.q_parts(), a.d_pad)
