@@ -24,9 +24,7 @@
 use crate::amx;
 use crate::error::Result;
 use crate::exact::kernel::{score_tile, AmxScratch, Keys, TileBufs, GROUP};
-use crate::exact::pack::{
-    gather_rows, huge_copy, k_part, pack_transposed, rows_ptr, split_scores,
-};
+use crate::exact::pack::{gather_rows, huge_copy, k_part, pack_transposed, rows_ptr, split_scores};
 use crate::exact::problem::{Problem, Span};
 use crate::options::Options;
 use crate::simd::Gemm;

@@ -51,8 +51,12 @@ impl HugeCopy {
     /// The copy, as a view of the original's shape.
     pub fn view(&self) -> View<'_> {
         let data = self.copy.as_ref().and_then(|c| c.as_deref()).unwrap_or(&[]);
-        View::new(data, self.shape, crate::view::contiguous_strides(self.shape))
-            .expect("a copy holds its shape")
+        View::new(
+            data,
+            self.shape,
+            crate::view::contiguous_strides(self.shape),
+        )
+        .expect("a copy holds its shape")
     }
 }
 
@@ -86,9 +90,11 @@ pub(crate) fn huge_copy(view: &View) -> Option<HugeCopy> {
         copy.discard();
         return None;
     };
-    dst.par_chunks_mut(n * d).enumerate().for_each(|(bh, rows)| {
-        gather_rows(view, (bh / h, bh % h), 0, n, rows);
-    });
+    dst.par_chunks_mut(n * d)
+        .enumerate()
+        .for_each(|(bh, rows)| {
+            gather_rows(view, (bh / h, bh % h), 0, n, rows);
+        });
     Some(HugeCopy {
         copy: Some(copy),
         shape,
