@@ -28,6 +28,9 @@ create_exception!(
     "Bad input to an attention call: the engine's message says which tensor and why."
 );
 
+/// A float32 NumPy array of any rank.
+pub(crate) type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
+
 /// The engine's error as a Python exception.
 pub(crate) fn err(e: impl std::fmt::Display) -> PyErr {
     AttentionError::new_err(e.to_string())
@@ -38,7 +41,11 @@ pub(crate) fn err(e: impl std::fmt::Display) -> PyErr {
 fn layout<T>(name: &str, a: &ArrayViewD<T>, exact4: bool) -> PyResult<([usize; 4], [usize; 4])> {
     let nd = a.ndim();
     if (exact4 && nd != 4) || nd == 0 || nd > 4 {
-        let want = if exact4 { "4 dimensions" } else { "1 to 4 dimensions" };
+        let want = if exact4 {
+            "4 dimensions"
+        } else {
+            "1 to 4 dimensions"
+        };
         return Err(err(format!(
             "{name}: expected {want}, got shape {:?}",
             a.shape()
@@ -258,7 +265,7 @@ impl<'py> Opts<'py> {
         }
         o.softcap = self.softcap;
         if let Some(a) = &self.alibi {
-            o.alibi_slopes = Some(a.as_slice().map_err(|_| err("alibi: not contiguous"))?);
+            o.alibi_slopes = Some(slice1("alibi_slopes", a)?);
         }
         if let Some(m) = &self.mask {
             o.mask = Some(view("attn_mask", m, false)?);
@@ -267,17 +274,7 @@ impl<'py> Opts<'py> {
             o.bias = Some(view("attn_mask", b, false)?);
         }
         if let Some((q, k)) = &self.docs {
-            let ids = |a: &'_ PyReadonlyArray1<u32>| {
-                a.as_slice()
-                    .map_err(|_| err("document ids: not contiguous"))
-                    .map(|s| s as *const [u32])
-            };
-            let (q, k) = (ids(q)?, ids(k)?);
-            // SAFETY: the slices borrow arrays held by self for as long as the options live.
-            o.docs = Some(attentive::DocIds {
-                q: unsafe { &*q },
-                k: unsafe { &*k },
-            });
+            o = o.docs(slice1("docs", q)?, slice1("docs", k)?);
         }
         o.pattern = self.pattern.as_ref();
         o.block_mask = self.block_mask.as_ref().map(|b| &b.get().inner);
@@ -287,6 +284,12 @@ impl<'py> Opts<'py> {
         o.isa = self.isa;
         Ok(o)
     }
+}
+
+/// A 1-D array's elements, which must be contiguous.
+fn slice1<'a, T: Element>(name: &str, a: &'a PyReadonlyArray1<T>) -> PyResult<&'a [T]> {
+    a.as_slice()
+        .map_err(|_| err(format!("{name}: expected a contiguous array")))
 }
 
 /// Keys and values as the forward reads them: float32, or float16 (a half-precision KV cache).
@@ -317,7 +320,10 @@ fn describe(x: &Bound<PyAny>) -> String {
     }
 }
 
-pub(crate) fn f32_array<'py>(name: &str, x: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
+pub(crate) fn f32_array<'py>(
+    name: &str,
+    x: &Bound<'py, PyAny>,
+) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
     x.extract().map_err(|_| {
         PyTypeError::new_err(format!(
             "{name}: expected a float32 NumPy array, got {}",
@@ -326,7 +332,8 @@ pub(crate) fn f32_array<'py>(name: &str, x: &Bound<'py, PyAny>) -> PyResult<PyRe
     })
 }
 
-/// Exact attention: `(o [B, Hq, Nq, Dv], lse [B, Hq, Nq])`. `k` and `v` may be float16.
+/// Exact attention: `(o [B, Hq, Nq, Dv], lse [B, Hq, Nq])`; `out_bnhd` allocates `o` as
+/// `[B, Nq, Hq, Dv]` instead. `k` and `v` may be float16.
 #[pyfunction]
 #[pyo3(signature = (q, k, v, *, scale=None, causal=None, window=None, softcap=None,
     alibi=None, mask=None, bias=None, docs=None, pattern=None, block_mask=None,
@@ -351,7 +358,7 @@ fn forward<'py>(
     seed: u64,
     isa: Option<&str>,
     out_bnhd: bool,
-) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
+) -> PyResult<(Array<'py>, Array<'py>)> {
     let opts = Opts::parse(
         scale, causal, window, softcap, alibi, mask, bias, docs, pattern, block_mask, dropout,
         seed, isa,
@@ -371,21 +378,25 @@ fn forward<'py>(
     let run = match (&k, &v) {
         (Kv::F32(k), Kv::F32(v)) => {
             let (kv, vv) = (view("k", k, true)?, view("v", v, true)?);
-            py.detach(move || on_threads(move || {
-                // SAFETY: o and lse are fresh arrays held above for the whole call.
-                let (os, ls) = unsafe { (po.slice(), pl.slice()) };
-                let mut out = out_view(os, [b, hq, nq, dv], out_bnhd)?;
-                attentive::forward(qv, kv, vv, &options, &mut out, Some(ls))
-            }))
+            py.detach(move || {
+                on_threads(move || {
+                    // SAFETY: o and lse are fresh arrays held above for the whole call.
+                    let (os, ls) = unsafe { (po.slice(), pl.slice()) };
+                    let mut out = out_view(os, [b, hq, nq, dv], out_bnhd)?;
+                    attentive::forward(qv, kv, vv, &options, &mut out, Some(ls))
+                })
+            })
         }
         (Kv::F16(k), Kv::F16(v)) => {
             let (kv, vv) = (view("k", k, true)?, view("v", v, true)?);
-            py.detach(move || on_threads(move || {
-                // SAFETY: as above.
-                let (os, ls) = unsafe { (po.slice(), pl.slice()) };
-                let mut out = out_view(os, [b, hq, nq, dv], out_bnhd)?;
-                attentive::forward_half_kv(qv, kv, vv, &options, &mut out, Some(ls))
-            }))
+            py.detach(move || {
+                on_threads(move || {
+                    // SAFETY: as above.
+                    let (os, ls) = unsafe { (po.slice(), pl.slice()) };
+                    let mut out = out_view(os, [b, hq, nq, dv], out_bnhd)?;
+                    attentive::forward_half_kv(qv, kv, vv, &options, &mut out, Some(ls))
+                })
+            })
         }
         _ => {
             return Err(PyTypeError::new_err(
@@ -397,8 +408,8 @@ fn forward<'py>(
     Ok((o, lse))
 }
 
-/// Gradients `(dq, dk, dv)` of attention from the forward's output `o` and `lse`, given `do`,
-/// with the options the forward ran with.
+/// Gradients `(dq, dk, dv)` of attention from the forward's output `o` and `lse`, given `d_o`,
+/// with the options the forward ran with; `grads_bnhd` allocates them as `[B, N, H, D]`.
 #[pyfunction]
 #[pyo3(signature = (q, k, v, o, lse, d_o, *, scale=None, causal=None, window=None,
     softcap=None, alibi=None, mask=None, bias=None, docs=None, pattern=None, block_mask=None,
@@ -426,11 +437,7 @@ fn backward<'py>(
     seed: u64,
     isa: Option<&str>,
     grads_bnhd: bool,
-) -> PyResult<(
-    Bound<'py, PyArrayDyn<f32>>,
-    Bound<'py, PyArrayDyn<f32>>,
-    Bound<'py, PyArrayDyn<f32>>,
-)> {
+) -> PyResult<(Array<'py>, Array<'py>, Array<'py>)> {
     let opts = Opts::parse(
         scale, causal, window, softcap, alibi, mask, bias, docs, pattern, block_mask, dropout,
         seed, isa,
@@ -443,9 +450,7 @@ fn backward<'py>(
         f32_array("d_o", d_o)?,
     ];
     let lse = f32_array("lse", lse)?;
-    let lse_s = lse
-        .as_slice()
-        .map_err(|_| err("lse: not contiguous"))?;
+    let lse_s = lse.as_slice().map_err(|_| err("lse: not contiguous"))?;
     let [qv, kv, vv, ov, dov] = [
         view("q", &arrays[0], true)?,
         view("k", &arrays[1], true)?,
@@ -459,22 +464,24 @@ fn backward<'py>(
     let dvv = zeros(py, &layout_of(sv, grads_bnhd));
     let (pq, pk, pv) = (Out::of(&dq), Out::of(&dk), Out::of(&dvv));
     let options = opts.options()?;
-    py.detach(move || on_threads(move || {
-        // SAFETY: dq, dk and dv are fresh arrays held above for the whole call.
-        let (a, b, c) = unsafe { (pq.slice(), pk.slice(), pv.slice()) };
-        attentive::backward(
-            qv,
-            kv,
-            vv,
-            ov,
-            lse_s,
-            dov,
-            &options,
-            &mut out_view(a, sq, grads_bnhd)?,
-            &mut out_view(b, sk, grads_bnhd)?,
-            &mut out_view(c, sv, grads_bnhd)?,
-        )
-    }))
+    py.detach(move || {
+        on_threads(move || {
+            // SAFETY: dq, dk and dv are fresh arrays held above for the whole call.
+            let (a, b, c) = unsafe { (pq.slice(), pk.slice(), pv.slice()) };
+            attentive::backward(
+                qv,
+                kv,
+                vv,
+                ov,
+                lse_s,
+                dov,
+                &options,
+                &mut out_view(a, sq, grads_bnhd)?,
+                &mut out_view(b, sk, grads_bnhd)?,
+                &mut out_view(c, sv, grads_bnhd)?,
+            )
+        })
+    })
     .map_err(err)?;
     Ok((dq, dk, dvv))
 }
@@ -501,8 +508,7 @@ fn probabilities<'py>(
     isa: Option<&str>,
 ) -> PyResult<Bound<'py, PyArray4<f32>>> {
     let opts = Opts::parse(
-        scale, causal, window, softcap, alibi, mask, bias, docs, pattern, block_mask, 0.0, 0,
-        isa,
+        scale, causal, window, softcap, alibi, mask, bias, docs, pattern, block_mask, 0.0, 0, isa,
     )?;
     let (q, k) = (f32_array("q", q)?, f32_array("k", k)?);
     let (qv, kv) = (view("q", &q, true)?, view("k", &k, true)?);
@@ -526,7 +532,7 @@ fn merge<'py>(
     lse1: PyReadonlyArrayDyn<'py, f32>,
     o2: PyReadonlyArrayDyn<'py, f32>,
     lse2: PyReadonlyArrayDyn<'py, f32>,
-) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
+) -> PyResult<(Array<'py>, Array<'py>)> {
     if o1.shape() != o2.shape() || lse1.shape() != lse2.shape() {
         return Err(err(format!(
             "merge: shapes differ: o {:?} and {:?}, lse {:?} and {:?}",

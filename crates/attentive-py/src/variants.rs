@@ -1,15 +1,13 @@
 //! The other math (`attentive::variants`) on NumPy arrays, forward only, each variant's
 //! parameters passed explicitly.
 
-use crate::{err, f32_array, on_threads, view, zeros, Out};
+use crate::{err, f32_array, on_threads, view, zeros, Array, Out};
 use attentive::variants::{
     adaptive_span, additive, gated, han, linear, linformer, lsh, nystrom, performer,
 };
 use attentive::{Isa, View, ViewMut};
-use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-
-type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
 
 /// A contiguous slice of a 1-D (or any contiguous) array.
 fn flat<'a, T: numpy::Element>(name: &str, a: &'a PyReadonlyArrayDyn<T>) -> PyResult<&'a [T]> {
@@ -25,7 +23,11 @@ fn run<'py>(
     f: impl FnOnce(View, View, View, &mut ViewMut) -> attentive::Result<()> + Send,
 ) -> PyResult<Array<'py>> {
     let (qa, ka, va) = (f32_array("q", q)?, f32_array("k", k)?, f32_array("v", v)?);
-    let (qv, kv, vv) = (view("q", &qa, true)?, view("k", &ka, true)?, view("v", &va, true)?);
+    let (qv, kv, vv) = (
+        view("q", &qa, true)?,
+        view("k", &ka, true)?,
+        view("v", &va, true)?,
+    );
     let [b, hq, nq, _] = qv.shape();
     let shape = [b, hq, nq, vv.shape()[3]];
     let o = zeros(py, &shape);
@@ -84,7 +86,11 @@ fn gated_linear_attention<'py>(
                 .map_err(|_| err("log_decay: expected a contiguous array"))?,
         ),
         (None, Some(g)) => gated::Decay::Gates(view("log_gates", g, true)?),
-        _ => return Err(err("gated_linear_attention: give log_decay or log_gates, not both")),
+        _ => {
+            return Err(err(
+                "gated_linear_attention: give log_decay or log_gates, not both",
+            ))
+        }
     };
     run(py, (q, k, v), move |q, k, v, o| {
         let mut opts = gated::Gated::new(decay);
@@ -142,10 +148,7 @@ fn linformer_attention<'py>(
     f: Option<PyReadonlyArrayDyn<'py, f32>>,
     scale: Option<f32>,
 ) -> PyResult<Array<'py>> {
-    let proj = *e
-        .shape()
-        .last()
-        .ok_or_else(|| err("e: expected [N, k]"))?;
+    let proj = *e.shape().last().ok_or_else(|| err("e: expected [N, k]"))?;
     let (es, fs) = (
         flat("e", &e)?,
         f.as_ref().map(|f| flat("f", f)).transpose()?,
@@ -197,8 +200,10 @@ fn lsh_attention<'py>(
     key_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
 ) -> PyResult<Array<'py>> {
     let d = f32_array("x", x)?.shape().last().copied().unwrap_or(0);
-    if n_buckets % 2 != 0 || n_buckets == 0 {
-        return Err(err(format!("n_buckets: {n_buckets} is not a positive even number")));
+    if !n_buckets.is_multiple_of(2) || n_buckets == 0 {
+        return Err(err(format!(
+            "n_buckets: {n_buckets} is not a positive even number"
+        )));
     }
     let rotations = lsh::draw_rotations(n_hashes, d, n_buckets, seed);
     let mask = key_mask.as_ref().map(|m| flat("key_mask", m)).transpose()?;
@@ -236,6 +241,18 @@ fn adaptive_span_attention<'py>(
     })
 }
 
+/// A weight the score needs, as a contiguous slice.
+fn need<'a>(
+    score: &str,
+    name: &str,
+    a: &'a Option<PyReadonlyArrayDyn<'_, f32>>,
+) -> PyResult<&'a [f32]> {
+    let a = a
+        .as_ref()
+        .ok_or_else(|| err(format!("{score} score: {name} is required")))?;
+    flat(name, a)
+}
+
 /// Bahdanau's additive score (`w_q` [A, Dq], `w_k` [A, Dk], `v_a` [A]) or Luong's dot, general
 /// (`w` [Dq, Dk]) or concat (`w` [A, Dq + Dk], `v_a` [A]) score, softmax over the keys:
 /// returns (output, weights [B, Hq, Nq, Nk]).
@@ -255,27 +272,19 @@ fn additive_attention<'py>(
     v_a: Option<PyReadonlyArrayDyn<'py, f32>>,
     key_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
 ) -> PyResult<(Array<'py>, Array<'py>)> {
-    let need = |name: &str, a: &'_ Option<PyReadonlyArrayDyn<'py, f32>>| -> PyResult<*const [f32]> {
-        let a = a
-            .as_ref()
-            .ok_or_else(|| err(format!("{score} score: {name} is required")))?;
-        flat(name, a).map(|s| s as *const [f32])
-    };
-    // SAFETY (the derefs below): each pointer is a slice of an array argument, alive for the
-    // whole call.
     let s = match score {
         "additive" => additive::Score::Additive {
-            w_q: unsafe { &*need("w_q", &w_q)? },
-            w_k: unsafe { &*need("w_k", &w_k)? },
-            v: unsafe { &*need("v_a", &v_a)? },
+            w_q: need(score, "w_q", &w_q)?,
+            w_k: need(score, "w_k", &w_k)?,
+            v: need(score, "v_a", &v_a)?,
         },
         "dot" => additive::Score::Dot,
         "general" => additive::Score::General {
-            w: unsafe { &*need("w", &w)? },
+            w: need(score, "w", &w)?,
         },
         "concat" => additive::Score::Concat {
-            w: unsafe { &*need("w", &w)? },
-            v: unsafe { &*need("v_a", &v_a)? },
+            w: need(score, "w", &w)?,
+            v: need(score, "v_a", &v_a)?,
         },
         _ => {
             return Err(err(format!(
@@ -311,7 +320,10 @@ fn han_pool<'py>(
     mask: Option<PyReadonlyArrayDyn<'py, bool>>,
 ) -> PyResult<(Array<'py>, Array<'py>)> {
     let &[groups, n, d] = h.shape() else {
-        return Err(err(format!("h: expected [groups, N, D], got {:?}", h.shape())));
+        return Err(err(format!(
+            "h: expected [groups, N, D], got {:?}",
+            h.shape()
+        )));
     };
     let level = han::Level {
         w: flat("w", &w)?,

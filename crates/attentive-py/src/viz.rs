@@ -47,10 +47,7 @@ fn rollout<'py>(
     let m = to_maps(&maps, tokens, None)?;
     let f = self::fusion(fusion)?;
     let [l, _, n, _] = m.shape();
-    let r = py
-        .detach(|| roll::rollout(&m, f))
-        .map_err(err)?
-        .concat();
+    let r = py.detach(|| roll::rollout(&m, f)).map_err(err)?.concat();
     PyArray1::from_vec(py, r).reshape(vec![l, n, n])
 }
 
@@ -118,7 +115,10 @@ fn heatmap_svg(
     title: &str,
 ) -> PyResult<String> {
     let &[nq, nk] = map.shape() else {
-        return Err(err(format!("map: expected [Nq, Nk], got {:?}", map.shape())));
+        return Err(err(format!(
+            "map: expected [Nq, Nk], got {:?}",
+            map.shape()
+        )));
     };
     let k = k_tokens.unwrap_or_else(|| q_tokens.clone());
     if q_tokens.len() != nq || k.len() != nk {
