@@ -88,7 +88,9 @@ def time_shape(label, b, hq, hkv, n, d, causal, backward, rounds):
     tmp = tempfile.mkdtemp(prefix="attn-py-")
     for name, x in arr.items():
         np.save(os.path.join(tmp, f"{name}.npy"), x)
-    q, k, v, d_o = (torch.from_numpy(arr[x]) for x in ("q", "k", "v", "do"))
+    # Tensors from torch's allocator (64-byte aligned, as a model's are); NumPy's own arrays
+    # start 16 bytes into a cache line.
+    q, k, v, d_o = (torch.from_numpy(arr[x]).clone() for x in ("q", "k", "v", "do"))
     gqa = hq != hkv
     cli = Cli(tmp, causal, backward)
     impls = {
