@@ -15,6 +15,7 @@ use numpy::{
 use pyo3::create_exception;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -207,24 +208,50 @@ struct Opts<'py> {
     isa: Option<Isa>,
 }
 
+/// The option names a call takes, as `attentive.attention` passes them.
+const OPTION_NAMES: [&str; 13] = [
+    "scale",
+    "causal",
+    "window",
+    "softcap",
+    "alibi",
+    "mask",
+    "bias",
+    "docs",
+    "pattern",
+    "block_mask",
+    "dropout",
+    "seed",
+    "isa",
+];
+
 impl<'py> Opts<'py> {
-    #[allow(clippy::too_many_arguments)]
-    fn parse(
-        scale: Option<f32>,
-        causal: Option<&str>,
-        window: Option<(i64, i64)>,
-        softcap: Option<f32>,
-        alibi: Option<PyReadonlyArray1<'py, f32>>,
-        mask: Option<PyReadonlyArrayDyn<'py, bool>>,
-        bias: Option<PyReadonlyArrayDyn<'py, f32>>,
-        docs: Option<(PyReadonlyArray1<'py, u32>, PyReadonlyArray1<'py, u32>)>,
-        pattern: Option<&str>,
-        block_mask: Option<Bound<'py, BlockMask>>,
-        dropout: f32,
-        seed: u64,
-        isa: Option<&str>,
-    ) -> PyResult<Self> {
-        let causal = match causal {
+    /// The options in `d` (names as [`OPTION_NAMES`]; a missing or None entry is unset).
+    fn from_dict(d: Option<&Bound<'py, PyDict>>) -> PyResult<Self> {
+        fn get<'py, T: FromPyObjectOwned<'py>>(
+            d: Option<&Bound<'py, PyDict>>,
+            name: &str,
+        ) -> PyResult<Option<T>> {
+            match d.map(|d| d.get_item(name)).transpose()?.flatten() {
+                Some(x) if !x.is_none() => match x.extract::<T>() {
+                    Ok(v) => Ok(Some(v)),
+                    Err(e) => {
+                        let e: PyErr = e.into();
+                        Err(PyTypeError::new_err(format!("{name}: {}", e.value(x.py()))))
+                    }
+                },
+                _ => Ok(None),
+            }
+        }
+        if let Some(d) = d {
+            for key in d.keys() {
+                let k: String = key.extract()?;
+                if !OPTION_NAMES.contains(&k.as_str()) {
+                    return Err(err(format!("unknown option {k:?}")));
+                }
+            }
+        }
+        let causal = match get::<String>(d, "causal")?.as_deref() {
             None => None,
             Some("top-left") => Some(Causal::TopLeft),
             Some("bottom-right") => Some(Causal::BottomRight),
@@ -236,22 +263,28 @@ impl<'py> Opts<'py> {
         };
         // A negative side is open, as flash-attn's window_size=(-1, -1).
         let side = |x: i64| usize::try_from(x).unwrap_or(usize::MAX);
+        let window: Option<(i64, i64)> = get(d, "window")?;
+        let dropout: f32 = get(d, "dropout")?.unwrap_or(0.0);
+        let seed: u64 = get(d, "seed")?.unwrap_or(0);
         Ok(Self {
-            scale,
+            scale: get(d, "scale")?,
             causal,
             window: window.map(|(l, r)| (side(l), side(r))),
-            softcap,
-            alibi,
-            mask,
-            bias,
-            docs,
-            pattern: pattern
+            softcap: get(d, "softcap")?,
+            alibi: get(d, "alibi")?,
+            mask: get(d, "mask")?,
+            bias: get(d, "bias")?,
+            docs: get(d, "docs")?,
+            pattern: get::<String>(d, "pattern")?
                 .map(|p| p.parse::<Pattern>())
                 .transpose()
                 .map_err(err)?,
-            block_mask,
+            block_mask: get(d, "block_mask")?,
             dropout: (dropout != 0.0).then_some((dropout, seed)),
-            isa: isa.map(parse_isa).transpose()?,
+            isa: get::<String>(d, "isa")?
+                .as_deref()
+                .map(parse_isa)
+                .transpose()?,
         })
     }
 
@@ -335,34 +368,17 @@ pub(crate) fn f32_array<'py>(
 /// Exact attention: `(o [B, Hq, Nq, Dv], lse [B, Hq, Nq])`; `out_bnhd` allocates `o` as
 /// `[B, Nq, Hq, Dv]` instead. `k` and `v` may be float16.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, *, scale=None, causal=None, window=None, softcap=None,
-    alibi=None, mask=None, bias=None, docs=None, pattern=None, block_mask=None,
-    dropout=0.0, seed=0, isa=None, out_bnhd=false))]
+#[pyo3(signature = (q, k, v, opts=None, *, out_bnhd=false))]
 #[allow(clippy::too_many_arguments)]
 fn forward<'py>(
     py: Python<'py>,
     q: &Bound<'py, PyAny>,
     k: &Bound<'py, PyAny>,
     v: &Bound<'py, PyAny>,
-    scale: Option<f32>,
-    causal: Option<&str>,
-    window: Option<(i64, i64)>,
-    softcap: Option<f32>,
-    alibi: Option<PyReadonlyArray1<'py, f32>>,
-    mask: Option<PyReadonlyArrayDyn<'py, bool>>,
-    bias: Option<PyReadonlyArrayDyn<'py, f32>>,
-    docs: Option<(PyReadonlyArray1<'py, u32>, PyReadonlyArray1<'py, u32>)>,
-    pattern: Option<&str>,
-    block_mask: Option<Bound<'py, BlockMask>>,
-    dropout: f32,
-    seed: u64,
-    isa: Option<&str>,
+    opts: Option<&Bound<'py, PyDict>>,
     out_bnhd: bool,
 ) -> PyResult<(Array<'py>, Array<'py>)> {
-    let opts = Opts::parse(
-        scale, causal, window, softcap, alibi, mask, bias, docs, pattern, block_mask, dropout,
-        seed, isa,
-    )?;
+    let opts = Opts::from_dict(opts)?;
     let q = f32_array("q", q)?;
     let (k, v) = (Kv::extract("k", k)?, Kv::extract("v", v)?);
     let qv = view("q", &q, true)?;
@@ -411,9 +427,7 @@ fn forward<'py>(
 /// Gradients `(dq, dk, dv)` of attention from the forward's output `o` and `lse`, given `d_o`,
 /// with the options the forward ran with; `grads_bnhd` allocates them as `[B, N, H, D]`.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, o, lse, d_o, *, scale=None, causal=None, window=None,
-    softcap=None, alibi=None, mask=None, bias=None, docs=None, pattern=None, block_mask=None,
-    dropout=0.0, seed=0, isa=None, grads_bnhd=false))]
+#[pyo3(signature = (q, k, v, o, lse, d_o, opts=None, *, grads_bnhd=false))]
 #[allow(clippy::too_many_arguments)]
 fn backward<'py>(
     py: Python<'py>,
@@ -423,25 +437,10 @@ fn backward<'py>(
     o: &Bound<'py, PyAny>,
     lse: &Bound<'py, PyAny>,
     d_o: &Bound<'py, PyAny>,
-    scale: Option<f32>,
-    causal: Option<&str>,
-    window: Option<(i64, i64)>,
-    softcap: Option<f32>,
-    alibi: Option<PyReadonlyArray1<'py, f32>>,
-    mask: Option<PyReadonlyArrayDyn<'py, bool>>,
-    bias: Option<PyReadonlyArrayDyn<'py, f32>>,
-    docs: Option<(PyReadonlyArray1<'py, u32>, PyReadonlyArray1<'py, u32>)>,
-    pattern: Option<&str>,
-    block_mask: Option<Bound<'py, BlockMask>>,
-    dropout: f32,
-    seed: u64,
-    isa: Option<&str>,
+    opts: Option<&Bound<'py, PyDict>>,
     grads_bnhd: bool,
 ) -> PyResult<(Array<'py>, Array<'py>, Array<'py>)> {
-    let opts = Opts::parse(
-        scale, causal, window, softcap, alibi, mask, bias, docs, pattern, block_mask, dropout,
-        seed, isa,
-    )?;
+    let opts = Opts::from_dict(opts)?;
     let arrays = [
         f32_array("q", q)?,
         f32_array("k", k)?,
@@ -488,28 +487,15 @@ fn backward<'py>(
 
 /// The attention weights themselves, `[B, Hq, Nq, Nk]` (0 where a key is masked).
 #[pyfunction]
-#[pyo3(signature = (q, k, *, scale=None, causal=None, window=None, softcap=None,
-    alibi=None, mask=None, bias=None, docs=None, pattern=None, block_mask=None, isa=None))]
+#[pyo3(signature = (q, k, opts=None))]
 #[allow(clippy::too_many_arguments)]
 fn probabilities<'py>(
     py: Python<'py>,
     q: &Bound<'py, PyAny>,
     k: &Bound<'py, PyAny>,
-    scale: Option<f32>,
-    causal: Option<&str>,
-    window: Option<(i64, i64)>,
-    softcap: Option<f32>,
-    alibi: Option<PyReadonlyArray1<'py, f32>>,
-    mask: Option<PyReadonlyArrayDyn<'py, bool>>,
-    bias: Option<PyReadonlyArrayDyn<'py, f32>>,
-    docs: Option<(PyReadonlyArray1<'py, u32>, PyReadonlyArray1<'py, u32>)>,
-    pattern: Option<&str>,
-    block_mask: Option<Bound<'py, BlockMask>>,
-    isa: Option<&str>,
+    opts: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyArray4<f32>>> {
-    let opts = Opts::parse(
-        scale, causal, window, softcap, alibi, mask, bias, docs, pattern, block_mask, 0.0, 0, isa,
-    )?;
+    let opts = Opts::from_dict(opts)?;
     let (q, k) = (f32_array("q", q)?, f32_array("k", k)?);
     let (qv, kv) = (view("q", &q, true)?, view("k", &k, true)?);
     let options = opts.options()?;

@@ -99,7 +99,7 @@ def test_backward_matches_the_oracle():
         b, hq, hkv, nq, nk, d, dv = shape
         q, k, v, d_o = rand(b, hq, nq, d), rand(b, hkv, nk, d), rand(b, hkv, nk, dv), rand(b, hq, nq, dv)
         o, lse = attentive.attention(q, k, v, return_lse=True, **opts)
-        got = attentive._attentive.backward(q, k, v, o, lse, d_o, **opts)
+        got = attentive._attentive.backward(q, k, v, o, lse, d_o, opts)
         want = ref.grads(q, k, v, d_o, **opts)
         naive = ref.grads(q, k, v, d_o, dtype=np.float32, **opts)
         for name, g, w, n in zip(("dq", "dk", "dv"), got, want, naive):
@@ -244,6 +244,8 @@ def test_dropout_is_reproducible_from_its_seed():
                                                       is_causal=True), ValueError),
     (lambda q: attentive.merge(q, q[..., 0], q[:, :2], q[:, :2, :, 0]), ValueError),
     (lambda q: attentive.BlockMask("nonsense:1", 4, 4), ValueError),
+    (lambda q: attentive._attentive.forward(q, q, q, {"scael": 1.0}), ValueError),
+    (lambda q: attentive._attentive.forward(q, q, q, {"scale": "big"}), TypeError),
 ])
 def test_bad_input_raises(call, kind):
     q = rand(1, 4, 16, 16)

@@ -18,7 +18,7 @@ def _forward(q, k, v, kw, bnhd_in, out_bnhd):
     qa = _bhnd(as_numpy(q, "q"), bnhd_in)
     ka = _bhnd(as_numpy(k, "k", _KV), bnhd_in)
     va = _bhnd(as_numpy(v, "v", _KV), bnhd_in)
-    return _C.forward(qa, ka, va, out_bnhd=out_bnhd, **kw)
+    return _C.forward(qa, ka, va, kw, out_bnhd=out_bnhd)
 
 
 _FUNCTION = None
@@ -57,8 +57,8 @@ def _function():
                 _bhnd(o.numpy(), ctx.out_bnhd),
                 lse.numpy(),
                 _bhnd(as_numpy(d_o, "grad of the output"), ctx.out_bnhd),
+                ctx.kw,
                 grads_bnhd=b,
-                **ctx.kw,
             )
             dq, dk, dv = (torch.from_numpy(g) for g in grads)
             return dq, dk, dv, None, None, None
@@ -190,7 +190,7 @@ def attention_probabilities(q, k, *, scale=None, causal=None, window=None, softc
                   alibi_slopes=alibi_slopes, attn_mask=attn_mask, docs=docs, pattern=pattern,
                   block_mask=block_mask, isa=isa)
     del kw["dropout"], kw["seed"]
-    p = _C.probabilities(as_numpy(q, "q"), as_numpy(k, "k"), **kw)
+    p = _C.probabilities(as_numpy(q, "q"), as_numpy(k, "k"), kw)
     return wrap(p, q)
 
 
