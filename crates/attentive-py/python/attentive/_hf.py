@@ -32,7 +32,7 @@ def attentive_attention_forward(module, query, key, value, attention_mask, dropo
     causal = q_len > 1 and attention_mask is None and causal
     # A boolean mask stays a mask; a float mask and T5's position bias add to the scores.
     mask, bias = attention_mask, position_bias
-    if mask is not None and mask.dtype != torch_bool(mask):
+    if mask is not None and mask.dtype != sys.modules["torch"].bool:
         bias = mask if bias is None else bias + mask
         mask = None
     kw = _options(query, scale=scaling, causal="top-left" if causal else None, softcap=softcap,
@@ -41,10 +41,6 @@ def attentive_attention_forward(module, query, key, value, attention_mask, dropo
         kw["bias"] = _options(query, attn_mask=bias)["bias"]
     out, _ = _attend(query, key, value, kw, out_bnhd=True)
     return out, None
-
-
-def torch_bool(x):
-    return sys.modules["torch"].bool
 
 
 def register():
