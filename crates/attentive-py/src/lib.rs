@@ -2,12 +2,12 @@
 //! (`python/attentive`), which adds PyTorch, flash-attn's call shape and HF transformers on top.
 //!
 //! Every array is read where it lies: a float32 array of any non-negative strides becomes an
-//! engine [`View`] over its own buffer, and each output is allocated once as a NumPy array that
-//! the kernel writes into. The kernel runs with the GIL released. Every engine error becomes
+//! engine [`View`] over its own buffer, and each output is allocated once (on 2 MiB pages where
+//! it spans one) as the memory of a NumPy array that the kernel writes into. The kernel runs with the GIL released. Every engine error becomes
 //! `attentive.AttentionError`, a `ValueError` carrying the engine's message.
 
-use attentive::{Causal, Isa, Options, Pattern, View, ViewMut};
-use numpy::ndarray::ArrayViewD;
+use attentive::{Causal, HugeVec, Isa, Options, Pattern, View, ViewMut};
+use numpy::ndarray::{ArrayViewD, IxDyn};
 use numpy::{
     Element, PyArray1, PyArray4, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn,
     PyUntypedArrayMethods,
@@ -87,9 +87,34 @@ pub(crate) fn view<'a, T: Element + Copy>(
     View::new(data, shape, strides).map_err(|e| err(format!("{name}: {e}")))
 }
 
-/// A fresh zeroed float32 array of `shape`.
-pub(crate) fn zeros<'py>(py: Python<'py>, shape: &[usize]) -> Bound<'py, PyArrayDyn<f32>> {
-    PyArrayDyn::zeros(py, shape, false)
+/// The memory of an output array: a [`HugeVec`], on 2 MiB pages where it spans one.
+///
+/// A fresh output on 4 KiB pages is mapped page by page as the kernel writes it: measured on an
+/// Intel Xeon, 2 threads (32 query heads over 8, N = 2048, D = 128, a 32 MiB output), the
+/// forward took 213–219 ms writing into a kept buffer, 235–247 ms into a fresh `Vec` and
+/// 223–224 ms into a fresh `HugeVec`.
+#[pyclass(frozen, module = "attentive")]
+struct HugeBuffer {
+    ptr: *mut f32,
+    _data: HugeVec<f32>,
+}
+// SAFETY: the buffer owns its memory as a Vec does; `ptr` points into it and is read and written
+// only through the NumPy array whose base object this is.
+unsafe impl Send for HugeBuffer {}
+// SAFETY: as above; the struct itself is never written after it is made.
+unsafe impl Sync for HugeBuffer {}
+
+/// A fresh zeroed float32 array of `shape`, its memory a [`HugeBuffer`].
+pub(crate) fn zeros<'py>(py: Python<'py>, shape: &[usize]) -> PyResult<Array<'py>> {
+    let len = shape.iter().product::<usize>();
+    let mut data = HugeVec::<f32>::zeroed(len).map_err(err)?;
+    let ptr = data.as_mut_ptr();
+    let owner = Bound::new(py, HugeBuffer { ptr, _data: data })?;
+    // SAFETY: `ptr` holds `len` initialised floats owned by `owner`, which becomes the array's
+    // base object and so outlives it.
+    let view = unsafe { ArrayViewD::from_shape_ptr(IxDyn(shape), owner.get().ptr.cast_const()) };
+    // SAFETY: as above: `owner` owns the memory `view` points to and is never reallocated.
+    Ok(unsafe { PyArrayDyn::borrow_from_array(&view, owner.into_any()) })
 }
 
 /// The shape an output of `[B, H, N, D]` is allocated in: as is, or `[B, N, H, D]`.
@@ -387,8 +412,8 @@ fn forward<'py>(
         Kv::F32(a) => view("v", a, true)?.shape()[3],
         Kv::F16(a) => view("v", a, true)?.shape()[3],
     };
-    let o = zeros(py, &layout_of([b, hq, nq, dv], out_bnhd));
-    let lse = zeros(py, &[b, hq, nq]);
+    let o = zeros(py, &layout_of([b, hq, nq, dv], out_bnhd))?;
+    let lse = zeros(py, &[b, hq, nq])?;
     let (po, pl) = (Out::of(&o), Out::of(&lse));
     let options = opts.options()?;
     let run = match (&k, &v) {
@@ -458,9 +483,9 @@ fn backward<'py>(
         view("d_o", &arrays[4], true)?,
     ];
     let (sq, sk, sv) = (qv.shape(), kv.shape(), vv.shape());
-    let dq = zeros(py, &layout_of(sq, grads_bnhd));
-    let dk = zeros(py, &layout_of(sk, grads_bnhd));
-    let dvv = zeros(py, &layout_of(sv, grads_bnhd));
+    let dq = zeros(py, &layout_of(sq, grads_bnhd))?;
+    let dk = zeros(py, &layout_of(sk, grads_bnhd))?;
+    let dvv = zeros(py, &layout_of(sv, grads_bnhd))?;
     let (pq, pk, pv) = (Out::of(&dq), Out::of(&dk), Out::of(&dvv));
     let options = opts.options()?;
     py.detach(move || {

@@ -30,7 +30,7 @@ fn run<'py>(
     );
     let [b, hq, nq, _] = qv.shape();
     let shape = [b, hq, nq, vv.shape()[3]];
-    let o = zeros(py, &shape);
+    let o = zeros(py, &shape)?;
     let out = Out::of(&o);
     py.detach(move || {
         on_threads(move || {
@@ -296,7 +296,7 @@ fn additive_attention<'py>(
     let (qa, ka) = (f32_array("q", q)?, f32_array("k", k)?);
     let [b, hq, nq, _] = view("q", &qa, true)?.shape();
     let nk = view("k", &ka, true)?.shape()[2];
-    let weights = zeros(py, &[b, hq, nq, nk]);
+    let weights = zeros(py, &[b, hq, nq, nk])?;
     let wout = Out::of(&weights);
     let o = run(py, (q, k, v), move |q, k, v, o| {
         let mut opts = additive::Additive::new(s);
