@@ -394,7 +394,6 @@ pub(crate) fn f32_array<'py>(
 /// `[B, Nq, Hq, Dv]` instead. `k` and `v` may be float16.
 #[pyfunction]
 #[pyo3(signature = (q, k, v, opts=None, *, out_bnhd=false))]
-#[allow(clippy::too_many_arguments)]
 fn forward<'py>(
     py: Python<'py>,
     q: &Bound<'py, PyAny>,
@@ -409,35 +408,35 @@ fn forward<'py>(
     let qv = view("q", &q, true)?;
     let [b, hq, nq, _] = qv.shape();
     let dv = match &v {
-        Kv::F32(a) => view("v", a, true)?.shape()[3],
-        Kv::F16(a) => view("v", a, true)?.shape()[3],
-    };
-    let o = zeros(py, &layout_of([b, hq, nq, dv], out_bnhd))?;
+        Kv::F32(a) => a.shape(),
+        Kv::F16(a) => a.shape(),
+    }
+    .last()
+    .copied()
+    .unwrap_or(0);
+    let shape = [b, hq, nq, dv];
+    let o = zeros(py, &layout_of(shape, out_bnhd))?;
     let lse = zeros(py, &[b, hq, nq])?;
     let (po, pl) = (Out::of(&o), Out::of(&lse));
     let options = opts.options()?;
+    // The forward on either K/V type, without the GIL, into o and lse.
+    let run = move |f: &(dyn Fn(&mut ViewMut, &mut [f32]) -> attentive::Result<()> + Sync)| {
+        py.detach(move || {
+            on_threads(move || {
+                // SAFETY: o and lse are fresh arrays held above for the whole call.
+                let (os, ls) = unsafe { (po.slice(), pl.slice()) };
+                f(&mut out_view(os, shape, out_bnhd)?, ls)
+            })
+        })
+    };
     let run = match (&k, &v) {
         (Kv::F32(k), Kv::F32(v)) => {
             let (kv, vv) = (view("k", k, true)?, view("v", v, true)?);
-            py.detach(move || {
-                on_threads(move || {
-                    // SAFETY: o and lse are fresh arrays held above for the whole call.
-                    let (os, ls) = unsafe { (po.slice(), pl.slice()) };
-                    let mut out = out_view(os, [b, hq, nq, dv], out_bnhd)?;
-                    attentive::forward(qv, kv, vv, &options, &mut out, Some(ls))
-                })
-            })
+            run(&|out, ls| attentive::forward(qv, kv, vv, &options, out, Some(ls)))
         }
         (Kv::F16(k), Kv::F16(v)) => {
             let (kv, vv) = (view("k", k, true)?, view("v", v, true)?);
-            py.detach(move || {
-                on_threads(move || {
-                    // SAFETY: as above.
-                    let (os, ls) = unsafe { (po.slice(), pl.slice()) };
-                    let mut out = out_view(os, [b, hq, nq, dv], out_bnhd)?;
-                    attentive::forward_half_kv(qv, kv, vv, &options, &mut out, Some(ls))
-                })
-            })
+            run(&|out, ls| attentive::forward_half_kv(qv, kv, vv, &options, out, Some(ls)))
         }
         _ => {
             return Err(PyTypeError::new_err(
@@ -513,7 +512,6 @@ fn backward<'py>(
 /// The attention weights themselves, `[B, Hq, Nq, Nk]` (0 where a key is masked).
 #[pyfunction]
 #[pyo3(signature = (q, k, opts=None))]
-#[allow(clippy::too_many_arguments)]
 fn probabilities<'py>(
     py: Python<'py>,
     q: &Bound<'py, PyAny>,
@@ -553,8 +551,10 @@ fn merge<'py>(
             lse2.shape()
         )));
     }
-    let o = o1.as_array().to_owned().into_pyarray_dyn(py);
-    let lse = lse1.as_array().to_owned().into_pyarray_dyn(py);
+    let copy = |a: &PyReadonlyArrayDyn<f32>| {
+        PyArrayDyn::from_owned_array(py, a.as_array().as_standard_layout().into_owned())
+    };
+    let (o, lse) = (copy(&o1), copy(&lse1));
     let o2c = o2.as_array().as_standard_layout().into_owned();
     let l2c = lse2.as_array().as_standard_layout().into_owned();
     {
@@ -568,17 +568,6 @@ fn merge<'py>(
         attentive::merge(os, ls, o2s, l2s).map_err(err)?;
     }
     Ok((o, lse))
-}
-
-trait IntoPyArrayDyn {
-    fn into_pyarray_dyn<'py>(self, py: Python<'py>) -> Bound<'py, PyArrayDyn<f32>>;
-}
-
-impl IntoPyArrayDyn for numpy::ndarray::ArrayD<f32> {
-    fn into_pyarray_dyn<'py>(self, py: Python<'py>) -> Bound<'py, PyArrayDyn<f32>> {
-        let std = self.as_standard_layout().into_owned();
-        PyArrayDyn::from_owned_array(py, std)
-    }
 }
 
 /// Threads each calling Python thread runs its kernels on; 0: rayon's global pool (one thread
