@@ -92,11 +92,13 @@ pub(crate) fn view<'a, T: Element + Copy>(
 /// A fresh output on 4 KiB pages is mapped page by page as the kernel writes it: measured on an
 /// Intel Xeon, 2 threads (32 query heads over 8, N = 2048, D = 128, a 32 MiB output), the
 /// forward took 213–219 ms writing into a kept buffer, 235–247 ms into a fresh `Vec` and
-/// 223–224 ms into a fresh `HugeVec`.
+/// 223–224 ms into a fresh `HugeVec`. So a buffer of 2 MiB or more is not freed when its array
+/// dies but kept in [`SPARE`] for the next output of the same length (a training loop asks for
+/// the same shapes at every step).
 #[pyclass(frozen, module = "attentive")]
 struct HugeBuffer {
     ptr: *mut f32,
-    _data: HugeVec<f32>,
+    data: Option<HugeVec<f32>>,
 }
 // SAFETY: the buffer owns its memory as a Vec does; `ptr` points into it and is read and written
 // only through the NumPy array whose base object this is.
@@ -104,14 +106,72 @@ unsafe impl Send for HugeBuffer {}
 // SAFETY: as above; the struct itself is never written after it is made.
 unsafe impl Sync for HugeBuffer {}
 
+/// Bytes of a transparent huge page: smaller outputs come from malloc's free lists anyway.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Most bytes of dead outputs kept for reuse: the outputs and gradients of one attention call
+/// of 32 heads, N = 2048, D = 128 (32 MiB each for O and dQ, 8 MiB each for dK and dV of 8
+/// key/value heads) fit twice. The oldest go first when a new one would pass it.
+const SPARE_BYTES: usize = 160 << 20;
+
+/// Dead outputs of 2 MiB or more, most recent last, with their total bytes.
+static SPARE: std::sync::Mutex<(Vec<HugeVec<f32>>, usize)> = std::sync::Mutex::new((Vec::new(), 0));
+
+fn spare() -> std::sync::MutexGuard<'static, (Vec<HugeVec<f32>>, usize)> {
+    SPARE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Drop for HugeBuffer {
+    fn drop(&mut self) {
+        let Some(data) = self.data.take() else { return };
+        let bytes = std::mem::size_of_val(&data[..]);
+        if !(HUGE_PAGE..=SPARE_BYTES).contains(&bytes) {
+            return;
+        }
+        let mut spare = spare();
+        spare.1 += bytes;
+        spare.0.push(data);
+        while spare.1 > SPARE_BYTES {
+            let old = spare.0.remove(0);
+            spare.1 -= std::mem::size_of_val(&old[..]);
+        }
+    }
+}
+
+/// A float32 array of `shape` for the kernel to overwrite, its memory a [`HugeBuffer`]: a kept
+/// one of the same length, holding an earlier output's values, or a fresh zeroed one. Only for
+/// outputs the engine writes in full (its tests fill them with NaN first and check every
+/// element).
+pub(crate) fn output<'py>(py: Python<'py>, shape: &[usize]) -> PyResult<Array<'py>> {
+    let len = shape.iter().product::<usize>();
+    let kept = {
+        let mut spare = spare();
+        let at = spare.0.iter().rposition(|b| b.len() == len);
+        at.map(|at| {
+            let b = spare.0.remove(at);
+            spare.1 -= std::mem::size_of_val(&b[..]);
+            b
+        })
+    };
+    let data = match kept {
+        Some(b) => b,
+        None => HugeVec::<f32>::zeroed(len).map_err(err)?,
+    };
+    wrap(py, shape, data)
+}
+
 /// A fresh zeroed float32 array of `shape`, its memory a [`HugeBuffer`].
 pub(crate) fn zeros<'py>(py: Python<'py>, shape: &[usize]) -> PyResult<Array<'py>> {
     let len = shape.iter().product::<usize>();
-    let mut data = HugeVec::<f32>::zeroed(len).map_err(err)?;
+    wrap(py, shape, HugeVec::<f32>::zeroed(len).map_err(err)?)
+}
+
+/// `data` as a NumPy array of `shape` (`data.len()` elements) that owns it.
+fn wrap<'py>(py: Python<'py>, shape: &[usize], mut data: HugeVec<f32>) -> PyResult<Array<'py>> {
     let ptr = data.as_mut_ptr();
-    let owner = Bound::new(py, HugeBuffer { ptr, _data: data })?;
-    // SAFETY: `ptr` holds `len` initialised floats owned by `owner`, which becomes the array's
-    // base object and so outlives it.
+    let owner = Bound::new(py, HugeBuffer { ptr, data: Some(data) })?;
+    // SAFETY: `ptr` holds `shape`'s product of initialised floats owned by `owner`, which
+    // becomes the array's base object and so outlives it.
     let view = unsafe { ArrayViewD::from_shape_ptr(IxDyn(shape), owner.get().ptr.cast_const()) };
     // SAFETY: as above: `owner` owns the memory `view` points to and is never reallocated.
     Ok(unsafe { PyArrayDyn::borrow_from_array(&view, owner.into_any()) })
@@ -415,8 +475,8 @@ fn forward<'py>(
     .copied()
     .unwrap_or(0);
     let shape = [b, hq, nq, dv];
-    let o = zeros(py, &layout_of(shape, out_bnhd))?;
-    let lse = zeros(py, &[b, hq, nq])?;
+    let o = output(py, &layout_of(shape, out_bnhd))?;
+    let lse = output(py, &[b, hq, nq])?;
     let (po, pl) = (Out::of(&o), Out::of(&lse));
     let options = opts.options()?;
     // The forward on either K/V type, without the GIL, into o and lse.
@@ -482,9 +542,9 @@ fn backward<'py>(
         view("d_o", &arrays[4], true)?,
     ];
     let (sq, sk, sv) = (qv.shape(), kv.shape(), vv.shape());
-    let dq = zeros(py, &layout_of(sq, grads_bnhd))?;
-    let dk = zeros(py, &layout_of(sk, grads_bnhd))?;
-    let dvv = zeros(py, &layout_of(sv, grads_bnhd))?;
+    let dq = output(py, &layout_of(sq, grads_bnhd))?;
+    let dk = output(py, &layout_of(sk, grads_bnhd))?;
+    let dvv = output(py, &layout_of(sv, grads_bnhd))?;
     let (pq, pk, pv) = (Out::of(&dq), Out::of(&dk), Out::of(&dvv));
     let options = opts.options()?;
     py.detach(move || {
@@ -575,31 +635,55 @@ fn merge<'py>(
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
-    /// This Python thread's own pool, when [`THREADS`] asks for one.
-    static POOL: RefCell<Option<(usize, rayon::ThreadPool)>> = const { RefCell::new(None) };
+    /// This Python thread's own pools, by thread count, when [`THREADS`] asks for one. The
+    /// first counts the calling thread itself as its worker 0, so a call runs on the calling
+    /// thread with n − 1 helpers instead of being handed to a pool thread and back: that
+    /// hand-over cost about 20 µs a call (a 1×1×1×8 forward from Python: 23 µs against 2 µs,
+    /// Intel Xeon, 2 threads). rayon lets a thread belong to one pool only, so pools of other
+    /// sizes built later by the same thread take the call over as before.
+    static POOLS: RefCell<Vec<(usize, rayon::ThreadPool)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A pool of rayon's default size for threads that set [`THREADS`] back to 0 after joining a
+/// pool of their own (rayon would otherwise run their calls on that pool); `None` if the
+/// system refused the threads.
+fn shared_pool() -> Option<&'static rayon::ThreadPool> {
+    static SHARED: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    SHARED
+        .get_or_init(|| rayon::ThreadPoolBuilder::new().build().ok())
+        .as_ref()
 }
 
 /// Runs `f` (a kernel call, without the GIL) on the calling thread's share of threads.
 pub(crate) fn on_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let n = THREADS.load(Ordering::Relaxed);
-    if n == 0 {
-        return f();
-    }
-    POOL.with_borrow_mut(|pool| {
-        if pool.as_ref().is_none_or(|(m, _)| *m != n) {
-            let built = rayon::ThreadPoolBuilder::new().num_threads(n).build();
-            *pool = built.ok().map(|p| (n, p));
+    POOLS.with_borrow_mut(|pools| {
+        if n == 0 {
+            return match shared_pool().filter(|_| !pools.is_empty()) {
+                Some(p) => p.install(f),
+                None => f(),
+            };
         }
-        match pool {
-            Some((_, p)) => p.install(f),
-            None => f(),
+        if !pools.iter().any(|(m, _)| *m == n) {
+            let builder = rayon::ThreadPoolBuilder::new().num_threads(n);
+            let builder = if pools.is_empty() {
+                builder.use_current_thread()
+            } else {
+                builder
+            };
+            match builder.build() {
+                Ok(p) => pools.push((n, p)),
+                Err(_) => return f(),
+            }
         }
+        let (_, p) = pools.iter().find(|(m, _)| *m == n).expect("built above");
+        p.install(f)
     })
 }
 
-/// Sets how many threads each Python thread's attention calls run on: `n` threads of its own
-/// (two Python threads calling at once then use 2n), or 0 for one shared pool of one thread
-/// per core (the default). Returns True.
+/// Sets how many threads each Python thread's attention calls run on: `n` threads of its own,
+/// the calling thread among them (two Python threads calling at once then use 2n), or 0 for one
+/// shared pool of one thread per core (the default). Returns True.
 #[pyfunction]
 fn set_num_threads(n: usize) -> bool {
     THREADS.store(n, Ordering::Relaxed);
@@ -610,7 +694,10 @@ fn set_num_threads(n: usize) -> bool {
 #[pyfunction]
 fn num_threads() -> usize {
     match THREADS.load(Ordering::Relaxed) {
-        0 => rayon::current_num_threads(),
+        0 => match shared_pool().filter(|_| POOLS.with_borrow(|p| !p.is_empty())) {
+            Some(p) => p.current_num_threads(),
+            None => rayon::current_num_threads(),
+        },
         n => n,
     }
 }

@@ -285,3 +285,28 @@ def test_the_gil_is_released():
 
     single, double = timed(1), timed(2)
     assert double < 1.5 * single, f"two threads took {double:.3f} s, one {single:.3f} s"
+
+
+def test_thread_counts_give_the_same_bits():
+    # The first pool a Python thread builds runs on that thread itself; later counts, the shared
+    # default (0) and other Python threads each get pools of their own. The kernel's sums do not
+    # depend on the thread count, so every one returns the same bits.
+    q, k, v = rand(1, 4, 300, 32), rand(1, 4, 300, 32), rand(1, 4, 300, 32)
+    want = attentive.attention(q, k, v, causal="top-left")
+    got = {}
+    try:
+        for n in (2, 0, 3, 1, 2):
+            attentive.set_num_threads(n)
+            assert attentive.num_threads() == n if n else attentive.num_threads() >= 1
+            got[n] = attentive.attention(q, k, v, causal="top-left")
+
+        def other():
+            got["thread"] = attentive.attention(q, k, v, causal="top-left")
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    finally:
+        attentive.set_num_threads(1)
+    for n, o in got.items():
+        np.testing.assert_array_equal(o, want, err_msg=f"threads {n}")
