@@ -4,13 +4,14 @@
 Run with the Python that has the attentive wheel and torch installed (see the README's Python
 section), from a clone with the CLI built (`cargo build --release`):
 
-    python bench/python.py [--rounds 7] [--json out.json]
+    python bench/python.py [--rounds 24] [--json out.json]
 
 For each shape it times, alternating in one run on the same arrays: torch's
 `scaled_dot_product_attention`, `attentive.scaled_dot_product_attention` on the same tensors,
 and `attentive bench --serve` (the kernel alone, no Python). It prints torch / attentive from
-Python beside torch / attentive from the CLI: the Python layer's cost at that shape. The first
-row, N = 128, gives the per-call overhead: the Python call's time minus the CLI's.
+Python beside torch / attentive from the CLI (each the median of the ratios within a round):
+the Python layer's cost at that shape. The first row, N = 128, gives the per-call overhead: the
+Python call's time minus the CLI's.
 """
 
 import argparse
@@ -113,12 +114,16 @@ def time_shape(label, b, hq, hkv, n, d, causal, backward, rounds):
         os.remove(os.path.join(tmp, f))
     os.rmdir(tmp)
     med = {name: float(np.median(s)) for name, s in samples.items()}
+    # Ratios within each round (the three measured within a second of one another), then their
+    # median: the machine's drift over the run cancels in each.
+    t, p, c = (np.array(samples[name]) for name in ("torch", "python", "cli"))
     return {
         "label": label, "shape": [b, hq, hkv, n, d], "causal": causal, "backward": backward,
         "reps": reps, "rounds": rounds,
         "median_ms": {name: 1e3 * t for name, t in med.items()},
-        "torch_over_python": med["torch"] / med["python"],
-        "torch_over_cli": med["torch"] / med["cli"],
+        "torch_over_python": float(np.median(t / p)),
+        "torch_over_cli": float(np.median(t / c)),
+        "python_over_cli": float(np.median(p / c)),
         "python_overhead_us": 1e6 * (med["python"] - med["cli"]),
     }
 
@@ -136,7 +141,7 @@ def cpu_model():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=24)
     ap.add_argument("--json")
     ap.add_argument("--only", help="run the shapes whose label contains this")
     args = ap.parse_args()
@@ -148,8 +153,8 @@ def main():
           f"{args.rounds} rounds, alternating torch, attentive from Python, attentive CLI "
           "(every order in turn)")
     print("| shape | torch ms | attentive (Python) ms | attentive (CLI) ms | torch / Python | "
-          "torch / CLI | Python − CLI |")
-    print("|---|---|---|---|---|---|---|")
+          "torch / CLI | Python's shortfall | Python − CLI |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     for shape in SHAPES:
         if args.only and args.only not in shape[0]:
@@ -159,6 +164,7 @@ def main():
         m = r["median_ms"]
         print(f"| {r['label']} | {m['torch']:.3f} | {m['python']:.3f} | {m['cli']:.3f} | "
               f"{r['torch_over_python']:.3f}× | {r['torch_over_cli']:.3f}× | "
+              f"{100 * (1 - r['torch_over_python'] / r['torch_over_cli']):+.1f}% | "
               f"{r['python_overhead_us']:+.0f} µs |", flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -42,11 +42,14 @@ def _function():
             ctx.save_for_backward(q, k, v, o, lse)
             ctx.kw, ctx.bnhd_in, ctx.out_bnhd = kw, bnhd_in, out_bnhd
             ctx.mark_non_differentiable(lse)
+            ctx.set_materialize_grads(False)  # no zero gradient made for the LSE
             return o, lse
 
         @staticmethod
         def backward(ctx, d_o, d_lse):
             q, k, v, o, lse = ctx.saved_tensors
+            if d_o is None:
+                return None, None, None, None, None, None
             if k.dtype != torch.float32:
                 raise TypeError("attentive: float16 keys and values have no backward")
             b = ctx.bnhd_in
