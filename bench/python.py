@@ -4,7 +4,7 @@
 Run with the Python that has the attentive wheel and torch installed (see the README's Python
 section), from a clone with the CLI built (`cargo build --release`):
 
-    python bench/python.py [--rounds 24] [--json out.json]
+    python bench/python.py [--rounds 48] [--json out.json]
 
 For each shape it times, alternating in one run on the same arrays: torch's
 `scaled_dot_product_attention`, `attentive.scaled_dot_product_attention` on the same tensors,
@@ -141,7 +141,7 @@ def cpu_model():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=24)
+    ap.add_argument("--rounds", type=int, default=48)
     ap.add_argument("--json")
     ap.add_argument("--only", help="run the shapes whose label contains this")
     args = ap.parse_args()
