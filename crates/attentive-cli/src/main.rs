@@ -1,12 +1,10 @@
 //! `attentive`: exact attention on `.npy` files, and benchmarks of the fused kernel.
 
-mod error;
-mod npy;
-
 use attentive::{
     backward, f16, forward, forward_half_kv, visible_pairs, Causal, HugeVec, Options, Pattern,
     View, ViewMut,
 };
+use attentive_cli::{error, npy};
 use clap::{Parser, Subcommand, ValueEnum};
 use error::CliError;
 

@@ -1,10 +1,15 @@
 //! Reading and writing NumPy `.npy` files (through the `npyz` crate), with errors that name the
 //! file and what is wrong with it.
+//!
+//! A file's header is checked before `npyz` reads it: the declared shape must be a tuple of
+//! integers whose product (each extent counted as at least 1) fits in 64 bits, and the elements
+//! it declares must fit in the bytes the file holds. A hostile header (a shape of 2⁶⁴ elements in
+//! a 100-byte file) is refused with an error before anything is allocated for it.
 
 use crate::error::CliError;
 use npyz::{DType, NpyFile, WriterBuilder};
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{BufReader, BufWriter, Cursor, Read, Seek, SeekFrom};
 use std::path::Path;
 
 /// An array read from disk: its shape and its elements in row-major order.
@@ -20,9 +25,104 @@ fn bad(path: &Path, reason: impl Into<String>) -> CliError {
     }
 }
 
+/// Longest header accepted: NumPy writes under 100 bytes for any array it can hold; format
+/// 2.0 allows 4 GiB, which would be read into memory whole.
+const MAX_HEADER: u64 = 1 << 16;
+
+/// The shape a `.npy` header declares, checked against the `len` bytes of the whole file, read
+/// from `r` without allocating more than the header's length. `r` is left where it started.
+fn preflight(r: &mut (impl Read + Seek), len: u64, path: &Path) -> Result<(), CliError> {
+    let io = |e: std::io::Error| bad(path, format!("not a .npy file: {e}"));
+    let start = r.stream_position().map_err(io)?;
+    let mut head = [0u8; 12];
+    let got = read_up_to(r, &mut head).map_err(io)?;
+    if got < 10 || &head[..6] != b"\x93NUMPY" {
+        return Err(bad(path, "not a .npy file (no \\x93NUMPY magic)"));
+    }
+    let (header_len, prefix) = match head[6] {
+        1 => (u64::from(u16::from_le_bytes([head[8], head[9]])), 10),
+        2 | 3 if got == 12 => (
+            u64::from(u32::from_le_bytes([head[8], head[9], head[10], head[11]])),
+            12,
+        ),
+        v => return Err(bad(path, format!("unsupported .npy format version {v}"))),
+    };
+    if header_len > MAX_HEADER {
+        return Err(bad(
+            path,
+            format!("header of {header_len} bytes (at most {MAX_HEADER})"),
+        ));
+    }
+    let data_bytes = len
+        .checked_sub(prefix + header_len)
+        .ok_or_else(|| bad(path, "file is shorter than its header says"))?;
+    r.seek(SeekFrom::Start(start + prefix)).map_err(io)?;
+    let mut text = vec![0u8; header_len as usize];
+    r.read_exact(&mut text).map_err(io)?;
+    r.seek(SeekFrom::Start(start)).map_err(io)?;
+    let text = String::from_utf8_lossy(&text);
+    let shape = declared_shape(&text).ok_or_else(|| {
+        bad(
+            path,
+            format!("header has no readable shape: {}", text.trim_end()),
+        )
+    })?;
+    let overflow = || bad(path, format!("shape {shape:?} has more than 2^64 elements"));
+    shape
+        .iter()
+        .try_fold(1u64, |acc, &n| acc.checked_mul(n.max(1)))
+        .ok_or_else(overflow)?;
+    let elements = shape.iter().product::<u64>();
+    if elements > data_bytes {
+        return Err(bad(
+            path,
+            format!("shape {shape:?} declares {elements} elements, but the file holds {data_bytes} bytes of data"),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads until `buf` is full or the input ends; the bytes read.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    Ok(got)
+}
+
+/// The integers of the `'shape': (…)` entry of a header's dict literal.
+fn declared_shape(header: &str) -> Option<Vec<u64>> {
+    let at = header
+        .find("'shape'")
+        .or_else(|| header.find("\"shape\""))?;
+    let rest = header[at + 7..]
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start();
+    let inner = &rest.strip_prefix('(')?[..rest[1..].find(')')?];
+    inner
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.trim_end_matches('L').parse::<u64>().ok())
+        .collect()
+}
+
+/// The file at `path`, opened and its header checked.
 fn open(path: &Path) -> Result<NpyFile<BufReader<File>>, CliError> {
     let file = File::open(path).map_err(|e| bad(path, e.to_string()))?;
-    let npy = NpyFile::new(BufReader::new(file)).map_err(|e| bad(path, e.to_string()))?;
+    let len = file.metadata().map_err(|e| bad(path, e.to_string()))?.len();
+    let mut r = BufReader::new(file);
+    preflight(&mut r, len, path)?;
+    start(r, path)
+}
+
+fn start<R: Read>(r: R, path: &Path) -> Result<NpyFile<R>, CliError> {
+    let npy = NpyFile::new(r).map_err(|e| bad(path, e.to_string()))?;
     if npy.order() != npyz::Order::C {
         return Err(bad(
             path,
@@ -32,9 +132,16 @@ fn open(path: &Path) -> Result<NpyFile<BufReader<File>>, CliError> {
     Ok(npy)
 }
 
-fn read<T: npyz::Deserialize>(path: &Path, want: &str) -> Result<Array<T>, CliError> {
-    let npy = open(path)?;
-    let shape: Vec<usize> = npy.shape().iter().map(|&n| n as usize).collect();
+fn elements<T: npyz::Deserialize, R: Read>(
+    npy: NpyFile<R>,
+    path: &Path,
+    want: &str,
+) -> Result<Array<T>, CliError> {
+    let shape: Vec<usize> = npy
+        .shape()
+        .iter()
+        .map(|&n| usize::try_from(n).map_err(|_| bad(path, format!("extent {n} is too large"))))
+        .collect::<Result<_, _>>()?;
     let dtype = match npy.dtype() {
         DType::Plain(t) => t.to_string(),
         other => format!("{other:?}"),
@@ -53,17 +160,21 @@ fn read<T: npyz::Deserialize>(path: &Path, want: &str) -> Result<Array<T>, CliEr
 
 /// Reads a float32 array.
 pub fn read_f32(path: &Path) -> Result<Array<f32>, CliError> {
-    read(path, "float32")
+    elements(open(path)?, path, "float32")
 }
 
 /// Reads a boolean array.
 pub fn read_bool(path: &Path) -> Result<Array<bool>, CliError> {
-    read(path, "bool")
+    elements(open(path)?, path, "bool")
 }
 
 /// Reads an integer array (int32, int64, uint32 or uint64) of ids in `0..2³²`.
 pub fn read_ids(path: &Path) -> Result<Array<u32>, CliError> {
-    let kind = match open(path)?.dtype() {
+    ids(open(path)?, path)
+}
+
+fn ids<R: Read>(npy: NpyFile<R>, path: &Path) -> Result<Array<u32>, CliError> {
+    let kind = match npy.dtype() {
         DType::Plain(t) => (t.type_char(), t.size_field()),
         other => {
             return Err(bad(
@@ -73,10 +184,10 @@ pub fn read_ids(path: &Path) -> Result<Array<u32>, CliError> {
         }
     };
     let wide: Array<i128> = match kind {
-        (npyz::TypeChar::Int, 4) => widen(read::<i32>(path, "int32")?),
-        (npyz::TypeChar::Int, 8) => widen(read::<i64>(path, "int64")?),
-        (npyz::TypeChar::Uint, 4) => widen(read::<u32>(path, "uint32")?),
-        (npyz::TypeChar::Uint, 8) => widen(read::<u64>(path, "uint64")?),
+        (npyz::TypeChar::Int, 4) => widen(elements::<i32, _>(npy, path, "int32")?),
+        (npyz::TypeChar::Int, 8) => widen(elements::<i64, _>(npy, path, "int64")?),
+        (npyz::TypeChar::Uint, 4) => widen(elements::<u32, _>(npy, path, "uint32")?),
+        (npyz::TypeChar::Uint, 8) => widen(elements::<u64, _>(npy, path, "uint64")?),
         _ => return Err(bad(path, "expected int32, int64, uint32 or uint64 ids")),
     };
     let data = wide
@@ -110,4 +221,25 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<(), CliEr
         .map_err(io)?;
     w.extend(data.iter().copied()).map_err(io)?;
     w.finish().map_err(io)
+}
+
+/// The kinds of array the command reads, parsed from the bytes of a `.npy` file (named `name`
+/// in errors) exactly as from a file: for tests and fuzzing.
+pub enum Parsed {
+    F32(Array<f32>),
+    Bool(Array<bool>),
+    Ids(Array<u32>),
+}
+
+/// Parses `bytes` as the `want` kind of [`Parsed`] (0: float32, 1: bool, else ids).
+pub fn parse(bytes: &[u8], want: u8) -> Result<Parsed, CliError> {
+    let path = Path::new("<bytes>");
+    let mut r = Cursor::new(bytes);
+    preflight(&mut r, bytes.len() as u64, path)?;
+    let npy = start(r, path)?;
+    Ok(match want {
+        0 => Parsed::F32(elements(npy, path, "float32")?),
+        1 => Parsed::Bool(elements(npy, path, "bool")?),
+        _ => Parsed::Ids(ids(npy, path)?),
+    })
 }
