@@ -185,10 +185,7 @@ fn corpus_embeddings(
         .flat_map(|e| e.embedding.iter().flat_map(|x| x.to_le_bytes()))
         .collect();
     // A cache that cannot be written (a read-only folder) only costs the next call the time.
-    let tmp = crate::outdir::sibling(&cache);
-    if std::fs::write(&tmp, &bytes).is_ok() {
-        let _ = std::fs::rename(&tmp, &cache);
-    }
+    let _ = crate::outdir::write(&cache, &bytes);
     Ok((enc.into_iter().map(|e| e.embedding).collect(), false))
 }
 

@@ -298,10 +298,13 @@ fn cache_score(path: &Path, hash: u64, s: &Scored, words: usize) {
         "checkpoint": format!("{hash:016x}"), "per": s.per, "wer": s.wer, "test_words": words,
         "decoding": "greedy", "head_importance": s.importance,
     });
-    let _ = path
+    if path
         .parent()
         .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| std::fs::write(path, format!("{record:#}\n")));
+        .is_ok()
+    {
+        let _ = crate::outdir::write(path, format!("{record:#}\n").as_bytes());
+    }
 }
 
 /// One step of the cheapest edit from the model's phonemes to the dictionary's.

@@ -272,6 +272,26 @@ fn rank4(what: &str, a: &npy::Array<f32>) -> Result<[usize; 4], CliError> {
     })
 }
 
+/// Zeros for an output of `shape`, refused with the sizes in the message (before anything is
+/// allocated) when the memory available cannot hold them: an input of no elements may declare
+/// any number of rows.
+fn zeros(what: &'static str, shape: &[usize]) -> Result<Vec<f32>, CliError> {
+    let n = shape.iter().try_fold(1usize, |a, &n| a.checked_mul(n));
+    attentive::check_memory(what, n.unwrap_or(usize::MAX), 4)?;
+    Ok(vec![0.0; n.unwrap_or(0)])
+}
+
+/// Elements of a shape the command draws itself; more than the address space is an error.
+fn count(shape: &[usize]) -> Result<usize, CliError> {
+    shape
+        .iter()
+        .try_fold(1usize, |a, &n| a.checked_mul(n))
+        .ok_or_else(|| CliError::Input {
+            what: format!("shape {shape:?}"),
+            reason: "has more elements than memory can address".into(),
+        })
+}
+
 fn attend(a: AttendArgs) -> Result<(), CliError> {
     let q = npy::read_f32(&a.q)?;
     let k = npy::read_f32(&a.k)?;
@@ -314,8 +334,8 @@ fn attend(a: AttendArgs) -> Result<(), CliError> {
         View::contiguous(&v.data, &vs)?,
     );
     let os = [qs[0], qs[1], qs[2], vs[3]];
-    let mut o = vec![0.0f32; os.iter().product()];
-    let mut lse = vec![0.0f32; qs[0] * qs[1] * qs[2]];
+    let mut o = zeros("output", &os)?;
+    let mut lse = zeros("log-sum-exp", &qs[..3])?;
     forward(
         qv,
         kv,
@@ -329,9 +349,7 @@ fn attend(a: AttendArgs) -> Result<(), CliError> {
         let d_o = npy::read_f32(path)?;
         // (`requires_all` guarantees the three gradient paths.)
         let dos = rank4("grad-out", &d_o)?;
-        let mut dq = vec![0.0f32; qs.iter().product()];
-        let mut dk = vec![0.0f32; ks.iter().product()];
-        let mut dv = vec![0.0f32; vs.iter().product()];
+        let (mut dq, mut dk, mut dv) = (zeros("dq", &qs)?, zeros("dk", &ks)?, zeros("dv", &vs)?);
         backward(
             qv,
             kv,
@@ -580,13 +598,13 @@ fn bench(a: BenchArgs) -> Result<(), CliError> {
         (qs, ks, q, k, v, d_o)
     } else {
         let (qs, ks) = ([b, hq, nq, d], [b, hkv, nk, d]);
-        let (q, k) = (fill(qs.iter().product())?, fill(ks.iter().product())?);
-        let (v, d_o) = (fill(ks.iter().product())?, fill(qs.iter().product())?);
+        let (q, k) = (fill(count(&qs)?)?, fill(count(&ks)?)?);
+        let (v, d_o) = (fill(count(&ks)?)?, fill(count(&qs)?)?);
         (qs, ks, q, k, v, d_o)
     };
     let ([b, hq, nq, d], [_, hkv, nk, _]) = (qs, ks);
     let mut o = zeros(q.len())?;
-    let mut lse = zeros(b * hq * nq)?;
+    let mut lse = zeros(count(&[b, hq, nq])?)?;
     let (mut dq, mut dk, mut dv) = if a.backward {
         (zeros(q.len())?, zeros(k.len())?, zeros(v.len())?)
     } else {

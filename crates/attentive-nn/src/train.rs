@@ -62,7 +62,9 @@ pub fn clip_grad_norm(vars: &[Var], grads: &mut GradStore, max_norm: f64) -> Res
     Ok(norm)
 }
 
-/// Writes `params` to `dir/model.safetensors` and `config` to `dir/config.json`.
+/// Writes `params` to `dir/model.safetensors` and `config` to `dir/config.json`, each with
+/// [`write_atomically`]: the configuration first, so a process killed between the two leaves
+/// the new configuration beside the old weights of the same model, never a file cut short.
 pub fn save_checkpoint<C: serde::Serialize>(
     dir: &Path,
     params: &Params,
@@ -72,10 +74,57 @@ pub fn save_checkpoint<C: serde::Serialize>(
         path: dir.into(),
         source: e,
     })?;
-    params.save(&dir.join("model.safetensors"))?;
     let json = serde_json::to_string_pretty(config).expect("configs serialise");
     let path = dir.join("config.json");
-    std::fs::write(&path, json).map_err(|e| Error::Io { path, source: e })
+    write_atomically(&path, |tmp| std::fs::write(tmp, &json))
+        .map_err(|e| Error::Io { path, source: e })?;
+    let path = dir.join("model.safetensors");
+    write_atomically(&path, |tmp| params.save(tmp).map_err(std::io::Error::other))
+        .map_err(|e| Error::Io { path, source: e })
+}
+
+/// Replaces `path` by what `write` writes to a temporary file beside it (same folder, so the
+/// rename stays on one file system): the file is flushed to the disk (`fsync`), renamed over
+/// `path`, and the folder's entry flushed too. A process killed at any instant, or a machine
+/// that loses power, leaves the old file or the new one, never part of one; on an error the
+/// temporary file is removed and `path` is untouched.
+///
+/// ```
+/// let path = std::env::temp_dir().join(format!("attentive-doc-{}.txt", std::process::id()));
+/// attentive_nn::train::write_atomically(&path, |tmp| std::fs::write(tmp, "new"))?;
+/// assert_eq!(std::fs::read_to_string(&path)?, "new");
+/// # std::fs::remove_file(&path)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map_or("out".into(), |n| n.to_string_lossy());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let done = write(&tmp)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .and_then(|()| sync_dir(dir));
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done
+}
+
+/// Flushes a folder's entries (a rename into it) to the disk, where the system allows it.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 /// Reads `dir/config.json`.

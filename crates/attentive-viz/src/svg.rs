@@ -68,7 +68,9 @@ pub fn downsample_to(
     budget: usize,
 ) -> Downsampled {
     let budget = budget.max(1);
-    let (bq, bk) = (nq.div_ceil(budget), nk.div_ceil(budget));
+    // Blocks of at least one token, so that an empty side (a model that wrote no output
+    // token) gives an empty map.
+    let (bq, bk) = (nq.div_ceil(budget).max(1), nk.div_ceil(budget).max(1));
     let (rows, cols) = (nq.div_ceil(bq), nk.div_ceil(bk));
     let (mut mean, mut max) = (vec![0.0f32; rows * cols], vec![0.0f32; rows * cols]);
     for i in 0..nq {
@@ -131,8 +133,8 @@ pub fn heatmap_within(
     } else {
         format!(
             "{title} (means of blocks of {}×{} tokens)",
-            nq.div_ceil(d.rows),
-            nk.div_ceil(d.cols)
+            nq.div_ceil(d.rows.max(1)),
+            nk.div_ceil(d.cols.max(1))
         )
     };
     let vmax = d.mean.iter().copied().fold(0.0f32, f32::max);

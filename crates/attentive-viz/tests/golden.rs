@@ -462,3 +462,27 @@ fn relevance_rules_on_a_worked_fixture() {
     let e = relevance_encoder_decoder(&one(vec![0.0; 4]), &one(vec![0.0; 4]), &wide);
     assert!(matches!(e, Err(VizError::Shape { .. })));
 }
+
+#[test]
+fn heatmaps_of_an_empty_side_are_empty_maps() {
+    // A model that wrote no output token has an alignment of zero rows: drawn, not a panic,
+    // whether or not the other side needs blocks.
+    let names = |n: usize| (0..n).map(|i| format!("t{i}")).collect::<Vec<_>>();
+    for (nq, nk, budget) in [
+        (0, 5, 64),
+        (0, 500, 64),
+        (5, 0, 64),
+        (0, 0, 1),
+        (300, 0, 64),
+    ] {
+        let svg =
+            attentive_viz::svg::heatmap_within(&[], (nq, nk), &names(nq), &names(nk), "t", budget);
+        assert!(
+            svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+            "{nq}×{nk}"
+        );
+        let d = attentive_viz::svg::downsample_to(&[], (nq, nk), &names(nq), &names(nk), budget);
+        assert_eq!(d.mean.len(), d.rows * d.cols);
+        assert_eq!(d.rows * d.cols, 0);
+    }
+}

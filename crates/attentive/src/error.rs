@@ -70,10 +70,48 @@ pub enum AttnError {
         expected: usize,
         got: usize,
     },
-    /// A buffer ([`HugeVec`](crate::HugeVec)) larger than the address space or than the memory
-    /// the system would give.
-    #[error("could not allocate {elements} elements of {elem_bytes} bytes")]
-    OutOfMemory { elements: usize, elem_bytes: usize },
+    /// A buffer (an output the engine allocates, a [`HugeVec`](crate::HugeVec)) larger than
+    /// the address space, than the memory available to this process (`available`, in bytes,
+    /// where known: see [`available_memory`](crate::available_memory)), or than the system gave
+    /// when asked. Refused before any of it is written.
+    #[error("{what}: {}", too_large(*.bytes, *.available))]
+    OutOfMemory {
+        what: &'static str,
+        bytes: u128,
+        available: Option<u64>,
+    },
+}
+
+/// `bytes` (and what was available) in words, binary units.
+fn too_large(bytes: u128, available: Option<u64>) -> String {
+    let human = |b: u128| {
+        let units = [
+            "bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB",
+        ];
+        let (mut x, mut u) = (b as f64, 0);
+        while x >= 1024.0 && u + 1 < units.len() {
+            x /= 1024.0;
+            u += 1;
+        }
+        if u == 0 {
+            format!("{b} bytes")
+        } else {
+            format!("{x:.1} {}", units[u])
+        }
+    };
+    match available {
+        Some(a) => format!(
+            "{} bytes ({}) would exceed the {} of memory available",
+            bytes,
+            human(bytes),
+            human(a as u128)
+        ),
+        None => format!(
+            "{} bytes ({}): the system refused them",
+            bytes,
+            human(bytes)
+        ),
+    }
 }
 
 /// Result of the engine's calls.

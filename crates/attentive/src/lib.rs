@@ -82,4 +82,4 @@ pub use positional::shaw;
 pub use rule::{MaskRule, Pos, ScoreRule};
 pub use simd::Isa;
 pub use view::{contiguous_strides, View, ViewMut};
-pub use workspace::{Element, HugeVec};
+pub use workspace::{available_memory, check_memory, Element, HugeVec};

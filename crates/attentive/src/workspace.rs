@@ -269,19 +269,85 @@ unsafe impl<T: Element + Send> Send for HugeVec<T> {}
 // SAFETY: as above; shared access hands out only `&[T]`.
 unsafe impl<T: Element + Sync> Sync for HugeVec<T> {}
 
+/// Requests of this many bytes or more are checked against [`available_memory`] before they are
+/// made: reading `/proc/meminfo` costs tens of microseconds, nothing beside the milliseconds it
+/// takes to zero such a buffer, and a smaller request cannot take a machine down.
+const CHECKED_FROM: u128 = 64 << 20;
+
+/// Bytes this process can still be given, where the system says: memory available now
+/// (`MemAvailable`, which counts caches the kernel can drop) plus free swap, or less where a
+/// cgroup (v2) limit leaves less. `None` where unknown (not Linux).
+///
+/// ```
+/// if let Some(bytes) = attentive::available_memory() {
+///     assert!(bytes > 0);
+/// }
+/// ```
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .map(|kib| kib.saturating_mul(1024))
+    };
+    let mut bytes = field("MemAvailable:")?.saturating_add(field("SwapFree:").unwrap_or(0));
+    let cgroup = |f: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{f}")).ok();
+    if let (Some(max), Some(current)) = (cgroup("memory.max"), cgroup("memory.current")) {
+        if let (Ok(max), Ok(current)) = (max.trim().parse::<u64>(), current.trim().parse::<u64>()) {
+            bytes = bytes.min(max.saturating_sub(current));
+        }
+    }
+    Some(bytes)
+}
+
+/// `elements` of `elem_bytes` each, in bytes, when that is an amount this process can be given:
+/// else [`AttnError::OutOfMemory`](crate::AttnError::OutOfMemory) naming `what`, before anything
+/// is allocated. Outputs the engine allocates itself (the weights of
+/// [`probabilities`](crate::probabilities), a [`HugeVec`]) are checked so; callers that
+/// allocate large outputs of their own can ask the same.
+///
+/// ```
+/// let n = 1_000_000; // probabilities of a million queries over a million keys
+/// let e = attentive::check_memory("probabilities", n * n, 4).unwrap_err();
+/// assert!(e.to_string().contains("4000000000000 bytes (3.6 TiB)"));
+/// ```
+pub fn check_memory(
+    what: &'static str,
+    elements: usize,
+    elem_bytes: usize,
+) -> crate::Result<usize> {
+    let bytes = elements as u128 * elem_bytes as u128;
+    let refuse = |available| crate::AttnError::OutOfMemory {
+        what,
+        bytes,
+        available,
+    };
+    if bytes > isize::MAX as u128 {
+        return Err(refuse(available_memory()));
+    }
+    if bytes >= CHECKED_FROM {
+        if let Some(a) = available_memory().filter(|&a| bytes > a as u128) {
+            return Err(refuse(Some(a)));
+        }
+    }
+    Ok(bytes as usize)
+}
+
 impl<T: Element> HugeVec<T> {
     /// `len` zeros.
     ///
     /// # Errors
     /// [`AttnError::OutOfMemory`](crate::AttnError::OutOfMemory) when `len` elements exceed the
-    /// address space or the system refuses the memory.
+    /// address space or the memory available ([`check_memory`]), or the system refuses them.
     pub fn zeroed(len: usize) -> crate::Result<Self> {
         let size = std::mem::size_of::<T>();
+        let bytes = check_memory("buffer", len, size)?;
         let refuse = crate::AttnError::OutOfMemory {
-            elements: len,
-            elem_bytes: size,
+            what: "buffer",
+            bytes: bytes as u128,
+            available: None,
         };
-        let bytes = len.checked_mul(size).ok_or(refuse.clone())?;
         let (align, bytes) = if bytes >= HUGE_PAGE {
             let whole = bytes.checked_next_multiple_of(HUGE_PAGE);
             (HUGE_PAGE, whole.ok_or(refuse.clone())?)
@@ -397,12 +463,21 @@ mod tests {
     #[test]
     fn huge_vec_refuses_impossible_sizes() {
         for len in [usize::MAX, usize::MAX / 4 + 1, isize::MAX as usize / 4] {
-            assert_eq!(
-                HugeVec::<f32>::zeroed(len).unwrap_err(),
-                crate::AttnError::OutOfMemory {
-                    elements: len,
-                    elem_bytes: 4
+            match HugeVec::<f32>::zeroed(len).unwrap_err() {
+                crate::AttnError::OutOfMemory { what, bytes, .. } => {
+                    assert_eq!((what, bytes), ("buffer", len as u128 * 4));
                 }
+                e => panic!("{e}"),
+            }
+        }
+        // More than the machine has, though within the address space: refused before any of
+        // it is asked for, with the sizes in the message.
+        if let Some(a) = available_memory() {
+            let len = (a / 4 + (1 << 30)) as usize;
+            let e = HugeVec::<f32>::zeroed(len).unwrap_err().to_string();
+            assert!(
+                e.contains("would exceed") && e.contains(&(len as u128 * 4).to_string()),
+                "{e}"
             );
         }
     }

@@ -397,6 +397,19 @@ pub fn visible_pairs(q: View, k: View, opts: &Options) -> Result<u64> {
 /// before dropout. They take O(N²) memory: ask for them only to look at them.
 pub fn probabilities(q: View, k: View, opts: &Options) -> Result<Vec<f32>> {
     let [b, hkv, nk, _] = k.shape();
+    let [_, hq, nq, _] = q.shape();
+    // The weights' memory, before any of it (or of the ones below) is allocated.
+    let count = |dims: &[usize]| dims.iter().try_fold(1usize, |a, &n| a.checked_mul(n));
+    crate::check_memory(
+        "probabilities",
+        count(&[b, hq, nq, nk]).unwrap_or(usize::MAX),
+        4,
+    )?;
+    crate::check_memory(
+        "probabilities",
+        count(&[b, hkv, nk]).unwrap_or(usize::MAX),
+        4,
+    )?;
     // Value dimension 1: the forward pass then costs little more than the log-sum-exp we need.
     let ones = vec![1.0f32; b * hkv * nk];
     let v = View::contiguous(&ones, &[b, hkv, nk, 1])?;

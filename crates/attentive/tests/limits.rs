@@ -1,0 +1,43 @@
+//! Requests larger than the machine: refused with an error that gives the size, before any of
+//! it is allocated (a process that tried would be killed by the system, or abort).
+
+use attentive::{probabilities, AttnError, Options, View};
+
+#[test]
+fn probabilities_of_a_million_positions_are_refused_before_allocating() {
+    let n = 1_000_000;
+    let x = vec![0.5f32; n];
+    let q = View::contiguous(&x, &[1, 1, n, 1]).unwrap();
+    let before = std::time::Instant::now();
+    let e = probabilities(q, q, &Options::new()).unwrap_err();
+    // Refused at once: nothing was computed or written first.
+    assert!(before.elapsed().as_secs_f64() < 1.0);
+    match &e {
+        AttnError::OutOfMemory {
+            what,
+            bytes,
+            available,
+        } => {
+            assert_eq!(
+                (*what, *bytes),
+                ("probabilities", 4 * n as u128 * n as u128)
+            );
+            assert!(available.is_some_and(|a| (a as u128) < *bytes));
+        }
+        e => panic!("{e}"),
+    }
+    let msg = e.to_string();
+    assert!(
+        msg.contains("4000000000000 bytes (3.6 TiB) would exceed"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn probabilities_within_memory_still_run() {
+    let x = vec![0.5f32; 8];
+    let q = View::contiguous(&x, &[1, 1, 8, 1]).unwrap();
+    let p = probabilities(q, q, &Options::new()).unwrap();
+    assert_eq!(p.len(), 64);
+    assert!(p.iter().all(|&w| (w - 0.125).abs() < 1e-6));
+}

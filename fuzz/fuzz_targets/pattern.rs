@@ -1,0 +1,31 @@
+//! The `--pattern` text parser, and every pattern it accepts tabulated as a block mask for an
+//! arbitrary problem size: an error or a table that agrees with the pattern's own rule.
+#![no_main]
+
+use attentive::{BlockMask, Pattern};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|input: (String, u32, u32, u8, u8)| {
+    let (text, nq, nk, b, h) = input;
+    let Ok(pattern) = text.parse::<Pattern>() else {
+        return;
+    };
+    // Sizes as large as the input asks: a table too large for memory must be an error.
+    let (b, h) = (b as usize % 3, h as usize % 3);
+    let (nq, nk) = (nq as usize, nk as usize);
+    let Ok(mask) = BlockMask::new(&pattern, b, h, nq, nk) else {
+        return;
+    };
+    // Agreement with the rule, on a sample of pairs.
+    let (sq, sk) = (nq.min(40), nk.min(40));
+    for bi in 0..b {
+        for hi in 0..h {
+            for i in (0..sq).chain(nq - sq.min(nq)..nq) {
+                for j in (0..sk).chain(nk - sk.min(nk)..nk) {
+                    let want = pattern.visible_at(nq, nk, attentive::Pos { b: bi, h: hi, i, j });
+                    assert_eq!(mask.visible(bi, hi, i, j), want, "({bi},{hi},{i},{j})");
+                }
+            }
+        }
+    }
+});
