@@ -36,6 +36,10 @@ pub struct TrainArgs {
     /// encoder keeps exact attention). Cross-attention stays exact.
     #[arg(long, default_value = "exact", value_parser = clap::builder::PossibleValuesParser::new(attentive_nn::variants::SelfAttention::NAMES))]
     attention: String,
+    /// Score the checkpoint on the first N words of the test split only (default: all of it),
+    /// for quick runs; eval.json records how many.
+    #[arg(long)]
+    test_words: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -146,7 +150,8 @@ pub fn train(a: TrainArgs) -> Result<(), CliError> {
         attentive_nn::train::save_checkpoint(dir, &model.params, &config).map_err(nn_err)?;
         // The test-set score of this checkpoint, recorded beside it for `demo` to reproduce,
         // and cached where `demo` looks for it.
-        let test = g2p::load(Split::Test);
+        let mut test = g2p::load(Split::Test);
+        test.truncate(a.test_words.unwrap_or(usize::MAX));
         let (_, hash) = load_model(Some(dir))?;
         let path = score_path(Some(dir), hash);
         let Scored { per, wer, .. } = test_score(&model, hash, path.as_deref(), &test, true)?;
@@ -158,8 +163,11 @@ pub fn train(a: TrainArgs) -> Result<(), CliError> {
             "seed": a.seed,
             "attention": a.attention,
             "command": format!(
-                "attentive train g2p --minutes {} --seed {} --attention {}",
-                a.minutes, a.seed, a.attention
+                "attentive train g2p --minutes {} --seed {} --attention {}{}",
+                a.minutes,
+                a.seed,
+                a.attention,
+                a.test_words.map_or(String::new(), |n| format!(" --test-words {n}"))
             ),
         });
         let path = dir.join("eval.json");

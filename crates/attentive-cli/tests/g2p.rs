@@ -268,3 +268,99 @@ fn a_one_minute_training_run_writes_a_usable_checkpoint() {
     );
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// The checkpoint in `dir` loads as `attentive demo` loads it: configuration, every weight of
+/// the right shape, and the recorded score. Returns the weights' bytes.
+fn load_checkpoint(dir: &std::path::Path) -> Result<Vec<u8>, String> {
+    let config: attentive_nn::transformer::Config =
+        attentive_nn::train::load_config(dir).map_err(|e| e.to_string())?;
+    let model = attentive_nn::g2p::G2p::new(&config, 0).map_err(|e| e.to_string())?;
+    let bytes = std::fs::read(dir.join("model.safetensors")).map_err(|e| e.to_string())?;
+    model.params.load_bytes(&bytes).map_err(|e| e.to_string())?;
+    let eval = std::fs::read_to_string(dir.join("eval.json")).map_err(|e| e.to_string())?;
+    let eval: serde_json::Value = serde_json::from_str(&eval).map_err(|e| e.to_string())?;
+    eval["per"].as_f64().ok_or("eval.json has no per")?;
+    Ok(bytes)
+}
+
+#[test]
+fn a_training_run_killed_while_it_saves_leaves_the_old_checkpoint_or_the_new() {
+    let root = dir("killed");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let out = root.join("ck");
+    let o = out.to_str().unwrap().to_string();
+    let train = |seed: u32| {
+        Command::new(env!("CARGO_BIN_EXE_attentive"))
+            .args([
+                "train",
+                "g2p",
+                "--minutes",
+                "0.005",
+                "--test-words",
+                "20",
+                "--out",
+                &o,
+            ])
+            .args(["--seed", &seed.to_string()])
+            .env("XDG_CACHE_HOME", root.join("cache"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // One whole run: the old checkpoint, and how long a run takes.
+    let t = std::time::Instant::now();
+    assert!(train(1).wait().unwrap().success());
+    let whole = t.elapsed().as_secs_f64();
+    let mut known = vec![load_checkpoint(&out).expect("the first checkpoint")];
+    // 50 runs killed (SIGKILL) at moments drawn over the second half of a run's time, where it
+    // scores and writes its checkpoint, and a little past its usual end.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ std::process::id() as u64;
+    let (mut killed, mut finished) = (0, 0);
+    for run in 0..50 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let at = whole * (0.5 + 0.6 * (state >> 11) as f64 / (1u64 << 53) as f64);
+        let mut child = train(2 + run);
+        std::thread::sleep(std::time::Duration::from_secs_f64(at));
+        match child.try_wait().unwrap() {
+            Some(status) => {
+                assert!(status.success());
+                finished += 1;
+            }
+            None => {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                killed += 1;
+            }
+        }
+        // Whatever the moment, the folder holds one whole checkpoint: the last one written.
+        let bytes = load_checkpoint(&out).unwrap_or_else(|e| panic!("run {run} at {at:.2} s: {e}"));
+        if !known.contains(&bytes) {
+            known.push(bytes);
+        }
+    }
+    eprintln!(
+        "{killed} runs killed, {finished} finished; {} checkpoints seen",
+        known.len()
+    );
+    assert!(
+        killed >= 25,
+        "only {killed} of 50 runs were killed: the moments missed the saves"
+    );
+    // What killed runs leave beside the folder is removed by the next run: at most the last.
+    let strays = std::fs::read_dir(&root)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".ck.")
+        })
+        .count();
+    assert!(strays <= 1, "{strays} temporary folders left");
+    std::fs::remove_dir_all(&root).unwrap();
+}
