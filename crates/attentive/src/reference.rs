@@ -202,6 +202,11 @@ pub fn forward<T: Real>(q: View, k: View, v: View, opts: &Options) -> Result<For
                 let row = ((bi * hq + h) * nq + i) * dv;
                 lse[(bi * hq + h) * nq + i] = l;
                 for (j, &pj) in p.iter().enumerate().take(nk) {
+                    if pj == T::ZERO {
+                        // A key the row does not see (or of weight 0): its values never enter,
+                        // so a non-finite value there reaches no output.
+                        continue;
+                    }
                     let w = pj * or.z::<T>(bi, h, i, j);
                     for c in 0..dv {
                         o[row + c] = o[row + c] + w * T::from_f32(v.at(bi, h / group, j, c));
@@ -403,7 +408,12 @@ fn row_weights<T: Real>(logits: &[Logit<T>], lse: Option<T>) -> (Vec<T>, Vec<T>)
 fn row_delta<T: Real>(p: &[T], dp: &[T], o: Option<&[T]>, d_o: impl Fn(usize) -> T) -> T {
     let mut di = T::ZERO;
     match o {
-        None => p.iter().zip(dp).for_each(|(&a, &b)| di = di + a * b),
+        // Keys of weight 0 skipped: a non-finite dP of a key the row does not see stays out.
+        None => p
+            .iter()
+            .zip(dp)
+            .filter(|(&a, _)| a != T::ZERO)
+            .for_each(|(&a, &b)| di = di + a * b),
         Some(o) => o
             .iter()
             .enumerate()
@@ -421,6 +431,16 @@ fn softmax_row<T: Real>(logits: &[Logit<T>]) -> (Vec<T>, Vec<T>, T) {
             m = l.x;
         }
     }
+    if logits.iter().any(|l| l.x != l.x) {
+        // A NaN score (a non-finite input): the row is NaN, its log-sum-exp and its weight of
+        // every key it sees (the keys it does not see, −∞, keep weight 0).
+        let nan = T::ZERO * T::NEG_INF;
+        let p = logits
+            .iter()
+            .map(|l| if l.x == T::NEG_INF { T::ZERO } else { nan })
+            .collect();
+        return (p, logits.iter().map(|l| l.chain).collect(), nan);
+    }
     if m == T::NEG_INF {
         return (vec![T::ZERO; nk], vec![T::ZERO; nk], T::NEG_INF);
     }
@@ -430,7 +450,12 @@ fn softmax_row<T: Real>(logits: &[Logit<T>]) -> (Vec<T>, Vec<T>, T) {
         sum = sum + x;
     }
     let inv = sum.recip();
-    let p = e.into_iter().map(|x| x * inv).collect();
+    // Keys the row does not see keep weight 0 even when the sum is not finite (+∞ scores).
+    let p = e
+        .into_iter()
+        .zip(logits)
+        .map(|(x, l)| if l.x == T::NEG_INF { T::ZERO } else { x * inv })
+        .collect();
     (p, logits.iter().map(|l| l.chain).collect(), m + sum.ln())
 }
 

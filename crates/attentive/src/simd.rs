@@ -687,7 +687,11 @@ unsafe fn online_softmax_generic<S: Simd>(t: &OnlineSoftmax) {
 unsafe fn online_softmax_rows<S: Simd>(t: &OnlineSoftmax, r0: usize, r1: usize) {
     for r in r0..r1 {
         let x = t.s.add(r * t.lds);
-        let m_new = (*t.m.add(r)).max(t.scale * max_generic::<S>(x, t.n));
+        let mut m_new = (*t.m.add(r)).max(t.scale * max_generic::<S>(x, t.n));
+        if m_new == f32::NEG_INFINITY && (0..t.n).any(|c| (*x.add(c)).is_nan()) {
+            // NaN scores and no finite one (`max` passes over NaN): the row is NaN, not empty.
+            m_new = f32::NAN;
+        }
         if m_new == f32::NEG_INFINITY {
             *t.alpha.add(r) = 1.0;
             std::ptr::write_bytes(x, 0, t.n);
@@ -1278,9 +1282,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn exp(x: __m512) -> __m512 {
             // Lanes to keep: x ≥ LO, or NaN (as `!(x < LO)`, in one comparison). Above HI the
-            // scaling below overflows to +∞, which is e^x rounded; NaN becomes e^LO.
+            // scaling below overflows to +∞, which is e^x rounded. NaN stays NaN: `max` returns
+            // its second operand when either is NaN.
             let keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(LO), _CMP_NLT_UQ);
-            let x = _mm512_max_ps(x, _mm512_set1_ps(LO));
+            let x = _mm512_max_ps(_mm512_set1_ps(LO), x);
             // n = round(x·log2 e) by adding and subtracting 1.5·2²³ (two instructions on the
             // FMA ports, where a multiply and a round-to-integer take three).
             let magic = _mm512_set1_ps(ROUND);
@@ -1506,7 +1511,8 @@ mod x86 {
         #[inline(always)]
         unsafe fn exp(x: __m256) -> __m256 {
             let under = _mm256_cmp_ps(x, _mm256_set1_ps(LO), _CMP_LT_OQ);
-            let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(LO)), _mm256_set1_ps(HI));
+            // NaN stays NaN: `min` and `max` return their second operand when either is NaN.
+            let x = _mm256_min_ps(_mm256_set1_ps(HI), _mm256_max_ps(_mm256_set1_ps(LO), x));
             let n = _mm256_round_ps(
                 _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,

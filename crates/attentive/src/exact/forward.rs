@@ -368,7 +368,12 @@ pub fn merge(acc_o: &mut [f32], acc_lse: &mut [f32], o: &[f32], lse: &[f32]) -> 
 pub(crate) fn shares(stats: &[(f32, f32)], shares: &mut [f32]) -> f32 {
     let m = stats.iter().fold(f32::NEG_INFINITY, |a, s| a.max(s.0));
     for (x, &(mp, lp)) in shares.iter_mut().zip(stats) {
-        *x = if lp > 0.0 { lp * (mp - m).exp() } else { 0.0 };
+        // NaN (a non-finite input) is kept: it must reach the row.
+        *x = if !(lp <= 0.0) {
+            lp * (mp - m).exp()
+        } else {
+            0.0
+        };
     }
     let sum: f32 = shares[..stats.len()].iter().sum();
     if sum == 0.0 {

@@ -416,7 +416,8 @@ impl<'a> Prior<'a> {
     #[inline]
     pub(crate) fn row(&self, b: usize, h: usize, i: usize) -> Option<(f32, f32, &'a [f32])> {
         let l = self.l.data()[self.l.offset(b, h, i, 0)];
-        (l > 0.0).then(|| {
+        // NaN (a non-finite input) counts as seen: it must reach the output.
+        (!(l <= 0.0)).then(|| {
             let o = &self.o.data()[self.o.offset(b, h, i, 0)..];
             (
                 self.m.data()[self.m.offset(b, h, i, 0)],
@@ -513,7 +514,8 @@ pub(crate) fn attend_rows(
     for r in 0..rows {
         let l = scr.l[r];
         let orow = &mut scr.o[r * dv..(r + 1) * dv];
-        if l > 0.0 {
+        // NaN (from a non-finite input) is not an empty row: it reaches the output.
+        if !(l <= 0.0) {
             let inv = 1.0 / l;
             if scr.fresh {
                 orow.fill(0.0);
@@ -856,7 +858,11 @@ fn tile_by_rows(
             (p.scale, p.scale * mx)
         };
         let m_old = scr.m[r];
-        let m_new = m_old.max(tile_max);
+        let mut m_new = m_old.max(tile_max);
+        if m_new == f32::NEG_INFINITY && srow[a..e].iter().any(|s| s.is_nan()) {
+            // NaN scores and no finite one (`max` passes over NaN): the row is NaN, not empty.
+            m_new = f32::NAN;
+        }
         if m_new == f32::NEG_INFINITY {
             srow.fill(0.0);
             continue;
@@ -890,7 +896,7 @@ fn tile_by_rows(
 /// log-sum-exp, in `scr.m`.
 pub(crate) fn to_lse(scr: &mut Scratch, rows: usize) {
     for (m, &l) in scr.m[..rows].iter_mut().zip(&scr.l[..rows]) {
-        if l > 0.0 {
+        if !(l <= 0.0) {
             *m += l.ln();
         }
     }
