@@ -276,7 +276,9 @@ const CHECKED_FROM: u128 = 64 << 20;
 
 /// Bytes this process can still be given, where the system says: memory available now
 /// (`MemAvailable`, which counts caches the kernel can drop) plus free swap, or less where a
-/// cgroup (v2) limit leaves less. `None` where unknown (not Linux).
+/// cgroup (v2) limit leaves less, or where `ATTENTIVE_MAX_MEMORY` (bytes, or with a `K`, `M`,
+/// `G` or `T` suffix, powers of 1024) sets a lower cap: a service can bound what one request
+/// may take. `None` where neither is known (not Linux, no cap).
 ///
 /// ```
 /// if let Some(bytes) = attentive::available_memory() {
@@ -284,6 +286,29 @@ const CHECKED_FROM: u128 = 64 << 20;
 /// }
 /// ```
 pub fn available_memory() -> Option<u64> {
+    let cap = std::env::var("ATTENTIVE_MAX_MEMORY")
+        .ok()
+        .and_then(|v| parse_bytes(&v));
+    match (system_memory(), cap) {
+        (Some(a), Some(c)) => Some(a.min(c)),
+        (a, c) => a.or(c),
+    }
+}
+
+/// `"512M"` as 512·2²⁰, `"2G"` as 2·2³⁰, a plain number as bytes; `None` if unreadable.
+fn parse_bytes(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let (num, shift) = match v.chars().last()?.to_ascii_uppercase() {
+        'K' => (&v[..v.len() - 1], 10),
+        'M' => (&v[..v.len() - 1], 20),
+        'G' => (&v[..v.len() - 1], 30),
+        'T' => (&v[..v.len() - 1], 40),
+        _ => (v, 0),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
+fn system_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let field = |name: &str| {
         info.lines()
@@ -458,6 +483,16 @@ mod tests {
         }
         let h = HugeVec::from_slice(&[half::f16::ONE; 3]).unwrap();
         assert_eq!(&*h, &[half::f16::ONE; 3]);
+    }
+
+    #[test]
+    fn memory_caps_read_with_binary_suffixes() {
+        assert_eq!(parse_bytes("4096"), Some(4096));
+        assert_eq!(parse_bytes("512M"), Some(512 << 20));
+        assert_eq!(parse_bytes(" 2g "), Some(2 << 30));
+        assert_eq!(parse_bytes("1T"), Some(1 << 40));
+        assert_eq!(parse_bytes("lots"), None);
+        assert_eq!(parse_bytes("99999999999T"), None);
     }
 
     #[test]

@@ -41,3 +41,23 @@ fn probabilities_within_memory_still_run() {
     assert_eq!(p.len(), 64);
     assert!(p.iter().all(|&w| (w - 0.125).abs() < 1e-6));
 }
+
+#[test]
+fn a_block_mask_larger_than_memory_is_refused_before_it_is_built() {
+    // A stride leaves a partial tile nearly everywhere below the diagonal: at a million
+    // positions its bits alone take about 64 GiB; a causal mask of the same size, a few MiB.
+    let strided: attentive::Pattern = "strided:3".parse().unwrap();
+    let n = 1 << 20;
+    let t = std::time::Instant::now();
+    match attentive::BlockMask::new(&strided, 1, 1, n, n) {
+        Err(AttnError::OutOfMemory { what, bytes, .. }) => {
+            assert_eq!(what, "block mask");
+            assert!(bytes > 60 << 30, "{bytes}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a table of more than 60 GiB was built"),
+    }
+    assert!(t.elapsed().as_secs_f64() < 30.0);
+    let causal: attentive::Pattern = "causal".parse().unwrap();
+    assert!(attentive::BlockMask::new(&causal, 1, 1, n, n).is_ok());
+}

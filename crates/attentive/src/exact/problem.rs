@@ -270,7 +270,7 @@ impl<'a> Problem<'a> {
                 } else {
                     Compiled::All(parts)
                 };
-                Some(Cow::Owned(BlockMask::build(&rule, b, hq, nq, nk)))
+                Some(Cow::Owned(BlockMask::build(&rule, b, hq, nq, nk)?))
             }
         };
         let isa = opts.isa.unwrap_or_else(Isa::best);

@@ -101,13 +101,7 @@ impl BlockMask {
     ) -> Result<Self> {
         pattern.validate()?;
         Self::check_dims([batch, heads, nq, nk])?;
-        Ok(Self::build(
-            &Compiled::new(pattern, nk),
-            batch,
-            heads,
-            nq,
-            nk,
-        ))
+        Self::build(&Compiled::new(pattern, nk), batch, heads, nq, nk)
     }
 
     /// Tabulates a user rule (called with raw indices), one table per batch and head.
@@ -119,7 +113,7 @@ impl BlockMask {
         nk: usize,
     ) -> Result<Self> {
         Self::check_dims([batch, heads, nq, nk])?;
-        Ok(Self::build(&Compiled::User(rule), batch, heads, nq, nk))
+        Self::build(&Compiled::User(rule), batch, heads, nq, nk)
     }
 
     fn check_dims(shape: [usize; 4]) -> Result<()> {
@@ -133,7 +127,17 @@ impl BlockMask {
         }
     }
 
-    pub(crate) fn build(rule: &Compiled, batch: usize, heads: usize, nq: usize, nk: usize) -> Self {
+    /// Tabulates `rule`. The table's size depends on the rule (a causal mask has one partial
+    /// tile per row of tiles, a strided one a partial tile nearly everywhere), so it is bounded
+    /// first from the tiles' covers and refused with [`AttnError::OutOfMemory`] when that
+    /// passes the memory available ([`crate::available_memory`]).
+    pub(crate) fn build(
+        rule: &Compiled,
+        batch: usize,
+        heads: usize,
+        nq: usize,
+        nk: usize,
+    ) -> Result<Self> {
         let (batches, heads) = if rule.uses_batch_head() {
             (batch, heads)
         } else {
@@ -141,10 +145,42 @@ impl BlockMask {
         };
         let (qtiles, ktiles) = (nq.div_ceil(BR), nk.div_ceil(BC));
         let off = nk as i64 - nq as i64;
+        // The row and column pointers, then the entries and bits as they are made.
+        let tables = batches * heads;
+        let pointers = tables
+            .checked_mul(qtiles + ktiles + 2)
+            .unwrap_or(usize::MAX);
+        crate::check_memory("block mask", pointers, 2 * std::mem::size_of::<usize>())?;
+        // A first pass over the tiles' covers alone (no bits) bounds the table's size: every
+        // non-empty tile an entry in each direction, every mixed one BR words of bits.
+        let bytes: u128 = (0..tables * qtiles)
+            .into_par_iter()
+            .map(|task| {
+                let i0 = (task % qtiles) * BR;
+                let rows = BR.min(nq - i0);
+                let ps = (i0 as i64 + off, (i0 + rows) as i64 + off);
+                let mut bytes = 0u128;
+                for kt in 0..ktiles {
+                    let j0 = kt * BC;
+                    let w = BC.min(nk - j0);
+                    bytes += match rule.cover(ps, (j0 as i64, (j0 + w) as i64)) {
+                        Cover::Empty => 0,
+                        Cover::Full => 2 * std::mem::size_of::<Entry>() as u128,
+                        Cover::Mixed => (2 * std::mem::size_of::<Entry>() + 8 * BR) as u128,
+                    };
+                }
+                bytes
+            })
+            .sum();
+        crate::check_memory(
+            "block mask",
+            usize::try_from(bytes).unwrap_or(usize::MAX),
+            1,
+        )?;
         // One row of tiles per task: its non-empty tiles (index, full?) and the bits of its
         // partial ones.
         type TileRow = (Vec<(u32, bool)>, Vec<u64>);
-        let rows: Vec<TileRow> = (0..batches * heads * qtiles)
+        let rows: Vec<TileRow> = (0..tables * qtiles)
             .into_par_iter()
             .map(|task| {
                 let (t, qt) = (task / qtiles, task % qtiles);
@@ -202,7 +238,6 @@ impl BlockMask {
             row_ptr.push(row_ent.len());
         }
         // The transpose: per (table, key tile), the query tiles that see it, in order.
-        let tables = batches * heads;
         let mut count = vec![0usize; tables * ktiles + 1];
         for t in 0..tables {
             for qt in 0..qtiles {
@@ -230,7 +265,7 @@ impl BlockMask {
                 }
             }
         }
-        Self {
+        Ok(Self {
             nq,
             nk,
             batches,
@@ -242,7 +277,7 @@ impl BlockMask {
             col_ptr,
             col_ent,
             bits,
-        }
+        })
     }
 
     /// Checks that the table fits a problem of `b × hq` heads, `nq` queries and `nk` keys.
