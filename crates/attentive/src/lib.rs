@@ -35,7 +35,21 @@
 //!
 //! Tensors enter as [`View`]s: a slice, a shape `[B, H, N, D]` and any strides, so `[B, N, H, D]`
 //! storage needs no copy. Every call validates its inputs first and returns an [`AttnError`]
-//! rather than panicking.
+//! rather than panicking; a request whose output or tables would not fit in the memory
+//! available ([`available_memory`], capped by `ATTENTIVE_MAX_MEMORY`) is refused before
+//! anything is allocated ([`AttnError::OutOfMemory`], with the size).
+//!
+//! **NaN and ±∞ in q, k and v** propagate as in PyTorch's math path, the same on every path
+//! (tiled, decode, residue classes, f16 K/V, every instruction set, the backward): a NaN in
+//! $q_i$, or in $k_j$ of a key row $i$ sees, makes row $i$ of the output and its log-sum-exp
+//! NaN; a non-finite $v_{jc}$ of a key it sees makes $O_{ic}$ non-finite; a score of $+\infty$
+//! makes the row NaN, one of $-\infty$ gives its key weight 0 (a row whose every score is
+//! $-\infty$ is empty, as if masked: output 0, log-sum-exp $-\infty$). Keys a row does not see
+//! never enter its weights, though a non-finite $v_j$ of such a key may reach the row through
+//! a tile it shares with keys the row does see ($0\cdot	ext{NaN}$), and $\pm\infty$ times a
+//! weight of 0 is NaN in the gradients, both as in PyTorch. No output is ever finite and wrong
+//! (tested against the oracle, which computes the formulas in IEEE arithmetic, in
+//! `tests/nonfinite.rs`).
 //!
 //! ```
 //! use attentive::{forward, reference, Options, View, ViewMut};

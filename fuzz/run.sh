@@ -1,0 +1,32 @@
+#!/bin/sh
+# Runs every fuzz target for SECONDS (default 60) from a copy of its seed corpus, and fails on
+# the first crash, hang (an input over 20 s), leak or sanitizer report; the input that did it is
+# left in $OUT (default ./fuzz-out) to be kept as a regression test.
+#
+#   sh fuzz/run.sh [SECONDS]
+#
+# cargo-fuzz (crates.io) builds with AddressSanitizer, which needs nightly compiler flags: the
+# stable toolchain allows them under RUSTC_BOOTSTRAP=1. libFuzzer stops a process past 2 GiB;
+# ATTENTIVE_MAX_MEMORY caps the engine's own allocations below that, so a request past the cap
+# must be refused, not attempted. The text target reads the MiniLM wheel when ATTENTIVE_MINILM
+# names it. FUZZ_TARGET_DIR moves the build (CI keeps it in its cache).
+set -eu
+cd "$(dirname "$0")"
+seconds=${1:-60}
+out=${OUT:-$PWD/../fuzz-out}
+mkdir -p "$out"
+export RUSTC_BOOTSTRAP=1 ATTENTIVE_MAX_MEMORY=1G
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install -q cargo-fuzz --version 0.13.2 --locked
+# 16 codegen units: cargo-fuzz's default of one takes the engine's build past 20 minutes.
+flags="-O --codegen-units 16 --target-dir ${FUZZ_TARGET_DIR:-target}"
+cargo fuzz build $flags
+for target in npy pattern kernel models text; do
+  corpus=$(mktemp -d)
+  cp corpus/"$target"/* "$corpus"/ 2>/dev/null || true
+  echo "fuzz $target: ${seconds} s"
+  cargo fuzz run $flags "$target" "$corpus" -- -max_total_time="$seconds" -timeout=20 \
+    -rss_limit_mb=2048 -max_len=16384 -artifact_prefix="$out/$target-" -print_final_stats=1 \
+    2>"$out/$target.log" || { tail -40 "$out/$target.log"; exit 1; }
+  grep -E "^stat::number_of_executed_units|^Done" "$out/$target.log" | tail -2
+  rm -rf "$corpus"
+done
