@@ -1,6 +1,6 @@
 #!/bin/sh
 # Runs every fuzz target for SECONDS (default 60) from a copy of its seed corpus, and fails on
-# the first crash, hang (an input over 20 s), leak or sanitizer report; the input that did it is
+# the first crash (a panic, an overflow), hang (an input over 20 s), leak or sanitizer report; the input that did it is
 # left in $OUT (default ./fuzz-out) to be kept as a regression test.
 #
 #   sh fuzz/run.sh [SECONDS]
@@ -17,8 +17,9 @@ out=${OUT:-$PWD/../fuzz-out}
 mkdir -p "$out"
 export RUSTC_BOOTSTRAP=1 ATTENTIVE_MAX_MEMORY=1G
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install -q cargo-fuzz --version 0.13.2 --locked
-# 16 codegen units: cargo-fuzz's default of one takes the engine's build past 20 minutes.
-flags="-O --codegen-units 16 --target-dir ${FUZZ_TARGET_DIR:-target}"
+# Optimised, with debug assertions and overflow checks (an overflow is a finding, not a wrapped
+# index); 16 codegen units: cargo-fuzz's default of one takes the engine's build past 20 minutes.
+flags="-O -a --codegen-units 16 --target-dir ${FUZZ_TARGET_DIR:-target}"
 cargo fuzz build $flags
 for target in npy pattern kernel models text; do
   corpus=$(mktemp -d)

@@ -46,7 +46,7 @@
 //! makes the row NaN, one of $-\infty$ gives its key weight 0 (a row whose every score is
 //! $-\infty$ is empty, as if masked: output 0, log-sum-exp $-\infty$). Keys a row does not see
 //! never enter its weights, though a non-finite $v_j$ of such a key may reach the row through
-//! a tile it shares with keys the row does see ($0\cdot	ext{NaN}$), and $\pm\infty$ times a
+//! a tile it shares with keys the row does see (0·NaN), and $\pm\infty$ times a
 //! weight of 0 is NaN in the gradients, both as in PyTorch. No output is ever finite and wrong
 //! (tested against the oracle, which computes the formulas in IEEE arithmetic, in
 //! `tests/nonfinite.rs`).

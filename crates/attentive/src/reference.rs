@@ -431,7 +431,7 @@ fn softmax_row<T: Real>(logits: &[Logit<T>]) -> (Vec<T>, Vec<T>, T) {
             m = l.x;
         }
     }
-    if logits.iter().any(|l| l.x != l.x) {
+    if logits.iter().any(|l| l.x.partial_cmp(&l.x).is_none()) {
         // A NaN score (a non-finite input): the row is NaN, its log-sum-exp and its weight of
         // every key it sees (the keys it does not see, −∞, keep weight 0).
         let nan = T::ZERO * T::NEG_INF;

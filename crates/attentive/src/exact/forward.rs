@@ -369,7 +369,7 @@ pub(crate) fn shares(stats: &[(f32, f32)], shares: &mut [f32]) -> f32 {
     let m = stats.iter().fold(f32::NEG_INFINITY, |a, s| a.max(s.0));
     for (x, &(mp, lp)) in shares.iter_mut().zip(stats) {
         // NaN (a non-finite input) is kept: it must reach the row.
-        *x = if !(lp <= 0.0) {
+        *x = if lp > 0.0 || lp.is_nan() {
             lp * (mp - m).exp()
         } else {
             0.0

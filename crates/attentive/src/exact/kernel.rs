@@ -417,7 +417,7 @@ impl<'a> Prior<'a> {
     pub(crate) fn row(&self, b: usize, h: usize, i: usize) -> Option<(f32, f32, &'a [f32])> {
         let l = self.l.data()[self.l.offset(b, h, i, 0)];
         // NaN (a non-finite input) counts as seen: it must reach the output.
-        (!(l <= 0.0)).then(|| {
+        (l > 0.0 || l.is_nan()).then(|| {
             let o = &self.o.data()[self.o.offset(b, h, i, 0)..];
             (
                 self.m.data()[self.m.offset(b, h, i, 0)],
@@ -515,7 +515,7 @@ pub(crate) fn attend_rows(
         let l = scr.l[r];
         let orow = &mut scr.o[r * dv..(r + 1) * dv];
         // NaN (from a non-finite input) is not an empty row: it reaches the output.
-        if !(l <= 0.0) {
+        if l > 0.0 || l.is_nan() {
             let inv = 1.0 / l;
             if scr.fresh {
                 orow.fill(0.0);
@@ -896,7 +896,7 @@ fn tile_by_rows(
 /// log-sum-exp, in `scr.m`.
 pub(crate) fn to_lse(scr: &mut Scratch, rows: usize) {
     for (m, &l) in scr.m[..rows].iter_mut().zip(&scr.l[..rows]) {
-        if !(l <= 0.0) {
+        if l > 0.0 || l.is_nan() {
             *m += l.ln();
         }
     }

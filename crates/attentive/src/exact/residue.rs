@@ -326,7 +326,7 @@ fn classes_only(
         .collect();
     out.for_each_row(|bi, h, i, dst| {
         let row = (bi * hq + h) * nq + i;
-        if !(l_cls[row] <= 0.0) {
+        if l_cls[row] > 0.0 || l_cls[row].is_nan() {
             dst.copy_from_slice(&o_cls[row * dv..(row + 1) * dv]);
         } else {
             dst.fill(0.0);
@@ -419,7 +419,7 @@ fn band_then_classes(
                 }
                 let r = h * nq + i;
                 let (m, l) = (m_band[r], l_band[r]);
-                if !(l <= 0.0) {
+                if l > 0.0 || l.is_nan() {
                     dst.copy_from_slice(&o_band[r * dv..(r + 1) * dv]);
                 } else {
                     dst.fill(0.0);

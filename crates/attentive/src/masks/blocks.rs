@@ -147,9 +147,7 @@ impl BlockMask {
         let off = nk as i64 - nq as i64;
         // The row and column pointers, then the entries and bits as they are made.
         let tables = batches * heads;
-        let pointers = tables
-            .checked_mul(qtiles + ktiles + 2)
-            .unwrap_or(usize::MAX);
+        let pointers = tables.saturating_mul(qtiles + ktiles + 2);
         crate::check_memory("block mask", pointers, 2 * std::mem::size_of::<usize>())?;
         // A first pass over the tiles' covers alone (no bits) bounds the table's size: every
         // non-empty tile an entry in each direction, every mixed one BR words of bits.
