@@ -841,8 +841,10 @@ unsafe fn micro<
                 *x = S::fma(av, bx, *x);
             }
         }
-        a = a.add(g.a_ks);
-        b = b.add(g.ldb);
+        // Wrapping: after the last step the pointers pass the operands' ends and are never
+        // read; `add` there would be undefined behaviour (Miri found it).
+        a = a.wrapping_add(g.a_ks);
+        b = b.wrapping_add(g.ldb);
     }
     for (r, row) in acc.iter().enumerate() {
         let p = g.c.add((i0 + r) * g.ldc + j0);

@@ -443,6 +443,8 @@ impl<T: Element + std::fmt::Debug> std::fmt::Debug for HugeVec<T> {
 #[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
 fn advise_huge(p: *mut u8, bytes: usize) {
     // (Miri runs no system calls: the advice is skipped there.)
+    #[cfg(any(miri, not(target_os = "linux")))]
+    let _ = (p, bytes);
     #[cfg(all(target_os = "linux", not(miri)))]
     {
         let start = (p as usize).next_multiple_of(HUGE_PAGE);
