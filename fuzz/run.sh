@@ -19,7 +19,9 @@ export RUSTC_BOOTSTRAP=1 ATTENTIVE_MAX_MEMORY=1G
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install -q cargo-fuzz --version 0.13.2 --locked
 # Optimised, with debug assertions and overflow checks (an overflow is a finding, not a wrapped
 # index); 16 codegen units: cargo-fuzz's default of one takes the engine's build past 20 minutes.
-flags="-O -a --codegen-units 16 --target-dir ${FUZZ_TARGET_DIR:-target}"
+# FUZZ_SANITIZER=none leaves out AddressSanitizer (CI: the engine's ASan build alone takes
+# over 15 minutes of this machine; the long runs keep it).
+flags="-O -a --codegen-units 16 -s ${FUZZ_SANITIZER:-address} --target-dir ${FUZZ_TARGET_DIR:-target}"
 cargo fuzz build $flags
 for target in npy pattern kernel models text; do
   corpus=$(mktemp -d)
