@@ -1,10 +1,18 @@
-//! Small calls through every piece of unsafe code the engine runs on any CPU, sized for Miri
-//! (`cargo +nightly miri test -p attentive --test miri`), which checks each memory access
-//! against Rust's rules: strided views and their bounds, outputs written through raw pointers
-//! by several threads, the pooled and huge-page buffers, the scalar kernels' pointer loops, the
-//! backward's per-split buffers, probabilities and merge. (Under Miri no SIMD instruction set is
-//! detected, so the scalar path runs; the SIMD paths are tested against it outside Miri.)
-//! Outside Miri these are ordinary tests, checked against the oracle.
+//! Small calls through every piece of unsafe code the engine runs on any CPU, sized for Miri,
+//! which checks each memory access against Rust's rules:
+//!
+//! ```text
+//! MIRIFLAGS="-Zmiri-tree-borrows -Zmiri-permissive-provenance -Zmiri-ignore-leaks" \
+//!     cargo +nightly miri test -p attentive --test miri
+//! ```
+//!
+//! (Tree Borrows and permissive provenance because crossbeam-epoch, under rayon, casts integers
+//! to pointers and fails Stacked Borrows in its own code; leaks ignored because rayon's global
+//! pool threads outlive `main`.) It covers strided views and their bounds, outputs written
+//! through raw pointers by several threads, the pooled and huge-page buffers, the scalar
+//! kernels' pointer loops, the backward's per-split buffers, probabilities and merge. (Under
+//! Miri no SIMD instruction set is detected, so the scalar path runs; the SIMD paths are tested
+//! against it outside Miri.) Outside Miri these are ordinary tests, checked against the oracle.
 
 use attentive::{
     backward, forward, merge, probabilities, reference, BlockMask, Causal, HugeVec, Options,
