@@ -107,6 +107,34 @@ fn hostile_headers_are_errors() {
             "shorter than its header",
         ),
         (Vec::new(), "no \\x93NUMPY magic"),
+        // Nested brackets: the header parser's time grows exponentially with their depth.
+        (
+            npy(
+                &f32_dict("(2,)").replace(
+                    "'<f4'",
+                    &format!("{}'<f4'{}", "[".repeat(40), "]".repeat(40)),
+                ),
+                &four,
+            ),
+            "plain dtypes",
+        ),
+        (
+            npy(
+                &f32_dict("(2,)")
+                    .replace("False", &format!("{}1{}", "(".repeat(40), ")".repeat(40))),
+                &four,
+            ),
+            "plain dtypes",
+        ),
+        (
+            std::fs::read(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../fuzz/corpus/npy/regression-nested-descr"
+            ))
+            .unwrap()[1..]
+                .to_vec(),
+            "plain dtypes",
+        ),
     ] {
         let e = err(&bytes, 0);
         assert!(e.contains(want), "{e:?} lacks {want:?}");
