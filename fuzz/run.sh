@@ -1,7 +1,8 @@
 #!/bin/sh
 # Runs every fuzz target for SECONDS (default 60) from a copy of its seed corpus, and fails on
-# the first crash (a panic, an overflow), hang (an input over 20 s), leak or sanitizer report; the input that did it is
-# left in $OUT (default ./fuzz-out) to be kept as a regression test.
+# the first crash (a panic, an overflow), hang (an input over 20 s), leak or sanitizer report;
+# the input that did it is left in $OUT (default fuzz-out/ at the repository's root) to be kept
+# as a regression test.
 #
 #   sh fuzz/run.sh [SECONDS]
 #
