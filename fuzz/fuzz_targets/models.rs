@@ -15,7 +15,9 @@ fuzz_target!(|data: &[u8]| {
     };
     if kind % 3 == 2 {
         let origin = std::path::Path::new("<fuzz>.whl");
-        if let Ok(files) = attentive_models::ModelFiles::from_zip(std::io::Cursor::new(rest), origin) {
+        if let Ok(files) =
+            attentive_models::ModelFiles::from_zip(std::io::Cursor::new(rest), origin)
+        {
             let _ = attentive_models::SentenceEncoder::from_files(&files);
         }
         return;

@@ -13,7 +13,13 @@ fuzz_target!(|input: (String, u32, u32, u8, u8)| {
     // The rule itself at sizes up to 2^62, where offsets no longer fit 32 bits: no overflow.
     let big = |x: u32| (x as usize) << (x % 31);
     let (bq, bk) = (big(nq).max(1), big(nk).max(1));
-    for (i, j) in [(0, 0), (bq - 1, bk - 1), (bq / 2, bk / 3), (bq - 1, 0), (0, bk - 1)] {
+    for (i, j) in [
+        (0, 0),
+        (bq - 1, bk - 1),
+        (bq / 2, bk / 3),
+        (bq - 1, 0),
+        (0, bk - 1),
+    ] {
         let _ = pattern.visible_at(bq, bk, attentive::Pos { b: 1, h: 2, i, j });
     }
     // Sizes up to 2^16 a side: building visits every pair of tiles (a million at 2^16), and at

@@ -29,7 +29,11 @@ fn encoder() -> Option<&'static attentive_models::SentenceEncoder> {
 }
 
 fuzz_target!(|text: &str| {
-    let words: Vec<Vec<u32>> = text.split_whitespace().filter_map(encode_word).take(4).collect();
+    let words: Vec<Vec<u32>> = text
+        .split_whitespace()
+        .filter_map(encode_word)
+        .take(4)
+        .collect();
     let words: Vec<&[u32]> = words.iter().map(|w| &w[..w.len().min(40)]).collect();
     if !words.is_empty() {
         let _ = g2p().greedy(&words);
