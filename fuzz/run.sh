@@ -10,7 +10,8 @@
 # stable toolchain allows them under RUSTC_BOOTSTRAP=1. libFuzzer stops a process past 2 GiB;
 # ATTENTIVE_MAX_MEMORY caps the engine's own allocations below that, so a request past the cap
 # must be refused, not attempted. The text target reads the MiniLM wheel when ATTENTIVE_MINILM
-# names it. FUZZ_TARGET_DIR moves the build (CI keeps it in its cache).
+# names it. FUZZ_TARGET_DIR moves the build (CI keeps it in its cache). FUZZ_SEED fixes
+# libFuzzer's random seed (CI: 1, so that a run repeats the path a session checked; 0: drawn).
 set -eu
 cd "$(dirname "$0")"
 seconds=${1:-60}
@@ -29,6 +30,7 @@ for target in npy pattern kernel models text; do
   cp corpus/"$target"/* "$corpus"/ 2>/dev/null || true
   echo "fuzz $target: ${seconds} s"
   cargo fuzz run $flags "$target" "$corpus" -- -max_total_time="$seconds" -timeout=20 \
+    -seed="${FUZZ_SEED:-0}" \
     -rss_limit_mb=2048 -max_len=16384 -artifact_prefix="$out/$target-" -print_final_stats=1 \
     2>"$out/$target.log" || { tail -40 "$out/$target.log"; exit 1; }
   grep -E "^stat::number_of_executed_units|^Done" "$out/$target.log" | tail -2
