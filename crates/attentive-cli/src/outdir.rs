@@ -166,12 +166,10 @@ fn sync_dir(p: &Path) -> Result<(), CliError> {
     attentive_nn::train::sync_dir(p).map_err(|e| io(p, e))
 }
 
-/// Writes `bytes` to `dest` as [`files`] does (whole or not at all).
+/// Writes `bytes` to `dest` whole or not at all (attentive-nn's `write_atomically`).
 pub fn write(dest: &Path, bytes: &[u8]) -> Result<(), CliError> {
-    files(vec![(
-        dest,
-        Box::new(|p: &Path| std::fs::write(p, bytes).map_err(|e| io(p, e))),
-    )])
+    attentive_nn::train::write_atomically(dest, |p| std::fs::write(p, bytes))
+        .map_err(|e| io(dest, e))
 }
 
 /// Writes one output file at the path it is given.
