@@ -309,46 +309,82 @@ fn a_training_run_killed_while_it_saves_leaves_the_old_checkpoint_or_the_new() {
             .spawn()
             .unwrap()
     };
-    // One whole run: the old checkpoint, and how long a run takes.
+    // A run's save begins when it makes its temporary folder beside `out`.
+    let saving = |pid: u32| root.join(format!(".ck.tmp-{pid}")).exists();
+    // Runs `child`, polling every millisecond, until it exits (None) or until `kill_at` says,
+    // from the seconds since `start` and when the save began, that it is time to kill it:
+    // then kills it and returns when the save began, if it had.
+    let watch = |child: &mut std::process::Child,
+                 start: std::time::Instant,
+                 kill_at: &dyn Fn(Option<f64>) -> f64|
+     -> (Option<Option<f64>>, f64) {
+        let mut began = None;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success());
+                return (None, start.elapsed().as_secs_f64() - began.unwrap_or(0.0));
+            }
+            let s = start.elapsed().as_secs_f64();
+            if began.is_none() && saving(child.id()) {
+                began = Some(s);
+            }
+            if s >= kill_at(began) {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                return (Some(began), s);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    };
+    // One whole run: the old checkpoint, how long a run takes and how long its save takes.
     let t = std::time::Instant::now();
-    assert!(train(1).wait().unwrap().success());
-    let whole = t.elapsed().as_secs_f64();
+    let (outcome, mut save) = watch(&mut train(1), t, &|_| f64::INFINITY);
+    assert!(outcome.is_none());
+    let mut whole = t.elapsed().as_secs_f64();
     let mut known = vec![load_checkpoint(&out).expect("the first checkpoint")];
-    // 50 runs killed (SIGKILL) at moments drawn over the second half of a run's time, where it
-    // scores and writes its checkpoint, and a little past its usual end.
+    // 50 runs killed (SIGKILL): even runs at a moment drawn over the whole run and a little past
+    // its end, odd runs at a moment drawn over the save, from the appearance of the temporary
+    // folder to a little past the save's end. Both lengths are those of the last run that
+    // finished, as the machine's load changes.
     let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ std::process::id() as u64;
-    let (mut killed, mut finished) = (0, 0);
-    for run in 0..50 {
+    let (mut killed, mut in_save, mut finished) = (0, 0, 0);
+    for run in 0..50u32 {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        let at = whole * (0.5 + 0.6 * (state >> 11) as f64 / (1u64 << 53) as f64);
-        let mut child = train(2 + run);
-        std::thread::sleep(std::time::Duration::from_secs_f64(at));
-        match child.try_wait().unwrap() {
-            Some(status) => {
-                assert!(status.success());
+        let u = (state >> 11) as f64 / (1u64 << 53) as f64;
+        let (w, s) = (whole, save);
+        let kill_at = move |began: Option<f64>| match (run % 2, began) {
+            (0, _) => w * 1.1 * u,
+            (_, Some(b)) => b + s * 1.2 * u,
+            (_, None) => f64::INFINITY,
+        };
+        let t = std::time::Instant::now();
+        let at = match watch(&mut train(2 + run), t, &kill_at) {
+            (None, took_to_save) => {
                 finished += 1;
+                (whole, save) = (t.elapsed().as_secs_f64(), took_to_save);
+                whole
             }
-            None => {
-                child.kill().unwrap();
-                child.wait().unwrap();
+            (Some(began), at) => {
                 killed += 1;
+                in_save += usize::from(began.is_some());
+                at
             }
-        }
+        };
         // Whatever the moment, the folder holds one whole checkpoint: the last one written.
-        let bytes = load_checkpoint(&out).unwrap_or_else(|e| panic!("run {run} at {at:.2} s: {e}"));
+        let bytes = load_checkpoint(&out).unwrap_or_else(|e| panic!("run {run} at {at:.3} s: {e}"));
         if !known.contains(&bytes) {
             known.push(bytes);
         }
     }
     eprintln!(
-        "{killed} runs killed, {finished} finished; {} checkpoints seen",
+        "{killed} runs killed ({in_save} while saving), {finished} finished; {} checkpoints seen",
         known.len()
     );
     assert!(
-        killed >= 25,
-        "only {killed} of 50 runs were killed: the moments missed the saves"
+        killed >= 25 && in_save >= 15,
+        "only {killed} of 50 runs were killed, {in_save} while saving: the moments missed the saves"
     );
     // What killed runs leave beside the folder is removed by the next run: at most the last.
     let strays = std::fs::read_dir(&root)
