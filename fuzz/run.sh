@@ -25,7 +25,7 @@ command -v cargo-fuzz >/dev/null 2>&1 || cargo install -q cargo-fuzz --version 0
 # over 15 minutes of this machine; the long runs keep it).
 flags="-O -a --codegen-units 16 -s ${FUZZ_SANITIZER:-address} --target-dir ${FUZZ_TARGET_DIR:-target}"
 cargo fuzz build $flags
-for target in npy pattern kernel models text; do
+for target in npy pattern kernel shapes models text; do
   corpus=$(mktemp -d)
   cp corpus/"$target"/* "$corpus"/ 2>/dev/null || true
   echo "fuzz $target: ${seconds} s"

@@ -39,7 +39,15 @@ fn check_bounds(
     }
 }
 
-/// Row-major strides of a shape.
+/// Elements of a shape; `None` where their count passes `usize` (a broadcast view, whose zero
+/// strides make any shape valid over a few values, can be that large).
+pub(crate) fn elements(shape: [usize; 4]) -> Option<usize> {
+    if shape.contains(&0) {
+        return Some(0);
+    }
+    shape.iter().try_fold(1usize, |a, &x| a.checked_mul(x))
+}
+
 /// Whether `strides` lay `shape` out row-major without gaps (size-1 dimensions may have any
 /// stride).
 pub(crate) fn is_row_major(shape: [usize; 4], strides: [usize; 4]) -> bool {
@@ -47,13 +55,43 @@ pub(crate) fn is_row_major(shape: [usize; 4], strides: [usize; 4]) -> bool {
     (0..4).all(|k| shape[k] <= 1 || strides[k] == want[k])
 }
 
+/// Row-major strides of a shape, saturating at `usize::MAX` where the shape is too large to be
+/// stored (no slice reaches that far, so the bounds check then refuses the view).
 pub fn contiguous_strides(shape: [usize; 4]) -> [usize; 4] {
+    let m = |a: usize, b: usize| a.saturating_mul(b);
     [
-        shape[1] * shape[2] * shape[3],
-        shape[2] * shape[3],
+        m(m(shape[1], shape[2]), shape[3]),
+        m(shape[2], shape[3]),
         shape[3],
         1,
     ]
+}
+
+/// Row-major strides of `[B, H, N, D]` stored as `[B, N, H, D]`, saturating as
+/// [`contiguous_strides`] does.
+fn bnhd_strides([_, n, h, d]: [usize; 4]) -> [usize; 4] {
+    let m = |a: usize, b: usize| a.saturating_mul(b);
+    [m(m(n, h), d), d, m(h, d), 1]
+}
+
+/// The element count of a row-major `shape` (padded to four), or the error for a slice that
+/// cannot hold it.
+fn row_major_len(tensor: &'static str, len: usize, shape: [usize; 4]) -> Result<usize> {
+    let need = elements(shape).ok_or_else(|| AttnError::OutOfBounds {
+        tensor,
+        shape: shape.to_vec(),
+        strides: contiguous_strides(shape).to_vec(),
+        needed: usize::MAX,
+        len,
+    })?;
+    if len != need {
+        return Err(AttnError::LengthMismatch {
+            tensor,
+            expected: need,
+            got: len,
+        });
+    }
+    Ok(need)
 }
 
 /// Shape of 1 to 4 dimensions, right-aligned into four with leading ones (NumPy broadcasting).
@@ -101,20 +139,13 @@ impl<'a, T: Copy> View<'a, T> {
     /// as NumPy broadcasting reads them (`[Nq, Nk]` becomes `[1, 1, Nq, Nk]`).
     pub fn contiguous(data: &'a [T], shape: &[usize]) -> Result<Self> {
         let shape = pad_shape("view", shape)?;
-        let need: usize = shape.iter().product();
-        if data.len() != need {
-            return Err(AttnError::LengthMismatch {
-                tensor: "view",
-                expected: need,
-                got: data.len(),
-            });
-        }
+        row_major_len("view", data.len(), shape)?;
         Self::new(data, shape, contiguous_strides(shape))
     }
 
     /// A `[B, H, N, D]` view of data stored as `[B, N, H, D]`, without a copy.
     pub fn from_bnhd(data: &'a [T], [b, n, h, d]: [usize; 4]) -> Result<Self> {
-        Self::new(data, [b, h, n, d], [n * h * d, d, h * d, 1])
+        Self::new(data, [b, h, n, d], bnhd_strides([b, n, h, d]))
     }
 
     pub fn shape(&self) -> [usize; 4] {
@@ -168,10 +199,36 @@ impl<'a, T: Copy> View<'a, T> {
         })
     }
 
+    /// Copies the view into a row-major vector, or refuses with
+    /// [`AttnError::OutOfMemory`] where the copy would not fit: a broadcast view (zero strides
+    /// over a few values) can stand for more elements than memory holds.
+    ///
+    /// ```
+    /// # use attentive::View;
+    /// let one = [1.0f32];
+    /// let wide = View::new(&one, [1 << 20, 1 << 20, 1 << 20, 1], [0, 0, 0, 0]).unwrap();
+    /// assert!(wide.try_to_vec().is_err());
+    /// ```
+    pub fn try_to_vec(&self) -> Result<Vec<T>> {
+        let what = "copy of a view";
+        let n = elements(self.shape).ok_or_else(|| AttnError::OutOfMemory {
+            what,
+            bytes: (self.shape.iter())
+                .fold(size_of::<T>() as u128, |a, &x| a.saturating_mul(x as u128)),
+            available: crate::available_memory(),
+        })?;
+        crate::check_memory(what, n, size_of::<T>())?;
+        Ok(self.to_vec())
+    }
+
     /// Copies the view into a row-major vector.
+    ///
+    /// # Panics
+    /// Where the copy cannot be allocated; [`try_to_vec`](Self::try_to_vec) refuses instead.
     pub fn to_vec(&self) -> Vec<T> {
         let [s0, s1, s2, s3] = self.shape;
-        let mut out = Vec::with_capacity(s0 * s1 * s2 * s3);
+        let n = elements(self.shape).expect("a view's elements fit in memory");
+        let mut out = Vec::with_capacity(n);
         for a in 0..s0 {
             for b in 0..s1 {
                 for c in 0..s2 {
@@ -202,7 +259,8 @@ impl<'a> ViewMut<'a> {
     /// The elements as one row-major slice, when the view is stored so (size-1 dimensions may
     /// have any stride).
     pub(crate) fn row_major_mut(&mut self) -> Option<&mut [f32]> {
-        let len = self.shape.iter().product::<usize>();
+        // An output view's elements are distinct slots of its slice: their count fits.
+        let len = elements(self.shape)?;
         is_row_major(self.shape, self.strides).then(|| &mut self.data[..len])
     }
 
@@ -223,6 +281,7 @@ impl<'a> ViewMut<'a> {
                     strides: strides.to_vec(),
                 });
             }
+            // Within the slice (checked above): no overflow.
             reach = strides[k] * shape[k];
         }
         Ok(Self {
@@ -250,20 +309,13 @@ impl<'a> ViewMut<'a> {
 
     /// A row-major writable view of exactly `shape`.
     pub fn contiguous(data: &'a mut [f32], shape: [usize; 4]) -> Result<Self> {
-        let need: usize = shape.iter().product();
-        if data.len() != need {
-            return Err(AttnError::LengthMismatch {
-                tensor: "output",
-                expected: need,
-                got: data.len(),
-            });
-        }
+        row_major_len("output", data.len(), shape)?;
         Self::new(data, shape, contiguous_strides(shape))
     }
 
     /// A `[B, H, N, D]` writable view of storage laid out as `[B, N, H, D]`.
     pub fn from_bnhd(data: &'a mut [f32], [b, n, h, d]: [usize; 4]) -> Result<Self> {
-        Self::new(data, [b, h, n, d], [n * h * d, d, h * d, 1])
+        Self::new(data, [b, h, n, d], bnhd_strides([b, n, h, d]))
     }
 
     pub fn shape(&self) -> [usize; 4] {

@@ -61,3 +61,37 @@ fn a_block_mask_larger_than_memory_is_refused_before_it_is_built() {
     let causal: attentive::Pattern = "causal".parse().unwrap();
     assert!(attentive::BlockMask::new(&causal, 1, 1, n, n).is_ok());
 }
+
+#[test]
+fn shapes_whose_element_count_passes_the_address_space_are_refused() {
+    let big = 1usize << 33;
+    let x = [0.5f32; 4];
+    // A row-major shape of 2⁶⁶ elements: no slice holds it (the count is not wrapped to 0).
+    assert!(matches!(
+        View::contiguous(&x, &[big, big, 1, 1]),
+        Err(AttnError::OutOfBounds { .. })
+    ));
+    assert!(View::from_bnhd(&x, [big, big, big, 1]).is_err());
+    let mut out = [0.0f32; 4];
+    assert!(attentive::ViewMut::contiguous(&mut out, [big, big, 4, 1]).is_err());
+    // Empty shapes are empty whatever their other sides.
+    assert!(attentive::ViewMut::contiguous(&mut [], [big, big, 0, 1]).is_ok());
+    // A broadcast view of 2⁶⁰ elements over one value is valid; a method that would copy it
+    // refuses with the size instead of overflowing or aborting.
+    let wide = View::new(&x[..1], [1 << 20, 1 << 20, 1 << 20, 1], [0, 0, 0, 0]).unwrap();
+    match wide.try_to_vec() {
+        Err(AttnError::OutOfMemory { bytes, .. }) => assert_eq!(bytes, 4 << 60),
+        r => panic!("{r:?}"),
+    }
+    // Linear attention copies its inputs per head: a query and key of 2⁴⁰ features over one
+    // value are refused, not attempted.
+    use attentive::variants::linear::{forward, Linear};
+    let qk = View::new(&x[..1], [1, 1, 4, 1 << 40], [0, 0, 0, 0]).unwrap();
+    let v = View::new(&x[..1], [1, 1, 4, 1], [0, 0, 0, 0]).unwrap();
+    let mut o = [0.0f32; 4];
+    let mut ov = attentive::ViewMut::contiguous(&mut o, [1, 1, 4, 1]).unwrap();
+    match forward(qk, qk, v, &Linear::default(), &mut ov) {
+        Err(AttnError::OutOfMemory { .. }) => {}
+        r => panic!("{r:?}"),
+    }
+}

@@ -98,8 +98,8 @@ impl Scratch {
 /// query heads of each group. Extra memory: `D` (B·Hq·Nq floats), copies of Q and dO on 2 MiB
 /// pages when each is 2 MiB or more, and, when `B·Hkv < 8`, up to four dQ-sized buffers.
 ///
-/// Accuracy: the weights are recomputed as $P_{ij} = e^{s_{ij} - \mathrm{LSE}_i}$ from the f32
-/// LSE, so each row carries its rounding, a factor up to $e^{|\mathrm{LSE}|\,\varepsilon}$ —
+/// Accuracy: the weights are recomputed as $P_{ij} = e^{s_{ij} - \mathrm{LSE}\_i}$ from the f32
+/// LSE, so each row carries its rounding, a factor up to $e^{|\mathrm{LSE}|\\,\varepsilon}$ —
 /// negligible at the scores of trained models, and no accuracy left once $|\mathrm{LSE}|$
 /// nears $2^{23}$ (scores of that size), as for any backward from an f32 LSE. dQ and dK are
 /// formed from $dP_{ij} - D_i$, which cancel: their error is the rounding of those terms, not

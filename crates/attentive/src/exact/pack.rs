@@ -63,7 +63,7 @@ impl HugeCopy {
 impl Drop for HugeCopy {
     fn drop(&mut self) {
         if let Some(c) = self.copy.take() {
-            if self.shape.iter().product::<usize>() * 4 > KEEP_COPY {
+            if crate::view::elements(self.shape).is_none_or(|n| n > KEEP_COPY / 4) {
                 c.discard();
             }
         }
@@ -81,8 +81,8 @@ impl Drop for HugeCopy {
 pub(crate) fn huge_copy(view: &View) -> Option<HugeCopy> {
     let shape = view.shape();
     let [_, h, n, d] = shape;
-    let len = shape.iter().product::<usize>();
-    if len * std::mem::size_of::<f32>() < HUGE_PAGE {
+    let len = crate::view::elements(shape)?;
+    if len < HUGE_PAGE / std::mem::size_of::<f32>() {
         return None;
     }
     let mut copy = COPIES.take(len, || HugeVec::zeroed(len).ok());

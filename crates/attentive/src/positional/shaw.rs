@@ -230,7 +230,7 @@ impl Shaw<'_> {
         let (base, dims) = self.check(q, k, v, opts)?;
         base.check_out("out", out, [dims.b, dims.hq, dims.nq, dims.dv])?;
         let (rows, dv, nb, nq) = (dims.rows(), dims.dv, dims.nb, dims.nq);
-        let qc = q.to_vec();
+        let qc = q.try_to_vec()?;
         let r = self.key_table(&qc, dims);
         let rule = KeyTerm { r: &r, dims };
         let plain = *opts;
@@ -238,7 +238,7 @@ impl Shaw<'_> {
             score_rule: Some(&rule),
             ..*opts
         };
-        let v1 = with_ones(&v);
+        let v1 = with_ones(&v)?;
         let v1 = View::contiguous(&v1, &[dims.b, dims.hkv, dims.nk, dv + 1])?;
         let bands = dims.bands();
         let nbands = bands.len();
@@ -261,8 +261,8 @@ impl Shaw<'_> {
         let inner = (dims.c > 0)
             .then(|| Problem::new(q, k, v, &opts).map(|p| p.with_band(1 - dims.c, dims.c - 1)))
             .transpose()?;
-        let vc = v.to_vec();
-        let kc = k.to_vec();
+        let vc = v.try_to_vec()?;
+        let kc = k.try_to_vec()?;
 
         let mut o_all = vec![0.0f32; rows * dv]; //                 (B, Hq, Nq, Dv)
         let mut lse = vec![0.0f32; rows];
@@ -389,8 +389,8 @@ impl Shaw<'_> {
         expect_len("d_keys", d_keys.len(), nb * d)?;
         expect_len("d_values", d_values.len(), nb * dvd)?;
 
-        let (qc, kc, vc) = (q.to_vec(), k.to_vec(), v.to_vec());
-        let doc = d_o.to_vec();
+        let (qc, kc, vc) = (q.try_to_vec()?, k.try_to_vec()?, v.try_to_vec()?);
+        let doc = d_o.try_to_vec()?;
         // c_ir = dO_i·a^V_r                                        // (B·Hq·Nq, 2c+1)
         let cv: Vec<f32> = doc
             .par_chunks(dvd)
@@ -415,7 +415,7 @@ impl Shaw<'_> {
             score_rule: Some(&rule),
             ..*opts
         };
-        let v1 = with_ones(&v);
+        let v1 = with_ones(&v)?;
         let v1 = View::contiguous(&v1, &[b, hkv, nk, dvd + 1])?;
         let mut lse_band = vec![0.0f32; rows];
         let shape_q1 = [b, hq, nq, dvd + 1];
@@ -684,15 +684,15 @@ fn add(y: &mut [f32], x: &[f32]) {
 }
 
 /// `[v | 1]`, contiguous: `[B, Hkv, Nk, Dv + 1]`.
-fn with_ones(v: &View) -> Vec<f32> {
+fn with_ones(v: &View) -> Result<Vec<f32>> {
     let dv = v.shape()[3];
-    let vc = v.to_vec();
+    let vc = v.try_to_vec()?;
     let mut out = Vec::with_capacity(vc.len() / dv * (dv + 1));
     for row in vc.chunks(dv) {
         out.extend_from_slice(row);
         out.push(1.0);
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]

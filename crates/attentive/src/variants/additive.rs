@@ -347,7 +347,7 @@ pub fn forward(
     if let Some(w) = weights.as_deref() {
         crate::error::expect_len("weights", w.len(), b * hq * nq * nk)?;
     }
-    let (qh, kh, vh) = (heads(&q), heads(&k), heads(&v));
+    let (qh, kh, vh) = (heads(&q)?, heads(&k)?, heads(&v)?);
     let ktilde = general_keys(opts, &kh, (dq, dk));
     let mut probs = vec![0.0f32; b * hq * nq * nk]; //                     [B, Hq, Nq, Nk]
     write_out(out, |o| {
@@ -471,7 +471,7 @@ pub fn backward(
     crate::error::expect_shape("dq", dq.shape(), [b, hq, nq, dqd])?;
     crate::error::expect_shape("dk", dk.shape(), [b, hkv, nk, dkd])?;
     crate::error::expect_shape("dv", dv.shape(), [b, hkv, nk, dvd])?;
-    let (qh, kh, vh, doh) = (heads(&q), heads(&k), heads(&v), heads(&d_o));
+    let (qh, kh, vh, doh) = (heads(&q)?, heads(&k)?, heads(&v)?, heads(&d_o)?);
     let ktilde = general_keys(opts, &kh, (dqd, dkd));
     let group = dims.group();
     let tanh = opts.tanh(dqd);

@@ -85,7 +85,7 @@ impl<'a> Gated<'a> {
                     g.shape(),
                     [dims.b, dims.hkv, dims.nk, dims.d],
                 )?;
-                if let Some(x) = g.to_vec().into_iter().find(|&x| bad(x)) {
+                if let Some(x) = g.try_to_vec()?.into_iter().find(|&x| bad(x)) {
                     return Err(AttnError::InvalidOption {
                         option: "gates",
                         value: x as f64,
@@ -105,13 +105,17 @@ impl<'a> Gated<'a> {
     }
 
     /// Every key/value head's log-gates, `[B·Hkv][N × D]` row-major.
-    fn gates(&self, dims: &Dims) -> Vec<f32> {
+    fn gates(&self, dims: &Dims) -> Result<Vec<f32>> {
         let Dims { b, hkv, nk, d, .. } = *dims;
         match self.decay {
-            Decay::PerHead(g) => (0..b * hkv)
-                .flat_map(|bh| std::iter::repeat_n(g[bh % hkv], nk * d))
-                .collect(),
-            Decay::Gates(g) => heads(&g).into_owned(),
+            Decay::PerHead(g) => {
+                let n = crate::view::elements([b, hkv, nk, d]).unwrap_or(usize::MAX);
+                crate::check_memory("gates", n, 4)?;
+                Ok((0..b * hkv)
+                    .flat_map(|bh| std::iter::repeat_n(g[bh % hkv], nk * d))
+                    .collect())
+            }
+            Decay::Gates(g) => Ok(heads(&g)?.into_owned()),
         }
     }
 }
@@ -377,7 +381,7 @@ pub fn forward(q: View, k: View, v: View, opts: &Gated, out: &mut ViewMut) -> Re
     } = dims;
     crate::error::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
     let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt());
-    let (qh, kh, vh, gh) = (heads(&q), heads(&k), heads(&v), opts.gates(&dims));
+    let (qh, kh, vh, gh) = (heads(&q)?, heads(&k)?, heads(&v)?, opts.gates(&dims)?);
     write_out(out, |o| {
         o.par_chunks_mut(nq * dv).enumerate().for_each(|(bh, o)| {
             let kv = bh / hq * dims.hkv + bh % hq / dims.group();
@@ -482,11 +486,11 @@ pub fn backward(
     }
     let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt());
     let (qh, kh, vh, doh, gh) = (
-        heads(&q),
-        heads(&k),
-        heads(&v),
-        heads(&d_o),
-        opts.gates(&dims),
+        heads(&q)?,
+        heads(&k)?,
+        heads(&v)?,
+        heads(&d_o)?,
+        opts.gates(&dims)?,
     );
     let group = dims.group();
     // Per (b, kv head): dQ of its query heads, dK, dV, and ∂L/∂B (n × d).
@@ -672,7 +676,7 @@ pub mod oracle {
         crate::error::expect_shape("d_o", d_o.shape(), [b, hq, n, dv])?;
         let f = T::from_f32;
         let scale = f(opts.scale.unwrap_or(1.0 / (d as f32).sqrt()));
-        let g = opts.gates(&dims);
+        let g = opts.gates(&dims)?;
         let group = dims.group();
         let mut o = vec![T::ZERO; b * hq * n * dv];
         let mut dq = vec![T::ZERO; b * hq * n * d];

@@ -219,7 +219,7 @@ pub fn forward(q: View, k: View, v: View, opts: &Linear, out: &mut ViewMut) -> R
         ..
     } = dims;
     crate::error::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
-    let (qh, kh, vh) = (heads(&q), heads(&k), heads(&v));
+    let (qh, kh, vh) = (heads(&q)?, heads(&k)?, heads(&v)?);
     write_out(out, |o| {
         o.par_chunks_mut(nq * dv).enumerate().for_each(|(bh, o)| {
             let (bi, h) = (bh / hq, bh % hq);
@@ -271,7 +271,7 @@ pub fn backward(
         ..
     } = dims;
     crate::error::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
-    let (qh, kh, vh, doh) = (heads(&q), heads(&k), heads(&v), heads(&d_o));
+    let (qh, kh, vh, doh) = (heads(&q)?, heads(&k)?, heads(&v)?, heads(&d_o)?);
     let elu = |bi: usize, kv: usize, q| Elu {
         q,
         k: &kh[kv * nk * d..][..nk * d],

@@ -110,8 +110,8 @@ pub fn forward(q: View, k: View, v: View, opts: &Linformer, out: &mut ViewMut) -
     let Dims {
         b, hkv, nk, d, dv, ..
     } = dims;
-    let kp = project(kern, opts.e, &heads(&k), (nk, opts.k, d)); //   [B, Hkv, k, D]
-    let vp = project(kern, opts.f(), &heads(&v), (nk, opts.k, dv)); // [B, Hkv, k, Dv]
+    let kp = project(kern, opts.e, &heads(&k)?, (nk, opts.k, d)); //   [B, Hkv, k, D]
+    let vp = project(kern, opts.f(), &heads(&v)?, (nk, opts.k, dv)); // [B, Hkv, k, Dv]
     let kv = View::contiguous(&kp, &[b, hkv, opts.k, d])?;
     let vv = View::contiguous(&vp, &[b, hkv, opts.k, dv])?;
     let mut o = Options::new().isa(opts.isa);
@@ -162,7 +162,7 @@ pub fn backward(
             crate::error::expect_len(name, g.len(), nk * kp_len)?;
         }
     }
-    let (kh, vh) = (heads(&k), heads(&v));
+    let (kh, vh) = (heads(&k)?, heads(&v)?);
     let kp = project(kern, opts.e, &kh, (nk, kp_len, d));
     let vp = project(kern, opts.f(), &vh, (nk, kp_len, dvd));
     let (kv, vv) = (

@@ -617,7 +617,7 @@ pub fn forward(x: View, v: View, opts: &Lsh, out: &mut ViewMut) -> Result<()> {
         b, hq, nq, d, dv, ..
     } = dims;
     crate::error::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
-    let (xs, vs) = (heads(&x), heads(&v));
+    let (xs, vs) = (heads(&x)?, heads(&v)?);
     write_out(out, |o| {
         for (bh, ((oh, xh), vh)) in o
             .chunks_exact_mut(nq * dv)
@@ -658,7 +658,7 @@ pub fn backward(
     crate::error::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
     crate::error::expect_shape("dx", dx.shape(), [b, hq, nq, d])?;
     crate::error::expect_shape("dv", dv.shape(), [b, hq, nq, dvd])?;
-    let (xs, vs, gs) = (heads(&x), heads(&v), heads(&d_o));
+    let (xs, vs, gs) = (heads(&x)?, heads(&v)?, heads(&d_o)?);
     let per: Vec<(Vec<f32>, Vec<f32>)> = xs
         .chunks_exact(nq * d)
         .zip(vs.chunks_exact(nq * dvd))

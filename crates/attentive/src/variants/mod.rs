@@ -101,12 +101,13 @@ impl Dims {
 
 /// Each `[b, h]` head of `x` as `rows × width` row-major blocks, one after another: the
 /// view's own elements when it is stored so, else a copy.
-pub(crate) fn heads<'a>(x: &View<'a>) -> Cow<'a, [f32]> {
-    let len = x.shape().iter().product::<usize>();
-    if crate::view::is_row_major(x.shape(), x.strides()) {
-        Cow::Borrowed(&x.data()[..len])
-    } else {
-        Cow::Owned(x.to_vec())
+/// Refuses, as [`View::try_to_vec`] does, a copy that would not fit in memory.
+pub(crate) fn heads<'a>(x: &View<'a>) -> Result<Cow<'a, [f32]>> {
+    match crate::view::elements(x.shape()) {
+        Some(len) if crate::view::is_row_major(x.shape(), x.strides()) => {
+            Ok(Cow::Borrowed(&x.data()[..len]))
+        }
+        _ => x.try_to_vec().map(Cow::Owned),
     }
 }
 

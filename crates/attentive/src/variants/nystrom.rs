@@ -257,7 +257,7 @@ pub fn forward(q: View, k: View, v: View, opts: &Nystrom, out: &mut ViewMut) -> 
         ..
     } = dims;
     crate::error::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
-    let (qh, kh, vh) = (heads(&q), heads(&k), heads(&v));
+    let (qh, kh, vh) = (heads(&q)?, heads(&k)?, heads(&v)?);
     super::write_out(out, |o| {
         o.par_chunks_mut(nq * dv).enumerate().for_each(|(bh, o)| {
             let kv = bh / hq * dims.hkv + bh % hq / dims.group();
@@ -300,7 +300,7 @@ pub fn backward(
         ..
     } = dims;
     crate::error::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
-    let (qh, kh, vh, doh) = (heads(&q), heads(&k), heads(&v), heads(&d_o));
+    let (qh, kh, vh, doh) = (heads(&q)?, heads(&k)?, heads(&v)?, heads(&d_o)?);
     super::backward_by_kv_head(
         dims,
         d,

@@ -303,7 +303,7 @@ pub fn forward(q: View, k: View, v: View, opts: &Performer, out: &mut ViewMut) -
         ..
     } = dims;
     crate::error::expect_shape("out", out.shape(), [b, hq, nq, dv])?;
-    let (qh, kh, vh) = (heads(&q), heads(&k), heads(&v));
+    let (qh, kh, vh) = (heads(&q)?, heads(&k)?, heads(&v)?);
     let mut wt = vec![0.0f32; d * m];
     super::transpose(opts.features, (m, d), &mut wt);
     let stabs = key_stabs(kern, opts, &kh, &wt, &dims, m)?;
@@ -359,7 +359,7 @@ pub fn backward(
         ..
     } = dims;
     crate::error::expect_shape("d_o", d_o.shape(), [b, hq, nq, dvd])?;
-    let (qh, kh, vh, doh) = (heads(&q), heads(&k), heads(&v), heads(&d_o));
+    let (qh, kh, vh, doh) = (heads(&q)?, heads(&k)?, heads(&v)?, heads(&d_o)?);
     let mut wt = vec![0.0f32; d * m];
     super::transpose(opts.features, (m, d), &mut wt);
     let stabs = key_stabs(kern, opts, &kh, &wt, &dims, m)?;
