@@ -281,7 +281,7 @@ impl<'a> ViewMut<'a> {
                     strides: strides.to_vec(),
                 });
             }
-            // Within the slice (checked above): no overflow.
+            // (n − 1)·s lies within the slice (checked above), so n·s is at most twice its length.
             reach = strides[k] * shape[k];
         }
         Ok(Self {
