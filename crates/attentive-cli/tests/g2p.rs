@@ -311,9 +311,10 @@ fn a_training_run_killed_while_it_saves_leaves_the_old_checkpoint_or_the_new() {
     };
     // A run's save begins when it makes its temporary folder beside `out`.
     let saving = |pid: u32| root.join(format!(".ck.tmp-{pid}")).exists();
-    // Runs `child`, polling every millisecond, until it exits (None) or until `kill_at` says,
-    // from the seconds since `start` and when the save began, that it is time to kill it:
-    // then kills it and returns when the save began, if it had.
+    // Runs `child`, polling every millisecond, until it exits or until `kill_at` (given when
+    // its save began, in seconds since `start`) says it is time to kill it. Returns (None, how
+    // long its save took) if it exited, else (Some(when its save began, if it had), when it
+    // was killed).
     let watch = |child: &mut std::process::Child,
                  start: std::time::Instant,
                  kill_at: &dyn Fn(Option<f64>) -> f64|
