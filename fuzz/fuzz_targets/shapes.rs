@@ -1,6 +1,6 @@
 //! The engine's entry points on shapes of any size up to 2³² a side (zero included), over
-//! broadcast inputs (zero strides) so that a view of 2⁶⁴ elements costs a few bytes, and over
-//! arbitrary strides of Q.
+//! broadcast inputs (zero strides: a view of more elements than the address space costs a few
+//! bytes), and over arbitrary strides of Q.
 //!
 //! Each call returns an error or a result; products of sizes never overflow unchecked. Where the
 //! engine would allocate more than the memory available (`ATTENTIVE_MAX_MEMORY` in
