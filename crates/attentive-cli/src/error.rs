@@ -13,4 +13,7 @@ pub enum CliError {
     /// The engine refused the inputs.
     #[error(transparent)]
     Attention(#[from] attentive::AttnError),
+    /// Ring attention failed on this rank or learned that another rank did.
+    #[error(transparent)]
+    Ring(#[from] attentive_dist::DistError),
 }

@@ -32,6 +32,7 @@ mod g2p;
 mod outdir;
 mod peak;
 mod pool;
+mod ring;
 mod variant;
 mod viz;
 use std::path::PathBuf;
@@ -260,7 +261,28 @@ struct AttendArgs {
     /// luong-local's window half-width D.
     #[arg(long, default_value_t = 10, requires = "variant")]
     half_width: usize,
+    /// Ring attention, as this process's rank of an MPI job (`mpiexec -n P attentive attend
+    /// --ring …`, a build with `--features mpi`): each rank reads and writes only its rows of the
+    /// files. Takes --causal (equal lengths), --scale, --softcap and the gradients.
+    #[arg(long, conflicts_with_all = RING_ALONE)]
+    ring: bool,
+    /// Ring attention on P threads of this process: --ring's algorithm without MPI.
+    #[arg(long, value_name = "P", conflicts_with_all = RING_ALONE, conflicts_with = "ring")]
+    ring_threads: Option<usize>,
 }
+
+/// Options whose masks and biases depend on positions a ring's blocks do not carry.
+const RING_ALONE: [&str; 9] = [
+    "window",
+    "alibi_slopes",
+    "pattern",
+    "docs",
+    "mask",
+    "bias",
+    "dropout",
+    "variant",
+    "params",
+];
 
 fn rank4(what: &str, a: &npy::Array<f32>) -> Result<[usize; 4], CliError> {
     a.shape.clone().try_into().map_err(|_| CliError::Input {
@@ -293,6 +315,9 @@ fn count(shape: &[usize]) -> Result<usize, CliError> {
 }
 
 fn attend(a: AttendArgs) -> Result<(), CliError> {
+    if a.ring || a.ring_threads.is_some() {
+        return attend_ring(&a);
+    }
     let q = npy::read_f32(&a.q)?;
     let k = npy::read_f32(&a.k)?;
     let v = npy::read_f32(&a.v)?;
@@ -379,6 +404,37 @@ fn attend(a: AttendArgs) -> Result<(), CliError> {
         outputs.push((pv.as_path(), save(&vs, dv)));
     }
     outdir::files(outputs)
+}
+
+/// `attend --ring` or `--ring-threads P`.
+fn attend_ring(a: &AttendArgs) -> Result<(), CliError> {
+    let grads = match (&a.grad_out, &a.dq, &a.dk, &a.dv) {
+        (Some(g), Some(q), Some(k), Some(v)) => {
+            Some((g.as_path(), [q.as_path(), k.as_path(), v.as_path()]))
+        }
+        _ => None,
+    };
+    let job = ring::Job {
+        q: &a.q,
+        k: &a.k,
+        v: &a.v,
+        out: &a.out,
+        lse: a.lse.as_deref(),
+        grads,
+        causal: a.causal.is_some(),
+        scale: a.scale,
+        softcap: a.softcap,
+    };
+    if let Some(p) = a.ring_threads {
+        return ring::threads(&job, p);
+    }
+    #[cfg(feature = "mpi")]
+    return ring::mpi(&job);
+    #[cfg(not(feature = "mpi"))]
+    Err(CliError::Input {
+        what: "--ring".into(),
+        reason: "this build has no MPI: build with `cargo build --release --features mpi` (or use --ring-threads P)".into(),
+    })
 }
 
 /// `attend --variant`: the options of the exact kernel do not apply (each variant's own come as

@@ -233,6 +233,108 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<(), CliEr
     w.finish().map_err(io)
 }
 
+/// A float32 `.npy` file read or written in place, rows at a time (the ranks of a ring each
+/// read and write only their own rows): its shape and the byte where its elements start.
+pub struct F32File {
+    pub shape: Vec<usize>,
+    pub data_at: u64,
+}
+
+/// The header of the float32 (little-endian, C-ordered) file at `path`, checked as
+/// [`read_f32`] checks it.
+pub fn f32_header(path: &Path) -> Result<F32File, CliError> {
+    let npy = open(path)?;
+    match npy.dtype() {
+        DType::Plain(t) if t.to_string() == "<f4" => {}
+        other => {
+            return Err(bad(
+                path,
+                format!("expected little-endian float32 elements, found dtype {other:?}"),
+            ))
+        }
+    }
+    let shape = npy
+        .shape()
+        .iter()
+        .map(|&n| usize::try_from(n).map_err(|_| bad(path, format!("extent {n} is too large"))))
+        .collect::<Result<_, _>>()?;
+    let mut head = [0u8; 12];
+    let mut f = File::open(path).map_err(|e| bad(path, e.to_string()))?;
+    read_up_to(&mut f, &mut head).map_err(|e| bad(path, e.to_string()))?;
+    let data_at = match head[6] {
+        1 => 10 + u64::from(u16::from_le_bytes([head[8], head[9]])),
+        _ => 12 + u64::from(u32::from_le_bytes([head[8], head[9], head[10], head[11]])),
+    };
+    Ok(F32File { shape, data_at })
+}
+
+/// Reads the elements `[start, end)` of each range, in order, from a file [`f32_header`] checked.
+pub fn read_f32_ranges(
+    path: &Path,
+    file: &F32File,
+    ranges: impl Iterator<Item = std::ops::Range<usize>>,
+) -> Result<Vec<f32>, CliError> {
+    use std::os::unix::fs::FileExt;
+    let io = |e: std::io::Error| bad(path, e.to_string());
+    let f = File::open(path).map_err(io)?;
+    let mut out = Vec::new();
+    let mut bytes = Vec::new();
+    for r in ranges {
+        bytes.resize(r.len() * 4, 0);
+        f.read_exact_at(&mut bytes, file.data_at + r.start as u64 * 4)
+            .map_err(io)?;
+        out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+    }
+    Ok(out)
+}
+
+/// Creates a float32 file of `shape` at `path`, its elements zero (a sparse file), for
+/// [`write_f32_at`] to fill; the byte where its elements start.
+pub fn create_f32(path: &Path, shape: &[usize]) -> Result<u64, CliError> {
+    use std::io::Write;
+    let io = |e: std::io::Error| bad(path, e.to_string());
+    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+    let tuple = match dims.len() {
+        1 => format!("({},)", dims[0]),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {tuple}, }}");
+    // NumPy pads the header with spaces and a newline so that the data starts 64-byte aligned.
+    let len = 10 + header.len() + 1;
+    header.push_str(&" ".repeat(len.next_multiple_of(64) - len));
+    header.push('\n');
+    let mut f = File::create(path).map_err(io)?;
+    f.write_all(b"\x93NUMPY\x01\x00").map_err(io)?;
+    let hlen = u16::try_from(header.len()).map_err(|_| bad(path, "shape too long"))?;
+    f.write_all(&hlen.to_le_bytes()).map_err(io)?;
+    f.write_all(header.as_bytes()).map_err(io)?;
+    let count = shape.iter().try_fold(1u64, |a, &n| a.checked_mul(n as u64));
+    let bytes = count
+        .and_then(|c| c.checked_mul(4))
+        .ok_or_else(|| bad(path, "too large"))?;
+    let data_at = 10 + header.len() as u64;
+    f.set_len(data_at + bytes).map_err(io)?;
+    Ok(data_at)
+}
+
+/// Writes `data` as the elements from `at` on of a file [`create_f32`] made.
+pub fn write_f32_at(
+    f: &File,
+    path: &Path,
+    data_at: u64,
+    at: usize,
+    data: &[f32],
+) -> Result<(), CliError> {
+    use std::os::unix::fs::FileExt;
+    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+    f.write_all_at(&bytes, data_at + at as u64 * 4)
+        .map_err(|e| bad(path, e.to_string()))
+}
+
 /// The kinds of array the command reads, parsed from the bytes of a `.npy` file (named `name`
 /// in errors) exactly as from a file: for tests and fuzzing.
 pub enum Parsed {
