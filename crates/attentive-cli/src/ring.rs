@@ -82,6 +82,7 @@ fn rank(ring: &mut dyn Ring, job: &Job) -> Result<(), CliError> {
         npy::f32_header(job.v)?,
     );
     let (qs, ks, vs) = (rank4(&qf, job.q)?, rank4(&kf, job.k)?, rank4(&vf, job.v)?);
+    expect(job.v, &vs, &ks[..3], "the keys' [B, Hkv, Nk]")?;
     let attn = RingAttention::cross(qs[2], ks[2])
         .causal(job.causal)
         .scale(job.scale)
@@ -109,7 +110,8 @@ fn rank(ring: &mut dyn Ring, job: &Job) -> Result<(), CliError> {
     let grads;
     if let Some((path, [pq, pk, pv])) = job.grads {
         let df = npy::f32_header(path)?;
-        let d_o = read_rows(path, &df, rank4(&df, path)?, &lq, r)?;
+        expect(path, &df.shape, &os, "the output's shape")?;
+        let d_o = read_rows(path, &df, os, &lq, r)?;
         let (mut dq, mut dk, mut dv) = (zeros(&lqs)?, zeros(&lks)?, zeros(&lvs)?);
         let ov = View::contiguous(&o, &local(os, nq))?;
         let dov = View::contiguous(&d_o, &local(os, nq))?;
@@ -129,6 +131,17 @@ fn rank4(f: &F32File, path: &Path) -> Result<[usize; 4], CliError> {
             "expected 4 dimensions [B, H, N, D], got shape {:?}",
             f.shape
         ),
+    })
+}
+
+/// Fails unless the file at `path`, of shape `shape`, begins with `want` (`what` names it).
+fn expect(path: &Path, shape: &[usize], want: &[usize], what: &str) -> Result<(), CliError> {
+    if shape.starts_with(want) {
+        return Ok(());
+    }
+    Err(CliError::Input {
+        what: path.display().to_string(),
+        reason: format!("has shape {shape:?}, which must begin with {what}, {want:?}"),
     })
 }
 
