@@ -229,3 +229,163 @@ fn ring_without_mpi_says_how_to_build_it() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--features mpi"));
     std::fs::remove_dir_all(&p.dir).unwrap();
 }
+
+/// Under `mpiexec` (MPICH's, on loopback): a build with `--features mpi`, which `.ci/run` tests.
+#[cfg(feature = "mpi")]
+mod mpi {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn mpiexec(ranks: usize) -> Command {
+        let mut c = Command::new("mpiexec");
+        c.args(["-n", &ranks.to_string(), BIN]);
+        c
+    }
+
+    #[test]
+    fn mpi_ranks_equal_the_threaded_ring_bit_for_bit() {
+        for (name, dims, causal) in shapes() {
+            let p = Problem::new(&format!("mpi-{name}"), dims, causal);
+            run(Command::new(BIN).args(p.args("single")));
+            for ranks in 1..=4 {
+                let (mpi, threads) = (format!("mpi{ranks}"), format!("threads{ranks}"));
+                run(mpiexec(ranks).args(&p.args(&mpi)[..]).arg("--ring"));
+                run(Command::new(BIN)
+                    .args(p.args(&threads))
+                    .args(["--ring-threads", &ranks.to_string()]));
+                let reference = if ranks == 1 { "single" } else { &threads };
+                for (a, b) in p.outputs(&mpi).iter().zip(p.outputs(reference)) {
+                    assert_eq!(
+                        bits(a),
+                        bits(&b),
+                        "{name}: {ranks} MPI ranks against {reference}"
+                    );
+                }
+            }
+            std::fs::remove_dir_all(&p.dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn ranks_started_on_different_files_all_fail() {
+        let p = Problem::new("mpi-disagree", (1, 2, 2, 48, 48, 8), false);
+        let other = Problem::new("mpi-disagree-other", (1, 2, 2, 49, 48, 8), false);
+        // Two ranks read one query file, the third another (MPMD: `mpiexec A : B`).
+        let mut a = p.args("x");
+        a.push("--ring".into());
+        let mut b = a.clone();
+        b[2] = other.path("q").display().to_string();
+        let out = Command::new("mpiexec")
+            .args(["-n", "2", BIN])
+            .args(&a[..])
+            .args([":", "-n", "1", BIN])
+            .args(&b[..])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            err.matches("the ranks disagree on the problem").count(),
+            3,
+            "{err}"
+        );
+        assert!(err.contains("Nq is 48 here and 49 on rank 2"), "{err}");
+        assert!(!p.path("x-o").exists());
+        for d in [p.dir, other.dir] {
+            std::fs::remove_dir_all(d).unwrap();
+        }
+    }
+
+    /// The process of rank `rank` of a job whose command line mentions `dir`.
+    fn rank_pid(dir: &Path, rank: usize) -> Option<u32> {
+        let want = format!("PMI_RANK={rank}");
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let env = std::fs::read(e.path().join("environ")).ok()?;
+            let ours = String::from_utf8_lossy(&cmd).contains(&*dir.to_string_lossy())
+                && std::fs::read_link(e.path().join("exe")).ok()?
+                    == Path::new(BIN).canonicalize().ok()?;
+            (ours && env.split(|&b| b == 0).any(|v| v == want.as_bytes())).then_some(pid)
+        })
+    }
+
+    /// The CPU time process `pid` has used (0 once it is gone).
+    fn cpu_seconds(pid: u32) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // After the command's closing parenthesis: the state, …, utime and stime 12th and 13th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
+    /// Starts a job long enough to interrupt (a causal forward and backward of 2 × 24576 rows
+    /// on 4 ranks), sends `signal` to rank 1 while it computes, and returns the job's exit status,
+    /// error output and the time from the signal to the end of every process.
+    fn interrupted(name: &str, signal: &str, timeout_s: &str) -> (Output, Duration) {
+        let p = Problem::new(name, (1, 2, 2, 24576, 24576, 64), true);
+        let child = mpiexec(4)
+            .args(&p.args("x")[..])
+            .arg("--ring")
+            .env("ATTENTIVE_RING_TIMEOUT", timeout_s)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        let pid = loop {
+            if let Some(pid) = rank_pid(&p.dir, 1) {
+                break pid;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "rank 1 never started"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Once it has computed for a while (0.3 s of CPU time): past the start, in the ring.
+        while cpu_seconds(pid) < 0.3 {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "rank 1 never computed"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let sent = Instant::now();
+        assert!(Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+        let out = child.wait_with_output().unwrap();
+        // Every rank's process gone, the stopped one included.
+        while (0..4).any(|r| rank_pid(&p.dir, r).is_some()) {
+            assert!(
+                sent.elapsed() < Duration::from_secs(60),
+                "ranks left running"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let took = sent.elapsed();
+        assert!(!p.path("x-o").exists(), "an output appeared");
+        std::fs::remove_dir_all(&p.dir).unwrap();
+        (out, took)
+    }
+
+    #[test]
+    fn a_killed_rank_ends_the_job() {
+        let (out, took) = interrupted("mpi-kill", "-KILL", "300");
+        assert!(!out.status.success());
+        assert!(took < Duration::from_secs(30), "took {took:?}");
+    }
+
+    #[test]
+    fn a_stopped_rank_times_out_and_ends_the_job() {
+        let (out, took) = interrupted("mpi-stop", "-STOP", "2");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("hangs or was stopped"), "{err}");
+        assert!(took < Duration::from_secs(40), "took {took:?}");
+    }
+}

@@ -567,5 +567,9 @@ fn block_views<'a>(
 fn rows(x: View, r: Range<usize>) -> Result<View> {
     let [b, h, _, d] = x.shape();
     let s = x.strides();
-    Ok(View::new(&x.data()[r.start * s[2]..], [b, h, r.len(), d], s)?)
+    Ok(View::new(
+        &x.data()[r.start * s[2]..],
+        [b, h, r.len(), d],
+        s,
+    )?)
 }

@@ -49,9 +49,9 @@ pub enum DistError {
         from: usize,
         round: usize,
     },
-    /// Nothing came from the previous rank in the time allowed: a rank that hangs or was
-    /// stopped, which MPI itself would wait for forever.
-    #[error("rank {rank}: nothing from rank {from} in round {round} after {seconds} s (is it alive? ATTENTIVE_RING_TIMEOUT sets the limit)")]
+    /// Nothing came from the previous rank in the time allowed: it, or a rank it waits for in
+    /// turn, hangs or was stopped, which MPI itself would wait for forever.
+    #[error("rank {rank}: nothing from rank {from} in round {round} after {seconds} s: it or a rank before it on the ring hangs or was stopped (ATTENTIVE_RING_TIMEOUT sets the limit)")]
     Timeout {
         rank: usize,
         from: usize,

@@ -71,7 +71,10 @@ impl MpiRing {
         recv: &mut [&mut [f32]],
         finished: &Mutex<Option<Instant>>,
     ) -> Result<()> {
-        let (next, prev) = ((self.rank + 1) % self.size, (self.rank + self.size - 1) % self.size);
+        let (next, prev) = (
+            (self.rank + 1) % self.size,
+            (self.rank + self.size - 1) % self.size,
+        );
         let (to, from) = (
             self.world.process_at_rank(next as i32),
             self.world.process_at_rank(prev as i32),

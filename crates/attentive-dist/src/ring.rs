@@ -111,7 +111,10 @@ impl Ring for ThreadRing {
     ) -> Result<()> {
         let round = self.rounds;
         self.rounds += 1;
-        let (next, prev) = ((self.rank + 1) % self.size, (self.rank + self.size - 1) % self.size);
+        let (next, prev) = (
+            (self.rank + 1) % self.size,
+            (self.rank + self.size - 1) % self.size,
+        );
         let packet = Packet {
             round,
             bufs: send.iter().map(|b| b.to_vec()).collect(),
