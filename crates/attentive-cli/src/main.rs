@@ -269,6 +269,10 @@ struct AttendArgs {
     /// Ring attention on P threads of this process: --ring's algorithm without MPI.
     #[arg(long, value_name = "P", conflicts_with_all = RING_ALONE, conflicts_with = "ring")]
     ring_threads: Option<usize>,
+    /// With --ring or --ring-threads: each rank reports on standard error its time computing and
+    /// its time waiting for transfers that the computation did not hide.
+    #[arg(long)]
+    ring_timings: bool,
 }
 
 /// Options whose masks and biases depend on positions a ring's blocks do not carry.
@@ -424,6 +428,7 @@ fn attend_ring(a: &AttendArgs) -> Result<(), CliError> {
         causal: a.causal.is_some(),
         scale: a.scale,
         softcap: a.softcap,
+        timings: a.ring_timings,
     };
     if let Some(p) = a.ring_threads {
         return ring::threads(&job, p);

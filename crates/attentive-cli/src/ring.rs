@@ -26,6 +26,8 @@ pub struct Job<'a> {
     pub causal: bool,
     pub scale: Option<f32>,
     pub softcap: Option<f32>,
+    /// Each rank reports its time computing and waiting for transfers on standard error.
+    pub timings: bool,
 }
 
 /// Runs `job` on `ranks` threads of this process.
@@ -121,7 +123,17 @@ fn rank(ring: &mut dyn Ring, job: &Job) -> Result<(), CliError> {
         outputs.push(Output::new(pk, ks, &lk, &grads.1));
         outputs.push(Output::new(pv, vs, &lk, &grads.2));
     }
-    write(ring, &outputs)
+    write(ring, &outputs)?;
+    if job.timings {
+        let t = ring.timings();
+        let (work, wait) = (t.work.as_secs_f64(), t.wait.as_secs_f64());
+        eprintln!(
+            "rank {r} of {ranks}: {} rounds, {work:.3} s computing, {wait:.3} s waiting for transfers ({:.1}%)",
+            t.rounds,
+            100.0 * wait / (work + wait).max(f64::MIN_POSITIVE)
+        );
+    }
+    Ok(())
 }
 
 fn rank4(f: &F32File, path: &Path) -> Result<[usize; 4], CliError> {

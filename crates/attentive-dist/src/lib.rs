@@ -27,4 +27,4 @@ pub mod ring;
 pub use attention::RingAttention;
 pub use error::{DistError, Result};
 pub use layout::{Layout, Split};
-pub use ring::{all_ok, same_everywhere, threaded, timeout, Ring, ThreadRing};
+pub use ring::{all_ok, same_everywhere, threaded, timeout, Ring, ThreadRing, Timings};

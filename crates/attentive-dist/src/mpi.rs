@@ -10,7 +10,7 @@
 //! ends the job (`MPI_Abort`), as it does after any error the other ranks cannot learn of.
 
 use crate::error::{DistError, Result};
-use crate::ring::{check_arrival, Ring};
+use crate::ring::{check_arrival, Ring, Timings};
 use mpi::environment::Universe;
 use mpi::request::{LocalScope, Request};
 use mpi::topology::SimpleCommunicator;
@@ -29,6 +29,7 @@ pub struct MpiRing {
     rank: usize,
     size: usize,
     rounds: usize,
+    times: Timings,
     timeout: Duration,
     // Dropped last: finalizes MPI.
     _universe: Universe,
@@ -51,6 +52,7 @@ impl MpiRing {
             size: world.size() as usize,
             world,
             rounds: 0,
+            times: Timings::default(),
             timeout: crate::ring::timeout(),
             _universe: universe,
         })
@@ -171,13 +173,21 @@ impl Ring for MpiRing {
         self.rounds += 1;
         let finished = Mutex::new(None);
         let this = &*self;
-        let (moved, worked) = std::thread::scope(|s| {
+        let start = Instant::now();
+        let (moved, worked, at) = std::thread::scope(|s| {
             let comm = s.spawn(|| this.transfer(round, send, recv, &finished));
             let worked = work();
-            *finished.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-            (comm.join(), worked)
+            let at = Instant::now();
+            *finished.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
+            (comm.join(), worked, at)
         });
         worked?;
-        moved.unwrap_or_else(|e| std::panic::resume_unwind(e))
+        moved.unwrap_or_else(|e| std::panic::resume_unwind(e))?;
+        self.times.add(start, at);
+        Ok(())
+    }
+
+    fn timings(&self) -> Timings {
+        self.times
     }
 }

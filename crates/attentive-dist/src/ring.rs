@@ -9,7 +9,7 @@
 
 use crate::error::{DistError, Result};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A ring of `size` ranks, each sending to `rank + 1` and receiving from `rank − 1` (mod size).
 pub trait Ring {
@@ -25,6 +25,29 @@ pub trait Ring {
         recv: &mut [&mut [f32]],
         work: &mut dyn FnMut() -> Result<()>,
     ) -> Result<()>;
+
+    /// Where this rank's time in rounds went so far (zero where a ring does not keep count).
+    fn timings(&self) -> Timings {
+        Timings::default()
+    }
+}
+
+/// Time a rank spent in rounds: computing (the work of each round), and waiting for its
+/// transfers after its work was done (what overlapping did not hide).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timings {
+    pub rounds: usize,
+    pub work: Duration,
+    pub wait: Duration,
+}
+
+impl Timings {
+    /// Adds one round that computed from `start` to `worked` and finished its transfers now.
+    pub(crate) fn add(&mut self, start: Instant, worked: Instant) {
+        self.rounds += 1;
+        self.work += worked - start;
+        self.wait += worked.elapsed();
+    }
 }
 
 /// How long a rank waits for its neighbour's block beyond its own work: `ATTENTIVE_RING_TIMEOUT`
@@ -91,6 +114,7 @@ pub struct ThreadRing {
     rank: usize,
     size: usize,
     rounds: usize,
+    times: Timings,
     tx: Sender<Packet>,
     rx: Receiver<Packet>,
     timeout: Duration,
@@ -111,6 +135,7 @@ impl Ring for ThreadRing {
     ) -> Result<()> {
         let round = self.rounds;
         self.rounds += 1;
+        let start = Instant::now();
         let (next, prev) = (
             (self.rank + 1) % self.size,
             (self.rank + self.size - 1) % self.size,
@@ -125,6 +150,7 @@ impl Ring for ThreadRing {
             round,
         })?;
         work()?;
+        let worked = Instant::now();
         let p = self.rx.recv_timeout(self.timeout).map_err(|e| match e {
             RecvTimeoutError::Timeout => DistError::Timeout {
                 rank: self.rank,
@@ -144,7 +170,12 @@ impl Ring for ThreadRing {
         for (dst, src) in recv.iter_mut().zip(&p.bufs) {
             dst.copy_from_slice(src);
         }
+        self.times.add(start, worked);
         Ok(())
+    }
+
+    fn timings(&self) -> Timings {
+        self.times
     }
 }
 
@@ -154,7 +185,7 @@ impl Ring for ThreadRing {
 ///
 /// ```
 /// use attentive_dist::{threaded, Ring};
-/// use std::time::Duration;
+/// use std::time::{Duration, Instant};
 /// // Each rank passes its number to the next one.
 /// let got = threaded(3, Duration::from_secs(10), |ring| {
 ///     let mut from_prev = [0.0f32];
@@ -178,6 +209,7 @@ pub fn threaded<T: Send>(
             rank,
             size: ranks,
             rounds: 0,
+            times: Timings::default(),
             tx,
             rx,
             timeout,
