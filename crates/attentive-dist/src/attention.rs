@@ -289,12 +289,14 @@ impl RingAttention {
         let mut next = Vec::new();
         for s in 0..g.ranks {
             let mut work = || self.forward_step(&g, q, &cur, g.src(s), s == 0, out, lse);
-            if s + 1 < g.ranks {
-                resize(&mut next, g.block_len(g.src(s + 1)))?;
-                ring.round(&[&cur], &mut [&mut next], &mut work)?;
-            } else {
-                work()?;
-            }
+            // The last step has nothing to pass on.
+            let pass = s + 1 < g.ranks;
+            resize(&mut next, if pass { g.block_len(g.src(s + 1)) } else { 0 })?;
+            let (send, recv): (&[&[f32]], &mut [&mut [f32]]) = match pass {
+                true => (&[&cur], &mut [&mut next]),
+                false => (&[], &mut []),
+            };
+            ring.round(send, recv, &mut work)?;
             std::mem::swap(&mut cur, &mut next);
         }
         Ok(())
@@ -396,11 +398,7 @@ impl RingAttention {
                 true => self.backward_step(&g, q, &grads, &cur, g.src(s), s == 0, dq, &mut part),
                 false => Ok(()),
             };
-            if sends.is_empty() {
-                work()?;
-            } else {
-                ring.round(&sends, &mut recvs, &mut work)?;
-            }
+            ring.round(&sends, &mut recvs, &mut work)?;
             if s == g.ranks {
                 // The own block's accumulator, home after a full turn.
                 let kn = g.b * g.hkv * g.lk.rows(g.rank) * g.d;

@@ -169,11 +169,16 @@ impl Ring for MpiRing {
                 recv.len()
             )));
         }
+        let start = Instant::now();
+        if send.is_empty() && recv.is_empty() {
+            work()?;
+            self.times.add(start, Instant::now());
+            return Ok(());
+        }
         let round = self.rounds;
         self.rounds += 1;
         let finished = Mutex::new(None);
         let this = &*self;
-        let start = Instant::now();
         let (moved, worked, at) = std::thread::scope(|s| {
             let comm = s.spawn(|| this.transfer(round, send, recv, &finished));
             let worked = work();

@@ -17,8 +17,9 @@ pub trait Ring {
     fn size(&self) -> usize;
     /// One round: sends each `send[i]` to the next rank and fills each `recv[i]` with the
     /// previous rank's `i`-th buffer, which must arrive exactly `recv[i].len()` long, while
-    /// `work` runs. `send` and `recv` have the same count (every rank does the same rounds).
-    /// An error of `work`, or of the transfer, ends the round with that error.
+    /// `work` runs. `send` and `recv` have the same count (every rank does the same rounds); with
+    /// none, the round is `work` alone (timed, nothing sent). An error of `work`, or of the
+    /// transfer, ends the round with that error.
     fn round(
         &mut self,
         send: &[&[f32]],
@@ -133,9 +134,14 @@ impl Ring for ThreadRing {
         recv: &mut [&mut [f32]],
         work: &mut dyn FnMut() -> Result<()>,
     ) -> Result<()> {
+        let start = Instant::now();
+        if send.is_empty() && recv.is_empty() {
+            work()?;
+            self.times.add(start, Instant::now());
+            return Ok(());
+        }
         let round = self.rounds;
         self.rounds += 1;
-        let start = Instant::now();
         let (next, prev) = (
             (self.rank + 1) % self.size,
             (self.rank + self.size - 1) % self.size,
