@@ -29,11 +29,7 @@ struct Problem {
 }
 
 impl Problem {
-    fn new(
-        name: &str,
-        (b, hq, hkv, nq, nk, d): (usize, usize, usize, usize, usize, usize),
-        causal: bool,
-    ) -> Self {
+    fn new(name: &str, (b, hq, hkv, nq, nk, d): Dims, causal: bool) -> Self {
         let p = Problem {
             dir: dir(name),
             q: [b, hq, nq, d],
@@ -127,11 +123,10 @@ fn bits(x: &[f32]) -> Vec<u32> {
     x.iter().map(|v| v.to_bits()).collect()
 }
 
-fn shapes() -> Vec<(
-    &'static str,
-    (usize, usize, usize, usize, usize, usize),
-    bool,
-)> {
+/// (B, Hq, Hkv, Nq, Nk, D).
+type Dims = (usize, usize, usize, usize, usize, usize);
+
+fn shapes() -> Vec<(&'static str, Dims, bool)> {
     vec![
         // GQA, a length no split divides evenly.
         ("causal", (2, 4, 2, 101, 101, 16), true),
