@@ -17,4 +17,4 @@ export RUSTC_BOOTSTRAP=1
 export RUSTFLAGS="-Zsanitizer=address" RUSTDOCFLAGS="-Zsanitizer=address"
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:strict_string_checks=1}"
 host=$(rustc -vV | sed -n 's/^host: //p')
-cargo test --release --workspace --target "$host" --target-dir "${ASAN_TARGET_DIR:-target/asan}" "$@"
+cargo test --release --workspace --no-fail-fast --target "$host" --target-dir "${ASAN_TARGET_DIR:-target/asan}" "$@"
