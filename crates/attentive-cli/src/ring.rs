@@ -127,11 +127,14 @@ fn rank(ring: &mut dyn Ring, job: &Job) -> Result<(), CliError> {
     if job.timings {
         let t = ring.timings();
         let (work, wait) = (t.work.as_secs_f64(), t.wait.as_secs_f64());
-        eprintln!(
-            "rank {r} of {ranks}: {} rounds, {work:.3} s computing, {wait:.3} s waiting for transfers ({:.1}%)",
+        let line = format!(
+            "rank {r} of {ranks}: {} rounds, {work:.3} s computing, {wait:.3} s waiting for transfers ({:.1}%)\n",
             t.rounds,
             100.0 * wait / (work + wait).max(f64::MIN_POSITIVE)
         );
+        // One write, so that the ranks' lines do not interleave where their outputs merge.
+        use std::io::Write;
+        let _ = std::io::stderr().write_all(line.as_bytes());
     }
     Ok(())
 }
