@@ -253,7 +253,7 @@ pub fn f32_header(path: &Path) -> Result<F32File, CliError> {
             ))
         }
     }
-    let shape = npy
+    let shape: Vec<usize> = npy
         .shape()
         .iter()
         .map(|&n| usize::try_from(n).map_err(|_| bad(path, format!("extent {n} is too large"))))
@@ -265,6 +265,20 @@ pub fn f32_header(path: &Path) -> Result<F32File, CliError> {
         1 => 10 + u64::from(u16::from_le_bytes([head[8], head[9]])),
         _ => 12 + u64::from(u32::from_le_bytes([head[8], head[9], head[10], head[11]])),
     };
+    // Rows are read in place, so every element the shape declares must be in the file.
+    let len = f.metadata().map_err(|e| bad(path, e.to_string()))?.len();
+    let count = (shape.iter()).try_fold(1u64, |a, &n| a.checked_mul(n as u64));
+    let need = count.and_then(|c| c.checked_mul(4));
+    if need.is_none_or(|b| b > len.saturating_sub(data_at)) {
+        return Err(bad(
+            path,
+            format!(
+                "shape {shape:?} needs {} bytes of float32 data, the file holds {}",
+                need.map_or("more than 2^64".into(), |b| b.to_string()),
+                len.saturating_sub(data_at)
+            ),
+        ));
+    }
     Ok(F32File { shape, data_at })
 }
 

@@ -211,6 +211,25 @@ fn a_failed_ring_leaves_no_output() {
     std::fs::remove_dir_all(&p.dir).unwrap();
 }
 
+#[test]
+fn a_truncated_input_is_a_clear_error() {
+    let p = Problem::new("truncated", (1, 2, 2, 40, 40, 8), false);
+    let q = std::fs::read(p.path("q")).unwrap();
+    std::fs::write(p.path("q"), &q[..q.len() - 4]).unwrap();
+    let out = Command::new(BIN)
+        .args(p.args("t"))
+        .args(["--ring-threads", "2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("needs 2560 bytes of float32 data, the file holds 2556"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&p.dir).unwrap();
+}
+
 #[cfg(not(feature = "mpi"))]
 #[test]
 fn ring_without_mpi_says_how_to_build_it() {
