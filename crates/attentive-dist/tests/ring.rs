@@ -7,10 +7,12 @@
 
 #[path = "../../attentive/tests/common/mod.rs"]
 mod common;
+mod short;
 
 use attentive::{reference, Causal, Options, View, ViewMut};
 use attentive_dist::{threaded, DistError, Layout, Ring, RingAttention, ThreadRing};
 use common::{check_rule, Rng};
+use short::Short;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -280,36 +282,6 @@ fn runs_repeat_bit_for_bit() {
     }
 }
 
-/// A ring one of whose ranks sends its first block one value short, in round `round`.
-struct Short<'a> {
-    ring: &'a mut ThreadRing,
-    rounds: usize,
-    round: usize,
-}
-
-impl Ring for Short<'_> {
-    fn rank(&self) -> usize {
-        self.ring.rank()
-    }
-    fn size(&self) -> usize {
-        self.ring.size()
-    }
-    fn round(
-        &mut self,
-        send: &[&[f32]],
-        recv: &mut [&mut [f32]],
-        work: &mut dyn FnMut() -> attentive_dist::Result<()>,
-    ) -> attentive_dist::Result<()> {
-        self.rounds += 1;
-        if self.rounds - 1 == self.round && !send.is_empty() && !send[0].is_empty() {
-            let mut s = send.to_vec();
-            s[0] = &send[0][..send[0].len() - 1];
-            return self.ring.round(&s, recv, work);
-        }
-        self.ring.round(send, recv, work)
-    }
-}
-
 /// The causal forward of one problem on `ranks` threads, each rank through `wrap` and started on
 /// the sequence length `n(rank)`; the errors every rank returned, and how long it all took.
 fn faulty(
@@ -344,11 +316,7 @@ fn a_block_of_the_wrong_size_fails_every_rank() {
         let view = View::contiguous(&x, &[1, 2, rows, 8]).unwrap();
         let (mut o, mut lse) = (vec![0.0; x.len()], vec![0.0; 2 * rows]);
         let round = if r == 1 { 7 } else { usize::MAX };
-        let mut short = Short {
-            ring,
-            rounds: 0,
-            round,
-        };
+        let mut short = Short::new(ring, round);
         attn.forward(&mut short, view, view, view, &mut o, &mut lse)
     });
     assert!(t.elapsed() < WAIT / 2, "took {:?}", t.elapsed());
