@@ -30,12 +30,15 @@ pub struct Job<'a> {
     pub timings: bool,
 }
 
+/// Most ranks `--ring-threads` runs: each is a thread with a stack, in one process.
+const MAX_THREAD_RANKS: usize = 1024;
+
 /// Runs `job` on `ranks` threads of this process.
 pub fn threads(job: &Job, ranks: usize) -> Result<(), CliError> {
-    if ranks == 0 {
+    if !(1..=MAX_THREAD_RANKS).contains(&ranks) {
         return Err(CliError::Input {
             what: "--ring-threads".into(),
-            reason: "needs at least one rank".into(),
+            reason: format!("takes 1 to {MAX_THREAD_RANKS} ranks, got {ranks}"),
         });
     }
     let results =

@@ -212,6 +212,25 @@ fn a_failed_ring_leaves_no_output() {
 }
 
 #[test]
+fn ring_threads_out_of_range_is_a_clear_error() {
+    let p = Problem::new("threads-range", (1, 1, 1, 8, 8, 4), false);
+    for n in ["0", "1000000"] {
+        let out = Command::new(BIN)
+            .args(p.args("x"))
+            .args(["--ring-threads", n])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("takes 1 to 1024 ranks, got {n}")),
+            "{err}"
+        );
+    }
+    std::fs::remove_dir_all(&p.dir).unwrap();
+}
+
+#[test]
 fn a_truncated_input_is_a_clear_error() {
     let p = Problem::new("truncated", (1, 2, 2, 40, 40, 8), false);
     let q = std::fs::read(p.path("q")).unwrap();
