@@ -189,6 +189,9 @@ impl Ring for ThreadRing {
 /// rank order. A rank that returns (or fails) closes its links, so its neighbours' next rounds
 /// fail with [`DistError::PeerGone`] instead of waiting; each waits at most `timeout` for a block.
 ///
+/// # Panics
+/// If the system cannot start `ranks` threads, or a rank panics.
+///
 /// ```
 /// use attentive_dist::{threaded, Ring};
 /// use std::time::{Duration, Instant};
