@@ -276,7 +276,11 @@ fuzz_target!(|c: Call| {
             let col = col.iter().fold(0.0f64, |a, &x| a.max(x));
             rule_scaled("dQ", &dq, &naive.dq, &want.dq, 3.0, terms * row * amax(&k));
             rule_scaled("dK", &dk, &naive.dk, &want.dk, 3.0, terms * col * amax(&q));
-            rule("dV", &dvv, &naive.dv, &want.dv, 3.0);
+            // dV = Σᵢ Pᵢⱼ·dOᵢ carries the same recomputed P: its floor is the rounding of those
+            // terms with P's factor. Found at LSE = 1.2e21 (scale 2.5e30, all inputs equal),
+            // where LSE had lost ln c: every recomputed weight was 1 instead of 1/c, and the
+            // naive f32 weights, from scores an ulp (1.4e14) below LSE, were 0.
+            rule_scaled("dV", &dvv, &naive.dv, &want.dv, 3.0, col * amax(&d_o) * keep);
         }
         _ => {
             let Ok(p) = attentive::probabilities(qv, kv, &opts) else {
