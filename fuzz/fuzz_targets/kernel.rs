@@ -280,7 +280,14 @@ fuzz_target!(|c: Call| {
             // terms with P's factor. Found at LSE = 1.2e21 (scale 2.5e30, all inputs equal),
             // where LSE had lost ln c: every recomputed weight was 1 instead of 1/c, and the
             // naive f32 weights, from scores an ulp (1.4e14) below LSE, were 0.
-            rule_scaled("dV", &dvv, &naive.dv, &want.dv, 3.0, col * amax(&d_o) * keep);
+            rule_scaled(
+                "dV",
+                &dvv,
+                &naive.dv,
+                &want.dv,
+                3.0,
+                col * amax(&d_o) * keep,
+            );
         }
         _ => {
             let Ok(p) = attentive::probabilities(qv, kv, &opts) else {
