@@ -10,7 +10,7 @@
 //! ends the job (`MPI_Abort`), as it does after any error the other ranks cannot learn of.
 
 use crate::error::{DistError, Result};
-use crate::ring::{check_arrival, Ring, Timings};
+use crate::ring::{check_arrival, local_round, Ring, Timings};
 use mpi::environment::Universe;
 use mpi::request::{LocalScope, Request};
 use mpi::topology::SimpleCommunicator;
@@ -162,19 +162,10 @@ impl Ring for MpiRing {
         recv: &mut [&mut [f32]],
         work: &mut dyn FnMut() -> Result<()>,
     ) -> Result<()> {
-        if send.len() > MAX_BUFFERS || recv.len() != send.len() {
-            return Err(DistError::Unsupported(format!(
-                "a round carries as many buffers each way, at most {MAX_BUFFERS} (got {} and {})",
-                send.len(),
-                recv.len()
-            )));
+        if let Some(done) = local_round(&mut self.times, send, recv, MAX_BUFFERS, work) {
+            return done;
         }
         let start = Instant::now();
-        if send.is_empty() && recv.is_empty() {
-            work()?;
-            self.times.add(start, Instant::now());
-            return Ok(());
-        }
         let round = self.rounds;
         self.rounds += 1;
         let finished = Mutex::new(None);

@@ -62,6 +62,30 @@ pub fn timeout() -> Duration {
     Duration::from_secs_f64(secs)
 }
 
+/// What every ring does first in a round: checks that `send` and `recv` have the same count (at
+/// most `max`), and runs a round with nothing to move as `work` alone, timed into `times`.
+/// `None` when there is something to move.
+pub(crate) fn local_round(
+    times: &mut Timings,
+    send: &[&[f32]],
+    recv: &[&mut [f32]],
+    max: usize,
+    work: &mut dyn FnMut() -> Result<()>,
+) -> Option<Result<()>> {
+    if send.len() > max || recv.len() != send.len() {
+        return Some(Err(DistError::Unsupported(format!(
+            "a round carries as many buffers each way, at most {max} (got {} and {})",
+            send.len(),
+            recv.len()
+        ))));
+    }
+    if !send.is_empty() {
+        return None;
+    }
+    let start = Instant::now();
+    Some(work().map(|()| times.add(start, Instant::now())))
+}
+
 /// Checks the round number and buffer lengths that arrived from `from` against this rank's.
 pub(crate) fn check_arrival(
     rank: usize,
@@ -134,12 +158,10 @@ impl Ring for ThreadRing {
         recv: &mut [&mut [f32]],
         work: &mut dyn FnMut() -> Result<()>,
     ) -> Result<()> {
-        let start = Instant::now();
-        if send.is_empty() && recv.is_empty() {
-            work()?;
-            self.times.add(start, Instant::now());
-            return Ok(());
+        if let Some(done) = local_round(&mut self.times, send, recv, usize::MAX, work) {
+            return done;
         }
+        let start = Instant::now();
         let round = self.rounds;
         self.rounds += 1;
         let (next, prev) = (
