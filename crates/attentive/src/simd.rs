@@ -1217,9 +1217,10 @@ mod scalar_table {
 }
 pub(crate) use scalar_table::SCALAR;
 
-/// Constants of the vector exponential (Cephes `expf`): $e^x = 2^n e^r$ with $n = \mathrm{round}(x
-/// \log_2 e)$ and $r = x - n \ln 2$ split in two parts for exactness, $e^r$ by a degree-7
-/// polynomial on $|r| \le \ln 2 / 2$ (about 1 ulp).
+/// Constants of the vector exponentials. AVX2's is Cephes `expf`: $e^x = 2^n e^r$ with $n =
+/// \mathrm{round}(x \log_2 e)$ and $r = x - n \ln 2$ split in two parts for exactness, $e^r$ by a
+/// degree-7 polynomial on $|r| \le \ln 2 / 2$ (about 1 ulp). AVX-512's reduces by sixteenths of
+/// $\ln 2$ instead and takes $2^{j/16}$ from a table (`exp_n`).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 mod expc {
     pub const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -1237,9 +1238,6 @@ mod expc {
     pub const LO: f32 = -87.336_55;
     /// Above this, $e^x$ overflows; inputs are clamped (softmax arguments are ≤ 0 anyway).
     pub const HI: f32 = 88.376_26;
-    /// 1.5·2²³: adding it to a float of magnitude below 2²² rounds it to an integer (to
-    /// nearest, ties to even), and subtracting it again leaves that integer exactly.
-    pub const ROUND: f32 = 12_582_912.0;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1250,6 +1248,76 @@ mod x86 {
 
     #[derive(Clone, Copy)]
     pub(crate) struct Avx512;
+
+    /// The bits of $2^{j/16}$ for $j = 0, …, 15$, each rounded to the nearest f32.
+    #[repr(align(64))]
+    struct Exp2Table([u32; 16]);
+    static EXP2_16: Exp2Table = Exp2Table([
+        0x3f80_0000u32,
+        0x3f85_aac3,
+        0x3f8b_95c2,
+        0x3f91_c3d3,
+        0x3f98_37f0,
+        0x3f9e_f532,
+        0x3fa5_fed7,
+        0x3fad_583f,
+        0x3fb5_04f3,
+        0x3fbd_08a4,
+        0x3fc5_672a,
+        0x3fce_248c,
+        0x3fd7_44fd,
+        0x3fe0_ccdf,
+        0x3fea_c0c7,
+        0x3ff5_257d,
+    ]);
+    /// 1.5·2¹⁹: adding it to a float of magnitude below 2¹⁸ rounds it to a multiple of 1/16,
+    /// and the low four bits of the sum's significand are that multiple's sixteenths mod 16.
+    const ROUND16: f32 = 786_432.0;
+
+    /// $e^x$ of `N` vectors, each step taken on all of them before the next (so that their
+    /// chains of dependent steps overlap). With $k = \mathrm{round}(16 x \log_2 e)$,
+    /// $j = k \bmod 16$ and $r = x - (k/16) \ln 2$ (two parts, the first product exact),
+    /// $$e^x = 2^{\lfloor k/16 \rfloor}\\, T_j\\, e^r,\qquad T_j = 2^{j/16},\quad |r| \le \ln 2 / 32,$$
+    /// with $T_j$ picked from a register by `vpermps` (the sum's low bits are its index) and
+    /// $e^r = 1 + r + r^2/2 + r^3/6$ (the next term is below $9.3 \cdot 10^{-9}$). Error: at
+    /// most $T_j$'s rounding plus the last one, $1.2 \cdot 10^{-7}$ relative. Against a
+    /// degree-7 polynomial, 7 multiplications and additions where there were 11: on AMD Zen 5
+    /// the softmax's exponential pass takes 6.2 cycles per vector instead of 8.0.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn exp_n<const N: usize>(x: [__m512; N]) -> [__m512; N] {
+        // Lanes to keep: x ≥ LO, or NaN (as `!(x < LO)`, in one comparison). Above HI the
+        // scaling below overflows to +∞, which is e^x rounded. NaN stays NaN: `max` returns
+        // its second operand when either is NaN.
+        let keep = x.map(|x| _mm512_cmp_ps_mask(x, _mm512_set1_ps(LO), _CMP_NLT_UQ));
+        let x = x.map(|x| _mm512_max_ps(_mm512_set1_ps(LO), x));
+        let magic = _mm512_set1_ps(ROUND16);
+        let s = x.map(|x| _mm512_fmadd_ps(x, _mm512_set1_ps(LOG2E), magic));
+        let k = s.map(|s| _mm512_sub_ps(s, magic));
+        let mut r = x;
+        for i in 0..N {
+            r[i] = _mm512_fnmadd_ps(k[i], _mm512_set1_ps(LN2_HI), r[i]);
+        }
+        for i in 0..N {
+            r[i] = _mm512_fnmadd_ps(k[i], _mm512_set1_ps(LN2_LO), r[i]);
+        }
+        // The table is 16 floats on a 64-byte line, as the aligned load needs.
+        let table = _mm512_load_ps(EXP2_16.0.as_ptr().cast());
+        let t = s.map(|s| _mm512_permutexvar_ps(_mm512_castps_si512(s), table));
+        // T·e^r = T + (T·r)·(1 + r·(1/2 + r/6)).
+        let mut p = [_mm512_set1_ps(1.0 / 6.0); N];
+        for i in 0..N {
+            p[i] = _mm512_fmadd_ps(p[i], r[i], _mm512_set1_ps(0.5));
+        }
+        for i in 0..N {
+            p[i] = _mm512_fmadd_ps(p[i], r[i], _mm512_set1_ps(1.0));
+        }
+        std::array::from_fn(|i| {
+            let y = _mm512_fmadd_ps(_mm512_mul_ps(t[i], r[i]), p[i], t[i]);
+            // y·2^⌊k/16⌋, 0 where the lane is not kept.
+            _mm512_maskz_scalef_ps(keep[i], y, k[i])
+        })
+    }
 
     impl Simd for Avx512 {
         const LANES: usize = 16;
@@ -1305,55 +1373,11 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn exp(x: __m512) -> __m512 {
-            // Lanes to keep: x ≥ LO, or NaN (as `!(x < LO)`, in one comparison). Above HI the
-            // scaling below overflows to +∞, which is e^x rounded. NaN stays NaN: `max` returns
-            // its second operand when either is NaN.
-            let keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(LO), _CMP_NLT_UQ);
-            let x = _mm512_max_ps(_mm512_set1_ps(LO), x);
-            // n = round(x·log2 e) by adding and subtracting 1.5·2²³ (two instructions on the
-            // FMA ports, where a multiply and a round-to-integer take three).
-            let magic = _mm512_set1_ps(ROUND);
-            let n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(LOG2E), magic), magic);
-            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
-            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
-            let mut y = _mm512_set1_ps(P[0]);
-            for &c in &P[1..] {
-                y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
-            }
-            // e^r = 1 + r·(1 + r·p(r)): two fused steps, each rounded once.
-            let one = _mm512_set1_ps(1.0);
-            y = _mm512_fmadd_ps(_mm512_fmadd_ps(y, r, one), r, one);
-            _mm512_maskz_scalef_ps(keep, y, n)
+            exp_n([x])[0]
         }
         #[inline(always)]
         unsafe fn exp4(x: [__m512; 4]) -> [__m512; 4] {
-            // `exp`'s steps, each on the four vectors in turn.
-            let keep = x.map(|x| _mm512_cmp_ps_mask(x, _mm512_set1_ps(LO), _CMP_NLT_UQ));
-            let x = x.map(|x| _mm512_max_ps(_mm512_set1_ps(LO), x));
-            let magic = _mm512_set1_ps(ROUND);
-            let n = x.map(|x| _mm512_fmadd_ps(x, _mm512_set1_ps(LOG2E), magic));
-            let n = n.map(|n| _mm512_sub_ps(n, magic));
-            let mut r = [x[0]; 4];
-            for i in 0..4 {
-                r[i] = _mm512_fnmadd_ps(n[i], _mm512_set1_ps(LN2_HI), x[i]);
-            }
-            for i in 0..4 {
-                r[i] = _mm512_fnmadd_ps(n[i], _mm512_set1_ps(LN2_LO), r[i]);
-            }
-            let mut y = [_mm512_set1_ps(P[0]); 4];
-            for &c in &P[1..] {
-                for i in 0..4 {
-                    y[i] = _mm512_fmadd_ps(y[i], r[i], _mm512_set1_ps(c));
-                }
-            }
-            let one = _mm512_set1_ps(1.0);
-            for i in 0..4 {
-                y[i] = _mm512_fmadd_ps(y[i], r[i], one);
-            }
-            for i in 0..4 {
-                y[i] = _mm512_fmadd_ps(y[i], r[i], one);
-            }
-            std::array::from_fn(|i| _mm512_maskz_scalef_ps(keep[i], y[i], n[i]))
+            exp_n(x)
         }
         #[inline(always)]
         unsafe fn dot(a: *const f32, b: *const f32, k: usize) -> f32 {
