@@ -221,6 +221,7 @@ pub fn backward_rule_params(
 fn deltas(p: &Problem, o: View, d_o: View) -> Vec<f32> {
     let (hq, nq, dvd) = (p.hq, p.nq, p.dv);
     let mut delta = vec![0.0f32; p.b * hq * nq];
+    let kern = p.kern;
     delta.par_chunks_mut(nq).enumerate().for_each_init(
         || (vec![0.0f32; dvd], vec![0.0f32; dvd]),
         |(ro, rd), (bh, dst)| {
@@ -231,10 +232,8 @@ fn deltas(p: &Problem, o: View, d_o: View) -> Vec<f32> {
                 // One fused multiply-add chain in column order: the arithmetic the dP GEMM
                 // does per element, so a row whose output equals one value row (a single
                 // visible key) gets dP − D = 0 exactly, as the math says.
-                *x = rd
-                    .iter()
-                    .zip(ro.iter())
-                    .fold(0.0, |acc, (&a, &b)| a.mul_add(b, acc));
+                // SAFETY: rd and ro hold dvd elements each.
+                *x = unsafe { (kern.fma_chain)(rd.as_ptr(), ro.as_ptr(), dvd) };
             }
         },
     );

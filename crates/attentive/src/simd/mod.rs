@@ -168,6 +168,9 @@ pub(crate) struct Kernels {
     /// `ds[c] ← (p[c]·(ds[c] − d))·scale`: the softmax gradient of one row, from the weights
     /// `p`, `dP` in `ds` and the row's `D = rowsum(dO∘O)`.
     pub softmax_grad: unsafe fn(p: *const f32, ds: *mut f32, n: usize, d: f32, scale: f32),
+    /// `Σ_c a[c]·b[c]` over `n` elements as one fused multiply-add chain in column order (see
+    /// `fma_chain_generic`).
+    pub fma_chain: unsafe fn(a: *const f32, b: *const f32, n: usize) -> f32,
     /// See [`ClassKeys`].
     pub class_keys: unsafe fn(&ClassKeys),
     /// Lanes per vector: the rows [`ClassKeys`] takes at once.
@@ -240,6 +243,10 @@ macro_rules! kernel_table {
                 softmax_grad_generic::<$S>(p, ds, n, d, s)
             }
             $(#[target_feature(enable = $feat)])*
+            pub(super) unsafe fn fma_chain(a: *const f32, b: *const f32, n: usize) -> f32 {
+                fma_chain_generic(a, b, n)
+            }
+            $(#[target_feature(enable = $feat)])*
             pub(super) unsafe fn dots(g: &Dots) { dots_generic::<$S>(g) }
             $(#[target_feature(enable = $feat)])*
             pub(super) unsafe fn dots_f16(g: &Dots<f16>) { dots_f16_generic::<$S>(g) }
@@ -266,6 +273,7 @@ macro_rules! kernel_table {
             dots: wrappers::dots,
             dots_f16: wrappers::dots_f16,
             softmax_grad: wrappers::softmax_grad,
+            fma_chain: wrappers::fma_chain,
             widen: wrappers::widen,
             class_keys: wrappers::class_keys,
             lanes: <$S>::LANES,

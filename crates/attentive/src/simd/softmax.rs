@@ -58,6 +58,20 @@ pub(super) unsafe fn softmax_grad_generic<S: Simd>(
     }
 }
 
+/// `Σ_c a[c]·b[c]` as one fused multiply-add chain in column order, the arithmetic of one
+/// element of the GEMM's accumulation: the backward's $D_i$ from a row of dO and of O, so that a
+/// row whose output equals one value row (a single visible key) gets $dP - D = 0$ exactly. In a
+/// table whose features include FMA, `mul_add` is one instruction; elsewhere a correctly
+/// rounded library call with the same bits.
+#[inline(always)]
+pub(super) unsafe fn fma_chain_generic(a: *const f32, b: *const f32, n: usize) -> f32 {
+    let mut acc = 0.0f32;
+    for c in 0..n {
+        acc = (*a.add(c)).mul_add(*b.add(c), acc);
+    }
+    acc
+}
+
 /// Rows per group of [`OnlineSoftmax`]: the horizontal max and sum of a row are chains of
 /// dependent shuffles, and the row's exponentials wait on its max; four rows in flight give the
 /// out-of-order core independent work to overlap them with.
