@@ -229,6 +229,7 @@ impl Packed {
                         // The first chunk starts from the bias (or 0), the rest add to it.
                         accumulate: k0 > 0,
                         bias: bias.map_or(std::ptr::null(), |b| b[c0..].as_ptr()),
+                        join: std::ptr::null(),
                     };
                     // SAFETY: A holds `rows` rows of `kc` elements at stride k from its
                     // pointer (r0 + rows ≤ m, k0 + kc ≤ k), the panel `kc` rows of `cols`

@@ -39,6 +39,13 @@ const MIN_TASKS: usize = 8;
 /// Most splits of one head's key tiles: each split needs its own dQ buffer (the size of dQ),
 /// so this bounds the extra memory at 4× dQ.
 const MAX_SPLITS: usize = 4;
+/// The join factors of the gradients' GEMMs (`Gemm::join`), one per row of a tile: each tile's
+/// product is summed from zero and then added to dQ, dK or dV, once per element.
+static ONES: [f32; BR] = [1.0; BR];
+const _: () = assert!(
+    BC <= BR,
+    "ONES has a factor for every row of a key tile too"
+);
 
 struct Scratch {
     kt: AVec,
@@ -53,8 +60,7 @@ struct Scratch {
     z: AVec,
     dk: AVec,
     dv: AVec,
-    /// One query tile's share of dK, dV (`BC × D(v)`) or dQ (`BR × D`) before it is added:
-    /// long sums are summed a tile at a time, not as one chain.
+    /// One row of P∘dP for `weight_grads` (`BC`).
     part: AVec,
     spans: Vec<Span>,
     hulls: Vec<(usize, usize)>,
@@ -81,7 +87,7 @@ impl Scratch {
             z: AVec::filled(BR * BC, 1.0),
             dk: AVec::filled(BC * p.d, 0.0),
             dv: AVec::filled(BC * p.dv, 0.0),
-            part: AVec::filled(BC.max(BR) * p.d.max(p.dv), 0.0),
+            part: AVec::filled(BC, 0.0),
             spans: vec![Span::EMPTY; BR],
             hulls: vec![(0, 0); BR.div_ceil(GROUP)],
             amx: split_scores(p)
@@ -458,9 +464,9 @@ fn key_tile(
             }
             // P∘Z: P itself without dropout.
             let pd = if p.dropout.is_some() { &scr.pd } else { &scr.s };
-            // SAFETY (the four GEMMs and their additions): every operand is a scratch buffer
-            // sized for BR×BC, BC×D, BC×Dv or BR×D(v) (part: the largest), rows of Q or dO
-            // (rows_ptr: `rows` rows at stride ldq, ldo), or rows of dq_acc.
+            // SAFETY (the four GEMMs): every operand is a scratch buffer sized for BR×BC,
+            // BC×D or BC×Dv, rows of Q or dO (rows_ptr: `rows` rows at stride ldq, ldo), or
+            // rows of dq_acc; the joins read ONES, a factor for each of up to BR rows.
             unsafe {
                 // dV += PDᵀ·dO                                      // (w, Dv)
                 (kern.gemm)(&Gemm {
@@ -473,12 +479,12 @@ fn key_tile(
                     b: dop,
                     ldb: ldo,
                     b_vs: kern.lanes,
-                    c: scr.part.as_mut_ptr(),
+                    c: scr.dv.as_mut_ptr(),
                     ldc: dv,
                     accumulate: false,
                     bias: std::ptr::null(),
+                    join: ONES.as_ptr(),
                 });
-                (kern.scale_add)(scr.dv.as_mut_ptr(), scr.part.as_ptr(), w * dv, 1.0);
                 // dP = dO·Vᵀ                                        // (rows, w)
                 (kern.gemm)(&Gemm {
                     m: rows,
@@ -494,6 +500,7 @@ fn key_tile(
                     ldc: BC,
                     accumulate: false,
                     bias: std::ptr::null(),
+                    join: std::ptr::null(),
                 });
             }
             // dS = P∘(dP∘Z − D)·chain·scale, in place of dP           // (rows, w)
@@ -551,12 +558,12 @@ fn key_tile(
                     b: qp,
                     ldb: ldq,
                     b_vs: kern.lanes,
-                    c: scr.part.as_mut_ptr(),
+                    c: scr.dk.as_mut_ptr(),
                     ldc: d,
                     accumulate: false,
                     bias: std::ptr::null(),
+                    join: ONES.as_ptr(),
                 });
-                (kern.scale_add)(scr.dk.as_mut_ptr(), scr.part.as_ptr(), w * d, 1.0);
                 // dQ += dS·K                                        // (rows, D)
                 (kern.gemm)(&Gemm {
                     m: rows,
@@ -568,13 +575,12 @@ fn key_tile(
                     b: scr.k.as_ptr(),
                     ldb: d,
                     b_vs: kern.lanes,
-                    c: scr.part.as_mut_ptr(),
+                    c: dq_acc[(hl * nq + i0) * d..(hl * nq + i0 + rows) * d].as_mut_ptr(),
                     ldc: d,
                     accumulate: false,
                     bias: std::ptr::null(),
+                    join: ONES.as_ptr(),
                 });
-                let dq = &mut dq_acc[(hl * nq + i0) * d..(hl * nq + i0 + rows) * d];
-                (kern.scale_add)(dq.as_mut_ptr(), scr.part.as_ptr(), rows * d, 1.0);
             }
         }
     }

@@ -48,8 +48,6 @@ pub(crate) struct Scratch {
     pub l: AVec,
     /// Each row's rescaling `e^{m − m'}` of the last online-softmax step.
     pub alpha: Vec<f32>,
-    /// A run's (or row-by-row tile's) P·V (`BR × Dv`), added to `o` after rescaling it.
-    pub pv: AVec,
     /// `o` holds no product yet: the next P·V is written into it directly.
     pub fresh: bool,
     /// K of one tile when there is no packed copy: Kᵀ packed on the fly, or K's rows gathered
@@ -139,7 +137,6 @@ impl Scratch {
             m: AVec::filled(BR, 0.0),
             l: AVec::filled(BR, 0.0),
             alpha: vec![1.0; BR],
-            pv: AVec::filled(BR * p.dv, 0.0),
             fresh: true,
             kbuf: AVec::filled(BC * p.d, 0.0),
             vt: AVec::filled(SW * p.dv, 0.0),
@@ -349,6 +346,7 @@ pub(crate) fn score_tile(
                 ldc: t.lds,
                 accumulate: false,
                 bias: std::ptr::null(),
+                join: std::ptr::null(),
             })
         }
     }
@@ -649,8 +647,8 @@ fn flush_run(
 
 /// T = P·V for each group of `size` rows over its hull of score columns (P is 0 outside its
 /// rows' spans, so the skipped products add nothing), V's rows starting at score column
-/// `col`; then O ← alpha·O + T. Each output sums its keys in runs of at most [`SW`], not as one
-/// chain over every key.
+/// `col`; then O ← alpha·O + T, joined by the GEMM as it stores (`Gemm::join`). Each output
+/// sums its keys in runs of at most [`SW`], not as one chain over every key.
 fn pv_and_add(
     p: &Problem,
     rows: usize,
@@ -668,37 +666,50 @@ fn pv_and_add(
     let fresh = std::mem::replace(&mut scr.fresh, false);
     for (g, &(a, e)) in hulls.iter().enumerate() {
         let (r0, m) = (g * size, size.min(rows - g * size));
-        let t = if fresh { &mut scr.o } else { &mut scr.pv };
         if a >= e {
-            t[r0 * dv..(r0 + m) * dv].fill(0.0);
+            // No key: T = 0, so O ← alpha·O.
+            for r in r0..r0 + m {
+                let o = &mut scr.o[r * dv..(r + 1) * dv];
+                if fresh {
+                    o.fill(0.0);
+                } else {
+                    // SAFETY: o holds dv floats.
+                    unsafe { (kern.scale)(o.as_mut_ptr(), dv, scr.alpha[r]) };
+                }
+            }
             continue;
         }
         let (a_ptr, c) = (
             scr.s[r0 * SW + col + a..].as_ptr(),
-            t[r0 * dv..].as_mut_ptr(),
+            scr.o[r0 * dv..].as_mut_ptr(),
         );
+        let join = if fresh {
+            std::ptr::null()
+        } else {
+            scr.alpha[r0..].as_ptr()
+        };
         // SAFETY: P is rows × (col + e) at stride SW in scr.s, V holds the rows of score
-        // columns col.. at stride ldv, T is rows × Dv in scr.pv (or scr.o); rows r0..r0 + m
-        // and columns col + a..col + e lie inside them.
+        // columns col.. at stride ldv, O is rows × Dv in scr.o, alpha has a factor per row;
+        // rows r0..r0 + m and columns col + a..col + e lie inside them.
         unsafe {
             match vr {
                 VRows::F32(vp, ldv) => (kern.gemm)(&pv_gemm(
                     (m, dv, e - a),
                     a_ptr,
                     (vp.add(a * ldv), ldv, kern.lanes),
-                    c,
+                    (c, join),
                 )),
                 VRows::F16(vp, ldv) => (kern.gemm_f16)(&pv_gemm(
                     (m, dv, e - a),
                     a_ptr,
                     (vp.add(a * ldv), ldv, kern.lanes),
-                    c,
+                    (c, join),
                 )),
                 VRows::Split(..) => unreachable!("taken by pv_tiles"),
                 VRows::Panels(vp, width, stride) => {
-                    // Each panel's columns of T (row stride Dv) from that panel's rows.
+                    // Each panel's columns of O (row stride Dv) from that panel's rows.
                     for (q, c0) in (0..dv).step_by(width).enumerate() {
-                        let g = pv_gemm((m, dv, e - a), a_ptr, (vp, width, kern.lanes), c);
+                        let g = pv_gemm((m, dv, e - a), a_ptr, (vp, width, kern.lanes), (c, join));
                         (kern.gemm)(&Gemm {
                             n: width.min(dv - c0),
                             b: vp.add(q * stride + a * width),
@@ -708,20 +719,6 @@ fn pv_and_add(
                     }
                 }
             }
-        };
-    }
-    if fresh {
-        return;
-    }
-    for r in 0..rows {
-        // SAFETY: row r of scr.o and of scr.pv hold dv elements each.
-        unsafe {
-            (kern.scale_add)(
-                scr.o[r * dv..].as_mut_ptr(),
-                scr.pv[r * dv..].as_ptr(),
-                dv,
-                scr.alpha[r],
-            )
         };
     }
 }
@@ -798,12 +795,12 @@ fn pv_tiles(
 }
 
 /// `C (m × n) = P·V` over `k` keys: P at row stride [`SW`], V's rows (contiguous, `lanes` per
-/// vector) at stride `ldv` as f32 or f16, C at row stride `n`.
+/// vector) at stride `ldv` as f32 or f16, C at row stride `n`, joined to C by `join` unless null.
 fn pv_gemm<E>(
     (m, n, k): (usize, usize, usize),
     p: *const f32,
     (v, ldv, lanes): (*const E, usize, usize),
-    c: *mut f32,
+    (c, join): (*mut f32, *const f32),
 ) -> Gemm<E> {
     Gemm {
         m,
@@ -819,6 +816,7 @@ fn pv_gemm<E>(
         ldc: n,
         accumulate: false,
         bias: std::ptr::null(),
+        join,
     }
 }
 

@@ -35,6 +35,11 @@ pub(crate) struct Gemm<E = f32> {
     /// Unless null: a row of `n` values (column `j` at `bias + j`) that every row of C starts
     /// from instead of 0, when not accumulating.
     pub bias: *const f32,
+    /// Unless null (when not accumulating): a factor per row of C, `join + i` for row `i`.
+    /// The product is summed from zero and then joined to C, one fused multiply-add per
+    /// element: `C[i][j] ← join[i]·C[i][j] + (A·B)[i][j]` (with a factor of 1, the product
+    /// rounded once and added). The bits of computing A·B apart and adding it after.
+    pub join: *const f32,
 }
 
 /// `dst[c·ldd + r] = src[r·lds + c]` for `r < rows`, `c < cols`: packs Kᵀ tiles.
@@ -170,7 +175,13 @@ unsafe fn micro<
     }
     for (r, row) in acc.iter().enumerate() {
         let p = g.c.add((i0 + r) * g.ldc + j0);
+        let join = (!g.join.is_null()).then(|| S::splat(*g.join.add(i0 + r)));
         for (v, &x) in row.iter().enumerate() {
+            let x = match join {
+                Some(a) if TAIL && v == V - 1 => S::fma(S::load_part(p.add(v * l), tail), a, x),
+                Some(a) => S::fma(S::load(p.add(v * l)), a, x),
+                None => x,
+            };
             if TAIL && v == V - 1 {
                 S::store_part(p.add(v * l), x, tail)
             } else {

@@ -92,6 +92,7 @@ fn roofline() {
             ldc,
             accumulate: false,
             bias: std::ptr::null(),
+            join: std::ptr::null(),
         };
         let qk = gemm(64, 64, d, &q, d, &kt, 64, &mut s, 256);
         let pv = gemm(64, d, 256, &s, 256, &v, d, &mut o, d);
@@ -398,6 +399,7 @@ fn gemm_matches_naive_on_awkward_sizes() {
                     ldc: n + 1,
                     accumulate: acc,
                     bias: std::ptr::null(),
+                    join: std::ptr::null(),
                 };
                 unsafe { (k.gemm)(&g) };
                 // B in panels one vector wide (each kk × lanes, row stride lanes, zero
@@ -420,6 +422,28 @@ fn gemm_matches_naive_on_awkward_sizes() {
                 };
                 unsafe { (k.gemm)(&gp) };
                 assert_eq!(cp, c, "{isa:?} {m}x{n}x{kk} in panels");
+                if !acc {
+                    // Joined to C as it stores: the bits of the product apart, then
+                    // C ← alpha·C + T row by row (alpha 1 included: the plain sum).
+                    let alpha: Vec<f32> = (0..m)
+                        .map(|i| if i % 3 == 0 { 1.0 } else { rnd() })
+                        .collect();
+                    let mut cj = c0.clone();
+                    let gj = Gemm {
+                        c: cj.as_mut_ptr(),
+                        join: alpha.as_ptr(),
+                        ..g
+                    };
+                    unsafe { (k.gemm)(&gj) };
+                    let mut want = c0.clone();
+                    for i in 0..m {
+                        let row = &mut want[i * (n + 1)..i * (n + 1) + n];
+                        unsafe {
+                            (k.scale_add)(row.as_mut_ptr(), c[i * (n + 1)..].as_ptr(), n, alpha[i])
+                        };
+                    }
+                    assert_eq!(cj, want, "{isa:?} {m}x{n}x{kk} joined");
+                }
                 for i in 0..m {
                     for j in 0..n + 1 {
                         let got = c[i * (n + 1) + j];
@@ -475,6 +499,7 @@ fn both_avx512_tables_give_the_same_bits() {
                     ldc: n,
                     accumulate: true,
                     bias: std::ptr::null(),
+                    join: std::ptr::null(),
                 }
             }
             // SAFETY: a is m × kk, b and b16 kk × n, c m × n, all row-major.
@@ -547,6 +572,7 @@ fn f16_operands_equal_the_f32_kernels_on_widened_values() {
                     ldc: n,
                     accumulate: true,
                     bias: std::ptr::null(),
+                    join: std::ptr::null(),
                 }
             }
             let dims = (m, n, kk, k.lanes);

@@ -195,6 +195,7 @@ pub(crate) fn gemm(
             ldc,
             accumulate,
             bias: std::ptr::null(),
+            join: std::ptr::null(),
         })
     }
 }
