@@ -39,8 +39,8 @@ const MIN_TASKS: usize = 8;
 /// Most splits of one head's key tiles: each split needs its own dQ buffer (the size of dQ),
 /// so this bounds the extra memory at 4× dQ.
 const MAX_SPLITS: usize = 4;
-/// The join factors of the gradients' GEMMs (`Gemm::join`), one per row of a tile: each tile's
-/// product is summed from zero and then added to dQ, dK or dV, once per element.
+/// The join factors of dK's and dV's GEMMs (`Gemm::join`), one per row of a key tile: each
+/// query tile's product is summed from zero and then added, once per element.
 static ONES: [f32; BR] = [1.0; BR];
 const _: () = assert!(
     BC <= BR,
@@ -60,7 +60,8 @@ struct Scratch {
     z: AVec,
     dk: AVec,
     dv: AVec,
-    /// One row of P∘dP for `weight_grads` (`BC`).
+    /// One query tile's share of dQ (`BR × D`) before it is added, or one row of P∘dP for
+    /// `weight_grads`.
     part: AVec,
     spans: Vec<Span>,
     hulls: Vec<(usize, usize)>,
@@ -87,7 +88,7 @@ impl Scratch {
             z: AVec::filled(BR * BC, 1.0),
             dk: AVec::filled(BC * p.d, 0.0),
             dv: AVec::filled(BC * p.dv, 0.0),
-            part: AVec::filled(BC, 0.0),
+            part: AVec::filled(BR * p.d.max(1), 0.0),
             spans: vec![Span::EMPTY; BR],
             hulls: vec![(0, 0); BR.div_ceil(GROUP)],
             amx: split_scores(p)
@@ -464,9 +465,10 @@ fn key_tile(
             }
             // P∘Z: P itself without dropout.
             let pd = if p.dropout.is_some() { &scr.pd } else { &scr.s };
-            // SAFETY (the four GEMMs): every operand is a scratch buffer sized for BR×BC,
-            // BC×D or BC×Dv, rows of Q or dO (rows_ptr: `rows` rows at stride ldq, ldo), or
-            // rows of dq_acc; the joins read ONES, a factor for each of up to BR rows.
+            // SAFETY (the four GEMMs and dQ's addition): every operand is a scratch buffer
+            // sized for BR×BC, BC×D, BC×Dv or BR×D, rows of Q or dO (rows_ptr: `rows` rows at
+            // stride ldq, ldo), or rows of dq_acc; the joins read ONES, a factor for each of up
+            // to BR rows.
             unsafe {
                 // dV += PDᵀ·dO                                      // (w, Dv)
                 (kern.gemm)(&Gemm {
@@ -575,12 +577,18 @@ fn key_tile(
                     b: scr.k.as_ptr(),
                     ldb: d,
                     b_vs: kern.lanes,
-                    c: dq_acc[(hl * nq + i0) * d..(hl * nq + i0 + rows) * d].as_mut_ptr(),
+                    c: scr.part.as_mut_ptr(),
                     ldc: d,
                     accumulate: false,
                     bias: std::ptr::null(),
-                    join: ONES.as_ptr(),
+                    join: std::ptr::null(),
                 });
+                // Added by a pass of its own, not joined as the GEMM stores: dQ's rows of a
+                // whole head group (4 MiB at GQA 32/8, D = 128) are not in cache, and a pass
+                // streams them where the GEMM's stores would wait on each block's rows
+                // (joined: GQA fwd+bwd 5% slower).
+                let dq = &mut dq_acc[(hl * nq + i0) * d..(hl * nq + i0 + rows) * d];
+                (kern.scale_add)(dq.as_mut_ptr(), scr.part.as_ptr(), rows * d, 1.0);
             }
         }
     }
