@@ -36,9 +36,9 @@ pub(crate) struct Gemm<E = f32> {
     /// from instead of 0, when not accumulating.
     pub bias: *const f32,
     /// Unless null (when not accumulating): a factor per row of C, `join + i` for row `i`.
-    /// The product is summed from zero and then joined to C, one fused multiply-add per
-    /// element: `C[i][j] ← join[i]·C[i][j] + (A·B)[i][j]` (with a factor of 1, the product
-    /// rounded once and added). The bits of computing A·B apart and adding it after.
+    /// The product is summed from zero (or from `bias`) and then joined to C, one fused
+    /// multiply-add per element: `C[i][j] ← join[i]·C[i][j] + (A·B)[i][j]` (with a factor of 1,
+    /// the product rounded once and added). The bits of computing A·B apart and adding it after.
     pub join: *const f32,
 }
 
