@@ -1,3 +1,7 @@
+//! Every kernel on every instruction set this CPU has, against the scalar path and naive
+//! formulas (bit for bit where the arithmetic is the same), and the roofline benchmark
+//! (ignored: `cargo test --release -p attentive --lib roofline -- --ignored --nocapture`).
+
 use super::*;
 
 fn table(isa: Isa) -> &'static Kernels {
